@@ -1,0 +1,309 @@
+"""Typed configuration: plain dataclasses, loaded strictly from YAML.
+
+Every knob lives here with its default; `configs/*.yaml` documents each with a comment. Loading
+is strict: an unknown key fails naming the key and the closest known ones, a wrong type or an
+out-of-range value fails naming the value and what is accepted. YAML is read with `safe_load`
+only, so a `!!python/object` tag is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that memscan cannot accept."""
+
+
+def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} must be {accepted}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns
+    resolution: int = 16  # model input side in pixels (images are resized + centre-cropped)
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    max_image_pixels: int = 64_000_000  # larger declared sizes are refused (decompression bombs)
+    batch_size: int = 64  # rows per Ray Data batch for decoding
+
+    def validate(self, p: str = "data") -> None:
+        _check(4 <= self.resolution <= 4096, f"{p}.resolution", self.resolution, "an int in [4, 4096]")
+        _check(self.channels in (1, 3), f"{p}.channels", self.channels, "1 or 3")
+        _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["pixel", "latent", "none"] = "pixel"  # none: neighbours only (memscan dedup)
+    path: Optional[str] = None  # local diffusers directory (save_pretrained layout)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # forward dtype on GPU; geometry stays fp32
+    batch_size: int = 32  # images per scoring call
+
+    def validate(self, p: str = "model") -> None:
+        _check(self.kind == "none" or bool(self.path), f"{p}.path", self.path,
+               f"a local model directory when {p}.kind is {self.kind!r}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class GeometryConfig:
+    t0: float = 0.1  # FLIPD time (method.md §2); paper a: 0.05 on toy data, 0.3 on SD latents
+    t_laplace: float = 0.1  # time at which the p-Laplace and the score norm are evaluated
+    t_cfg: float = 0.02  # time of the CFG-adjusted score norm (paper a fig. 3)
+    p_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    trace: Literal["exact", "hutchinson"] = "hutchinson"
+    probes: int = 8  # Hutchinson probes per image
+    probe_dist: Literal["rademacher", "gaussian"] = "rademacher"
+    jvp: Literal["autograd", "fd"] = "autograd"  # torch.func.jvp, or a central finite difference
+    fd_eps: float = 1e-3
+    cfg_noises: int = 2  # seeded noises averaged in the CFG norm
+    nb: bool = False  # normal-bundle LID: K score calls per image, small D only
+    nb_samples: int = 0  # K; 0 = D + 16
+    nb_t: float = 0.01
+    lpca_k: int = 20  # neighbours for local PCA (LID of the data manifold)
+    lpca_alpha: float = 0.05  # eigenvalues above alpha * lambda_max count
+    lpca_space: Literal["model", "clip"] = "model"  # where neighbours are searched
+    seed: int = 0
+
+    def validate(self, p: str = "geometry") -> None:
+        for k in ("t0", "t_laplace", "t_cfg", "nb_t"):
+            v = getattr(self, k)
+            _check(0.0 < v < 1.0, f"{p}.{k}", v, "a float in (0, 1)")
+        _check(len(self.p_values) > 0 and all(v > 0 for v in self.p_values), f"{p}.p_values", self.p_values,
+               "a non-empty list of numbers > 0")
+        _check(self.probes >= 1, f"{p}.probes", self.probes, "an int >= 1")
+        _check(self.fd_eps > 0, f"{p}.fd_eps", self.fd_eps, "> 0")
+        _check(self.cfg_noises >= 1, f"{p}.cfg_noises", self.cfg_noises, "an int >= 1")
+        _check(self.nb_samples >= 0, f"{p}.nb_samples", self.nb_samples, "an int >= 0 (0 = D + 16)")
+        _check(self.lpca_k >= 2, f"{p}.lpca_k", self.lpca_k, "an int >= 2")
+        _check(0.0 < self.lpca_alpha < 1.0, f"{p}.lpca_alpha", self.lpca_alpha, "a float in (0, 1)")
+
+
+@dataclass
+class NeighboursConfig:
+    enabled: bool = True
+    clip_model: str = "ViT-S-16"  # open_clip architecture name
+    clip_checkpoint: Optional[str] = None  # local checkpoint; None = train the copy-detection embedder
+    allow_pickle: bool = False  # refuse pickle checkpoints unless explicitly trusted
+    image_size: int = 64  # embedder input side
+    batch_size: int = 64
+    dup_threshold: float = 0.95  # cosine at or above which two images are duplicates
+    rep_threshold: float = 0.95  # cosine at or above which a generation replicates a training image
+    k: int = 20  # neighbours per image kept for LID_* and the report
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    flat_max: int = 200_000  # auto: exact search up to this many vectors
+    recall_sample: int = 1000  # queries used to measure recall of the approximate index
+    generations: int = 64  # replication check: images generated from training captions (0 = off)
+    gen_steps: int = 50  # sampler steps per generation
+
+    def validate(self, p: str = "neighbours") -> None:
+        for k in ("dup_threshold", "rep_threshold"):
+            v = getattr(self, k)
+            _check(-1.0 <= v <= 1.0, f"{p}.{k}", v, "a cosine in [-1, 1]")
+        _check(self.k >= 2, f"{p}.k", self.k, "an int >= 2")
+        _check(self.flat_max >= 1, f"{p}.flat_max", self.flat_max, ">= 1")
+        _check(self.generations >= 0, f"{p}.generations", self.generations, ">= 0")
+        _check(self.gen_steps >= 1, f"{p}.gen_steps", self.gen_steps, ">= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+        _check(self.image_size >= 16, f"{p}.image_size", self.image_size, ">= 16")
+
+
+@dataclass
+class ClassifyConfig:
+    detector: str = "score_norm"  # score column that flags memorization
+    detector_direction: Literal["low", "high"] = "low"  # which tail flags it
+    detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set
+    detector_threshold: Optional[float] = None
+    lpca_low: float = 2.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem)
+    gap_margin: float = 0.0  # OD-Mem additionally needs lid_lpca - lid_flipd > gap_margin (when both exist)
+
+    def validate(self, p: str = "classify") -> None:
+        _check(0.0 < self.detector_quantile < 1.0, f"{p}.detector_quantile", self.detector_quantile,
+               "a float in (0, 1)")
+        _check(self.lpca_low >= 0, f"{p}.lpca_low", self.lpca_low, ">= 0")
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local Ray on this machine
+    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    actors: int = 1  # scoring actors (each loads the model once)
+    gpus_per_actor: float = 1.0  # used only when a GPU exists
+    dashboard: bool = False
+
+    def validate(self, p: str = "ray") -> None:
+        _check(self.actors >= 1, f"{p}.actors", self.actors, "an int >= 1")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", self.num_cpus, "null or >= 1")
+        _check(0 < self.gpus_per_actor <= 8, f"{p}.gpus_per_actor", self.gpus_per_actor, "in (0, 8]")
+
+
+@dataclass
+class ScanConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    out: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> "ScanConfig":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate(f.name)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# strict loading
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(value, (str, int, float)) and inner is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} keys, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint} (known keys here: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML scalars/lists) to a raw config dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes section.key=value, got {item!r}")
+        dotted, text = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set takes section.key=value, got {item!r}")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{p}: unsafe or unknown YAML tag refused ({e.problem}); memscan configs are plain "
+                          "YAML (mappings, lists, numbers, strings)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a config must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> ScanConfig:
+    """Load and validate a ScanConfig from a YAML file (optional) plus `--set` overrides."""
+    raw = dict(base or {})
+    if path is not None:
+        raw.update(load_yaml(path))
+    raw = apply_overrides(raw, overrides or [])
+    return _from_dict(ScanConfig, raw).validate()
+
+
+def config_from_dict(raw: dict) -> ScanConfig:
+    return _from_dict(ScanConfig, raw).validate()
