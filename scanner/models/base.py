@@ -16,7 +16,9 @@ Conditioning is opaque to the geometry: whatever `encode_text` returns is passed
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -62,3 +64,14 @@ class ScoreModel:
     def uncond(self, batch_size: int) -> Any:
         """Conditioning of the empty prompt for a batch (the unconditional score of CFG)."""
         return self.encode_text([""] * batch_size)
+
+    def jvp_context(self) -> AbstractContextManager:
+        """Wrap every `torch.func.jvp` through `eps` in this: `with model.jvp_context(): torch.func.jvp(...)`.
+
+        Selects the math scaled-dot-product-attention backend: the flash and memory-efficient kernels
+        (on CPU and GPU) have no forward-mode derivative, so a JVP through attention fails without it.
+        Math attention is slower, so keep plain forwards outside. Harmless for models without attention.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)

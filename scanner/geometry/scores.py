@@ -1,0 +1,83 @@
+"""All per-image geometry columns in one pass: the single entry point the scoring stage calls.
+
+At the clean point psi x (t = t_laplace): one forward gives eps (score_norm), then one pass of
+quadratic forms v^T (d eps/dx) v over the trace directions (Hutchinson probes or the exact basis) with
+e_hat = eps / |eps| packed into the last call gives every Delta_p and, when t0 == t_laplace, FLIPD
+(method.md §2, §5). A different t0 costs a second forward + trace pass at psi(t0) x. NB (cfg.nb) and
+the CFG norm (conditional model + cond) are extra plain forwards.
+
+Cost per image with P probes, in forward-equivalents of batch B (measured: benchmarks/results/geometry.md):
+autograd 1 + (P + 1) JVPs (a CPU JVP ~4-5 forwards); vjp 1 + (P + 1) backwards; fd central 1 + 2 (P + 1);
+fd forward-difference 1 + (P + 1). Geometry columns use `cond` when the model is conditional and one is
+given (None -> the model's own default, the empty prompt for Stable Diffusion).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from scanner.config import GeometryConfig
+from scanner.geometry.cfg_norm import cfg_norm
+from scanner.geometry.flipd import flipd_from_parts
+from scanner.geometry.normal_bundle import nb_lid
+from scanner.geometry.p_laplace import check_p_values, p_column, p_laplace_from_parts, unit_eps
+from scanner.geometry.trace import FD_SCHEMES, QUAD_MODES, Linearization, bview, check_batch, check_choice, time_vector
+
+
+def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
+    """The column names `compute_scores(model, x, cfg, cond)` returns, in order (conditional: the model is
+    text-conditional *and* a cond will be passed)."""
+    cols = ["lid_flipd", "score_norm"] + [p_column(p) for p in check_p_values(cfg.p_values)]
+    if cfg.nb:
+        cols.append("lid_nb")
+    if conditional:
+        cols.append("cfg_norm")
+    return cols
+
+
+def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any = None, *,
+                   chunk: int | None = None, jvp: str | None = None,
+                   fd_scheme: str | None = None) -> dict[str, torch.Tensor]:
+    """x: (B, *sample_shape) clean points in model space; cond: `model.encode_text(captions)` or None.
+
+    Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
+    None)`: lid_flipd (dimensions), score_norm (|eps(psi x, t_laplace)|, eps units), p_laplace_* (Delta_p
+    log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units).
+    chunk: (direction, image) pairs per model call, default 2B. jvp: overrides cfg.jvp ("autograd", "fd",
+    or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
+    """
+    cfg.validate("geometry")  # ConfigError is a ValueError naming the key, the value and the range
+    check_batch(model, x)
+    mode = check_choice("jvp", cfg.jvp if jvp is None else jvp, QUAD_MODES)
+    fd_scheme = check_choice("fd_scheme", cfg.fd_scheme if fd_scheme is None else fd_scheme, FD_SCHEMES)
+    conditional = bool(getattr(model, "conditional", False)) and cond is not None
+    geo_cond = cond if conditional else None
+    lin_kw = {"jvp": mode, "fd_eps": cfg.fd_eps, "scheme": fd_scheme, "chunk": chunk}
+    tr_kw = {"method": cfg.trace, "probes": cfg.probes, "probe_dist": cfg.probe_dist, "seed": cfg.seed}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        tl = time_vector(cfg.t_laplace, x)
+        psi, sigma = model.psi_sigma(tl)
+        lin = Linearization(model, bview(psi, x) * x, tl, geo_cond, **lin_kw)
+        tr, quad = lin.trace(**tr_kw, extra=unit_eps(lin.eps))
+        eps = lin.eps
+        del lin  # frees the reverse-mode graph before anything else runs
+        if cfg.t0 == cfg.t_laplace:
+            out["lid_flipd"] = flipd_from_parts(model.dim, sigma, tr, eps)
+        else:
+            t0 = time_vector(cfg.t0, x)
+            psi0, sigma0 = model.psi_sigma(t0)
+            lin0 = Linearization(model, bview(psi0, x) * x, t0, geo_cond, **lin_kw)
+            out["lid_flipd"] = flipd_from_parts(model.dim, sigma0, lin0.trace(**tr_kw)[0], lin0.eps)
+            del lin0
+        out["score_norm"] = eps.flatten(1).norm(dim=1)
+        for p, v in p_laplace_from_parts(eps, sigma, tr, quad[0], cfg.p_values).items():
+            out[p_column(p)] = v
+        if cfg.nb:
+            out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
+                                   chunk=chunk)
+        if conditional:
+            out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises, seed=cfg.seed + 2)
+    return {k: out[k].detach().to(device="cpu", dtype=torch.float32) for k in score_columns(cfg, conditional)}

@@ -1,0 +1,102 @@
+"""FLIPD and NB on Gaussians on d-dim linear subspaces of R^D, where LID = d exactly (method.md §2)."""
+
+import pytest
+import torch
+
+from scanner.geometry.flipd import find_knee, flipd, flipd_sweep
+from scanner.geometry.normal_bundle import nb_lid, rank_from_spectrum
+from scanner.models.analytic import SubspaceGaussian, random_gmm
+
+CASES = [(10, 1), (10, 3), (10, 8), (64, 1), (64, 3), (64, 8)]
+T0 = 0.01  # sigma^2 = 0.002: each tangent direction contributes 1 - sigma^2 / (psi^2 lambda + sigma^2) > 0.996
+
+
+def _case(dim, d, n=16):
+    m = SubspaceGaussian(dim, d, seed=dim + d)
+    return m, m.sample(n, seed=2)[0]
+
+
+@pytest.mark.parametrize("dim,d", CASES)
+def test_flipd_exact_trace_recovers_d_and_the_closed_form(dim, d):
+    m, x = _case(dim, d)
+    f = flipd(m, x, T0, trace="exact", chunk=4096)
+    assert (f - d).abs().max().item() < 0.5
+    torch.testing.assert_close(f, m.flipd_truth(x, T0), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dim,d", CASES)
+def test_flipd_hutchinson_recovers_d(dim, d):
+    m, x = _case(dim, d)
+    f32 = flipd(m, x, T0, probes=32, seed=0, chunk=4096)
+    # 32 Rademacher probes: per-point std ~ sqrt(2 d (D - d) / D / 32) <= 0.66, so the typical point and the batch
+    # mean are well inside 1.0; 256 probes put every point inside 1.0.
+    assert (f32 - d).abs().median().item() < 0.5 and abs(f32.mean().item() - d) < 0.25
+    f256 = flipd(m, x, T0, probes=256, seed=0, chunk=8192)
+    assert (f256 - d).abs().max().item() < 1.0
+
+
+@pytest.mark.parametrize("jvp", ["fd", "vjp"])
+def test_flipd_other_derivative_modes_match_autograd(jvp):
+    m, x = _case(64, 3, n=4)
+    ref = flipd(m, x, T0, trace="exact", chunk=4096)
+    est = flipd(m, x, T0, trace="exact", jvp=jvp, fd_eps=1e-5, chunk=4096)
+    torch.testing.assert_close(est, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim,d", CASES)
+@pytest.mark.parametrize("rank", ["gap", "threshold"])
+def test_normal_bundle_recovers_d_exactly(dim, d, rank):
+    m, x = _case(dim, d)
+    lid = nb_lid(m, x, 0.01, rank=rank, seed=0, chunk=8192)
+    assert lid.tolist() == [float(d)] * x.shape[0]
+
+
+def test_rank_from_spectrum():
+    s = torch.tensor([[100.0, 90.0, 80.0, 1.0, 0.9], [5.0, 4.0, 3.0, 2.0, 1e-6]])
+    assert rank_from_spectrum(s, "gap").tolist() == [3, 4]
+    assert rank_from_spectrum(s, "threshold", 0.05).tolist() == [3, 4]
+    assert rank_from_spectrum(torch.zeros(1, 3), "threshold").tolist() == [0]
+
+
+def test_flipd_on_a_gmm_matches_its_closed_form():
+    m = random_gmm(6, 3, seed=2)
+    x, _ = m.sample(8, seed=0)
+    torch.testing.assert_close(flipd(m, x, 0.05, trace="exact", chunk=256), m.flipd_truth(x, 0.05), rtol=0, atol=1e-9)
+
+
+def test_find_knee_on_a_known_curve():
+    t0s = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    plateau_then_drop = [3.0, 3.0, 3.0, 3.0, 3.0, 2.0, 1.0, 0.0]  # bends at t0 = 0.02
+    assert find_knee(t0s, plateau_then_drop) == 4
+    assert find_knee(list(reversed(t0s)), list(reversed(plateau_then_drop))) == 3  # order-free
+    with pytest.raises(ValueError, match="need >= 3"):
+        find_knee([0.1, 0.2], [1.0, 2.0])
+
+
+def test_flipd_sweep_follows_the_closed_form_and_finds_the_bend():
+    m, x = _case(10, 3)
+    t0s = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    sweep = flipd_sweep(m, x, t0s, trace="exact", chunk=4096)
+    truth = [m.flipd_truth(x, t).median().item() for t in t0s]
+    assert sweep["median"] == pytest.approx(truth, abs=1e-9) and sweep["values"].shape == (8, 16)
+    # Flat at d for small t0, dropping once sigma^2 reaches the spreads (0.5 .. 2): the knee sits where the
+    # plateau ends, still near d.
+    knee = sweep["knee_index"]
+    assert sweep["knee_t0"] == t0s[knee] and 0.02 <= sweep["knee_t0"] <= 0.2 and sweep["median"][knee] > 2.0
+
+
+def test_bad_flipd_and_nb_parameters():
+    m, x = _case(10, 3, n=2)
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"t0 must be a float in \(0, 1\), got {bad}"):
+            flipd(m, x, bad)
+    with pytest.raises(ValueError, match="probes must be an int >= 1, got 0"):
+        flipd(m, x, 0.1, probes=0)
+    with pytest.raises(ValueError, match=r"x must be \(B, 10\) with B >= 1, got \(2, 11\)"):
+        flipd(m, torch.zeros(2, 11, dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match=r"nb_t must be a float in \(0, 1\), got 2"):
+        nb_lid(m, x, 2)
+    with pytest.raises(ValueError, match="samples must be an int >= 0, got -1"):
+        nb_lid(m, x, 0.01, samples=-1)
+    with pytest.raises(ValueError, match="rank must be one of 'gap', 'threshold', got 'elbow'"):
+        nb_lid(m, x, 0.01, rank="elbow")
