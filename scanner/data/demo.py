@@ -1,0 +1,393 @@
+"""The demo corpus: img2dataset-style webdataset shards built offline, with planted ground truth.
+
+Images come from data shipped inside scikit-learn / scikit-image (environment.md): handwritten
+digits, LFW faces and random crops of ~20 photos, resized to `size`. On top of the unique images
+the builder plants what memscan must find (interfaces.md, method.md §8):
+
+- exact_dup: groups of 2-3 byte-identical JPEGs under different keys,
+- near_dup: an original plus 1-3 variants (low-quality re-encode, 1-2 px shift, colour change,
+  down-up resize),
+- repeated: images with >= 20 copies each (exact and light variants): data-driven memorization,
+- oversampled: images present once that the demo trainer draws far more often: overfitting-driven,
+- corrupt: undecodable image bytes (garbage, truncated JPEG, empty member),
+- no_caption: a good image without a .txt member,
+
+and truncates the last shard mid-member. `truth.parquet` has one row per written sample:
+key, group_id (nullable), planted, copies, readable (False when the truncation cut it off), shard.
+The same seed gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption")
+
+# Photos shipped with scikit-image / scikit-learn that load offline, and what they show (for captions).
+_PHOTOS = {
+    "astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a cup of coffee", "rocket": "a rocket",
+    "hubble_deep_field": "galaxies in deep space", "retina": "a retina scan",
+    "immunohistochemistry": "a stained tissue sample", "colorwheel": "a colour wheel",
+    "camera": "a man with a camera", "coins": "old coins", "moon": "the surface of the moon",
+    "page": "a page of text", "text": "printed text", "clock": "a clock", "cell": "a cell under a microscope",
+    "grass": "grass", "gravel": "gravel", "brick": "a brick wall",
+    "china": "a temple in China", "flower": "a flower",
+}
+_CAPTIONS = {
+    "digit": ["a handwritten digit {}", "the number {}, handwritten", "a scanned handwritten {}",
+              "handwritten digit {} in black and white"],
+    "face": ["a face photo", "a portrait of a person", "a grayscale photo of a face", "a close-up of a face"],
+    "photo": ["a photo crop of {}", "close-up of {}", "detail of {}", "{}, cropped"],
+}
+_JPEG_QUALITY = 95
+_MIN_CROP_STD = 12.0  # flat crops (sky, black retina border) would look alike: unplanted duplicates
+_MAX_CROP_IOU = 0.3  # crops of one photo overlapping more than this would be unplanted near-duplicates
+
+
+@dataclass
+class DemoCorpus:
+    """What `build_demo_corpus` wrote."""
+
+    out_dir: Path
+    shards: list[Path]
+    truth: Path  # truth.parquet
+    manifest: Path  # demo_corpus.json
+    counts: dict[str, int]  # samples per planted class (all written samples)
+    n_samples: int
+    n_readable: int
+    truncated_shard: str | None = None  # shard name ("00005") or None
+    params: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# image sources
+
+
+@dataclass
+class _Base:
+    image: np.ndarray  # (size, size, 3) uint8
+    kind: str  # digit | face | photo
+    label: str  # digit value, or what the photo shows
+    source: str  # where it came from, like img2dataset's url
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 -> (size, size, 3) uint8."""
+    pil = Image.fromarray(img).convert("RGB")
+    return np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_photos() -> dict[str, np.ndarray]:
+    """name -> (H, W[, 3]) uint8; cached because decoding them is most of a small build's time."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {}
+    for name in _PHOTOS:
+        if name in ("china", "flower"):
+            continue
+        photos[name] = np.asarray(getattr(skimage.data, name)())
+    for fname, img in zip(load_sample_images().filenames, load_sample_images().images):
+        photos[Path(fname).stem] = img
+    return photos
+
+
+class _Distinct:
+    """Greedy filter keeping base images pairwise distinct at low resolution.
+
+    Sky, blurred backgrounds, the retina's flat fundus and a few repeated LFW faces give pairs that
+    look identical once small: unplanted near-duplicates that would blur the planted truth. A
+    candidate is refused when its 8x8 RMSE (in [0, 1]) to an accepted image is below `min_rmse`.
+    """
+
+    def __init__(self, capacity: int, min_rmse: float = 0.05):
+        self.feats = np.zeros((capacity, 8 * 8 * 3), dtype=np.float32)
+        self.n, self.min_rmse = 0, min_rmse
+
+    def accept(self, img: np.ndarray) -> bool:
+        f = np.asarray(Image.fromarray(img).resize((8, 8), Image.Resampling.BOX), dtype=np.float32).ravel() / 255
+        if self.n and np.sqrt(((self.feats[:self.n] - f) ** 2).mean(1).min()) < self.min_rmse:
+            return False
+        self.feats[self.n] = f
+        self.n += 1
+        return True
+
+
+def _photo_crops(n: int, size: int, rng: np.random.Generator, distinct: _Distinct) -> list[_Base]:
+    """n random square crops, spread over the photos in proportion to their area, mostly non-overlapping."""
+    photos = _load_photos()
+    names = sorted(photos)
+    areas = np.array([photos[k].shape[0] * photos[k].shape[1] for k in names], dtype=float)
+    boxes: dict[str, list[tuple[int, int, int]]] = {k: [] for k in names}
+    out: list[_Base] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise RuntimeError(f"could not find {n} distinct photo crops (found {len(out)}); lower n_unique")
+        name = names[rng.choice(len(names), p=areas / areas.sum())]
+        img = photos[name]
+        h, w = img.shape[:2]
+        side = int(rng.integers(max(size, min(h, w) // 16), max(size + 1, min(h, w) // 4)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[y:y + side, x:x + side]
+        if crop.std() < _MIN_CROP_STD or any(_iou((y, x, side), b) > _MAX_CROP_IOU for b in boxes[name]):
+            continue
+        small = _resize(crop, size)
+        if not distinct.accept(small):
+            continue
+        boxes[name].append((y, x, side))
+        out.append(_Base(small, "photo", _PHOTOS[name], f"skimage:{name}[{y}:{y + side},{x}:{x + side}]"))
+    return out
+
+
+def _iou(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    (ya, xa, sa), (yb, xb, sb) = a, b
+    ih = max(0, min(ya + sa, yb + sb) - max(ya, yb))
+    iw = max(0, min(xa + sa, xb + sb) - max(xa, xb))
+    inter = ih * iw
+    return inter / (sa * sa + sb * sb - inter)
+
+
+def _image_pool(n: int, size: int, rng: np.random.Generator) -> list[_Base]:
+    """n distinct base images, shuffled: ~30 % digits, up to 10 % faces, the rest photo crops."""
+    from skimage.data import lfw_subset
+    from sklearn.datasets import load_digits
+
+    distinct = _Distinct(n)
+    digits, faces = load_digits(), lfw_subset()
+    pool: list[_Base] = []
+    n_digit = min(len(digits.images), round(0.3 * n))
+    for i in rng.permutation(len(digits.images)):
+        if len(pool) == n_digit:
+            break
+        ink = 255 - digits.images[i] * (255 / 16)  # dark ink on white paper
+        img = _resize(ink.astype(np.uint8), size)
+        if distinct.accept(img):
+            pool.append(_Base(img, "digit", str(digits.target[i]), f"sklearn:digits#{i}"))
+    n_face = len(pool) + min(len(faces), round(0.1 * n))
+    for i in rng.permutation(len(faces)):
+        if len(pool) == n_face:
+            break
+        img = _resize((faces[i] * 255).round().astype(np.uint8), size)
+        if distinct.accept(img):
+            pool.append(_Base(img, "face", "", f"skimage:lfw#{i}"))
+    pool += _photo_crops(n - len(pool), size, rng, distinct)
+    return [pool[i] for i in rng.permutation(len(pool))]
+
+
+def _caption(base: _Base, rng: np.random.Generator) -> str:
+    return str(rng.choice(_CAPTIONS[base.kind])).format(base.label)
+
+
+# ------------------------------------------------------------------------------------------------
+# variants and corruption
+
+
+def _jpeg(img: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False) -> bytes:
+    """A near-duplicate of img as JPEG bytes. light: only a faint (1-2 %) colour change or a q85-92 re-encode."""
+    kind = rng.choice(["jpeg", "color"] if light else ["jpeg", "shift", "color", "resize"])
+    if kind == "jpeg":
+        return _jpeg(img, int(rng.integers(85, 93)) if light else int(rng.integers(30, 61)))
+    if kind == "shift":
+        dy, dx = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(0, 3, size=2))
+        dy = dy or 1  # at least a 1 px move
+        pad = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="edge")
+        h, w = img.shape[:2]
+        return _jpeg(pad[2 + dy:2 + dy + h, 2 + dx:2 + dx + w])
+    if kind == "color":
+        lo, hi = (0.01, 0.02) if light else (0.05, 0.15)
+        gain = 1 + rng.uniform(lo, hi, size=3) * rng.choice([-1, 1], size=3)
+        return _jpeg(np.clip(img * gain, 0, 255).round().astype(np.uint8))
+    h, w = img.shape[:2]  # down-up resize
+    small = Image.fromarray(img).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BILINEAR)
+    return _jpeg(np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)))
+
+
+def _corrupt(img: np.ndarray, i: int, rng: np.random.Generator) -> bytes:
+    """Undecodable image bytes, cycling through garbage, a truncated JPEG and an empty member."""
+    kind = i % 3
+    if kind == 0:
+        return rng.integers(0, 256, size=int(rng.integers(200, 2000)), dtype=np.uint8).tobytes()
+    if kind == 1:
+        good = _jpeg(img)
+        return good[: len(good) // 2]  # header intact, scan data cut: PIL opens it but fails to load
+    return b""
+
+
+# ------------------------------------------------------------------------------------------------
+# the builder
+
+
+def _check_args(**kw: int) -> None:
+    for name, v in kw.items():
+        lo = {"size": 8, "samples_per_shard": 1, "n_unique": 1, "repeat_copies": 2}.get(name, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int = 20, repeat_copies: int = 24,
+                      n_oversampled: int = 20, n_exact_dup_groups: int = 30, n_near_dup_groups: int = 30,
+                      n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
+                      truncate_last_shard: bool = True, seed: int = 0) -> DemoCorpus:
+    """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
+
+    Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
+    (5-digit shard index + 4-digit index in the shard). Samples are shuffled across shards so the
+    members of a group land in different shards. With `truncate_last_shard` the last shard is cut in
+    the middle of an image member near its end; only `unique` samples are placed where the cut falls,
+    so every planted group stays whole, and their truth rows get readable=False.
+    """
+    _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
+                n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
+                n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed)
+    if samples_per_shard > 9999:
+        raise ValueError(f"samples_per_shard must be <= 9999 (9-digit img2dataset keys), got {samples_per_shard}")
+    params = {"n_unique": n_unique, "n_repeated": n_repeated, "repeat_copies": repeat_copies,
+              "n_oversampled": n_oversampled, "n_exact_dup_groups": n_exact_dup_groups,
+              "n_near_dup_groups": n_near_dup_groups, "n_corrupt": n_corrupt, "n_no_caption": n_no_caption,
+              "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
+              "seed": seed}
+    rng = np.random.default_rng(seed)
+    n_base = (n_unique + n_repeated + n_oversampled + n_exact_dup_groups + n_near_dup_groups + n_corrupt
+              + n_no_caption)
+    pool = iter(_image_pool(n_base, size, rng))
+
+    # One record per sample: planted, group_id, copies, image bytes, caption (None = no .txt), base.
+    recs: list[dict] = []
+    group = 0
+
+    def add(planted: str, gid: int | None, copies: int, data: bytes, base: _Base, caption: str | None) -> None:
+        recs.append({"planted": planted, "group_id": gid, "copies": copies, "jpg": data, "base": base,
+                     "caption": caption})
+
+    for _ in range(n_unique):
+        b = next(pool)
+        add("unique", None, 1, _jpeg(b.image), b, _caption(b, rng))
+    for _ in range(n_exact_dup_groups):
+        b, k = next(pool), int(rng.integers(2, 4))
+        data = _jpeg(b.image)
+        for _ in range(k):
+            add("exact_dup", group, k, data, b, _caption(b, rng))
+        group += 1
+    for _ in range(n_near_dup_groups):
+        b, k = next(pool), int(rng.integers(2, 5))
+        add("near_dup", group, k, _jpeg(b.image), b, _caption(b, rng))
+        for _ in range(k - 1):
+            add("near_dup", group, k, _variant(b.image, rng), b, _caption(b, rng))
+        group += 1
+    for _ in range(n_repeated):
+        b = next(pool)
+        data = _jpeg(b.image)
+        for c in range(repeat_copies):
+            # Two thirds exact copies, one third light variants: how LAION's repeated images look. Heavier
+            # variants spread the copies into a cluster the small demo model memorizes far more slowly.
+            add("repeated", group, repeat_copies, data if c % 3 else _variant(b.image, rng, light=True), b,
+                _caption(b, rng))
+        group += 1
+    for _ in range(n_oversampled):
+        b = next(pool)
+        add("oversampled", None, 1, _jpeg(b.image), b, _caption(b, rng))
+    for i in range(n_corrupt):
+        b = next(pool)
+        add("corrupt", None, 1, _corrupt(b.image, i, rng), b, _caption(b, rng))
+    for _ in range(n_no_caption):
+        b = next(pool)
+        add("no_caption", None, 1, _jpeg(b.image), b, None)
+
+    order = [int(i) for i in rng.permutation(len(recs))]
+    n = len(order)
+    n_shards = math.ceil(n / samples_per_shard)
+    n_last = n - (n_shards - 1) * samples_per_shard
+    cut_at = n  # position of the first sample the truncation destroys
+    if truncate_last_shard:
+        cut_at = n - max(1, n_last // 20)
+        uniques = [p for p in range(cut_at) if recs[order[p]]["planted"] == "unique"]
+        for p in range(cut_at, n):
+            if recs[order[p]]["planted"] != "unique" and uniques:
+                q = uniques.pop(int(rng.integers(len(uniques))))
+                order[p], order[q] = order[q], order[p]
+
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for old in shard_dir.glob("*.tar"):
+        old.unlink()  # a rebuild with fewer shards must not leave stale ones behind
+    rows, shards = [], []
+    for s in range(n_shards):
+        name = f"{s:05d}"
+        path = shard_dir / f"{name}.tar"
+        tmp = path.with_suffix(".tar.tmp")
+        positions = range(s * samples_per_shard, min(n, (s + 1) * samples_per_shard))
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j, p in enumerate(positions):
+                r = recs[order[p]]
+                key = f"{s:05d}{j:04d}"
+                meta = {"key": key, "caption": r["caption"], "width": size, "height": size, "source": r["base"].source,
+                        "status": "success"}
+                _add_member(tf, f"{key}.jpg", r["jpg"])
+                if r["caption"] is not None:
+                    _add_member(tf, f"{key}.txt", r["caption"].encode())
+                _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                rows.append({"key": key, "group_id": r["group_id"], "planted": r["planted"], "copies": r["copies"],
+                             "readable": p < cut_at, "shard": name})
+        if truncate_last_shard and s == n_shards - 1:
+            _truncate_in_member(tmp, f"{s:05d}{cut_at - s * samples_per_shard:04d}.jpg")
+        os.replace(tmp, path)
+        shards.append(path)
+
+    truth = _write_truth(rows, out_dir / "truth.parquet")
+    counts = {c: sum(r["planted"] == c for r in rows) for c in PLANTED}
+    truncated = f"{n_shards - 1:05d}" if truncate_last_shard else None
+    manifest = out_dir / "demo_corpus.json"
+    info = {"n_samples": n, "n_readable": cut_at, "n_shards": n_shards, "counts": counts,
+            "truncated_shard": truncated, "n_groups": group, "params": params}
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, manifest)
+    return DemoCorpus(out_dir=out_dir, shards=shards, truth=truth, manifest=manifest, counts=counts, n_samples=n,
+                      n_readable=cut_at, truncated_shard=truncated, params=params)
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (mtime, owner, mode) so the same seed gives byte-identical tars.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _truncate_in_member(path: Path, member: str) -> None:
+    """Cut the tar in the middle of `member`'s data (like a download that died), or at its header if empty."""
+    with tarfile.open(path) as tf:
+        info = tf.getmember(member)
+    with open(path, "r+b") as f:
+        f.truncate(info.offset_data + info.size // 2 if info.size > 1 else info.offset + 100)
+
+
+def _write_truth(rows: list[dict], path: Path) -> Path:
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard"])
+    df["group_id"] = df["group_id"].astype("Int64")
+    df["copies"] = df["copies"].astype("int64")
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,119 @@
+"""The demo corpus builder: determinism, and the planted truth checked against the tars themselves."""
+
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scanner.data.demo import PLANTED, build_demo_corpus
+
+TINY = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversampled": 3, "n_exact_dup_groups": 3,
+        "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "samples_per_shard": 40, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_demo_corpus(tmp_path_factory.mktemp("demo"), **TINY)
+
+
+def read_shard(path) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
+    """key -> {ext: bytes} for every member read completely, and the error that stopped reading (or None)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r|") as tf:
+            for info in tf:
+                data = tf.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"{info.name} cut at {len(data)} of {info.size} bytes")
+                key, ext = info.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        return samples, e
+    return samples, None
+
+
+def decodes(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data)).load()
+        return True
+    except (OSError, SyntaxError, ValueError):  # what PIL raises on bad image bytes
+        return False
+
+
+def test_same_seed_gives_byte_identical_shards(corpus, tmp_path):
+    again = build_demo_corpus(tmp_path / "again", **TINY)
+    assert [p.name for p in again.shards] == [p.name for p in corpus.shards]
+    for a, b in zip(corpus.shards, again.shards):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    pd.testing.assert_frame_equal(pd.read_parquet(corpus.truth), pd.read_parquet(again.truth))
+    other = build_demo_corpus(tmp_path / "other", **{**TINY, "seed": 2})
+    assert other.shards[0].read_bytes() != corpus.shards[0].read_bytes()
+
+
+def test_truth_counts_and_groups(corpus):
+    truth = pd.read_parquet(corpus.truth)
+    assert list(truth.columns[:5]) == ["key", "group_id", "planted", "copies", "readable"]
+    assert set(truth.planted) <= set(PLANTED)
+    assert truth.key.is_unique and truth.key.str.fullmatch(r"\d{9}").all()
+    n = truth.planted.value_counts()
+    assert n["repeated"] == TINY["n_repeated"] * TINY["repeat_copies"]
+    for c in ("oversampled", "corrupt", "no_caption"):
+        assert n[c] == TINY[f"n_{c}"]
+    grouped = truth.planted.isin(["exact_dup", "near_dup", "repeated"])
+    assert truth.group_id[grouped].notna().all() and truth.group_id[~grouped].isna().all()
+    assert (truth.copies[~grouped] == 1).all()
+    sizes = truth[grouped].groupby("group_id").agg(planted=("planted", "first"), n=("key", "size"),
+                                                   copies=("copies", "first"), kinds=("planted", "nunique"))
+    assert (sizes.kinds == 1).all() and (sizes.n == sizes.copies).all()
+    assert sizes[sizes.planted == "exact_dup"].n.between(2, 3).all()
+    assert sizes[sizes.planted == "near_dup"].n.between(2, 4).all()
+    assert len(sizes[sizes.planted == "exact_dup"]) == TINY["n_exact_dup_groups"]
+    assert len(sizes[sizes.planted == "near_dup"]) == TINY["n_near_dup_groups"]
+    # Shuffled across shards: a repeated image's copies do not all sit in one shard.
+    assert (truth[truth.planted == "repeated"].groupby("group_id").shard.nunique() > 1).all()
+    manifest = json.loads(corpus.manifest.read_text())
+    assert manifest["counts"] == n.reindex(list(PLANTED), fill_value=0).to_dict()
+    assert manifest["truncated_shard"] == corpus.shards[-1].stem
+
+
+def test_truth_agrees_with_the_tars(corpus):
+    truth = pd.read_parquet(corpus.truth).set_index("key")
+    samples = {}
+    for path in corpus.shards:
+        got, err = read_shard(path)
+        truncated = path.stem == corpus.truncated_shard
+        assert (err is not None) == truncated, (path.name, err)
+        complete = {k for k, m in got.items() if {"jpg", "json"} <= set(m)}
+        in_shard = truth[truth.shard == path.stem]
+        assert complete == set(in_shard.index[in_shard.readable]), path.name
+        samples.update({k: got[k] for k in complete})
+    assert 0 < (~truth.readable).sum() < 40
+    for key, m in samples.items():
+        row = truth.loc[key]
+        meta = json.loads(m["json"])
+        assert meta["key"] == key and (meta["width"], meta["height"]) == (32, 32)
+        assert ("txt" in m) == (row.planted != "no_caption"), key
+        if "txt" in m:
+            assert m["txt"].decode() == meta["caption"] and meta["caption"]
+        if row.planted == "corrupt":
+            assert not decodes(m["jpg"]), key
+        else:
+            img = Image.open(io.BytesIO(m["jpg"]))
+            assert img.size == (32, 32) and img.mode == "RGB" and decodes(m["jpg"]), key
+    groups = truth[truth.group_id.notna() & truth.readable].groupby("group_id")
+    for gid, g in groups:
+        blobs = {samples[k]["jpg"] for k in g.index}
+        if g.planted.iloc[0] == "exact_dup":
+            assert len(blobs) == 1, gid
+        else:
+            assert len(blobs) > 1, gid  # near_dup and repeated contain variants
+
+
+def test_bad_arguments_name_the_value(tmp_path):
+    with pytest.raises(ValueError, match="repeat_copies must be an int >= 2, got 1"):
+        build_demo_corpus(tmp_path, repeat_copies=1)
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        build_demo_corpus(tmp_path, samples_per_shard=0)
