@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 
 class ConfigError(ValueError):
@@ -44,7 +44,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     kind: Literal["pixel", "latent", "none"] = "pixel"  # none: neighbours only (memscan dedup)
-    path: Optional[str] = None  # local diffusers directory (save_pretrained layout)
+    path: str | None = None  # local diffusers directory (save_pretrained layout)
     allow_pickle: bool = False  # load .bin/.ckpt pickle weights only when you trust their source
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # forward dtype on GPU; geometry stays fp32
@@ -96,13 +96,20 @@ class GeometryConfig:
 @dataclass
 class NeighboursConfig:
     enabled: bool = True
-    clip_model: str = "ViT-S-16"  # open_clip architecture name
-    clip_checkpoint: Optional[str] = None  # local checkpoint; None = train the copy-detection embedder
+    # open_clip architecture name; the default is memscan's small copy-detection tower, trained on the
+    # corpus when no checkpoint is given (a real CLIP/SSCD checkpoint names its own architecture)
+    clip_model: str = "memscan-copydet-rn16"
+    clip_checkpoint: str | None = None  # local checkpoint; None = train the copy-detection embedder
     allow_pickle: bool = False  # refuse pickle checkpoints unless explicitly trusted
-    image_size: int = 64  # embedder input side
+    image_size: int = 32  # embedder input side
     batch_size: int = 64
-    dup_threshold: float = 0.95  # cosine at or above which two images are duplicates
-    rep_threshold: float = 0.95  # cosine at or above which a generation replicates a training image
+    # cosine at or above which two images are duplicates: 0.93 gives pair precision 0.995 / recall
+    # 0.998 on the demo corpus with the trained embedder (benchmarks/results/index.md)
+    dup_threshold: float = 0.93
+    rep_threshold: float = 0.93  # cosine at or above which a generation replicates a training image
+    phash_max_dist: int = 2  # pHash Hamming radius of the near-exact pass (6 bits merges distinct images)
+    train_steps: int = 600  # copy-detection embedder steps when no checkpoint is given (~2 min on 2 cores)
+    embedder_max_images: int = 50_000  # the embedder trains on at most this many distinct images
     k: int = 20  # neighbours per image kept for LID_* and the report
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     flat_max: int = 200_000  # auto: exact search up to this many vectors
@@ -120,6 +127,9 @@ class NeighboursConfig:
         _check(self.gen_steps >= 1, f"{p}.gen_steps", self.gen_steps, ">= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
         _check(self.image_size >= 16, f"{p}.image_size", self.image_size, ">= 16")
+        _check(0 <= self.phash_max_dist <= 64, f"{p}.phash_max_dist", self.phash_max_dist, "an int in [0, 64]")
+        _check(self.train_steps >= 1, f"{p}.train_steps", self.train_steps, ">= 1")
+        _check(self.embedder_max_images >= 2, f"{p}.embedder_max_images", self.embedder_max_images, ">= 2")
 
 
 @dataclass
@@ -127,7 +137,7 @@ class ClassifyConfig:
     detector: str = "score_norm"  # score column that flags memorization
     detector_direction: Literal["low", "high"] = "low"  # which tail flags it
     detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set
-    detector_threshold: Optional[float] = None
+    detector_threshold: float | None = None
     lpca_low: float = 2.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem)
     gap_margin: float = 0.0  # OD-Mem additionally needs lid_lpca - lid_flipd > gap_margin (when both exist)
 
@@ -139,8 +149,8 @@ class ClassifyConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local Ray on this machine
-    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray on this machine
+    num_cpus: int | None = None  # local Ray only; None = all cores
     actors: int = 1  # scoring actors (each loads the model once)
     gpus_per_actor: float = 1.0  # used only when a GPU exists
     dashboard: bool = False
@@ -159,10 +169,10 @@ class ScanConfig:
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    out: Optional[str] = None
+    out: str | None = None
     seed: int = 0
 
-    def validate(self) -> "ScanConfig":
+    def validate(self) -> ScanConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):

@@ -1,0 +1,99 @@
+"""Safe checkpoint handling for the embedder: safetensors preferred, pickle only when trusted.
+
+A pickle checkpoint (`torch.save` output: .pt, .pth, .bin, legacy or zip format) can run arbitrary
+code when loaded, so memscan refuses it unless the config says `neighbours.allow_pickle: true`.
+The format is read from the file's first bytes, not its name: a renamed pickle is still refused.
+
+A checkpoint is either one weights file (loaded with `open_clip.create_model(name, pretrained=FILE)`,
+the way a real CLIP or SSCD checkpoint is) or an open_clip *local directory* holding
+`open_clip_config.json` + `open_clip_model.safetensors` (loaded with `create_model("local-dir:DIR")`);
+`memscan train-embedder` writes the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+# The suffixes open_clip itself looks for in a local directory (factory._find_checkpoint_in_dir).
+_DIR_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth")
+
+
+def sniff_format(path: str | Path) -> str:
+    """'safetensors', 'pickle' (torch.save: zip or legacy pickle), 'numpy' or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK":
+        # A zip: torch.save's archive holds a data.pkl; a numpy .npz holds only .npy arrays.
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if names and all(n.endswith(".npy") for n in names):
+            return "numpy"
+        return "pickle"
+    if head[:1] == b"\x80":
+        return "pickle"  # a raw pickle, protocol >= 2 (legacy torch.save)
+    if head[:6] == b"\x93NUMPY":
+        return "numpy"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        # safetensors: little-endian u64 header length, then a JSON object
+        if 2 <= n <= 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"checkpoint {str(path)!r} is a pickle file (torch.save format), which can execute code when loaded; "
+        "memscan refuses it by default. Convert it to safetensors (safetensors.torch.save_file(state_dict, "
+        "'model.safetensors')), or, if you trust the file, set neighbours.allow_pickle: true"
+    )
+
+
+def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
+    """Validate a checkpoint path before anything is loaded from it.
+
+    Returns {'kind': 'file' | 'dir', 'path': str, 'format': str, 'config': dict | None}; for a
+    directory, 'config' is its open_clip_config.json. Raises FileNotFoundError for a missing path and
+    ValueError naming the file for a refused or unreadable format.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"neighbours.clip_checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        cfg_path = p / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ValueError(f"checkpoint directory {str(p)!r} has no {CONFIG_NAME}; expected an open_clip local "
+                             f"directory ({CONFIG_NAME} + {WEIGHTS_NAME}) or a single weights file")
+        config = json.loads(cfg_path.read_text())
+        if "model_cfg" not in config:
+            raise ValueError(f"{cfg_path} lacks 'model_cfg' (the open_clip architecture config)")
+        files = sorted(f for g in _DIR_WEIGHT_GLOBS for f in p.glob(g))
+        if not files:
+            raise ValueError(f"checkpoint directory {str(p)!r} holds no weights (*.safetensors, *.bin, *.pth)")
+        formats = {f: sniff_format(f) for f in files}
+        # open_clip picks a .safetensors file first when one exists; otherwise a pickle would be loaded.
+        chosen = next((f for f in files if f.suffix == ".safetensors"), files[0])
+        if formats[chosen] == "pickle" and not allow_pickle:
+            _refuse_pickle(chosen)
+        if chosen.suffix == ".safetensors" and formats[chosen] != "safetensors":
+            raise ValueError(f"{str(chosen)!r} is named .safetensors but is {formats[chosen]}")
+        return {"kind": "dir", "path": str(p), "format": formats[chosen], "config": config}
+    fmt = sniff_format(p)
+    if fmt == "pickle" and not allow_pickle:
+        _refuse_pickle(p)
+    if fmt == "safetensors" and p.suffix != ".safetensors":
+        # open_clip dispatches on the suffix and would hand a safetensors file to torch.load.
+        raise ValueError(f"checkpoint {str(p)!r} is a safetensors file; name it *.safetensors so open_clip reads it")
+    if p.suffix == ".safetensors" and fmt != "safetensors":
+        raise ValueError(f"checkpoint {str(p)!r} is named .safetensors but its content is {fmt}")
+    if fmt == "unknown":
+        raise ValueError(f"checkpoint {str(p)!r} is neither safetensors nor a torch checkpoint")
+    return {"kind": "file", "path": str(p), "format": fmt, "config": None}

@@ -1,0 +1,224 @@
+"""`memscan train-embedder`: a self-supervised copy-detection embedder trained on the corpus itself.
+
+No pretrained weights can be downloaded here, and a random open_clip tower cannot tell a copy from
+a different image. So we train a small open_clip vision tower SSCD / SimCLR style: two augmented
+views of each image (augment.py: crop, shift, colour, down-up resize, blur/noise, JPEG) are pulled
+together by InfoNCE, every other image in the batch is pushed apart, and a KoLeo entropy term
+spreads the embeddings over the sphere (SSCD, Pizzi et al. 2022) so distinct images do not crowd
+into a high-cosine cluster. Byte-identical copies are dropped first: two copies of one image in a
+batch would be "negatives" the model cannot separate.
+
+Two fixed input transforms do part of the work structurally, so the small network need not learn
+it (embed.py applies the same ones at embedding time): each image is standardized per channel
+(brightness and colour casts vanish) and low-passed by a down-up resize to half size (down-up
+resized copies and JPEG block artefacts nearly vanish).
+
+Saved as an open_clip local directory, the layout and loading path (`create_model("local-dir:DIR")`)
+a downloaded checkpoint uses:
+
+    DIR/open_clip_config.json   {"model_cfg": ..., "preprocess_cfg": ..., "memscan": {recipe, timings, calibration}}
+    DIR/open_clip_model.safetensors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scanner.neighbours.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from scanner.neighbours.embed import (
+    ARCHITECTURES,
+    DEFAULT_ARCH,
+    lowpass,
+    register_architectures,
+    standardize_per_image,
+)
+
+DEFAULT_STEPS = 600  # ~2 min on 2 CPU cores at 32 px, batch 128 (demo corpus: InfoNCE ~0.15 by then)
+INPUT_LOWPASS = 0.5
+
+
+def info_nce(z1, z2, temperature: float):
+    """Symmetric NT-Xent over 2B unit vectors: each view's positive is its other view. z*: (B, d)."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.cat([z1, z2])
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    b = z1.shape[0]
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    return F.cross_entropy(sim, target)
+
+
+def koleo(z, eps: float = 1e-8):
+    """Kozachenko-Leonenko entropy loss: -mean log distance to the nearest other vector. z: (B, d) unit rows."""
+    import torch
+
+    with torch.no_grad():
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nn = sim.argmax(dim=1)
+    return -torch.log((z - z[nn]).norm(dim=1) + eps).mean()
+
+
+def _embed(visual, x, lowpass_factor: float):
+    """x: (B, 3, S, S) in [0, 1] -> (B, d) unit rows, through the same input transforms Embedder applies."""
+    import torch.nn.functional as F
+
+    return F.normalize(visual(standardize_per_image(lowpass(x, lowpass_factor))), dim=-1)
+
+
+def train_on_images(images: np.ndarray, arch: str = DEFAULT_ARCH, steps: int = DEFAULT_STEPS, batch_size: int = 128,
+                    lr: float = 2e-3, temperature: float = 0.05, koleo_weight: float = 0.1, aug_strength: float = 1.0,
+                    input_lowpass: float = INPUT_LOWPASS, seed: int = 0, time_budget_s: float | None = None,
+                    log=print):
+    """Train a fresh `arch` CLIP's vision tower on images: (N, S, S, 3) uint8, S = the tower's input side.
+
+    Returns (model, record): record holds the recipe, steps done, seconds, the last losses and a
+    calibration of cosine similarities on held-in images (see calibrate()).
+    """
+    import open_clip
+    import torch
+
+    from scanner.neighbours.augment import augment
+
+    register_architectures()
+    n, s = images.shape[0], images.shape[1]
+    if n < 2:
+        raise ValueError(f"train-embedder needs at least 2 distinct images, got {n}")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, force_image_size=s)
+    visual = model.visual.train()
+    opt = torch.optim.AdamW(visual.parameters(), lr=lr, weight_decay=0.05)
+    warmup = max(1, steps // 10)
+
+    def lr_at(step):  # linear warmup, cosine decay
+        return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    g = torch.Generator().manual_seed(seed)
+    data = torch.from_numpy(images).permute(0, 3, 1, 2)
+    bs = min(batch_size, n)
+    t0, step, order, pos = time.time(), 0, torch.randperm(n, generator=g), 0
+    loss_nce = loss_ko = float("nan")
+    while step < steps:
+        if time_budget_s is not None and time.time() - t0 > time_budget_s:
+            log(f"train-embedder: time budget {time_budget_s:.0f}s reached after {step} steps")
+            break
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        x = data[order[pos:pos + bs]].float() / 255.0
+        pos += bs
+        z = _embed(visual, torch.cat([augment(x, g, aug_strength), augment(x, g, aug_strength)]), input_lowpass)
+        l_nce = info_nce(z[:bs], z[bs:], temperature)
+        l_ko = koleo(z[:bs]) if koleo_weight > 0 else torch.zeros(())
+        loss = l_nce + koleo_weight * l_ko
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_nce, loss_ko = l_nce.item(), l_ko.item()
+        step += 1
+        if step % 100 == 0 or step == steps:
+            log(f"train-embedder: step {step}/{steps} infonce {loss_nce:.3f} koleo {loss_ko:.3f} "
+                f"({time.time() - t0:.0f}s)")
+    model.eval()
+    record = {"steps": step, "seconds": round(time.time() - t0, 1), "batch_size": bs, "lr": lr,
+              "temperature": temperature, "koleo_weight": koleo_weight, "aug_strength": aug_strength,
+              "input_lowpass": input_lowpass, "seed": seed, "images": n, "final_infonce": round(loss_nce, 4),
+              "final_koleo": round(loss_ko, 4)}
+    record["calibration"] = calibrate(visual, data, input_lowpass, aug_strength, seed)
+    return model, record
+
+
+def calibrate(visual, data, input_lowpass: float, aug_strength: float, seed: int, n: int = 512) -> dict:
+    """Cosine of held-in images to a fresh augmented copy (copies) and to their most similar other
+    image (distinct, an upper bound: the corpus itself may hold unplanted copies); percentiles.
+
+    A threshold between copies' low percentiles and distinct images' high ones separates them; the
+    record is informational (neighbours.dup_threshold decides).
+    """
+    import torch
+
+    from scanner.neighbours.augment import augment
+
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(len(data), generator=g)[:n]
+    with torch.no_grad():
+        x = data[idx].float() / 255.0
+        a, b = _embed(visual, x, input_lowpass), _embed(visual, augment(x, g, aug_strength), input_lowpass)
+        copies = (a * b).sum(1).numpy()
+        sim = (a @ a.T).fill_diagonal_(-1.0)
+        distinct = sim.max(1).values.numpy()
+    pct = (1, 5, 50, 95, 99)
+    return {"copies_cos_pct": dict(zip(map(str, pct), np.percentile(copies, pct).round(4).tolist())),
+            "distinct_max_cos_pct": dict(zip(map(str, pct), np.percentile(distinct, pct).round(4).tolist())),
+            "images": len(idx)}
+
+
+def save_embedder(model, arch: str, image_size: int, out_dir: str | Path, record: dict | None = None) -> Path:
+    """Write an open_clip local directory for `model` (a CLIP of architecture `arch`); each file atomically."""
+    from safetensors.torch import save_file
+
+    record = dict(record or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = json.loads(json.dumps(ARCHITECTURES[arch]))
+    model_cfg["vision_cfg"]["image_size"] = image_size
+    config = {
+        "model_cfg": model_cfg,
+        # open_clip's own transforms would use these; memscan's Embedder reads input_norm below instead
+        "preprocess_cfg": {"size": image_size, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                           "interpolation": "bilinear", "resize_mode": "squash"},
+        "memscan": {"architecture": arch, "image_size": image_size, "input_norm": "per_image",
+                    "input_lowpass": record.pop("input_lowpass", 1.0), **record},
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out / WEIGHTS_NAME)
+    tmp = out / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, out / CONFIG_NAME)
+    return out
+
+
+def unique_by_bytes(images: np.ndarray, raw_hashes: list[str]) -> np.ndarray:
+    """Keep the first image of each raw-byte hash."""
+    seen, keep = set(), []
+    for i, h in enumerate(raw_hashes):
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    return images[keep]
+
+
+def train_embedder(shards, out_dir, cfg, steps: int = DEFAULT_STEPS, seed: int = 0, time_budget_s: float | None = None,
+                   max_images: int = 50_000, arch: str | None = None, log=print) -> Path:
+    """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
+
+    cfg: a NeighboursConfig; cfg.image_size is the training and embedding side; cfg.clip_model is
+    used when it names one of ARCHITECTURES (else the default). At most max_images distinct images
+    (a seeded sample) are used: a copy detector needs variety, not the whole corpus.
+    Returns out_dir, loadable by load_embedder with neighbours.clip_checkpoint = out_dir.
+    """
+    from scanner.data.load import load_images
+
+    arch = arch or (cfg.clip_model if cfg.clip_model in ARCHITECTURES else DEFAULT_ARCH)
+    keys, images, _, raw_hashes = load_images(shards, cfg.image_size, channels=3)
+    images = unique_by_bytes(images, raw_hashes)
+    if len(images) > max_images:
+        idx = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+        images = images[idx]
+    log(f"train-embedder: {len(images)} distinct images of {len(keys)} at {cfg.image_size}px, arch {arch}, "
+        f"{steps} steps")
+    model, record = train_on_images(images, arch=arch, steps=steps, seed=seed, time_budget_s=time_budget_s, log=log)
+    record["corpus_digest"] = hashlib.sha256("".join(sorted(raw_hashes)).encode()).hexdigest()[:16]
+    return save_embedder(model, arch, cfg.image_size, out_dir, record)

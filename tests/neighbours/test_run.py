@@ -1,0 +1,45 @@
+"""run_dedup end to end on a tiny demo corpus with a given checkpoint: the files `memscan dedup` promises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("scanner.data.decode")  # the lead's decoder (scanner/data/decode.py)
+
+from scanner.config import NeighboursConfig
+from scanner.data.demo import build_demo_corpus
+from scanner.neighbours.run import run_dedup
+
+
+def test_run_dedup_writes_groups_removals_errors_and_summary(tiny_checkpoint, tmp_path):
+    corpus = build_demo_corpus(tmp_path / "demo", n_unique=40, n_repeated=2, repeat_copies=4, n_oversampled=2,
+                               n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3, n_no_caption=2,
+                               samples_per_shard=40, seed=0)
+    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
+    out = tmp_path / "out"
+    summary = run_dedup(str(tmp_path / "demo" / "shards"), out, cfg, log=lambda s: None)
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    removal = pd.read_parquet(out / "removal_list.parquet")
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert list(dups.columns[:4]) == ["key", "group_id", "similarity", "keep"]
+    assert dups.groupby("group_id").keep.sum().eq(1).all()
+    assert set(removal.key) == set(dups.key[~dups.keep]) and set(removal.reason) == {"duplicate"}
+    assert (out / "removal_list.txt").read_text().split() == removal.key.tolist()
+    truth = pd.read_parquet(corpus.truth).set_index("key")
+    # every byte-identical planted copy is found whatever the embedder (random weights here)
+    exact = truth[truth.planted == "exact_dup"]
+    assert set(exact.index) <= set(dups.key)
+    # corrupt images are error rows (stage 'embed'), not exceptions; the truncated shard adds one more
+    corrupt = set(truth.index[truth.planted == "corrupt"])
+    assert corrupt <= set(errors.key.dropna()) and set(errors.stage) == {"embed"}
+    assert summary["counts"]["errors"] == len(errors) and summary["index"]["kind"] == "flat"
+    assert summary["embedder"]["trained_on_this_corpus"] is False
+    # a second run re-embeds nothing and gives the same groups
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").rglob("*.parquet")}
+    assert len(before) == len(corpus.shards)  # one file per shard, under one embedder fingerprint
+    run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg), log=lambda s: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").rglob("*.parquet")} == before
+    assert pd.read_parquet(out / "duplicates.parquet").equals(dups)
