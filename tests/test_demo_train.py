@@ -1,0 +1,74 @@
+"""The demo trainer on a tiny corpus and a tiny UNet: saves, reloads, learns, oversamples, is seeded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from scanner.data.demo import build_demo_corpus
+from scanner.demo_train import draw_batch, eps_norm_auroc, sample_check, sample_weights, train_demo
+
+TINY_MODEL = {"resolution": 8, "block_out_channels": (8, 16), "norm_num_groups": 8, "layers_per_block": 1,
+              "batch_size": 32, "lr": 3e-3, "warmup_steps": 0, "progress": False,
+              "num_threads": 1}  # a model this small gains nothing from threads; on a busy 2-core box they spin
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), n_unique=60, n_repeated=2, repeat_copies=20,
+                             n_oversampled=3, n_exact_dup_groups=2, n_near_dup_groups=2, n_corrupt=2,
+                             n_no_caption=2, samples_per_shard=50, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    return train_demo(corpus.out_dir, tmp_path_factory.mktemp("model"), steps=40, seed=0, **TINY_MODEL)
+
+
+def test_saves_and_reloads_with_from_pretrained(trained, corpus):
+    unet = UNet2DModel.from_pretrained(trained / "unet", low_cpu_mem_usage=False)
+    scheduler = DDPMScheduler.from_pretrained(trained / "scheduler")
+    assert (trained / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert unet.config.sample_size == 8 and unet.config.in_channels == 3
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_schedule == "linear"
+    x = torch.zeros(2, 3, 8, 8)
+    assert unet(x, torch.tensor([10, 500])).sample.shape == x.shape
+    info = json.loads((trained / "train_info.json").read_text())
+    assert info["steps"] == 40 and info["resolution"] == 8
+    import pandas as pd
+
+    truth = pd.read_parquet(corpus.truth)
+    assert sorted(info["oversampled_keys"]) == sorted(truth.key[truth.planted == "oversampled"])
+    assert info["n_skipped"] >= 2  # the corrupt images (and the truncated shard's break)
+
+
+def test_loss_decreases(trained):
+    curve = json.loads((trained / "train_info.json").read_text())["loss_curve"]
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.05, curve
+
+
+def test_same_seed_same_weights(trained, corpus, tmp_path):
+    again = train_demo(corpus.out_dir, tmp_path / "again", steps=40, seed=0, **TINY_MODEL)
+    a = UNet2DModel.from_pretrained(trained / "unet", low_cpu_mem_usage=False).state_dict()
+    b = UNet2DModel.from_pretrained(again / "unet", low_cpu_mem_usage=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_oversampled_keys_drawn_factor_times_as_often():
+    planted = ["unique"] * 95 + ["oversampled"] * 5
+    w = sample_weights(planted, oversample_factor=30)
+    counts = torch.bincount(draw_batch(w, 400_000, torch.Generator().manual_seed(0)), minlength=100).double()
+    ratio = counts[95:].mean() / counts[:95].mean()
+    assert 28 < ratio < 32, ratio
+    with pytest.raises(ValueError, match="oversample_factor must be >= 1, got 0.5"):
+        sample_weights(planted, 0.5)
+
+
+def test_checks_run_on_the_saved_model(trained, corpus):
+    auc = eps_norm_auroc(trained, corpus.out_dir, t=100)
+    assert 0 <= auc["auroc_repeated"] <= 1 and 0 <= auc["auroc_oversampled"] <= 1
+    check = sample_check(trained, corpus.out_dir, n=8, num_inference_steps=2)
+    shares = [check[c]["nearest"] for c in ("repeated", "oversampled", "unique")]
+    assert 0 <= sum(shares) <= 1 and check["oversampled"]["share_of_draws"] > check["oversampled"]["share_of_corpus"]
