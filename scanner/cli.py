@@ -1,0 +1,217 @@
+"""memscan command line. Heavy libraries (torch, ray, open_clip) are imported inside the commands,
+so `memscan --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  memscan demo --out runs/demo
+      build the embedded demo corpus, train the demo model (both cached in runs/demo), scan, evaluate
+  memscan scan --config configs/demo.yaml --shards 'data/{00000..00099}.tar' --out runs/laion
+      geometry scores + neighbours for every image; resumes where a killed run stopped
+  memscan scan --config configs/laion-sd15.yaml --set geometry.t0=0.3 --set model.batch_size=4 --out runs/sd
+      override any config key on the command line (section.key=value)
+  memscan dedup --shards data/ --out runs/dedup --threshold 0.95
+      duplicate groups and a removal list before training, no diffusion model needed
+  RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x
+      run on an existing Ray cluster (or: ray job submit --working-dir . -- python jobs/scan.py --config ...)
+
+outputs (under --out): scores/*.parquet, duplicates.parquet, removal_list.parquet/.txt, errors.parquet,
+summary.json; read them with pandas.read_parquet or duckdb "select * from 'runs/x/scores/*.parquet'".
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s memscan: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memscan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Find duplicated and memorized images in diffusion-model training data (webdataset shards).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("scan", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="score every image under the diffusion model, find neighbours, write reports",
+                       description="The main job. Streams shards through Ray Data (local Ray, or the cluster at "
+                                   "$RAY_ADDRESS), scores each image (FLIPD, p-Laplace, score norm, CFG norm, "
+                                   "optionally NB), finds duplicates, classifies OD-/DD-Mem and writes a removal "
+                                   "list. Rerunning into the same --out skips finished shards.",
+                       epilog="example:\n  memscan scan --config configs/demo.yaml --shards 'd/{00000..00009}.tar' "
+                              "--set geometry.probes=16 --out runs/x")
+    p.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml: every key is commented)")
+    p.add_argument("--shards", nargs="+", help="directory, glob or brace pattern; overrides data.shards")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")
+    p.add_argument("--out", help="output directory (overrides `out` in the config)")
+    _add_common(p)
+
+    p = sub.add_parser("dedup", help="duplicate groups and removal list only (no diffusion model)",
+                       description="Embeds every image (open_clip), finds duplicate groups by bytes, perceptual hash "
+                                   "and cosine >= --threshold, keeps one per group. Without --clip-checkpoint it "
+                                   "first trains the copy-detection embedder on the corpus (cached in --out).")
+    p.add_argument("--shards", nargs="+", required=True, help="directory, glob or brace pattern")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default 0.95)")
+    p.add_argument("--clip-model", help="open_clip architecture name")
+    p.add_argument("--clip-checkpoint", help="local open_clip checkpoint (safetensors)")
+    p.add_argument("--config", help="optional YAML config; its neighbours section is used")
+    _add_common(p)
+
+    p = sub.add_parser("train-embedder", help="train the self-supervised copy-detection embedder on a corpus")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="directory for the open_clip checkpoint")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--config", help="optional YAML config; its neighbours section is used")
+    _add_common(p)
+
+    p = sub.add_parser("build-demo-corpus", help="write the embedded demo corpus (shards + truth.parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-unique", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser("train-demo", help="train the demo diffusion model on the demo corpus (save_pretrained)")
+    p.add_argument("--out", required=True, help="directory holding corpus/ (built if missing); model goes to model/")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="corpus -> demo model -> scan -> evaluate, all on the embedded demo data",
+                       description="Builds the demo corpus and trains the demo model if --out lacks them (cached), "
+                                   "runs the full scan, evaluates against the planted truth, prints the metrics.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=10.0, help="demo model training budget (first run only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="AUROC / TPR@1%%FPR of every score column against planted truth")
+    p.add_argument("--out", required=True, help="a finished scan's output directory")
+    p.add_argument("--truth", required=True, help="truth.parquet (key, group_id, planted, copies)")
+    _add_common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _setup_logging(args.verbose)
+    from scanner.config import ConfigError
+    from scanner.data.shards import ShardSpecError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ShardSpecError, FileNotFoundError, PermissionError) as e:
+        print(f"memscan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_scan(args) -> int:
+    from scanner.config import load_config
+    from scanner.pipeline import run_scan
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.shards:
+        cfg.data.shards = list(args.shards)
+    out = args.out or cfg.out
+    if not out:
+        from scanner.config import ConfigError
+
+        raise ConfigError("no output directory: pass --out DIR or set `out` in the config")
+    summary = run_scan(cfg, out, progress=not args.no_progress)
+    c = summary["counts"]
+    print(f"memscan scan: {c['seen']} samples, {c['scored']} scored, {c['errors']} errors, "
+          f"{c['removed']} on the removal list; results in {out}")
+    return 0
+
+
+def _neighbours_cfg(args):
+    from scanner.config import load_config
+
+    cfg = load_config(args.config) if getattr(args, "config", None) else load_config()
+    n = cfg.neighbours
+    if getattr(args, "threshold", None) is not None:
+        n.dup_threshold = args.threshold
+    if getattr(args, "clip_model", None):
+        n.clip_model = args.clip_model
+    if getattr(args, "clip_checkpoint", None):
+        n.clip_checkpoint = args.clip_checkpoint
+    n.validate()
+    return n
+
+
+def cmd_dedup(args) -> int:
+    from scanner.neighbours.run import run_dedup
+    from scanner.pipeline import write_json
+
+    log = logging.getLogger("memscan")
+    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info)
+    write_json(summary, Path(args.out) / "summary.json")
+    print(f"memscan dedup: {summary['counts']['duplicate_groups']} duplicate groups, "
+          f"{summary['counts']['removed']} to remove; results in {args.out}")
+    return 0
+
+
+def cmd_train_embedder(args) -> int:
+    from scanner.neighbours.train_embedder import DEFAULT_STEPS, train_embedder
+
+    log = logging.getLogger("memscan")
+    path = train_embedder(args.shards, args.out, _neighbours_cfg(args), steps=args.steps or DEFAULT_STEPS,
+                          log=log.info)
+    print(f"memscan train-embedder: checkpoint in {path}")
+    return 0
+
+
+def cmd_build_demo_corpus(args) -> int:
+    from scanner.data.demo import build_demo_corpus
+
+    corpus = build_demo_corpus(args.out, n_unique=args.n_unique, seed=args.seed)
+    print(f"memscan build-demo-corpus: {corpus}")
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from scanner.demo import ensure_demo_model
+
+    path = ensure_demo_model(Path(args.out), minutes=args.minutes, seed=args.seed)
+    print(f"memscan train-demo: model in {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from scanner.demo import run_demo
+
+    return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress)
+
+
+def cmd_evaluate(args) -> int:
+    from scanner.evaluate import evaluate, format_metrics
+
+    metrics = evaluate(Path(args.out), Path(args.truth))
+    print(format_metrics(metrics))
+    print(f"memscan evaluate: metrics in {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "dedup": cmd_dedup, "train-embedder": cmd_train_embedder,
+            "build-demo-corpus": cmd_build_demo_corpus, "train-demo": cmd_train_demo, "demo": cmd_demo,
+            "evaluate": cmd_evaluate}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

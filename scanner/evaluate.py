@@ -1,0 +1,89 @@
+"""Score the scan against planted truth: AUROC and TPR@1%FPR per score column, duplicate pair P/R.
+
+Each score column is evaluated in the direction in which it flags memorization; the direction is
+chosen on the data (the better of the two) and reported, because it depends on the column (for
+the p-Laplace it flips with p, method.md §9), so a reader sees which tail was used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+NON_SCORES = {"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error"}
+
+
+def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr_max: float = 0.01) -> float:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(tpr[fpr <= fpr_max].max()) if (fpr <= fpr_max).any() else 0.0
+
+
+def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, negative: str = "unique") -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    df = scores.merge(truth[["key", "planted"]], on="key")
+    df = df[df["planted"].isin([positive, negative]) & df["error"].isna()]
+    y = (df["planted"] == positive).to_numpy()
+    out = {}
+    if y.all() or not y.any():
+        return out
+    for col in scores.columns:
+        if col in NON_SCORES or not np.issubdtype(df[col].dtype, np.number):
+            continue
+        s = df[col].to_numpy(dtype=float)
+        keep = np.isfinite(s)
+        if keep.sum() < 2 or y[keep].all() or not y[keep].any():
+            continue
+        auc = float(roc_auc_score(y[keep], s[keep]))
+        direction, sign = ("high", 1.0) if auc >= 0.5 else ("low", -1.0)
+        out[col] = {"auroc": max(auc, 1 - auc), "tpr_at_1pct_fpr": tpr_at_fpr(y[keep], sign * s[keep]),
+                    "direction": direction, "n_pos": int(y[keep].sum()), "n_neg": int((~y[keep]).sum())}
+    return out
+
+
+def evaluate(out: Path, truth_path: Path) -> dict:
+    from scanner.neighbours.dedup import pair_precision_recall
+
+    truth = pd.read_parquet(truth_path)
+    files = sorted((out / "scores").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{out / 'scores'} has no parquet files: run `memscan scan` first")
+    scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    metrics: dict = {"scores": {}}
+    for positive in ("repeated", "oversampled"):
+        metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive)
+    dup_path = out / "duplicates.parquet"
+    if dup_path.exists():
+        dups = pd.read_parquet(dup_path)
+        planted = truth[truth["group_id"].notna() & truth["planted"].isin(["exact_dup", "near_dup", "repeated"])]
+        if "readable" in planted:
+            planted = planted[planted["readable"]]
+        present = set(scores.loc[scores["error"].isna(), "key"])
+        planted = planted[planted["key"].isin(present)]
+        metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
+                                                      dict(zip(planted["key"], planted["group_id"])))
+    ct = scores.merge(truth[["key", "planted"]], on="key")
+    metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
+    path = out / "metrics.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(path)
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"{'column':<16} {'vs':<12} {'AUROC':>6} {'TPR@1%FPR':>10}  direction"]
+    for comp, cols in metrics["scores"].items():
+        for col, m in sorted(cols.items()):
+            lines.append(f"{col:<16} {comp.split('_vs_')[0]:<12} {m['auroc']:>6.3f} {m['tpr_at_1pct_fpr']:>10.3f}  "
+                         f"{m['direction']}")
+    if "duplicates" in metrics:
+        d = metrics["duplicates"]
+        lines.append(f"duplicate pairs: precision {d.get('pair_precision', float('nan')):.4f}, "
+                     f"recall {d.get('pair_recall', float('nan')):.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""The scan job: stream shards through Ray Data, score every image, write per-shard outputs, finalize.
+
+    shards ──read+decode (Ray tasks, one per shard)──► score (Ray actor pool, model loaded once)
+          ──► driver: collect rows per shard; a shard's rows are written to parts/NAME.parquet
+              (atomic) once its end-of-shard marker and all its rows have arrived
+          ──► finalize (driver): neighbours, local PCA, classes, verdicts -> scores/, removal list,
+              errors.parquet, summary.json
+
+Resume: a shard whose parts/NAME.parquet exists is done and is not read again; a shard that was in
+flight when the job died has no part file and is redone whole. So a killed job, rerun, gives exactly
+one row per sample. Finalize is recomputed on every run (it is cheap next to scoring).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from scanner.config import ScanConfig
+from scanner.data.shards import expand_shards, shard_name
+
+log = logging.getLogger("memscan")
+
+ROWS_PER_BATCH = 256
+META_COLUMNS = ["key", "shard", "caption", "width", "height", "error", "error_stage"]
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: read + decode one shard (a Ray task; never raises on data)
+
+
+def read_decode_shard(path: str, resolution: int, channels: int, max_pixels: int,
+                      rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[dict]:
+    """Yield numpy batches for one shard; the last batch ends with one marker row (`n_rows` = rows sent).
+
+    Batch columns: key, shard, caption, width, height, error, error_stage (object / int arrays),
+    image (B, R, R, C) uint8 (zeros where error), marker (bool), n_rows (int64, -1 but on the marker).
+    """
+    from scanner.data.decode import DecodeError, decode_image
+    from scanner.data.shards import iter_tar_samples
+
+    name = shard_name(path)
+    rows: list[dict] = []
+    sent = 0
+    blank = np.zeros((resolution, resolution, channels), np.uint8)
+
+    def pack(rs: list[dict]) -> dict:
+        return {
+            "key": np.array([r["key"] for r in rs], dtype=object),
+            "shard": np.array([name] * len(rs), dtype=object),
+            "caption": np.array([r["caption"] for r in rs], dtype=object),
+            "width": np.array([r["width"] for r in rs], dtype=np.int64),
+            "height": np.array([r["height"] for r in rs], dtype=np.int64),
+            "error": np.array([r["error"] for r in rs], dtype=object),
+            "error_stage": np.array([r["error_stage"] for r in rs], dtype=object),
+            "image": np.stack([r["image"] for r in rs]),
+            "marker": np.array([r["marker"] for r in rs], dtype=bool),
+            "n_rows": np.array([r["n_rows"] for r in rs], dtype=np.int64),
+        }
+
+    for s in iter_tar_samples(path):
+        row = {"key": s["key"], "caption": s["caption"], "width": -1, "height": -1, "error": s["error"],
+               "error_stage": "read" if s["error"] else None, "image": blank, "marker": False, "n_rows": -1}
+        if s["error"] is None:
+            try:
+                row["image"], row["width"], row["height"] = decode_image(s["image"], resolution, channels, max_pixels)
+            except DecodeError as e:
+                row["error"], row["error_stage"] = str(e), "decode"
+        rows.append(row)
+        if len(rows) >= rows_per_batch:
+            sent += len(rows)
+            yield pack(rows)
+            rows = []
+    sent += len(rows)
+    rows.append({"key": None, "caption": None, "width": -1, "height": -1, "error": None, "error_stage": None,
+                 "image": blank, "marker": True, "n_rows": sent})
+    yield pack(rows)
+
+
+def _read_batch(batch: dict, resolution: int, channels: int, max_pixels: int) -> Iterator[dict]:
+    for path in batch["path"]:
+        yield from read_decode_shard(str(path), resolution, channels, max_pixels)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 2: score (a Ray actor: the model is loaded once per actor)
+
+
+class ScoreStage:
+    """Adds every geometry column, plus `vector` (the image in model space, float16, for local PCA)."""
+
+    def __init__(self, cfg: ScanConfig, threads: int | None = None):
+        import torch
+
+        from scanner.geometry.scores import score_columns
+        from scanner.models.loading import load_score_model, model_resolution
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.model = load_score_model(cfg.model)
+        res = model_resolution(self.model)
+        if res != cfg.data.resolution:
+            raise ValueError(f"data.resolution={cfg.data.resolution} but the model at {cfg.model.path} expects "
+                             f"{res}x{res} images: set data.resolution: {res}")
+        self.use_cond = bool(self.model.conditional)
+        self.columns = score_columns(cfg.geometry, self.use_cond)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from scanner.geometry.scores import compute_scores
+
+        n = len(batch["key"])
+        ok = np.array([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])], dtype=bool)
+        out = {c: np.full(n, np.nan, np.float32) for c in self.columns}
+        vec = np.zeros((n, self.model.dim), np.float16)
+        error = batch["error"].copy()
+        stage = batch["error_stage"].copy()
+        idx = np.flatnonzero(ok)
+        for start in range(0, len(idx), self.cfg.model.batch_size):
+            sel = idx[start:start + self.cfg.model.batch_size]
+            try:
+                x = self.model.encode_images(torch.from_numpy(batch["image"][sel]))
+                cond = self.model.encode_text(list(batch["caption"][sel])) if self.use_cond else None
+                scores = compute_scores(self.model, x, self.cfg.geometry, cond)
+                for c in self.columns:
+                    out[c][sel] = scores[c].numpy()
+                vec[sel] = x.detach().reshape(len(sel), -1).cpu().numpy().astype(np.float16)
+            except Exception as e:  # noqa: BLE001 - one bad batch must not kill the job: its rows become error rows
+                for i in sel:
+                    error[i], stage[i] = f"scoring failed: {type(e).__name__}: {e}", "score"
+        for i in idx:
+            if error[i] is None:
+                bad = [c for c in self.columns if not np.isfinite(out[c][i])]
+                if bad:
+                    error[i], stage[i] = f"non-finite score in {', '.join(bad)}", "score"
+        result = {k: v for k, v in batch.items() if k != "image"}
+        result.update(out)
+        result["vector"] = vec
+        result["error"], result["error_stage"] = error, stage
+        return result
+
+
+# --------------------------------------------------------------------------------------------------
+# driver side: collect per shard, write atomically
+
+
+def atomic_write_parquet(df, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ShardCollector:
+    """Buffers rows per shard; writes parts/NAME.parquet (+ vectors/NAME.npy) when the shard is complete."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.rows: dict[str, list] = {}
+        self.vectors: dict[str, list] = {}
+        self.expected: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        self.done: list[str] = []
+        self.images = 0
+
+    def add(self, batch: dict) -> list[str]:
+        import pandas as pd
+
+        finished = []
+        cols = [c for c in batch if c not in ("image", "vector", "marker", "n_rows")]
+        for shard in np.unique(batch["shard"]):
+            m = batch["shard"] == shard
+            markers = m & batch["marker"]
+            rows = m & ~batch["marker"]
+            if rows.any():
+                self.rows.setdefault(shard, []).append(pd.DataFrame({c: batch[c][rows] for c in cols}))
+                if "vector" in batch:
+                    self.vectors.setdefault(shard, []).append(batch["vector"][rows])
+                self.count[shard] = self.count.get(shard, 0) + int(rows.sum())
+                self.images += int(rows.sum())
+            if markers.any():
+                self.expected[shard] = int(batch["n_rows"][markers][0])
+            if shard in self.expected and self.count.get(shard, 0) == self.expected[shard]:
+                self._write(shard)
+                finished.append(shard)
+        return finished
+
+    def _write(self, shard: str) -> None:
+        import pandas as pd
+
+        df = pd.concat(self.rows.pop(shard, []), ignore_index=True) if shard in self.rows else pd.DataFrame()
+        if shard in self.vectors:
+            vec = np.concatenate(self.vectors.pop(shard))
+            tmp = self.out / "vectors" / f"{shard}.npy.tmp"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, vec)
+            os.replace(tmp, self.out / "vectors" / f"{shard}.npy")
+        # The part file is written last: its presence is the shard's completion marker.
+        atomic_write_parquet(df, self.out / "parts" / f"{shard}.parquet")
+        self.done.append(shard)
+
+
+def init_ray(cfg: ScanConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        log.info("connected to the Ray cluster at %s", address)
+        return
+    ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
+             configure_logging=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # memscan prints its own shard/image progress line
+
+
+def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = True) -> dict:
+    """Score the shards that have no part file yet. Returns {'pending': n, 'done': n, 'seconds': s}."""
+    import ray
+    from tqdm import tqdm
+
+    pending = [p for p in shards if not (out / "parts" / f"{shard_name(p)}.parquet").exists()]
+    t0 = time.time()
+    if not pending:
+        log.info("all %d shards already scored in %s (resume)", len(shards), out)
+        return {"pending": 0, "done": 0, "seconds": 0.0}
+    if len(pending) < len(shards):
+        log.info("resuming: %d of %d shards already done, %d to go", len(shards) - len(pending), len(shards),
+                 len(pending))
+    init_ray(cfg)
+    use_gpu = _cuda_available() and cfg.model.device != "cpu"
+    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(_read_batch, batch_size=1, num_cpus=1,
+                        fn_kwargs={"resolution": cfg.data.resolution, "channels": cfg.data.channels,
+                                   "max_pixels": cfg.data.max_image_pixels})
+    if cfg.model.kind != "none":
+        threads = None if use_gpu else max(1, (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.actors)
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"cfg": cfg, "threads": threads},
+                            batch_size=cfg.data.batch_size, concurrency=cfg.ray.actors,
+                            num_gpus=cfg.ray.gpus_per_actor if use_gpu else 0, num_cpus=1 if not use_gpu else 0)
+    collector = ShardCollector(out)
+    bar = tqdm(total=len(pending), unit="shard", desc="scan", disable=not progress, dynamic_ncols=True)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        finished = collector.add(batch)
+        bar.update(len(finished))
+        rate = collector.images / max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"{collector.images} images, {rate:.1f} img/s")
+    bar.close()
+    missing = [shard_name(p) for p in pending if shard_name(p) not in collector.done]
+    if missing:
+        raise RuntimeError(f"scoring ended without completing shards {missing[:5]}: rerun to resume")
+    return {"pending": len(pending), "done": len(collector.done), "seconds": round(time.time() - t0, 1),
+            "images": collector.images}
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no usable CUDA however it fails
+        return False
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("memscan", "torch", "diffusers", "ray", "open_clip_torch", "faiss-gpu", "pyarrow", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_json(obj: dict, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
+
+
+def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """The whole job. Returns the summary (also written to out_dir/summary.json)."""
+    from scanner.finalize import finalize
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = expand_shards(cfg.data.shards)
+    t0 = time.time()
+    scoring = run_scoring(cfg, out, shards, progress)
+    summary = finalize(cfg, out, shards)
+    summary["timings_s"] = {"scoring": scoring["seconds"], **summary.get("timings_s", {}),
+                            "total": round(time.time() - t0, 1)}
+    summary["resume"] = {"shards": len(shards), "scored_this_run": scoring["done"]}
+    summary["versions"] = versions()
+    summary["config"] = cfg.to_dict()
+    write_json(summary, out / "summary.json")
+    log.info("results in %s (scores/, errors.parquet, removal_list.parquet, summary.json)", out)
+    return summary

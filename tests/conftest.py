@@ -1,0 +1,60 @@
+"""Shared fixtures: one Ray for the session, a tiny random pixel diffusion model, a tiny demo corpus."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TINY_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversampled": 3, "n_exact_dup_groups": 3,
+                   "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "size": 16, "samples_per_shard": 25, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                 log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 8x8 RGB UNet2DModel + DDPMScheduler saved with save_pretrained (loads like a real model)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_model")
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8)
+    unet.save_pretrained(d / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    from scanner.data.demo import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("tiny_corpus"), **TINY_CORPUS)
+
+
+@pytest.fixture
+def scan_config(tiny_model_dir, tiny_corpus):
+    """A fast scan config over the tiny corpus with the tiny model (no neighbours: tested on their own)."""
+    from scanner.config import load_config
+
+    def make(*overrides):
+        return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [
+            f"data.shards={tiny_corpus.shards[0].parent}", f"model.path={tiny_model_dir}", "data.resolution=8",
+            "neighbours.enabled=false", "geometry.probes=2", "geometry.lpca_k=5", "ray.num_cpus=2",
+            *overrides])
+    return make

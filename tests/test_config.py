@@ -1,0 +1,61 @@
+import pytest
+
+from scanner.config import ConfigError, load_config
+
+DEMO = "configs/demo.yaml"
+
+
+def test_demo_config_loads_with_every_section():
+    cfg = load_config(DEMO, ["model.path=/m"])
+    assert cfg.geometry.jvp == "vjp" and cfg.classify.detector == "score_norm" and cfg.model.path == "/m"
+
+
+def test_unknown_key_names_key_and_closest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("geometry:\n  probs: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'geometry.probs'.*did you mean 'probes'"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("geometri:\n  probes: 4\n")
+    with pytest.raises(ConfigError, match="'geometri'.*'geometry'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("geometry.t0=1.5", r"geometry.t0 must be a float in \(0, 1\), got 1.5"),
+    ("geometry.probes=0", r"geometry.probes must be an int >= 1, got 0"),
+    ("geometry.trace=magic", r"geometry.trace must be one of 'exact', 'hutchinson', got 'magic'"),
+    ("geometry.probes=four", r"geometry.probes must be an int, got 'four'"),
+    ("data.channels=2", r"data.channels must be 1 or 3, got 2"),
+    ("geometry.p_values=[1, -2]", r"geometry.p_values must be a non-empty list of numbers > 0"),
+    ("neighbours.dup_threshold=1.5", r"neighbours.dup_threshold must be a cosine in \[-1, 1\]"),
+    ("model.kind=pixel", r"model.path must be a local model directory"),
+])
+def test_bad_values_name_value_and_accepted(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, ["model.path=/m", override] if "model.kind" not in override else [override])
+
+
+def test_set_override_parses_yaml_scalars():
+    cfg = load_config(DEMO, ["model.path=/m", "geometry.p_values=[1.5, 2]", "geometry.nb=true", "ray.num_cpus=2"])
+    assert cfg.geometry.p_values == [1.5, 2.0] and cfg.geometry.nb is True and cfg.ray.num_cpus == 2
+
+
+def test_set_without_equals_fails():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(DEMO, ["geometry.t0"])
+
+
+def test_python_object_tag_is_refused(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="unsafe or unknown YAML tag"):
+        load_config(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")

@@ -1,0 +1,110 @@
+"""End to end: a real Ray Data scan of the tiny demo corpus with a tiny saved diffusers model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scanner.pipeline import run_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _scores(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted((out / "scores").glob("*.parquet"))], ignore_index=True)
+
+
+def test_scan_writes_one_row_per_readable_sample_and_every_error(ray_session, scan_config, tiny_corpus, tmp_path):
+    out = tmp_path / "scan"
+    summary = run_scan(scan_config(), out, progress=False)
+    truth = pd.read_parquet(tiny_corpus.truth)
+    scores = _scores(out)
+    readable = set(truth.loc[truth["readable"], "key"])
+    # one file per input shard, one row per readable sample, no key twice
+    assert sorted(f.stem for f in (out / "scores").glob("*.parquet")) == [p.stem for p in tiny_corpus.shards]
+    assert readable <= set(scores["key"]) and not scores["key"].duplicated().any()
+    assert len(scores) - len(readable) <= 1  # at most the one sample cut by the truncation, as an error row
+    # planted corrupt samples and the truncated shard are in errors.parquet; good rows carry every score
+    errors = pd.read_parquet(out / "errors.parquet")
+    corrupt = set(truth.loc[truth["planted"] == "corrupt", "key"])
+    assert corrupt <= set(errors["key"].dropna())
+    assert ((errors["key"].isna()) & (errors["shard"] == tiny_corpus.truncated_shard)).sum() == 1
+    good = scores[scores["error"].isna()]
+    assert len(good) == len(readable - corrupt)
+    for col in ("lid_flipd", "score_norm", "p_laplace_1", "p_laplace_2", "p_laplace_3", "lid_lpca", "lid_gap"):
+        assert good[col].notna().all(), col
+    assert set(good["mem_class"]) <= {"od", "dd", "none"} and set(good["verdict"]) <= {"suspected", "clear"}
+    # captions: None exactly for the planted no_caption samples
+    no_cap = set(truth.loc[truth["planted"] == "no_caption", "key"])
+    assert set(good.loc[good["caption"].isna(), "key"]) == no_cap
+    assert summary["counts"]["scored"] == len(good)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["counts"]["errors"] == len(errors) and on_disk["config"]["geometry"]["probes"] == 2
+    removal = pd.read_parquet(out / "removal_list.parquet")
+    assert (out / "removal_list.txt").read_text().split() == removal["key"].tolist()
+    assert set(removal["key"]) == set(good.loc[good["mem_class"] != "none", "key"])
+
+
+def test_rerun_skips_finished_shards_and_is_deterministic(ray_session, scan_config, tmp_path):
+    out = tmp_path / "scan"
+    run_scan(scan_config(), out, progress=False)
+    first = _scores(out)
+    stamp = {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*.parquet")}
+    summary = run_scan(scan_config(), out, progress=False)
+    assert summary["resume"]["scored_this_run"] == 0
+    assert stamp == {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*.parquet")}
+    pd.testing.assert_frame_equal(first, _scores(out))
+
+
+def test_missing_shard_path_fails_at_once(scan_config, tmp_path):
+    from scanner.data.shards import ShardSpecError
+
+    with pytest.raises(ShardSpecError, match="does not exist"):
+        run_scan(scan_config(f"data.shards={tmp_path}/nothing/{{00000..00003}}.tar"), tmp_path / "o")
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "scanner", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tiny_model_dir, tiny_corpus, tmp_path):
+    args = ["scan", "--config", "configs/demo.yaml", "--shards", str(tiny_corpus.shards[0].parent),
+            "--set", f"model.path={tiny_model_dir}", "--set", "data.resolution=8", "--set", "neighbours.enabled=false",
+            "--set", "geometry.probes=48", "--set", "geometry.lpca_k=5", "--set", "data.batch_size=8",
+            "--set", "ray.num_cpus=2", "--no-progress"]
+    n = len(tiny_corpus.shards)
+    killed = tmp_path / "killed"
+    proc = _cli(args + ["--out", str(killed)])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = len(list((killed / "parts").glob("*.parquet"))) if (killed / "parts").exists() else 0
+        if done >= n // 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the scan ended before it could be killed:\n{proc.stdout.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((killed / "parts").glob("*.parquet")))
+    assert 0 < done_at_kill < n
+    rerun = _cli(args + ["--out", str(killed)])
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    assert "resuming" in log
+
+    clean = tmp_path / "clean"
+    full = _cli(args + ["--out", str(clean)])
+    log = full.communicate(timeout=300)[0]
+    assert full.returncode == 0, log[-3000:]
+    a, b = _scores(killed), _scores(clean)
+    assert len(a) == len(b) and not a["key"].duplicated().any()
+    assert set(a["key"]) == set(b["key"])
+    a, b = a.set_index("key").sort_index(), b.set_index("key").sort_index()
+    pd.testing.assert_series_equal(a["score_norm"], b["score_norm"], check_exact=False, rtol=1e-5)
