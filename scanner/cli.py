@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a finished scan's output directory")
     p.add_argument("--truth", required=True, help="truth.parquet (key, group_id, planted, copies)")
     _add_common(p)
+
+    p = sub.add_parser("report", help="(re)write report.html from a finished scan's outputs",
+                       epilog="example:\n  memscan report --out runs/demo/scan --truth runs/demo/corpus/truth.parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="a finished scan's output directory")
+    p.add_argument("--truth", help="optional truth.parquet: split the plots by planted class")
+    _add_common(p)
     return parser
 
 
@@ -208,7 +215,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "dedup": cmd_dedup, "train-embedder": cmd_train_embedder,
+def cmd_report(args) -> int:
+    from scanner.report.html import cmd_report as run_report
+
+    return run_report(args)
+
+
+COMMANDS = {"report": cmd_report, "scan": cmd_scan, "dedup": cmd_dedup, "train-embedder": cmd_train_embedder,
             "build-demo-corpus": cmd_build_demo_corpus, "train-demo": cmd_train_demo, "demo": cmd_demo,
             "evaluate": cmd_evaluate}
 

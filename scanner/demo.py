@@ -56,7 +56,10 @@ def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = Non
     scan_dir = out / "scan"
     run_scan(cfg, scan_dir, progress=progress)
     metrics = evaluate(scan_dir, out / "corpus" / "truth.parquet")
+    from scanner.report.html import write_report
+
+    report = write_report(scan_dir, out / "corpus" / "truth.parquet")
     print(format_metrics(metrics))
     print(f"memscan demo: done in {time.time() - t0:.0f} s; scan results in {scan_dir} "
-          f"(scores/, removal_list.parquet, errors.parquet, summary.json, metrics.json)")
+          f"(scores/, removal_list.parquet, errors.parquet, summary.json, metrics.json); report: {report}")
     return 0

@@ -313,5 +313,11 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True) -> dic
     summary["versions"] = versions()
     summary["config"] = cfg.to_dict()
     write_json(summary, out / "summary.json")
-    log.info("results in %s (scores/, errors.parquet, removal_list.parquet, summary.json)", out)
+    from scanner.report.html import write_report
+
+    try:
+        write_report(out)
+    except Exception as e:  # noqa: BLE001 - the report is a view of the parquet outputs; never fail the scan for it
+        log.warning("report.html not written (%s: %s); rerun `memscan report --out %s`", type(e).__name__, e, out)
+    log.info("results in %s (scores/, errors.parquet, removal_list.parquet, summary.json, report.html)", out)
     return summary

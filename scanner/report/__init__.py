@@ -1,0 +1,1 @@
+from scanner.report.html import write_report  # noqa: F401
