@@ -140,8 +140,13 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
     if cfg.neighbours.enabled:
         from scanner.neighbours.run import run_dedup
 
-        summary["neighbours"] = run_dedup(shards, out, cfg.neighbours, log=log.info)
+        model_dir = cfg.model.path if cfg.model.kind != "none" else None
+        summary["neighbours"] = run_dedup(shards, out, cfg.neighbours, log=log.info, model_dir=model_dir,
+                                          allow_pickle=cfg.model.allow_pickle)
         dups = pd.read_parquet(out / "duplicates.parquet")
+        if (out / "replications.parquet").exists() and model_dir and cfg.neighbours.generations > 0:
+            reps = pd.read_parquet(out / "replications.parquet")
+            replicated = set(reps.loc[reps["replicated"], "matched_key"])
         summary["timings_s"]["neighbours"] = round(time.time() - t0, 1)
 
     ok = df["error"].isna().to_numpy()

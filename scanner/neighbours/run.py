@@ -51,8 +51,14 @@ def ensure_embedder(shards, out_dir: Path, cfg, log=print, steps: int | None = N
     return str(cached), True
 
 
-def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None) -> dict:
-    """Embed, index and group `shards` (a spec expand_shards accepts); write the outputs listed above."""
+def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
+              allow_pickle: bool = False) -> dict:
+    """Embed, index and group `shards` (a spec expand_shards accepts); write the outputs listed above.
+
+    With `model_dir` (a diffusers model directory) and cfg.generations > 0 it also generates
+    cfg.generations images from training captions, matches them against the training index and
+    writes out_dir/replications.parquet (reason 'replicated' in the removal list).
+    """
     import dataclasses
 
     from scanner.data.shards import expand_shards
@@ -76,6 +82,16 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None) -
                                  sizes=data["pixels"])
     shard_of = dict(zip(data["keys"], data["shards"]))
     removal = duplicate_removals(dups, shard_of)
+    t_rep = time.time()
+    reps = None
+    if model_dir and cfg.generations > 0:
+        reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out)
+        _write_parquet(reps, out / "replications.parquet")
+        extra = pd.DataFrame({"key": sorted(set(reps.loc[reps["replicated"], "matched_key"]))})
+        extra = extra[~extra["key"].isin(set(removal["key"]))]
+        extra = extra.assign(shard=extra["key"].map(shard_of), reason="replicated")
+        removal = pd.concat([removal, extra[list(removal.columns)]], ignore_index=True)
+    t_rep = time.time() - t_rep
     _write_parquet(dups, out / "duplicates.parquet")
     _write_parquet(removal, out / "removal_list.parquet")
     (out / "removal_list.txt").write_text("".join(f"{k}\n" for k in removal["key"]))
@@ -89,10 +105,43 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None) -
         "embedder": {"checkpoint": ckpt, "architecture": embedder.name, "dim": embedder.dim,
                      "image_size": embedder.image_size, "trained_on_this_corpus": trained or ckpt == str(out / "embedder")},
         "index": index_info,
+        "replications": None if reps is None else {
+            "generations": int(cfg.generations), "threshold": cfg.rep_threshold,
+            "replicated": int(reps["replicated"].sum()), "rate": float(reps["replicated"].mean()) if len(reps) else 0.0,
+            "distinct_training_images": int(reps.loc[reps["replicated"], "matched_key"].nunique())},
         "links": dups["link"].value_counts().to_dict(),
         "timings_s": {"train_embedder": round(t_train, 1), "embed": round(t_embed, 1),
-                      "index_and_groups": round(time.time() - t0 - t_train - t_embed, 1)},
+                      "replications": round(t_rep, 1),
+                      "index_and_groups": round(time.time() - t0 - t_train - t_embed - t_rep, 1)},
     }
     log(f"dedup: {summary['counts']['duplicate_groups']} groups, {summary['counts']['removed']} to remove, "
         f"{summary['counts']['errors']} errors; outputs in {out}")
     return summary
+
+
+def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool = False, log=print,
+                 out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Generate cfg.generations images with the scanned model, match each to its nearest training image.
+
+    Captions for a text-conditional model are the training captions in key order (the i-th
+    generation uses caption i mod N, seed = cfg seed + i), so every row can be regenerated alone.
+    Returns every generation (gen_id, caption, seed, matched_key, similarity, replicated).
+    """
+    from scanner.neighbours.replicate import find_replications, generate_samples
+
+    captions = [c for c in data.get("captions", []) if c] or None
+    log(f"replications: generating {cfg.generations} images with {model_dir} ({cfg.gen_steps} steps each)")
+    images, meta = generate_samples(model_dir, cfg.generations, seed=0, steps=cfg.gen_steps, captions=captions,
+                                    allow_pickle=allow_pickle)
+    reps = find_replications(embedder.embed(images), meta, index, list(data["keys"]), cfg.rep_threshold,
+                             keep_all=True)
+    if out_dir is not None:  # the report shows each generation beside its match
+        from PIL import Image
+
+        gdir = Path(out_dir) / "replications"
+        gdir.mkdir(parents=True, exist_ok=True)
+        for img, m in zip(images, meta):
+            Image.fromarray(img).save(gdir / f"gen_{m['gen_id']}.png")
+    log(f"replications: {int(reps['replicated'].sum())} of {len(reps)} generations match a training image "
+        f"at cosine >= {cfg.rep_threshold}")
+    return reps

@@ -43,3 +43,30 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(tiny_checkpoint, tm
     run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg), log=lambda s: None)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").rglob("*.parquet")} == before
     assert pd.read_parquet(out / "duplicates.parquet").equals(dups)
+
+
+def test_run_dedup_with_model_writes_replications(tiny_checkpoint, tiny_model_dir, tiny_corpus, tmp_path):
+    """Generations from the model are matched against the corpus; a match enters the removal list as 'replicated'.
+
+    rep_threshold=-1 makes every generation a replication (a random model copies nothing), so the
+    test checks the plumbing: one row per generation, seeds, PNGs for the report, removal reasons.
+    """
+    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32, generations=3, gen_steps=2,
+                           rep_threshold=-1.0)
+    out = tmp_path / "out"
+    summary = run_dedup(str(tiny_corpus.shards[0].parent), out, cfg, log=lambda s: None, model_dir=str(tiny_model_dir))
+    reps = pd.read_parquet(out / "replications.parquet")
+    assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"]
+    assert reps.gen_id.tolist() == [0, 1, 2] and reps.seed.tolist() == [0, 1, 2] and reps.replicated.all()
+    assert sorted(p.name for p in (out / "replications").glob("*.png")) == ["gen_0.png", "gen_1.png", "gen_2.png"]
+    removal = pd.read_parquet(out / "removal_list.parquet")
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    expected = set(reps.matched_key) - set(dups.key[~dups.keep])
+    assert set(removal.key[removal.reason == "replicated"]) == expected
+    assert summary["replications"]["replicated"] == 3 and summary["replications"]["rate"] == 1.0
+    # the threshold is what decides: above every similarity, nothing replicates and nothing is removed for it
+    cfg2 = dataclasses.replace(cfg, rep_threshold=float(reps.similarity.max()) + 1e-4)
+    run_dedup(str(tiny_corpus.shards[0].parent), tmp_path / "out2", cfg2, log=lambda s: None,
+              model_dir=str(tiny_model_dir))
+    assert not pd.read_parquet(tmp_path / "out2" / "replications.parquet").replicated.any()
+    assert "replicated" not in set(pd.read_parquet(tmp_path / "out2" / "removal_list.parquet").reason)
