@@ -27,8 +27,10 @@ summary.json; read them with pandas.read_parquet or duckdb "select * from 'runs/
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s memscan: %(message)s",
-                        datefmt="%H:%M:%S")
+    """memscan's own log lines at INFO; other libraries (open_clip, faiss, diffusers) only at WARNING unless -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s memscan: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("memscan").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_CHANNELS = (32, 64, 64)
+# Measured on the idle 2-core CPU (2026-11-23), 10 minutes of training on the default demo corpus:
+# (32, 64, 64) ran 0.39 s/step, 1,535 steps, and memorized nothing (||eps|| AUROC ~0.5); (16, 32, 64)
+# runs 0.21 s/step, 2,870 steps, AUROC 0.89 / 0.93 (repeated / oversampled) at t = 400. Exposure
+# per planted image, not capacity, is what a 10-minute budget lacks.
+DEFAULT_CHANNELS = (16, 32, 64)
 
 
 @dataclass
@@ -112,7 +116,7 @@ def draw_batch(weights: torch.Tensor, batch_size: int, generator: torch.Generato
 
 
 def make_unet(resolution: int = 16, channels: int = 3, block_out_channels: tuple[int, ...] = DEFAULT_CHANNELS,
-              layers_per_block: int = 2, norm_num_groups: int = 32):
+              layers_per_block: int = 1, norm_num_groups: int = 8):
     """A UNet2DModel with one down/up level per entry of `block_out_channels` and no attention."""
     from diffusers import UNet2DModel
 
@@ -159,7 +163,7 @@ def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16
                steps: int = 6000, batch_size: int = 64, lr: float = 1e-3, oversample_factor: float = 30,
                seed: int = 0, time_budget_s: float | None = None, progress: bool = True,
                block_out_channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
-               norm_num_groups: int = 32, ema_decay: float = 0.999, warmup_steps: int = 100,
+               norm_num_groups: int = 8, ema_decay: float = 0.999, warmup_steps: int = 100,
                num_threads: int | None = None) -> Path:
     """Train on `corpus_dir` (shards/ + truth.parquet) and save to out_dir/{unet,scheduler,train_info.json}.
 

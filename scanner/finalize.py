@@ -41,8 +41,15 @@ def load_parts(out: Path, shards: list[str]) -> tuple[pd.DataFrame, np.ndarray |
     return df, vectors
 
 
-def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: float, chunk: int = 512) -> np.ndarray:
-    """LID_* of each ok row from its k nearest ok rows (itself included) in model space. NaN elsewhere."""
+def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: float, chunk: int = 512,
+                         search: np.ndarray | None = None) -> np.ndarray:
+    """LID_* of each ok row from its k nearest ok rows (itself included). NaN elsewhere.
+
+    The local PCA always runs on `vectors` (model space, where LID_theta lives too); the neighbours
+    are searched in `search` (e.g. CLIP embeddings, rows aligned with `vectors`) when given, else in
+    model space. Searching in a compact embedding is what scales: model-space vectors of SD latents
+    are 16384-d.
+    """
     import faiss
     import torch
 
@@ -53,13 +60,31 @@ def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: flo
     if len(idx) < 2:
         return out
     x = np.ascontiguousarray(vectors[idx], dtype=np.float32)
+    q = x if search is None else np.ascontiguousarray(search[idx], dtype=np.float32)
     kk = min(k + 1, len(idx))
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
+    index = faiss.IndexFlatL2(q.shape[1])
+    index.add(q)
     for s in range(0, len(idx), chunk):
-        _, nn = index.search(x[s:s + chunk], kk)
+        _, nn = index.search(q[s:s + chunk], kk)
         out[idx[s:s + chunk]] = local_pca(torch.from_numpy(x[nn]), alpha).numpy()
     return out
+
+
+def _embeddings_aligned(files: list[str], keys: pd.Series, ok: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """CLIP vectors row-aligned with `keys` (zeros where a key has none) and `ok` narrowed to keys that have one."""
+    from scanner.neighbours.store import load_embeddings
+
+    if not files:
+        return None, ok
+    data = load_embeddings(files)
+    if not len(data["keys"]):
+        return None, ok
+    row = {k: i for i, k in enumerate(data["keys"])}
+    pos = keys.map(row)
+    have = pos.notna().to_numpy()
+    out = np.zeros((len(keys), data["vectors"].shape[1]), np.float32)
+    out[have] = data["vectors"][pos[have].astype(int).to_numpy()]
+    return out, ok & have
 
 
 def classify(df: pd.DataFrame, cfg: ScanConfig) -> dict:
@@ -152,7 +177,12 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
     ok = df["error"].isna().to_numpy()
     if vectors is not None and cfg.model.kind != "none":
         t1 = time.time()
-        df["lid_lpca"] = lid_lpca_model_space(vectors, ok, cfg.geometry.lpca_k, cfg.geometry.lpca_alpha)
+        search = None
+        if cfg.geometry.lpca_space == "clip" and "neighbours" in summary:
+            search, ok = _embeddings_aligned(summary["neighbours"].get("embedding_files", []), df["key"], ok)
+        df["lid_lpca"] = lid_lpca_model_space(vectors, ok, cfg.geometry.lpca_k, cfg.geometry.lpca_alpha,
+                                              search=search)
+        summary["lpca_neighbours"] = "clip" if search is not None else "model"
         summary["timings_s"]["local_pca"] = round(time.time() - t1, 1)
     else:
         df["lid_lpca"] = np.nan

@@ -42,7 +42,7 @@ def load_pipeline(model_dir: str | Path, device: str = "cpu", allow_pickle: bool
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False,
                                                               **safe)
     elif (d / "unet").is_dir() and (d / "scheduler").is_dir():
-        unet = diffusers.UNet2DModel.from_pretrained(d / "unet", **safe)
+        unet = diffusers.UNet2DModel.from_pretrained(d / "unet", low_cpu_mem_usage=False, **safe)
         sched_cfg = diffusers.DDPMScheduler.load_config(d / "scheduler")
         pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler.from_config(sched_cfg))
     elif (d / "model_index.json").is_file():

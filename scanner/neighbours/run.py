@@ -105,6 +105,7 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, m
         "embedder": {"checkpoint": ckpt, "architecture": embedder.name, "dim": embedder.dim,
                      "image_size": embedder.image_size, "trained_on_this_corpus": trained or ckpt == str(out / "embedder")},
         "index": index_info,
+        "embedding_files": [str(f) for f in files],
         "replications": None if reps is None else {
             "generations": int(cfg.generations), "threshold": cfg.rep_threshold,
             "replicated": int(reps["replicated"].sum()), "rate": float(reps["replicated"].mean()) if len(reps) else 0.0,

@@ -610,8 +610,15 @@ def section_distributions(run: Run) -> str:
 
 def _p_desc(col: str) -> str:
     if col.startswith("p_laplace_"):
-        return (f"Δ<sub>p</sub> log p<sub>t</sub> at p = {_p_value(col):g}: strongly negative on the sharp, "
-                "isolated density peaks memorized images sit on")
+        p = _p_value(col)
+        if p < 2:
+            tail = "strongly negative (low) on the sharp, isolated density peaks memorized images sit on"
+        elif p > 2:
+            tail = ("closer to 0 (high) at memorized images: the factor |s|<sup>p−2</sup> vanishes where the score "
+                    "is small, so the direction flips for p > 2 (method.md §9)")
+        else:
+            tail = "the plain Laplacian of log p: the weakest of the three on the demo"
+        return f"Δ<sub>p</sub> log p<sub>t</sub> at p = {p:g}: {tail}"
     return ""
 
 
