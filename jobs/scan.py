@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir's scanner/ package
 
-from scanner.cli import main  # noqa: E402
+from scanner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["scan", *sys.argv[1:]]))

@@ -169,7 +169,7 @@ def cmd_dedup(args) -> int:
     from scanner.pipeline import write_json
 
     log = logging.getLogger("memscan")
-    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info)
+    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info, use_ray=True)
     write_json(summary, Path(args.out) / "summary.json")
     print(f"memscan dedup: {summary['counts']['duplicate_groups']} duplicate groups, "
           f"{summary['counts']['removed']} to remove; results in {args.out}")

@@ -167,7 +167,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
 
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
         summary["neighbours"] = run_dedup(shards, out, cfg.neighbours, log=log.info, model_dir=model_dir,
-                                          allow_pickle=cfg.model.allow_pickle)
+                                          allow_pickle=cfg.model.allow_pickle, use_ray=True)
         dups = pd.read_parquet(out / "duplicates.parquet")
         if (out / "replications.parquet").exists() and model_dir and cfg.neighbours.generations > 0:
             reps = pd.read_parquet(out / "replications.parquet")

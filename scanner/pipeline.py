@@ -226,11 +226,28 @@ def init_ray(cfg: ScanConfig) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         log.info("connected to the Ray cluster at %s", address)
         return
+    _loopback_only()
     ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
-             configure_logging=True)
+             logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
+             "on" if cfg.ray.dashboard else "off")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # memscan prints its own shard/image progress line
+
+
+def _loopback_only() -> None:
+    """Make a local Ray use 127.0.0.1 as its node address, so its servers are not reachable from the network.
+
+    ray.init(_node_ip_address="127.0.0.1") is silently turned into the machine's routable address
+    (services.resolve_ip_for_localhost). Ray itself uses loopback where it assumes a single-node
+    machine (macOS, Windows), switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; its value is read
+    when ray is imported, so it is also set on the already-imported constant. Checked by
+    tests/test_scan.py::test_local_ray_listens_on_loopback_with_dashboard_off.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also inherited by the workers Ray starts
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = True) -> dict:

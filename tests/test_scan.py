@@ -108,3 +108,43 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tiny_model_dir, t
     assert set(a["key"]) == set(b["key"])
     a, b = a.set_index("key").sort_index(), b.set_index("key").sort_index()
     pd.testing.assert_series_equal(a["score_norm"], b["score_norm"], check_exact=False, rtol=1e-5)
+
+
+def test_same_key_in_two_shards_is_reported_and_an_empty_shard_is_fine(ray_session, scan_config, tiny_corpus,
+                                                                       tmp_path):
+    """A shard copied under a second name repeats every key: each copy becomes an error row, none is merged."""
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    first = tiny_corpus.shards[0]
+    shutil.copy(first, shards / first.name)
+    shutil.copy(first, shards / "00099.tar")
+    tarfile.open(shards / "00100.tar", "w").close()  # a valid tar with no member
+    out = tmp_path / "scan"
+    summary = run_scan(scan_config(f"data.shards={shards}"), out, progress=False)
+    scores = _scores(out)
+    assert sorted(scores["shard"].unique()) == [first.stem, "00099"]  # the empty shard has no rows, no crash
+    n = len(pd.read_parquet(out / "scores" / f"{first.stem}.parquet"))
+    assert len(scores) == 2 * n  # both copies kept
+    dup = scores["error"].fillna("").str.contains("more than one sample")
+    in_first = scores["shard"] == first.stem
+    assert (dup & in_first).sum() == (dup & ~in_first).sum() > 0  # every repeated key flagged in both shards
+    assert set(scores.loc[dup & in_first, "key"]) == set(scores.loc[dup & ~in_first, "key"])
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert errors["error"].str.contains("more than one sample").sum() == dup.sum()
+    assert summary["counts"]["scored"] == int(scores["error"].isna().sum())
+
+
+def test_local_ray_listens_on_loopback_with_dashboard_off(tmp_path):
+    """memscan's own local Ray (not the test session's): loopback node address, no dashboard."""
+    code = ("import ray, json; from scanner.config import load_config; from scanner.pipeline import init_ray; "
+            "cfg = load_config(None, ['model.kind=none', 'ray.num_cpus=1']); init_ray(cfg); "
+            "n = ray.nodes()[0]; ctx = ray.get_runtime_context(); "
+            "print(json.dumps({'ip': n['NodeManagerAddress'], 'dash': ray.worker.get_dashboard_url()}))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["ip"] == "127.0.0.1" and not info["dash"]

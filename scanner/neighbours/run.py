@@ -52,19 +52,21 @@ def ensure_embedder(shards, out_dir: Path, cfg, log=print, steps: int | None = N
 
 
 def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
-              allow_pickle: bool = False) -> dict:
+              allow_pickle: bool = False, use_ray: bool = False) -> dict:
     """Embed, index and group `shards` (a spec expand_shards accepts); write the outputs listed above.
 
     With `model_dir` (a diffusers model directory) and cfg.generations > 0 it also generates
     cfg.generations images from training captions, matches them against the training index and
     writes out_dir/replications.parquet (reason 'replicated' in the removal list).
+    With `use_ray` the shards are embedded by a pool of Ray actors (GPU each where one exists), in
+    whatever Ray is initialised (the scan's, or the cluster's); otherwise in this process.
     """
     import dataclasses
 
     from scanner.data.shards import expand_shards
     from scanner.neighbours.embed import load_embedder
     from scanner.neighbours.index import build_index
-    from scanner.neighbours.store import embed_shard, load_embeddings
+    from scanner.neighbours.store import embed_shard, embedding_path, load_embeddings
 
     t0 = time.time()
     out = Path(out_dir)
@@ -73,7 +75,10 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, m
     ckpt, trained = ensure_embedder(paths, out, cfg, log, train_steps)
     t_train = time.time() - t0
     embedder = load_embedder(dataclasses.replace(cfg, clip_checkpoint=ckpt))
-    files = [embed_shard(p, embedder, out) for p in paths]
+    todo = [p for p in paths if not embedding_path(out, p, embedder.fingerprint).exists()]
+    if use_ray and todo:
+        embed_with_ray(todo, dataclasses.replace(cfg, clip_checkpoint=ckpt), out, log)
+    files = [embed_shard(p, embedder, out) for p in paths]  # all cached after embed_with_ray
     data = load_embeddings(files)
     t_embed = time.time() - t0 - t_train
     index, index_info = build_index(data["vectors"], cfg)
@@ -146,3 +151,40 @@ def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool
     log(f"replications: {int(reps['replicated'].sum())} of {len(reps)} generations match a training image "
         f"at cosine >= {cfg.rep_threshold}")
     return reps
+
+
+class EmbedShards:
+    """Ray Data actor: loads the embedder once, embeds whole shards (one parquet file per shard)."""
+
+    def __init__(self, cfg, out_dir: str):
+        from scanner.neighbours.embed import load_embedder
+
+        self.embedder = load_embedder(cfg)
+        self.out = out_dir
+
+    def __call__(self, batch: dict) -> dict:
+        from scanner.neighbours.store import embed_shard
+
+        return {"file": [str(embed_shard(p, self.embedder, self.out)) for p in batch["path"]]}
+
+
+def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | None = None) -> list[str]:
+    """Embed `paths` with a Ray Data actor pool; returns the embedding files (the same as embed_shard's)."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:  # like the scan: loopback only, no dashboard
+            from scanner.pipeline import _loopback_only
+
+            _loopback_only()
+            ray.init(include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    gpu = bool(ray.cluster_resources().get("GPU", 0))
+    n = actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpu else 1)
+    log(f"embedding {len(paths)} shards with {n} Ray actor(s) on {'GPU' if gpu else 'CPU'}")
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out)}, batch_size=1,
+                        concurrency=n, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
+    return [r["file"] for r in ds.iter_rows()]

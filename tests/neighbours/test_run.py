@@ -70,3 +70,20 @@ def test_run_dedup_with_model_writes_replications(tiny_checkpoint, tiny_model_di
               model_dir=str(tiny_model_dir))
     assert not pd.read_parquet(tmp_path / "out2" / "replications.parquet").replicated.any()
     assert "replicated" not in set(pd.read_parquet(tmp_path / "out2" / "removal_list.parquet").reason)
+
+
+def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, tiny_checkpoint, tiny_corpus, tmp_path):
+    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
+    spec = str(tiny_corpus.shards[0].parent)
+    local = run_dedup(spec, tmp_path / "local", cfg, log=lambda s: None)
+    actors = run_dedup(spec, tmp_path / "ray", cfg, log=lambda s: None, use_ray=True)
+    assert len(actors["embedding_files"]) == len(tiny_corpus.shards)
+    import numpy as np
+
+    for a, b in zip(local["embedding_files"], actors["embedding_files"]):
+        a, b = pd.read_parquet(a), pd.read_parquet(b)
+        assert a["key"].tolist() == b["key"].tolist() and a["error"].isna().tolist() == b["error"].isna().tolist()
+        good = a["embedding"].notna()
+        assert np.allclose(np.stack(a["embedding"][good]), np.stack(b["embedding"][good]), atol=1e-5)
+    da, db = (pd.read_parquet(tmp_path / d / "duplicates.parquet") for d in ("local", "ray"))
+    assert da[["key", "group_id", "keep"]].equals(db[["key", "group_id", "keep"]])
