@@ -25,7 +25,7 @@ def ensure_demo_corpus(out: Path, seed: int = 0) -> Path:
     return corpus
 
 
-def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0) -> Path:
+def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress: bool = True) -> Path:
     from scanner.demo_train import train_demo
 
     corpus = ensure_demo_corpus(out, seed)
@@ -34,7 +34,7 @@ def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0) -> Path:
         log.info("demo model: cached at %s", model)
         return model
     log.info("demo model: training for up to %.0f minutes on this machine (cached afterwards)", minutes)
-    train_demo(corpus, model, seed=seed, time_budget_s=minutes * 60)
+    train_demo(corpus, model, seed=seed, time_budget_s=minutes * 60, progress=progress)
     return model
 
 
@@ -45,7 +45,7 @@ def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = Non
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    model = ensure_demo_model(out, minutes)
+    model = ensure_demo_model(out, minutes, progress=progress)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
     base = [f"data.shards={out / 'corpus' / 'shards'}", f"model.path={model}"]
     if "resolution" in info:

@@ -184,7 +184,7 @@ def test_stored_generation_shown_and_missing_ones_said(scan):
     assert "not stored" in text
 
 
-def test_thumbnails_are_the_shard_images(scan, monkeypatch):
+def test_thumbnails_are_the_shard_images(scan, tiny_corpus, monkeypatch):
     from scanner.data.decode import decode_image
     from scanner.data.shards import iter_tar_samples
 
@@ -195,7 +195,7 @@ def test_thumbnails_are_the_shard_images(scan, monkeypatch):
     report.load_thumbnails(run, keys)
     assert set(run.thumbs) == set(keys[:4])  # the bound holds, in priority order
     shard_of = dict(zip(facts["df"]["key"], facts["df"]["shard"]))
-    shard = next(p for p in (out.parent.glob("**/shards/*.tar")) if p.stem == shard_of[keys[0]])
+    shard = next(p for p in tiny_corpus.shards if p.stem == shard_of[keys[0]])
     sample = next(s for s in iter_tar_samples(str(shard)) if s["key"] == keys[0])
     want, _, _ = decode_image(sample["image"], 16)
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(run.thumbs[keys[0]].split(",", 1)[1]))))

@@ -84,6 +84,7 @@ def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, ti
         a, b = pd.read_parquet(a), pd.read_parquet(b)
         assert a["key"].tolist() == b["key"].tolist() and a["error"].isna().tolist() == b["error"].isna().tolist()
         good = a["embedding"].notna()
-        assert np.allclose(np.stack(a["embedding"][good]), np.stack(b["embedding"][good]), atol=1e-5)
+        assert good.any() or a["error"].notna().all()
+        assert not good.any() or np.allclose(np.stack(a["embedding"][good]), np.stack(b["embedding"][good]), atol=1e-5)
     da, db = (pd.read_parquet(tmp_path / d / "duplicates.parquet") for d in ("local", "ray"))
     assert da[["key", "group_id", "keep"]].equals(db[["key", "group_id", "keep"]])
