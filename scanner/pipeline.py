@@ -266,7 +266,10 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
     init_ray(cfg)
     use_gpu = _cuda_available() and cfg.model.device != "cpu"
     ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(_read_batch, batch_size=1, num_cpus=1,
+    # Reading is its own task per shard (num_cpus differs from the scoring actor's, so Ray Data does not
+    # fuse the two): fused, the actor's batch_size was applied to the *paths*, one task took up to 64
+    # shards and the driver saw nothing until all of them were scored, so a kill lost all of them.
+    ds = ds.map_batches(_read_batch, batch_size=1, num_cpus=0.5,
                         fn_kwargs={"resolution": cfg.data.resolution, "channels": cfg.data.channels,
                                    "max_pixels": cfg.data.max_image_pixels})
     if cfg.model.kind != "none":
