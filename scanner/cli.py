@@ -165,8 +165,8 @@ def _neighbours_cfg(args):
 
 
 def cmd_dedup(args) -> int:
+    from scanner.files import write_json
     from scanner.neighbours.run import run_dedup
-    from scanner.pipeline import write_json
 
     log = logging.getLogger("memscan")
     summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info, use_ray=True)

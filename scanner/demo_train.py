@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scanner.files import write_json
+
 # Measured on the idle 2-core CPU (2026-11-23), 10 minutes of training on the default demo corpus:
 # (32, 64, 64) ran 0.39 s/step, 1,535 steps, and memorized nothing (||eps|| AUROC ~0.5); (16, 32, 64)
 # runs 0.21 s/step, 2,870 steps, AUROC 0.89 / 0.93 (repeated / oversampled) at t = 400. Exposure
@@ -257,9 +259,7 @@ def _save(out_dir: Path, unet, scheduler, info: dict) -> Path:
         obj.save_pretrained(tmp, **({"safe_serialization": True} if name == "unet" else {}))
         shutil.rmtree(out_dir / name, ignore_errors=True)
         os.replace(tmp, out_dir / name)
-    tmp = out_dir / "train_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out_dir / "train_info.json")
+    write_json(info, out_dir / "train_info.json")
     return out_dir
 
 

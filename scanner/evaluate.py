@@ -7,11 +7,12 @@ the p-Laplace it flips with p, method.md §9), so a reader sees which tail was u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from scanner.files import write_json
 
 NON_SCORES = {"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error"}
 
@@ -69,10 +70,7 @@ def evaluate(out: Path, truth_path: Path) -> dict:
                                                       dict(zip(planted["key"], planted["group_id"])))
     ct = scores.merge(truth[["key", "planted"]], on="key")
     metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
-    path = out / "metrics.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(metrics, out / "metrics.json")
     return metrics
 
 

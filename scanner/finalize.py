@@ -18,7 +18,7 @@ import pandas as pd
 
 from scanner.config import ScanConfig
 from scanner.data.shards import shard_name
-from scanner.pipeline import atomic_write_parquet, atomic_write_text
+from scanner.files import atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger("memscan")
 
@@ -70,13 +70,9 @@ def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: flo
     return out
 
 
-def _embeddings_aligned(files: list[str], keys: pd.Series, ok: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """CLIP vectors row-aligned with `keys` (zeros where a key has none) and `ok` narrowed to keys that have one."""
-    from scanner.neighbours.store import load_embeddings
-
-    if not files:
-        return None, ok
-    data = load_embeddings(files)
+def _embeddings_aligned(data: dict, keys: pd.Series, ok: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """CLIP vectors (`data` as store.load_embeddings gives it) row-aligned with `keys`, zeros where a key has
+    none, and `ok` narrowed to keys that have one."""
     if not len(data["keys"]):
         return None, ok
     row = {k: i for i, k in enumerate(data["keys"])}
@@ -161,13 +157,15 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
 
     summary: dict = {"timings_s": {}}
     dups = None
+    embeddings = None
     replicated: set[str] = set()
     if cfg.neighbours.enabled:
-        from scanner.neighbours.run import run_dedup
+        from scanner.neighbours.run import dedup_corpus
 
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
-        summary["neighbours"] = run_dedup(shards, out, cfg.neighbours, log=log.info, model_dir=model_dir,
-                                          allow_pickle=cfg.model.allow_pickle, use_ray=True)
+        summary["neighbours"], embeddings = dedup_corpus(shards, out, cfg.neighbours, log=log.info,
+                                                         model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
+                                                         use_ray=True)
         dups = pd.read_parquet(out / "duplicates.parquet")
         if (out / "replications.parquet").exists() and model_dir and cfg.neighbours.generations > 0:
             reps = pd.read_parquet(out / "replications.parquet")
@@ -178,8 +176,8 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
     if vectors is not None and cfg.model.kind != "none":
         t1 = time.time()
         search = None
-        if cfg.geometry.lpca_space == "clip" and "neighbours" in summary:
-            search, ok = _embeddings_aligned(summary["neighbours"].get("embedding_files", []), df["key"], ok)
+        if cfg.geometry.lpca_space == "clip" and embeddings is not None:
+            search, ok = _embeddings_aligned(embeddings, df["key"], ok)
         df["lid_lpca"] = lid_lpca_model_space(vectors, ok, cfg.geometry.lpca_k, cfg.geometry.lpca_alpha,
                                               search=search)
         summary["lpca_neighbours"] = "clip" if search is not None else "model"
@@ -203,9 +201,8 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
         df.loc[df["error"].notna(), ["key", "shard", "error_stage", "error"]],
         shard_errors[["key", "shard", "error_stage", "error"]].assign(error_stage="read"),
     ], ignore_index=True).rename(columns={"error_stage": "stage"})
-    if cfg.neighbours.enabled and (out / "errors.parquet").exists():
-        emb_err = pd.read_parquet(out / "errors.parquet")
-        emb_err = emb_err[emb_err["stage"] == "embed"]
+    if embeddings is not None:  # samples the embedder could not read (dedup_corpus already loaded them)
+        emb_err = embeddings["errors"].assign(stage="embed")
         errors = pd.concat([errors, emb_err[~emb_err["key"].isin(set(errors["key"]))]], ignore_index=True)
     atomic_write_parquet(errors[["key", "shard", "stage", "error"]], out / "errors.parquet")
 

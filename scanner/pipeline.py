@@ -13,7 +13,6 @@ one row per sample. Finalize is recomputed on every run (it is cheap next to sco
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
+from scanner.files import atomic_write_parquet, write_json
 
 log = logging.getLogger("memscan")
 
@@ -152,20 +152,6 @@ class ScoreStage:
 # driver side: collect per shard, write atomically
 
 
-def atomic_write_parquet(df, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class ShardCollector:
     """Buffers rows per shard; writes parts/NAME.parquet (+ vectors/NAME.npy) when the shard is complete."""
 
@@ -217,22 +203,26 @@ class ShardCollector:
 
 
 def init_ray(cfg: ScanConfig) -> None:
+    start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Attach to `address` (or $RAY_ADDRESS), else start a local Ray on loopback; no-op when Ray is up."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         log.info("connected to the Ray cluster at %s", address)
-        return
-    _loopback_only()
-    ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-             logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
-    log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
-             "on" if cfg.ray.dashboard else "off")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # memscan prints its own shard/image progress line
+    else:
+        _loopback_only()
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+        log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
+                 "on" if dashboard else "off")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # memscan prints its own progress line
 
 
 def _loopback_only() -> None:
@@ -311,10 +301,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def write_json(obj: dict, path: Path) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
 def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True) -> dict:

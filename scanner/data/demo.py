@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scanner.files import atomic_write_parquet, write_json
+
 PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption")
 
 # Photos shipped with scikit-image / scikit-learn that load offline, and what they show (for captions).
@@ -359,9 +361,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     manifest = out_dir / "demo_corpus.json"
     info = {"n_samples": n, "n_readable": cut_at, "n_shards": n_shards, "counts": counts,
             "truncated_shard": truncated, "n_groups": group, "params": params}
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, manifest)
+    write_json(info, manifest)
     return DemoCorpus(out_dir=out_dir, shards=shards, truth=truth, manifest=manifest, counts=counts, n_samples=n,
                       n_readable=cut_at, truncated_shard=truncated, params=params)
 
@@ -387,7 +387,5 @@ def _write_truth(rows: list[dict], path: Path) -> Path:
     df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard"])
     df["group_id"] = df["group_id"].astype("Int64")
     df["copies"] = df["copies"].astype("int64")
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_parquet(df, path)
     return path

@@ -14,23 +14,17 @@ Returns the summary dict (counts, thresholds, embedder, index info, timings) for
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from scanner.files import atomic_write_parquet, atomic_write_text
 from scanner.neighbours.dedup import KEEP_RULE, duplicate_removals, find_duplicate_groups
 
 # pHash Hamming radius of the near-exact pass: measured on the demo corpus, 2 bits links re-encodes
 # and light colour changes at pair precision 0.9998; 6 bits already merges distinct images.
 PHASH_MAX_DIST = 2
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def ensure_embedder(shards, out_dir: Path, cfg, log=print, steps: int | None = None) -> tuple[str, bool]:
@@ -54,6 +48,15 @@ def ensure_embedder(shards, out_dir: Path, cfg, log=print, steps: int | None = N
 def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
               allow_pickle: bool = False, use_ray: bool = False) -> dict:
     """Embed, index and group `shards` (a spec expand_shards accepts); write the outputs listed above.
+
+    Returns the summary; dedup_corpus (same arguments) also returns the loaded embeddings.
+    """
+    return dedup_corpus(shards, out_dir, cfg, log, train_steps, model_dir, allow_pickle, use_ray)[0]
+
+
+def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
+                 allow_pickle: bool = False, use_ray: bool = False) -> tuple[dict, dict]:
+    """run_dedup's work; returns (summary, embeddings as store.load_embeddings gives them).
 
     With `model_dir` (a diffusers model directory) and cfg.generations > 0 it also generates
     cfg.generations images from training captions, matches them against the training index and
@@ -91,17 +94,17 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, m
     reps = None
     if model_dir and cfg.generations > 0:
         reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out)
-        _write_parquet(reps, out / "replications.parquet")
+        atomic_write_parquet(reps, out / "replications.parquet")
         extra = pd.DataFrame({"key": sorted(set(reps.loc[reps["replicated"], "matched_key"]))})
         extra = extra[~extra["key"].isin(set(removal["key"]))]
         extra = extra.assign(shard=extra["key"].map(shard_of), reason="replicated")
         removal = pd.concat([removal, extra[list(removal.columns)]], ignore_index=True)
     t_rep = time.time() - t_rep
-    _write_parquet(dups, out / "duplicates.parquet")
-    _write_parquet(removal, out / "removal_list.parquet")
-    (out / "removal_list.txt").write_text("".join(f"{k}\n" for k in removal["key"]))
+    atomic_write_parquet(dups, out / "duplicates.parquet")
+    atomic_write_parquet(removal, out / "removal_list.parquet")
+    atomic_write_text("".join(f"{k}\n" for k in removal["key"]), out / "removal_list.txt")
     errors = data["errors"].assign(stage="embed")[["key", "shard", "stage", "error"]]
-    _write_parquet(errors, out / "errors.parquet")
+    atomic_write_parquet(errors, out / "errors.parquet")
     summary = {
         "counts": {"seen": len(data["keys"]) + len(errors), "embedded": len(data["keys"]), "errors": len(errors),
                    "duplicate_groups": int(dups["group_id"].nunique()), "duplicates": int((~dups["keep"]).sum()),
@@ -122,7 +125,7 @@ def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, m
     }
     log(f"dedup: {summary['counts']['duplicate_groups']} groups, {summary['counts']['removed']} to remove, "
         f"{summary['counts']['errors']} errors; outputs in {out}")
-    return summary
+    return summary, data
 
 
 def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool = False, log=print,
@@ -172,17 +175,12 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     """Embed `paths` with a Ray Data actor pool; returns the embedding files (the same as embed_shard's)."""
     import ray
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:  # like the scan: loopback only, no dashboard
-            from scanner.pipeline import _loopback_only
+    from scanner.pipeline import start_ray
 
-            _loopback_only()
-            ray.init(include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    gpu = bool(ray.cluster_resources().get("GPU", 0))
-    n = actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpu else 1)
+    start_ray()  # the scan's Ray when it runs, else $RAY_ADDRESS or a local one on loopback
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = gpus > 0
+    n = actors or max(1, int(gpus))
     log(f"embedding {len(paths)} shards with {n} Ray actor(s) on {'GPU' if gpu else 'CPU'}")
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out)}, batch_size=1,

@@ -14,11 +14,12 @@ file is written to .tmp and renamed, so an existing file is complete); the folde
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from scanner.files import atomic_write_parquet
 
 EMBED_DIR = "embeddings"
 COLUMNS = ["key", "shard", "caption", "sha256", "width", "height", "phash", "embedding", "error"]
@@ -62,10 +63,7 @@ def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_
         row["phash"] = int(hashes[i].astype(np.int64)) if i is not None else None
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.astype({"phash": "Int64", "width": "Int64", "height": "Int64"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_parquet(df, path)
     return path
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scanner.files import atomic_write_text
+
 log = logging.getLogger("memscan")
 
 TOP_K = 24  # at-risk samples shown
@@ -1017,9 +1019,7 @@ def write_report(out_dir: Path, truth_path: Path | None = None) -> Path:
         run.thumb_note = f"reading the shards failed ({type(e).__name__}: {e})"
     text = render(run)
     path = out / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(text, path)
     return path
 
 
