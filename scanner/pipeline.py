@@ -29,6 +29,19 @@ log = logging.getLogger("memscan")
 
 ROWS_PER_BATCH = 256
 META_COLUMNS = ["key", "shard", "caption", "width", "height", "error", "error_stage"]
+TEXT_COLUMNS = ("key", "caption", "error", "error_stage")
+
+
+def text_column(values) -> np.ndarray:
+    """An object array of str or None.
+
+    Between stages Ray Data stores a batch as Arrow; a text column that is None on every row of a block
+    becomes Arrow `null` and comes back from `to_numpy` as float NaN. Read as is, a shard without a
+    single error had NaN in `error` (no row looked scoreable) and a block of it could not be merged
+    with a block that had a string error. Every stage reads its text columns through this.
+    """
+    return np.array([None if v is None or (isinstance(v, (float, np.floating)) and v != v) else str(v) for v in values],
+                    dtype=object)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +130,7 @@ class ScoreStage:
 
         from scanner.geometry.scores import compute_scores
 
+        batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
         n = len(batch["key"])
         ok = np.array([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])], dtype=bool)
         out = {c: np.full(n, np.nan, np.float32) for c in self.columns}
@@ -168,6 +182,7 @@ class ShardCollector:
         import pandas as pd
 
         finished = []
+        batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
         cols = [c for c in batch if c not in ("image", "vector", "marker", "n_rows")]
         for shard in np.unique(batch["shard"]):
             m = batch["shard"] == shard

@@ -155,3 +155,38 @@ def test_local_ray_listens_on_loopback_with_dashboard_off(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["ip"] == "127.0.0.1" and not info["dash"]
+
+
+def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config, tiny_corpus, tmp_path):
+    """A block whose `error` (or `caption`) is None on every row comes back from Ray's Arrow as float NaN.
+
+    CI caught it: a shard without a single error had no row that looked scoreable, and its block could
+    not be merged with one that carried a string error ("Field error has incompatible types").
+    """
+    import numpy as np
+    from ray.data._internal.arrow_ops import transform_pyarrow
+    from ray.data.block import BlockAccessor
+
+    from scanner.pipeline import ScoreStage, ShardCollector, read_decode_shard
+
+    cfg = scan_config()
+    shard = str(tiny_corpus.shards[0])
+    first = next(read_decode_shard(shard, cfg.data.resolution, cfg.data.channels, cfg.data.max_image_pixels))
+    keep = np.array([e is None for e in first["error"]]) & ~first["marker"]
+    clean = {k: v[keep] for k, v in first.items()}
+    clean["caption"] = np.array([None] * int(keep.sum()), dtype=object)  # a shard with no caption at all
+
+    def through_ray(batch):
+        return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).to_batch_format("numpy")
+
+    scored = ScoreStage(cfg)(through_ray(clean))
+    assert all(e is None for e in scored["error"]) and all(c is None for c in scored["caption"])
+    assert np.isfinite(scored["score_norm"]).all() and np.isfinite(scored["p_laplace_1"]).all()
+    # blocks with and without string errors merge, and the collector keeps None as None
+    with_error = dict(scored, error=np.array(["boom"] + [None] * (len(scored["key"]) - 1), dtype=object))
+    merged = transform_pyarrow.concat([BlockAccessor.batch_to_block(scored), BlockAccessor.batch_to_block(with_error)])
+    assert merged.num_rows == 2 * len(scored["key"])
+    collector = ShardCollector(tmp_path)
+    collector.add(through_ray(scored))
+    rows = collector.rows[scored["shard"][0]][0]
+    assert rows["error"].isna().all() and rows["caption"].isna().all() and rows["score_norm"].notna().all()
