@@ -40,8 +40,8 @@ def text_column(values) -> np.ndarray:
     single error had NaN in `error` (no row looked scoreable) and a block of it could not be merged
     with a block that had a string error. Every stage reads its text columns through this.
     """
-    return np.array([None if v is None or (isinstance(v, (float, np.floating)) and v != v) else str(v) for v in values],
-                    dtype=object)
+    return np.array([None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else str(v)
+                     for v in values], dtype=object)
 
 
 # --------------------------------------------------------------------------------------------------
