@@ -94,7 +94,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_costs(model, x: torch.Tensor, repeats: int, with_nb: bool) -> dict:
-    cfg = GeometryConfig(t0=0.1, t_laplace=0.1, probes=1, p_values=[1.0, 2.0, 3.0])
+    # cal_refs=[]: the JVP columns of issue #4; score_norm_cal adds one plain forward per mirror on top
+    cfg = GeometryConfig(t0=0.1, t_laplace=0.1, probes=1, p_values=[1.0, 2.0, 3.0], cal_refs=[])
     t = time_vector(0.1, x)
     psi, _ = model.psi_sigma(t)
     xt = psi.view(-1, 1, 1, 1) * x

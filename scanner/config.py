@@ -71,6 +71,11 @@ class GeometryConfig:
     fd_scheme: Literal["central", "forward"] = "central"
     fd_eps: float = 1e-4  # 1e-3 is off by ~9% on the trained demo UNet, 1e-4 by 0.1% (benchmarks/results)
     cfg_noises: int = 2  # seeded noises averaged in the CFG norm
+    # Mirror-calibrated score norm (score_norm_cal, scanner/geometry/mirror.py): |eps| at x over |eps| at
+    # mirrored x, which cancels "simple images have a small score norm". [] turns the column off; a model
+    # trained with random horizontal flips has seen hflip(x): use [vflip] or [rot180] for it.
+    cal_refs: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
+    t_cal: float = 0.1  # time of score_norm_cal (0.06-0.15 all within 0.01 AUROC on the demo)
     nb: bool = False  # normal-bundle LID: K score calls per image, small D only
     nb_samples: int = 0  # K; 0 = D + 16
     nb_t: float = 0.01
@@ -80,7 +85,7 @@ class GeometryConfig:
     seed: int = 0
 
     def validate(self, p: str = "geometry") -> None:
-        for k in ("t0", "t_laplace", "t_cfg", "nb_t"):
+        for k in ("t0", "t_laplace", "t_cfg", "nb_t", "t_cal"):
             v = getattr(self, k)
             _check(0.0 < v < 1.0, f"{p}.{k}", v, "a float in (0, 1)")
         _check(len(self.p_values) > 0 and all(v > 0 for v in self.p_values), f"{p}.p_values", self.p_values,
@@ -89,6 +94,9 @@ class GeometryConfig:
         _check(self.fd_eps > 0, f"{p}.fd_eps", self.fd_eps, "> 0")
         _check(self.cfg_noises >= 1, f"{p}.cfg_noises", self.cfg_noises, "an int >= 1")
         _check(self.nb_samples >= 0, f"{p}.nb_samples", self.nb_samples, "an int >= 0 (0 = D + 16)")
+        mirrors = ("hflip", "vflip", "rot180")
+        _check(isinstance(self.cal_refs, list) and all(r in mirrors for r in self.cal_refs), f"{p}.cal_refs",
+               self.cal_refs, f"a list of {', '.join(mirrors)} ([] = no score_norm_cal)")
         _check(self.lpca_k >= 2, f"{p}.lpca_k", self.lpca_k, "an int >= 2")
         _check(0.0 < self.lpca_alpha < 1.0, f"{p}.lpca_alpha", self.lpca_alpha, "a float in (0, 1)")
 
@@ -134,7 +142,7 @@ class NeighboursConfig:
 
 @dataclass
 class ClassifyConfig:
-    detector: str = "score_norm"  # score column that flags memorization
+    detector: str = "score_norm_cal"  # score column that flags memorization (any column of scores/)
     detector_direction: Literal["low", "high"] = "low"  # which tail flags it
     detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set
     detector_threshold: float | None = None
@@ -177,6 +185,10 @@ class ScanConfig:
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
                 v.validate(f.name)
+        if self.classify.detector == "score_norm_cal" and not self.geometry.cal_refs:
+            raise ConfigError("classify.detector is score_norm_cal but geometry.cal_refs is [], so that column is "
+                              "not computed: set geometry.cal_refs (e.g. [hflip, vflip]) or another "
+                              "classify.detector (score_norm, p_laplace_1, lid_flipd, cfg_norm)")
         return self
 
     def to_dict(self) -> dict:

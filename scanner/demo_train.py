@@ -15,18 +15,15 @@ Two checks say whether it memorized:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from scanner.files import write_json
 
@@ -47,49 +44,27 @@ class DemoImages:
     skipped: int  # samples whose image could not be decoded, or that a damaged shard cut off
 
 
-def preprocess(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """PIL image -> (resolution, resolution, channels) uint8: shorter side resized, centre crop."""
-    img = img.convert("RGB" if channels == 3 else "L")
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BILINEAR)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-    return arr.reshape(resolution, resolution, channels)
-
-
 def load_images(corpus_dir: str | Path, resolution: int = 16, channels: int = 3) -> DemoImages:
-    """Read every decodable image of `corpus_dir/shards/*.tar` (sorted by key).
+    """Every decodable image of `corpus_dir/shards/*.tar`, sorted by key, decoded exactly as the scan decodes it.
 
-    Corrupt images and members cut off by a truncated shard are skipped and counted; the training
-    set is what a real loader would have seen.
+    The scanner's own loader (scanner.data.load, i.e. decode_image) is used so the model is trained
+    on the very pixels it is later scored on. Corrupt images and members cut off by a truncated shard
+    are skipped and counted; the training set is what a real loader would have seen.
     """
+    from scanner.data.load import load_images as load_corpus
+
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     corpus_dir = Path(corpus_dir)
     shards = sorted((corpus_dir / "shards").glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards in {corpus_dir / 'shards'}; build one with build_demo_corpus()")
-    found: dict[str, np.ndarray] = {}
-    skipped = 0
-    for path in shards:
-        try:
-            with tarfile.open(path, "r|") as tf:
-                for info in tf:
-                    key, _, ext = info.name.partition(".")
-                    if ext not in ("jpg", "jpeg", "png", "webp"):
-                        continue
-                    data = tf.extractfile(info).read()
-                    try:
-                        if len(data) != info.size:
-                            raise OSError("member cut off")
-                        found[key] = preprocess(Image.open(io.BytesIO(data)), resolution, channels)
-                    except (OSError, SyntaxError, ValueError):  # what PIL raises on bad bytes
-                        skipped += 1
-        except (tarfile.TarError, EOFError, OSError):
-            skipped += 1  # the rest of a damaged shard is gone; count the break once
-    keys = sorted(found)
+    stats: dict = {}
+    keys, images, _, _ = load_corpus([str(p) for p in shards], resolution, channels, stats=stats)
+    first = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)  # a key in two shards: train on it once
+    keys = sorted(first)
     planted = ["unknown"] * len(keys)
     truth = corpus_dir / "truth.parquet"
     if truth.is_file():
@@ -97,7 +72,7 @@ def load_images(corpus_dir: str | Path, resolution: int = 16, channels: int = 3)
 
         by_key = pd.read_parquet(truth, columns=["key", "planted"]).set_index("key").planted
         planted = [str(by_key.get(k, "unknown")) for k in keys]
-    return DemoImages(keys, np.stack([found[k] for k in keys]), planted, skipped)
+    return DemoImages(keys, images[[first[k] for k in keys]], planted, stats["skipped"])
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:

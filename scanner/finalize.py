@@ -23,7 +23,7 @@ from scanner.files import atomic_write_parquet, atomic_write_text
 log = logging.getLogger("memscan")
 
 SCORE_COLUMNS_FIRST = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap"]
-SCORE_COLUMNS_LAST = ["score_norm", "cfg_norm", "mem_class", "verdict", "error"]
+SCORE_COLUMNS_LAST = ["score_norm", "score_norm_cal", "cfg_norm", "mem_class", "verdict", "error"]
 REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
 
 
@@ -189,7 +189,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
     verdicts(df, dups, replicated)
 
     # scores/: the interface columns first, every configured p-Laplace column, then the rest.
-    for col in ("lid_flipd", "lid_nb", "score_norm", "cfg_norm"):
+    for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "cfg_norm"):
         if col not in df:
             df[col] = np.nan
     p_cols = sorted(c for c in df.columns if c.startswith("p_laplace_"))

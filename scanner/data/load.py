@@ -13,26 +13,31 @@ from scanner.data.decode import DecodeError, decode_image
 from scanner.data.shards import expand_shards, iter_tar_samples
 
 
-def load_images(shards, size: int, channels: int = 3, max_pixels: int = 64_000_000
+def load_images(shards, size: int, channels: int = 3, max_pixels: int = 64_000_000, stats: dict | None = None
                 ) -> tuple[list[str], np.ndarray, list[str | None], list[str]]:
     """Decode every readable sample of `shards`.
 
     Returns (keys, images (N, size, size, channels) uint8, captions, raw_hashes), where raw_hashes
     is the sha1 of the undecoded image bytes (equal bytes = exact duplicate). Undecodable samples
-    and truncated tails are skipped.
+    and truncated tails are skipped; `stats`, when given, gets {"skipped": how many}.
     """
     keys, images, captions, hashes = [], [], [], []
+    skipped = 0
     for path in expand_shards(shards):
         for row in iter_tar_samples(path):
             if row["key"] is None or row["error"] or row["image"] is None:
+                skipped += 1
                 continue
             try:
                 arr, _, _ = decode_image(row["image"], size, channels, max_pixels)
             except DecodeError:
+                skipped += 1
                 continue
             keys.append(row["key"])
             images.append(arr)
             captions.append(row["caption"])
             hashes.append(hashlib.sha1(row["image"]).hexdigest())
+    if stats is not None:
+        stats["skipped"] = skipped
     stacked = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
     return keys, stacked, captions, hashes

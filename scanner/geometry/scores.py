@@ -4,7 +4,8 @@ At the clean point psi x (t = t_laplace): one forward gives eps (score_norm), th
 quadratic forms v^T (d eps/dx) v over the trace directions (Hutchinson probes or the exact basis) with
 e_hat = eps / |eps| packed into the last call gives every Delta_p and, when t0 == t_laplace, FLIPD
 (method.md §2, §5). A different t0 costs a second forward + trace pass at psi(t0) x. NB (cfg.nb) and
-the CFG norm (conditional model + cond) are extra plain forwards.
+the CFG norm (conditional model + cond) are extra plain forwards, and so is score_norm_cal (one per mirror in
+cfg.cal_refs, plus one at psi(t_cal) x when t_cal != t_laplace; scanner/geometry/mirror.py).
 
 Cost per image with P probes, in forward-equivalents of batch B (measured: benchmarks/results/geometry.md):
 autograd 1 + (P + 1) JVPs (a CPU JVP ~4-5 forwards); vjp 1 + (P + 1) backwards; fd central 1 + 2 (P + 1);
@@ -21,6 +22,7 @@ import torch
 from scanner.config import GeometryConfig
 from scanner.geometry.cfg_norm import cfg_norm
 from scanner.geometry.flipd import flipd_from_parts
+from scanner.geometry.mirror import mirror_calibrated_norm
 from scanner.geometry.normal_bundle import nb_lid
 from scanner.geometry.p_laplace import check_p_values, p_column, p_laplace_from_parts, unit_eps
 from scanner.geometry.trace import FD_SCHEMES, QUAD_MODES, Linearization, bview, check_batch, check_choice, time_vector
@@ -30,6 +32,8 @@ def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
     """The column names `compute_scores(model, x, cfg, cond)` returns, in order (conditional: the model is
     text-conditional *and* a cond will be passed)."""
     cols = ["lid_flipd", "score_norm"] + [p_column(p) for p in check_p_values(cfg.p_values)]
+    if cfg.cal_refs:
+        cols.append("score_norm_cal")
     if cfg.nb:
         cols.append("lid_nb")
     if conditional:
@@ -44,7 +48,7 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
     None)`: lid_flipd (dimensions), score_norm (|eps(psi x, t_laplace)|, eps units), p_laplace_* (Delta_p
-    log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units).
+    log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units), score_norm_cal (a ratio, ~1 unless memorized).
     chunk: (direction, image) pairs per model call, default 2B. jvp: overrides cfg.jvp ("autograd", "fd",
     or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
     """
@@ -75,6 +79,10 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
         out["score_norm"] = eps.flatten(1).norm(dim=1)
         for p, v in p_laplace_from_parts(eps, sigma, tr, quad[0], cfg.p_values).items():
             out[p_column(p)] = v
+        if cfg.cal_refs:
+            out["score_norm_cal"] = mirror_calibrated_norm(
+                model, x, cfg.t_cal, cfg.cal_refs, geo_cond,
+                norm_x=out["score_norm"] if cfg.t_cal == cfg.t_laplace else None)
         if cfg.nb:
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
                                    chunk=chunk)

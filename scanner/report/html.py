@@ -54,13 +54,15 @@ SECTIONS = [
     ("removal", "Removal list"),
 ]
 
-SCORE_ORDER = ["lid_flipd", "lid_nb", "lid_lpca", "lid_gap", "score_norm", "cfg_norm"]  # p_laplace_* after lid_gap
+SCORE_ORDER = ["lid_flipd", "lid_nb", "lid_lpca", "lid_gap", "score_norm", "score_norm_cal", "cfg_norm"]  # p_laplace_* after lid_gap
 DESCRIBE = {
     "lid_flipd": "LID<sub>θ</sub> by FLIPD: dimension of the model's manifold at the image",
     "lid_nb": "LID<sub>θ</sub> by the normal bundle (reference estimator)",
     "lid_lpca": "LID<sub>*</sub> by local PCA: dimension of the data manifold around the image",
     "lid_gap": "LID<sub>*</sub> − LID<sub>θ</sub>: how far the model's manifold drops below the data's",
     "score_norm": "‖ε<sub>θ</sub>(x, t)‖ near the clean image: small on a sharp peak of the density",
+    "score_norm_cal": "‖ε<sub>θ</sub>(x, t)‖ ÷ the same at the mirrored image: ≈ 1 for images that are only "
+                      "simple, well below 1 on a memorized one",
     "cfg_norm": "‖ε(x<sub>t</sub>, c) − ε(x<sub>t</sub>, ∅)‖: large for memorized captions",
 }
 PLANTED_COLORS = {"unique": "#8c96a3", "no_caption": "#2ca02c", "exact_dup": "#1f77b4", "near_dup": "#17becf",

@@ -30,10 +30,10 @@ def _counting(seed=0, dim=6):
 def test_columns_shapes_and_dtypes():
     m = _counting()
     x, _ = m.sample(5, seed=0)
-    cfg = GeometryConfig(p_values=[1.0, 1.5, 2.0, 3.0], nb=True)
+    cfg = GeometryConfig(p_values=[1.0, 1.5, 2.0, 3.0], nb=True, cal_refs=["hflip"])
     out = compute_scores(m, x, cfg)
     assert list(out) == score_columns(cfg, False) == ["lid_flipd", "score_norm", "p_laplace_1", "p_laplace_1_5",
-                                                      "p_laplace_2", "p_laplace_3", "lid_nb"]
+                                                      "p_laplace_2", "p_laplace_3", "score_norm_cal", "lid_nb"]
     assert all(v.shape == (5,) and v.dtype == torch.float32 and v.device.type == "cpu" for v in out.values())
 
 
@@ -41,7 +41,7 @@ def test_matches_the_standalone_estimators():
     m = _counting()
     x, _ = m.sample(6, seed=1)
     for t0 in (0.1, 0.05):  # shared evaluation, and a separate FLIPD time
-        cfg = GeometryConfig(t0=t0, t_laplace=0.1, trace="exact", p_values=[1.0, 2.0, 3.0])
+        cfg = GeometryConfig(t0=t0, t_laplace=0.1, trace="exact", p_values=[1.0, 2.0, 3.0], cal_refs=[])
         out = compute_scores(m, x.double(), cfg)
         torch.testing.assert_close(out["lid_flipd"], flipd(m, x, t0, trace="exact").float())
         psi, _ = m.psi_sigma(torch.full((6,), 0.1, dtype=torch.float64))
@@ -61,9 +61,9 @@ def test_matches_the_standalone_estimators():
 def test_forward_and_directions_are_shared(jvp, scheme, calls, rows):
     m = _counting()
     x, _ = m.sample(4, seed=0)
-    out = compute_scores(m, x, GeometryConfig(probes=3), jvp=jvp, fd_scheme=scheme)
+    out = compute_scores(m, x, GeometryConfig(probes=3, cal_refs=[]), jvp=jvp, fd_scheme=scheme)
     assert (m.calls, m.rows) == (calls, rows * 4)
-    ref = compute_scores(_counting(), x, GeometryConfig(probes=3))  # same probes, any derivative mode
+    ref = compute_scores(_counting(), x, GeometryConfig(probes=3, cal_refs=[]))  # same probes, any derivative mode
     for k in out:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-3 if jvp == "fd" else 1e-6, atol=1e-4)
 
@@ -71,8 +71,7 @@ def test_forward_and_directions_are_shared(jvp, scheme, calls, rows):
 def test_seeded():
     m = random_gmm(6, 3, seed=0)
     x, _ = m.sample(4, seed=0)
-    a, b = compute_scores(m, x, GeometryConfig(seed=3)), compute_scores(m, x, GeometryConfig(seed=3))
-    c = compute_scores(m, x, GeometryConfig(seed=4))
+    a, b, c = (compute_scores(m, x, GeometryConfig(seed=s, cal_refs=["hflip"])) for s in (3, 3, 4))
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["lid_flipd"], c["lid_flipd"])
 
 
@@ -80,7 +79,7 @@ def test_conditional_model_adds_cfg_norm_only_with_cond():
     b = random_gmm(6, 3, seed=2)
     m = ClassConditionalGMM(b.log_weights.exp(), b.means, eig=(b.lam, b.evecs))
     x, labels = m.sample(4, seed=0)
-    cfg = GeometryConfig()
+    cfg = GeometryConfig(cal_refs=["hflip"])
     with_cond = compute_scores(m, x, cfg, cond=labels)
     assert list(with_cond) == score_columns(cfg, True) and with_cond["cfg_norm"].min().item() > 0
     assert list(compute_scores(m, x, cfg)) == score_columns(cfg, False)
@@ -97,7 +96,7 @@ def test_sharp_mode_separates_from_broad_mode():
     covs = torch.stack([0.3 * torch.eye(dim, dtype=torch.float64), torch.eye(dim, dtype=torch.float64)])
     m = GaussianMixtureModel([0.2, 0.8], means, covs)
     x, labels = m.sample(200, seed=5)
-    out = compute_scores(m, x, GeometryConfig(p_values=[1.0, 2.0, 3.0]), chunk=4096)
+    out = compute_scores(m, x, GeometryConfig(p_values=[1.0, 2.0, 3.0], cal_refs=[]), chunk=4096)
     sharp = (labels == 0).numpy()
     auroc = {k: roc_auc_score(sharp, -v.numpy()) for k, v in out.items()}
     assert auroc["lid_flipd"] > 0.85 and auroc["p_laplace_1"] > 0.97 and auroc["p_laplace_2"] > 0.97, auroc
