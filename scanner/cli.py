@@ -23,6 +23,9 @@ examples:
 
 outputs (under --out): scores/*.parquet, duplicates.parquet, removal_list.parquet/.txt, errors.parquet,
 summary.json; read them with pandas.read_parquet or duckdb "select * from 'runs/x/scores/*.parquet'".
+
+exit status: 0 done (bad images are error rows, not failures); 2 bad config, argument or path;
+3 incomplete (some shard outputs could not be written; the rest is saved, rerun the same command).
 """
 
 
@@ -121,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from scanner.config import ConfigError
     from scanner.data.shards import ShardSpecError
+    from scanner.pipeline import ScanIncomplete
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, ShardSpecError, FileNotFoundError, PermissionError) as e:
         print(f"memscan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ScanIncomplete as e:  # what is done is saved; the same command resumes
+        print(f"memscan {args.command}: incomplete: {e}", file=sys.stderr)
+        return 3
 
 
 def cmd_scan(args) -> int:

@@ -48,12 +48,18 @@ def text_column(values) -> np.ndarray:
 # stage 1: read + decode one shard (a Ray task; never raises on data)
 
 
+class ScanIncomplete(RuntimeError):
+    """Some shards have no output; the rest is saved and a rerun of the same command completes the scan."""
+
+
 def read_decode_shard(path: str, resolution: int, channels: int, max_pixels: int,
                       rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[dict]:
     """Yield numpy batches for one shard; the last batch ends with one marker row (`n_rows` = rows sent).
 
     Batch columns: key, shard, caption, width, height, error, error_stage (object / int arrays),
-    image (B, R, R, C) uint8 (zeros where error), marker (bool), n_rows (int64, -1 but on the marker).
+    image (B, R, R, C) uint8 (zeros where error), marker (bool), n_rows (int64, -1 but on the marker),
+    row (int64: the sample's position in the shard, -1 on the marker; the driver drops a row it already
+    has, so a task that Ray retries after a killed worker cannot double a row).
     """
     from scanner.data.decode import DecodeError, decode_image
     from scanner.data.shards import iter_tar_samples
@@ -75,11 +81,13 @@ def read_decode_shard(path: str, resolution: int, channels: int, max_pixels: int
             "image": np.stack([r["image"] for r in rs]),
             "marker": np.array([r["marker"] for r in rs], dtype=bool),
             "n_rows": np.array([r["n_rows"] for r in rs], dtype=np.int64),
+            "row": np.array([r["row"] for r in rs], dtype=np.int64),
         }
 
     for s in iter_tar_samples(path):
         row = {"key": s["key"], "caption": s["caption"], "width": -1, "height": -1, "error": s["error"],
-               "error_stage": "read" if s["error"] else None, "image": blank, "marker": False, "n_rows": -1}
+               "error_stage": "read" if s["error"] else None, "image": blank, "marker": False, "n_rows": -1,
+               "row": sent + len(rows)}
         if s["error"] is None:
             try:
                 row["image"], row["width"], row["height"] = decode_image(s["image"], resolution, channels, max_pixels)
@@ -92,7 +100,7 @@ def read_decode_shard(path: str, resolution: int, channels: int, max_pixels: int
             rows = []
     sent += len(rows)
     rows.append({"key": None, "caption": None, "width": -1, "height": -1, "error": None, "error_stage": None,
-                 "image": blank, "marker": True, "n_rows": sent})
+                 "image": blank, "marker": True, "n_rows": sent, "row": -1})
     yield pack(rows)
 
 
@@ -129,6 +137,7 @@ class ScoreStage:
         import torch
 
         from scanner.geometry.scores import compute_scores
+        from scanner.geometry.trace import row_seeds
 
         batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
         n = len(batch["key"])
@@ -143,7 +152,8 @@ class ScoreStage:
             try:
                 x = self.model.encode_images(torch.from_numpy(batch["image"][sel]))
                 cond = self.model.encode_text(list(batch["caption"][sel])) if self.use_cond else None
-                scores = compute_scores(self.model, x, self.cfg.geometry, cond)
+                seeds = row_seeds(batch["key"][sel], self.cfg.geometry.seed)
+                scores = compute_scores(self.model, x, self.cfg.geometry, cond, seeds=seeds)
                 for c in self.columns:
                     out[c][sel] = scores[c].numpy()
                 vec[sel] = x.detach().reshape(len(sel), -1).cpu().numpy().astype(np.float16)
@@ -175,29 +185,47 @@ class ShardCollector:
         self.vectors: dict[str, list] = {}
         self.expected: dict[str, int] = {}
         self.count: dict[str, int] = {}
+        self.seen: dict[str, set[int]] = {}  # row numbers received per unfinished shard
         self.done: list[str] = []
+        self.failed: dict[str, str] = {}  # shard -> why its output could not be written
         self.images = 0
 
     def add(self, batch: dict) -> list[str]:
+        """Take one batch; write every shard it completes. Returns the shards written now."""
         import pandas as pd
 
         finished = []
         batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
-        cols = [c for c in batch if c not in ("image", "vector", "marker", "n_rows")]
+        cols = [c for c in batch if c not in ("image", "vector", "marker", "n_rows", "row")]
         for shard in np.unique(batch["shard"]):
+            if shard in self.done or shard in self.failed:
+                continue  # a retried task re-sent a finished shard
             m = batch["shard"] == shard
             markers = m & batch["marker"]
             rows = m & ~batch["marker"]
             if rows.any():
-                self.rows.setdefault(shard, []).append(pd.DataFrame({c: batch[c][rows] for c in cols}))
-                if "vector" in batch:
-                    self.vectors.setdefault(shard, []).append(batch["vector"][rows])
-                self.count[shard] = self.count.get(shard, 0) + int(rows.sum())
-                self.images += int(rows.sum())
+                seen = self.seen.setdefault(shard, set())
+                new = np.array([int(r) not in seen for r in batch["row"]]) & rows
+                seen.update(int(r) for r in batch["row"][new])
+                if new.any():
+                    self.rows.setdefault(shard, []).append(pd.DataFrame({c: batch[c][new] for c in cols}))
+                    if "vector" in batch:
+                        self.vectors.setdefault(shard, []).append(batch["vector"][new])
+                self.count[shard] = len(seen)
+                self.images += int(new.sum())
             if markers.any():
                 self.expected[shard] = int(batch["n_rows"][markers][0])
             if shard in self.expected and self.count.get(shard, 0) == self.expected[shard]:
-                self._write(shard)
+                try:
+                    self._write(shard)
+                except OSError as e:  # disk full, permissions, a vanished mount: this shard only, rerun resumes it
+                    self.failed[shard] = f"{type(e).__name__}: {e}"
+                    self.rows.pop(shard, None)
+                    self.vectors.pop(shard, None)
+                    log.error("could not write the scores of shard %s (%s); the other shards go on, and a rerun "
+                              "scores this one again", shard, self.failed[shard])
+                    continue
+                self.seen.pop(shard, None)
                 finished.append(shard)
         return finished
 
@@ -290,9 +318,15 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
         rate = collector.images / max(time.time() - t0, 1e-9)
         bar.set_postfix_str(f"{collector.images} images, {rate:.1f} img/s")
     bar.close()
+    if collector.failed:
+        raise ScanIncomplete(
+            f"{len(collector.failed)} of {len(pending)} shards could not be written to {out / 'parts'}: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(collector.failed.items())[:5])
+            + f". The other {len(collector.done)} are saved; fix the cause and rerun the same command to "
+              f"score only these.")
     missing = [shard_name(p) for p in pending if shard_name(p) not in collector.done]
     if missing:
-        raise RuntimeError(f"scoring ended without completing shards {missing[:5]}: rerun to resume")
+        raise ScanIncomplete(f"scoring ended without completing shards {missing[:5]}: rerun to resume")
     return {"pending": len(pending), "done": len(collector.done), "seconds": round(time.time() - t0, 1),
             "images": collector.images}
 

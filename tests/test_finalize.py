@@ -35,7 +35,8 @@ def test_search_space_chooses_the_neighbours_pca_runs_on_model_vectors():
 
 
 def test_classify_dd_od_and_removal_reasons():
-    cfg = load_config(None, ["model.kind=none", "classify.detector_quantile=0.5", "classify.lpca_low=3"])
+    cfg = load_config(None, ["model.kind=none", "classify.detector=score_norm", "classify.detector_quantile=0.5",
+                             "classify.lpca_low=3"])
     df = pd.DataFrame({"key": list("abcdef"), "shard": "00000", "error": [None] * 5 + ["bad"],
                        "score_norm": [1.0, 2.0, 9.0, 8.0, 1.5, np.nan], "lid_lpca": [1.0, 10.0, 1.0, 10.0, 2.0, np.nan],
                        "lid_flipd": [0.5, 2.0, 1.0, 9.0, 1.0, np.nan]})

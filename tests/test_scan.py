@@ -75,46 +75,138 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory):
+    """Many small shards: Ray finishes shards in bursts, and a kill must land between two of them."""
     from scanner.data.demo import build_demo_corpus
 
-    # many small shards, killed as soon as the first is written: Ray finishes shards in bursts
-    corpus = build_demo_corpus(tmp_path / "corpus", n_unique=60, n_repeated=2, repeat_copies=20, n_oversampled=3,
-                               n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3, n_no_caption=4, size=16,
-                               samples_per_shard=8, seed=0)
-    args = ["scan", "--config", "configs/demo.yaml", "--shards", str(corpus.shards[0].parent),
-            "--set", f"model.path={tiny_model_dir}", "--set", "data.resolution=8", "--set", "neighbours.enabled=false",
+    corpus = build_demo_corpus(tmp_path_factory.mktemp("kill_corpus"), n_unique=60, n_repeated=2, repeat_copies=20,
+                               n_oversampled=3, n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3,
+                               n_no_caption=4, size=16, samples_per_shard=8, seed=0)
+    assert len(corpus.shards) >= 12
+    return corpus
+
+
+def _kill_args(corpus, model_dir, out) -> list[str]:
+    return ["scan", "--config", "configs/demo.yaml", "--shards", str(corpus.shards[0].parent),
+            "--set", f"model.path={model_dir}", "--set", "data.resolution=8", "--set", "neighbours.enabled=false",
             "--set", "geometry.probes=48", "--set", "geometry.lpca_k=5", "--set", "data.batch_size=8",
-            "--set", "ray.num_cpus=2", "--no-progress"]
-    n = len(corpus.shards)
-    assert n >= 12
-    killed = tmp_path / "killed"
-    proc = _cli(args + ["--out", str(killed)])
-    deadline = time.time() + 240
+            "--set", "ray.num_cpus=2", "--no-progress", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def clean_kill_scan(kill_corpus, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean_scan")
+    full = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
+    log = full.communicate(timeout=300)[0]
+    assert full.returncode == 0, log[-3000:]
+    return _scores(out)
+
+
+def _wait_for_parts(proc, out: Path, at_least: int = 1, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        done = len(list((killed / "parts").glob("*.parquet"))) if (killed / "parts").exists() else 0
-        if done >= 1:
-            break
+        done = len(list((out / "parts").glob("*.parquet"))) if (out / "parts").exists() else 0
+        if done >= at_least:
+            return done
         time.sleep(0.02)
-    assert proc.poll() is None, f"the scan ended before it could be killed:\n{proc.stdout.read()[-2000:]}"
+    raise AssertionError(f"the scan ended before it could be killed:\n{proc.stdout.read()[-2000:]}")
+
+
+def _assert_same_rows(out: Path, clean: pd.DataFrame) -> None:
+    a = _scores(out)
+    assert len(a) == len(clean) and not a["key"].duplicated().any()
+    assert set(a["key"]) == set(clean["key"])
+    a, b = a.set_index("key").sort_index(), clean.set_index("key").sort_index()
+    pd.testing.assert_series_equal(a["score_norm"], b["score_norm"], check_exact=False, rtol=1e-5)
+
+
+def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(kill_corpus, tiny_model_dir, clean_kill_scan,
+                                                               tmp_path):
+    killed = tmp_path / "killed"
+    args = _kill_args(kill_corpus, tiny_model_dir, killed)
+    proc = _cli(args)
+    _wait_for_parts(proc, killed)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(list((killed / "parts").glob("*.parquet")))
-    assert 0 < done_at_kill < n
-    rerun = _cli(args + ["--out", str(killed)])
+    assert 0 < done_at_kill < len(kill_corpus.shards)
+    rerun = _cli(args)
     log = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, log[-3000:]
     assert "resuming" in log
+    _assert_same_rows(killed, clean_kill_scan)
 
-    clean = tmp_path / "clean"
-    full = _cli(args + ["--out", str(clean)])
-    log = full.communicate(timeout=300)[0]
-    assert full.returncode == 0, log[-3000:]
-    a, b = _scores(killed), _scores(clean)
-    assert len(a) == len(b) and not a["key"].duplicated().any()
-    assert set(a["key"]) == set(b["key"])
-    a, b = a.set_index("key").sort_index(), b.set_index("key").sort_index()
-    pd.testing.assert_series_equal(a["score_norm"], b["score_norm"], check_exact=False, rtol=1e-5)
+
+def _descendants(root: int) -> list[int]:
+    """pids below `root` in the process tree (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds Ray's worker processes through /proc")
+def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled_rows(kill_corpus, tiny_model_dir,
+                                                                                      clean_kill_scan, tmp_path):
+    """SIGKILL the Ray worker process of the scoring actor (not the driver): Ray restarts the actor and retries
+    its task, the job exits 0, and the driver's per-shard row numbers drop anything a retry sends twice."""
+    out = tmp_path / "worker_killed"
+    proc = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
+    _wait_for_parts(proc, out)
+    workers = [p for p in _descendants(proc.pid) if "ScoreStage" in _cmdline(p)]
+    assert workers, "no scoring actor process found below the scan"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    done_at_kill = len(list((out / "parts").glob("*.parquet")))
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert done_at_kill < len(kill_corpus.shards), "the kill came after the last shard: nothing was retried"
+    assert all(not Path(f"/proc/{p}").exists() or "ScoreStage" not in _cmdline(p) for p in workers)
+    _assert_same_rows(out, clean_kill_scan)
+
+
+def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session, scan_config, tiny_corpus,
+                                                                      tmp_path, monkeypatch):
+    from scanner import pipeline
+
+    real = pipeline.atomic_write_parquet
+    victim = tiny_corpus.shards[1].stem
+
+    def disk_full_for_victim(df, path):
+        if path.parent.name == "parts" and path.stem == victim:
+            raise OSError(28, "No space left on device")
+        return real(df, path)
+
+    monkeypatch.setattr(pipeline, "atomic_write_parquet", disk_full_for_victim)
+    out = tmp_path / "scan"
+    with pytest.raises(pipeline.ScanIncomplete, match=rf"1 of {len(tiny_corpus.shards)} shards could not be written"
+                                                      rf".*{victim}: OSError.*No space left on device.*rerun"):
+        run_scan(scan_config(), out, progress=False)
+    parts = sorted(f.stem for f in (out / "parts").glob("*.parquet"))
+    assert parts == sorted(p.stem for p in tiny_corpus.shards if p.stem != victim)  # the others are saved
+    monkeypatch.setattr(pipeline, "atomic_write_parquet", real)
+    summary = run_scan(scan_config(), out, progress=False)
+    assert summary["resume"]["scored_this_run"] == 1
+    truth = pd.read_parquet(tiny_corpus.truth)
+    scores = _scores(out)
+    assert set(truth.loc[truth["readable"], "key"]) <= set(scores["key"]) and not scores["key"].duplicated().any()
 
 
 def test_same_key_in_two_shards_is_reported_and_an_empty_shard_is_fine(ray_session, scan_config, tiny_corpus,

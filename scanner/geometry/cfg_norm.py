@@ -15,14 +15,18 @@ import torch
 from scanner.geometry.trace import bview, check_batch, check_int, check_time, time_vector
 
 
-def cfg_noises(shape: tuple[int, ...], n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(n, *shape) standard normal noises from a seeded CPU generator (shape includes the batch)."""
+def cfg_noises(shape: tuple[int, ...], n: int, seed: int | torch.Tensor, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """(n, *shape) standard normal noises from a seeded CPU generator (shape includes the batch). seed: an int,
+    or (B,) per-row seeds (scanner.geometry.trace.row_seeds) so a row's noises do not depend on its batch."""
+    if isinstance(seed, torch.Tensor):
+        return torch.stack([cfg_noises(tuple(shape[1:]), n, int(s), dtype) for s in seed.tolist()], dim=1)
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)
 
 
 def cfg_norm(model: Any, x: torch.Tensor, t: float, cond: Any, uncond: Any = None, *, noises: int = 2,
-             seed: int = 0) -> torch.Tensor:
+             seed: int | torch.Tensor = 0) -> torch.Tensor:
     """x: (B, *sample_shape) clean points; cond: the model's conditioning for them (from `encode_text`);
     uncond: the empty-prompt conditioning (default `model.uncond(B)`) -> (B,) in x's dtype, eps units
     (equivalently sigma * |s(x_t | c) - s(x_t)|)."""

@@ -43,7 +43,7 @@ def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
 
 def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any = None, *,
                    chunk: int | None = None, jvp: str | None = None,
-                   fd_scheme: str | None = None) -> dict[str, torch.Tensor]:
+                   fd_scheme: str | None = None, seeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """x: (B, *sample_shape) clean points in model space; cond: `model.encode_text(captions)` or None.
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
@@ -51,6 +51,8 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
     log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units), score_norm_cal (a ratio, ~1 unless memorized).
     chunk: (direction, image) pairs per model call, default 2B. jvp: overrides cfg.jvp ("autograd", "fd",
     or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
+    seeds: (B,) per-row seeds (trace.row_seeds(keys, cfg.seed)) for the Hutchinson probes and CFG noises, so that
+    an image's scores do not depend on its batch; None: cfg.seed for the whole batch.
     """
     cfg.validate("geometry")  # ConfigError is a ValueError naming the key, the value and the range
     check_batch(model, x)
@@ -59,7 +61,8 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
     conditional = bool(getattr(model, "conditional", False)) and cond is not None
     geo_cond = cond if conditional else None
     lin_kw = {"jvp": mode, "fd_eps": cfg.fd_eps, "scheme": fd_scheme, "chunk": chunk}
-    tr_kw = {"method": cfg.trace, "probes": cfg.probes, "probe_dist": cfg.probe_dist, "seed": cfg.seed}
+    tr_kw = {"method": cfg.trace, "probes": cfg.probes, "probe_dist": cfg.probe_dist,
+             "seed": cfg.seed if seeds is None else seeds}
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         tl = time_vector(cfg.t_laplace, x)
@@ -87,5 +90,6 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
                                    chunk=chunk)
         if conditional:
-            out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises, seed=cfg.seed + 2)
+            out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
+                                       seed=cfg.seed + 2 if seeds is None else seeds + 2)
     return {k: out[k].detach().to(device="cpu", dtype=torch.float32) for k in score_columns(cfg, conditional)}

@@ -114,7 +114,7 @@ def eps_jvp(model: Any, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, cond:
     return None, (both[:rows] - both[rows:]) / (2 * hb)
 
 
-def _directions(method: str, shape: tuple[int, ...], batch: int, probes: int, dist: str, seed: int,
+def _directions(method: str, shape: tuple[int, ...], batch: int, probes: int, dist: str, seed: int | torch.Tensor,
                 per_chunk: int, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
     """Yields direction blocks (n, B, *shape). Exact: basis vectors e_j; Hutchinson: seeded probes, drawn
     on the CPU with a private generator so a rerun (and a GPU run) sees the same numbers."""
@@ -126,14 +126,34 @@ def _directions(method: str, shape: tuple[int, ...], batch: int, probes: int, di
             e[torch.arange(n), :, torch.arange(j0, j0 + n)] = 1.0
             yield e.view(n, batch, *shape)
         return
+    if isinstance(seed, torch.Tensor):  # one seed per row: a row's probes do not depend on its batch
+        if seed.shape != (batch,):
+            raise ValueError(f"per-row seeds must be ({batch},), got {tuple(seed.shape)}")
+        z = torch.stack([_probes((probes, *shape), dist, int(s)) for s in seed.tolist()], dim=1)
+        for k0 in range(0, probes, per_chunk):
+            yield z[k0:k0 + per_chunk].to(device=device, dtype=dtype)
+        return
     g = torch.Generator().manual_seed(int(seed))
     for k0 in range(0, probes, per_chunk):
         n = min(per_chunk, probes - k0)
-        if dist == "rademacher":
-            z = torch.randint(0, 2, (n, batch, *shape), generator=g).to(torch.float64) * 2 - 1
-        else:
-            z = torch.randn(n, batch, *shape, generator=g, dtype=torch.float64)
-        yield z.to(device=device, dtype=dtype)
+        yield _probes((n, batch, *shape), dist, g).to(device=device, dtype=dtype)
+
+
+def _probes(shape: tuple[int, ...], dist: str, gen: torch.Generator | int) -> torch.Tensor:
+    """float64 Rademacher or Gaussian probes of `shape` from a generator (or a seed for a fresh one)."""
+    g = gen if isinstance(gen, torch.Generator) else torch.Generator().manual_seed(gen)
+    if dist == "rademacher":
+        return torch.randint(0, 2, shape, generator=g).to(torch.float64) * 2 - 1
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def row_seeds(keys, seed: int = 0) -> torch.Tensor:
+    """(B,) int64 seeds from sample keys (and the config seed): the probes and noises of an image then
+    depend on the image alone, not on the batch Ray happened to put it in, so reruns agree row by row."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=7).digest(), "little")
+                         for k in keys], dtype=torch.int64)
 
 
 def _tile(a: torch.Tensor, n: int) -> torch.Tensor:
@@ -186,10 +206,11 @@ class Linearization:
             res.append(flat_dot(vr, jv).view(m, b))
         return torch.cat(res)
 
-    def trace(self, method: str = "hutchinson", probes: int = 8, probe_dist: str = "rademacher", seed: int = 0,
-              extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tr(d eps/dx): (B,), exact (D directions) or Hutchinson (`probes` seeded probes). extra: (m, B, ...)
-        more directions whose quadratic forms (m, B) are returned too, packed into the last probe call."""
+    def trace(self, method: str = "hutchinson", probes: int = 8, probe_dist: str = "rademacher",
+              seed: int | torch.Tensor = 0, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tr(d eps/dx): (B,), exact (D directions) or Hutchinson (`probes` seeded probes; seed: an int for the
+        batch, or (B,) seeds, one per row, see `row_seeds`). extra: (m, B, ...) more directions whose quadratic
+        forms (m, B) are returned too, packed into the last probe call."""
         check_choice("method", method, TRACE_METHODS)
         check_choice("probe_dist", probe_dist, PROBE_DISTS)
         check_int("probes", probes, 1)

@@ -117,3 +117,23 @@ def test_bad_parameters_name_value_and_range():
         compute_scores(m, x, GeometryConfig(), jvp="hvp")
     with pytest.raises(ValueError, match="fd_scheme must be one of 'central', 'forward', got 'backward'"):
         compute_scores(m, x, GeometryConfig(jvp="fd"), fd_scheme="backward")
+
+
+def test_per_row_seeds_make_an_images_scores_independent_of_its_batch():
+    """Ray cuts batches as blocks arrive, so the same image lands in different batches on different runs."""
+    from scanner.geometry.trace import row_seeds
+
+    b = random_gmm(6, 3, seed=2)
+    m = ClassConditionalGMM(b.log_weights.exp(), b.means, eig=(b.lam, b.evecs))
+    x, labels = m.sample(6, seed=0)
+    keys = [f"{i:09d}" for i in range(6)]
+    cfg = GeometryConfig(probes=3, cal_refs=["hflip"])
+    whole = compute_scores(m, x, cfg, cond=labels, seeds=row_seeds(keys, cfg.seed))
+    order = [4, 1, 5]  # three of them, in another order, in a smaller batch
+    part = compute_scores(m, x[order], cfg, cond=labels[order], seeds=row_seeds([keys[i] for i in order], cfg.seed))
+    for col in whole:
+        torch.testing.assert_close(part[col], whole[col][order], rtol=1e-6, atol=1e-6)
+    # a batch-wide seed does not have that property (the probes follow the row position)
+    batchwise = compute_scores(m, x[order], cfg, cond=labels[order])
+    assert not torch.allclose(batchwise["p_laplace_1"], compute_scores(m, x, cfg, cond=labels)["p_laplace_1"][order])
+    assert not torch.equal(row_seeds(keys, 0), row_seeds(keys, 1))
