@@ -302,14 +302,16 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
     # Reading is its own task per shard (num_cpus differs from the scoring actor's, so Ray Data does not
     # fuse the two): fused, the actor's batch_size was applied to the *paths*, one task took up to 64
     # shards and the driver saw nothing until all of them were scored, so a kill lost all of them.
-    ds = ds.map_batches(_read_batch, batch_size=1, num_cpus=0.5,
+    ds = ds.map_batches(_read_batch, batch_size=1, num_cpus=READ_CPUS,
                         fn_kwargs={"resolution": cfg.data.resolution, "channels": cfg.data.channels,
                                    "max_pixels": cfg.data.max_image_pixels})
     if cfg.model.kind != "none":
         threads = None if use_gpu else max(1, (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.actors)
         ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"cfg": cfg, "threads": threads},
                             batch_size=cfg.data.batch_size, concurrency=cfg.ray.actors,
-                            num_gpus=cfg.ray.gpus_per_actor if use_gpu else 0, num_cpus=1 if not use_gpu else 0)
+                            num_gpus=cfg.ray.gpus_per_actor if use_gpu else 0,
+                            num_cpus=0 if use_gpu else actor_cpus(ray.cluster_resources().get("CPU", 1.0),
+                                                                   cfg.ray.actors))
     collector = ShardCollector(out)
     bar = tqdm(total=len(pending), unit="shard", desc="scan", disable=not progress, dynamic_ncols=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -329,6 +331,24 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
         raise ScanIncomplete(f"scoring ended without completing shards {missing[:5]}: rerun to resume")
     return {"pending": len(pending), "done": len(collector.done), "seconds": round(time.time() - t0, 1),
             "images": collector.images}
+
+
+READ_CPUS = 0.5  # CPU reserved by each read + decode task
+
+
+def actor_cpus(cluster_cpus: float, actors: int) -> float:
+    """CPUs each CPU scoring actor asks Ray for: 1, or less when `actors` x 1 would leave no room for a read task.
+
+    The actor pool holds its CPUs for the whole run; with 2 actors on a 2-CPU machine at 1 CPU each, no read
+    task could ever be scheduled and the scan waited forever (found by benchmarks/cluster_check.py).
+    """
+    share = min(1.0, (cluster_cpus - READ_CPUS) / actors)
+    if share <= 0:
+        raise ValueError(f"ray.actors={actors} scoring actors do not fit beside a read task on {cluster_cpus:g} CPUs")
+    if share < 1.0:
+        log.info("%d scoring actors on %g CPUs: each asks Ray for %.2f CPU so that reading can run beside them",
+                 actors, cluster_cpus, share)
+    return round(share, 3)
 
 
 def _cuda_available() -> bool:

@@ -282,3 +282,16 @@ def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config,
     collector.add(through_ray(scored))
     rows = collector.rows[scored["shard"][0]][0]
     assert rows["error"].isna().all() and rows["caption"].isna().all() and rows["score_norm"].notna().all()
+
+
+def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, tiny_model_dir, tmp_path):
+    """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less)."""
+    from scanner.pipeline import actor_cpus
+
+    assert actor_cpus(2, 2) == 0.75 and actor_cpus(8, 2) == 1.0
+    args = _kill_args(kill_corpus, tiny_model_dir, tmp_path / "two_actors") + ["--set", "ray.actors=2",
+                                                                              "--set", "geometry.probes=2"]
+    proc = _cli(args)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "each asks Ray for 0.75 CPU" in log, log[-3000:]
+    assert len(list((tmp_path / "two_actors" / "scores").glob("*.parquet"))) == len(kill_corpus.shards)
