@@ -5,7 +5,7 @@
 
 Both runs use configs/demo.yaml with ray.actors=2 on the same small demo corpus (built here). The cluster is
 started with `ray start` (head: GCS + dashboard/job server on loopback; second node: its own raylet and
-object store) and stopped with `ray stop` at the end, which stops every Ray on this machine: do not run it
+object store; token authentication on, RAY_AUTH_MODE=token, the token in ~/.ray/auth_token) and stopped with `ray stop` at the end, which stops every Ray on this machine: do not run it
 beside another Ray. Which nodes the scoring and embedding actors ran on is read back from the state API.
 """
 
@@ -84,6 +84,9 @@ def main() -> None:
 
     ray = str(BIN / "ray")
     sh(ray, "stop", "--force", env=env, check=False)
+    # Ray >= 2.5x authenticates every RPC with a token: every node and the job client must present it.
+    env["RAY_AUTH_MODE"] = "token"
+    sh(ray, "get-auth-token", "--generate", env=env)
     head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=2",
               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8265",
               "--disable-usage-stats", env=env)

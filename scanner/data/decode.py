@@ -7,6 +7,7 @@ Handles what web-scraped corpora contain: EXIF rotation, grayscale / palette / C
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -58,7 +59,10 @@ def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: i
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; all mean "not an image we can use"
-        raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): drop it, so the
+        # same bad image gives the same error text on every run and every node
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
+        raise DecodeError(f"cannot decode image: {type(e).__name__}: {why}") from None
     arr = np.asarray(im, dtype=np.uint8)
     if channels == 1:
         arr = np.asarray(im.convert("L"), dtype=np.uint8)[..., None]
