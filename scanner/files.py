@@ -17,6 +17,18 @@ def atomic_write_parquet(df, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_npy(array, path: Path) -> None:
+    """numpy array -> .npy at `path` (np.save would append .npy to a temporary name, so write a handle)."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
-from scanner.files import atomic_write_parquet, write_json
+from scanner.files import atomic_write_npy, atomic_write_parquet, write_json
 
 log = logging.getLogger("memscan")
 
@@ -44,12 +44,12 @@ def text_column(values) -> np.ndarray:
                      for v in values], dtype=object)
 
 
-# --------------------------------------------------------------------------------------------------
-# stage 1: read + decode one shard (a Ray task; never raises on data)
-
-
 class ScanIncomplete(RuntimeError):
     """Some shards have no output; the rest is saved and a rerun of the same command completes the scan."""
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: read + decode one shard (a Ray task; never raises on data)
 
 
 def read_decode_shard(path: str, resolution: int, channels: int, max_pixels: int,
@@ -184,7 +184,6 @@ class ShardCollector:
         self.rows: dict[str, list] = {}
         self.vectors: dict[str, list] = {}
         self.expected: dict[str, int] = {}
-        self.count: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}  # row numbers received per unfinished shard
         self.done: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why its output could not be written
@@ -211,11 +210,10 @@ class ShardCollector:
                     self.rows.setdefault(shard, []).append(pd.DataFrame({c: batch[c][new] for c in cols}))
                     if "vector" in batch:
                         self.vectors.setdefault(shard, []).append(batch["vector"][new])
-                self.count[shard] = len(seen)
                 self.images += int(new.sum())
             if markers.any():
                 self.expected[shard] = int(batch["n_rows"][markers][0])
-            if shard in self.expected and self.count.get(shard, 0) == self.expected[shard]:
+            if shard in self.expected and len(self.seen.get(shard, ())) == self.expected[shard]:
                 try:
                     self._write(shard)
                 except OSError as e:  # disk full, permissions, a vanished mount: this shard only, rerun resumes it
@@ -234,12 +232,7 @@ class ShardCollector:
 
         df = pd.concat(self.rows.pop(shard, []), ignore_index=True) if shard in self.rows else pd.DataFrame()
         if shard in self.vectors:
-            vec = np.concatenate(self.vectors.pop(shard))
-            tmp = self.out / "vectors" / f"{shard}.npy.tmp"
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, vec)
-            os.replace(tmp, self.out / "vectors" / f"{shard}.npy")
+            atomic_write_npy(np.concatenate(self.vectors.pop(shard)), self.out / "vectors" / f"{shard}.npy")
         # The part file is written last: its presence is the shard's completion marker.
         atomic_write_parquet(df, self.out / "parts" / f"{shard}.parquet")
         self.done.append(shard)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scanner.files import write_json
 from scanner.neighbours.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from scanner.neighbours.embed import (
     ARCHITECTURES,
@@ -184,9 +185,7 @@ def save_embedder(model, arch: str, image_size: int, out_dir: str | Path, record
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out / CONFIG_NAME)
+    write_json(config, out / CONFIG_NAME)  # last: its presence marks a complete checkpoint
     return out
 
 
