@@ -56,6 +56,9 @@ class ModelConfig:
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
 
 
+CAL_MIRRORS = ("hflip", "vflip", "rot180")  # geometry.cal_refs names; their axes: scanner/geometry/mirror.py
+
+
 @dataclass
 class GeometryConfig:
     t0: float = 0.1  # FLIPD time (method.md §2); paper a: 0.05 on toy data, 0.3 on SD latents
@@ -94,9 +97,8 @@ class GeometryConfig:
         _check(self.fd_eps > 0, f"{p}.fd_eps", self.fd_eps, "> 0")
         _check(self.cfg_noises >= 1, f"{p}.cfg_noises", self.cfg_noises, "an int >= 1")
         _check(self.nb_samples >= 0, f"{p}.nb_samples", self.nb_samples, "an int >= 0 (0 = D + 16)")
-        mirrors = ("hflip", "vflip", "rot180")
-        _check(isinstance(self.cal_refs, list) and all(r in mirrors for r in self.cal_refs), f"{p}.cal_refs",
-               self.cal_refs, f"a list of {', '.join(mirrors)} ([] = no score_norm_cal)")
+        _check(isinstance(self.cal_refs, list) and all(r in CAL_MIRRORS for r in self.cal_refs), f"{p}.cal_refs",
+               self.cal_refs, f"a list of {', '.join(CAL_MIRRORS)} ([] = no score_norm_cal)")
         _check(self.lpca_k >= 2, f"{p}.lpca_k", self.lpca_k, "an int >= 2")
         _check(0.0 < self.lpca_alpha < 1.0, f"{p}.lpca_alpha", self.lpca_alpha, "a float in (0, 1)")
 

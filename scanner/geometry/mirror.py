@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from scanner.config import CAL_MIRRORS
 from scanner.geometry.trace import bview, time_vector
 
-MIRRORS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}
+MIRRORS = dict(zip(CAL_MIRRORS, [(-1,), (-2,), (-2, -1)]))  # name -> spatial axes flipped
 
 
 def check_refs(refs: list[str], sample_shape: tuple[int, ...] | None = None) -> list[str]:
@@ -34,7 +35,7 @@ def check_refs(refs: list[str], sample_shape: tuple[int, ...] | None = None) -> 
     if bad or not refs:
         raise ValueError(f"geometry.cal_refs must be a non-empty list of {sorted(MIRRORS)}, got {refs!r}")
     if sample_shape is not None and len(sample_shape) < 2:
-        needs_2d = [r for r in refs if len(MIRRORS[r]) > 1 or MIRRORS[r] == (-2,)]
+        needs_2d = [r for r in refs if -2 in MIRRORS[r]]
         if needs_2d:
             raise ValueError(f"geometry.cal_refs {needs_2d} mirror a second spatial axis, but this model's samples "
                              f"are {tuple(sample_shape)}: use ['hflip']")
