@@ -33,6 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from scanner.procfs import descendants
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -56,22 +59,6 @@ def replicate(base_shards: list[Path], factor: int, dst: Path) -> list[Path]:
     return out
 
 
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _rss(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
@@ -87,7 +74,7 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            pids = _tree(self.pid)
+            pids = descendants(self.pid)
             rss = {p: _rss(p) for p in pids}
             d = _rss(self.pid)
             self.driver = max(self.driver, d)
@@ -156,7 +143,6 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/memscan_scale")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from scanner.data.demo import build_demo_corpus
 
     work = Path(a.work)

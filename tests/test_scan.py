@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from scanner.pipeline import run_scan
+from scanner.procfs import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,23 +139,6 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(kill_corpus, tiny
     _assert_same_rows(killed, clean_kill_scan)
 
 
-def _descendants(root: int) -> list[int]:
-    """pids below `root` in the process tree (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -170,7 +154,7 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
     out = tmp_path / "worker_killed"
     proc = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
     _wait_for_parts(proc, out)
-    workers = [p for p in _descendants(proc.pid) if "ScoreStage" in _cmdline(p)]
+    workers = [p for p in descendants(proc.pid) if "ScoreStage" in _cmdline(p)]
     assert workers, "no scoring actor process found below the scan"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)

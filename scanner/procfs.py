@@ -1,0 +1,24 @@
+"""The process tree below a pid, read from Linux /proc: which Ray processes (raylet, workers, actors) a
+memscan process started. Used by the fault tests (kill a scoring worker) and benchmarks/bench_scale.py
+(memory of every process of a scan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def descendants(root: int) -> list[int]:
+    """pids below `root` (children, grandchildren, ...); processes that exit meanwhile are skipped."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
