@@ -4,8 +4,8 @@
     python benchmarks/cluster_check.py --model DEMO_MODEL --embedder DEMO_EMBEDDER   # results/cluster.{md,json}
 
 Both runs use configs/demo.yaml with ray.actors=2 on the same small demo corpus (built here). The cluster is
-started with `ray start` (head: GCS + dashboard/job server on loopback; second node: its own raylet and
-object store; token authentication on, RAY_AUTH_MODE=token, the token in ~/.ray/auth_token) and stopped with `ray stop` at the end, which stops every Ray on this machine: do not run it
+started with `ray start` (head: GCS + dashboard/job server on loopback; second node: its own raylet,
+object store and --temp-dir, as on a second machine; token authentication on, RAY_AUTH_MODE=token, the token in ~/.ray/auth_token) and stopped with `ray stop` at the end, which stops every Ray on this machine: do not run it
 beside another Ray. Which nodes the scoring and embedding actors ran on is read back from the state API.
 """
 
@@ -90,8 +90,12 @@ def main() -> None:
     head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=2",
               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8265",
               "--disable-usage-stats", env=env)
+    # A real second machine has its own /tmp/ray. Sharing the head's, the second node's runtime-env agent
+    # unpacks and garbage-collects the job's working_dir in the very directory the driver runs in, and the
+    # driver died ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so": its cwd was gone).
     second = sh(ray, "start", "--address=127.0.0.1:6390", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                "--resources={\"second_node\": 1}", "--disable-usage-stats", env=env)
+                f"--temp-dir={work / 'ray_node2'}", "--resources={\"second_node\": 1}", "--disable-usage-stats",
+                env=env)
     try:
         nodes = json.loads(sh(ray, "list", "nodes", "--format", "json", "--address", "127.0.0.1:6390", env=env))
         t0 = time.time()
