@@ -176,7 +176,8 @@ def cmd_dedup(args) -> int:
     from scanner.neighbours.run import run_dedup
 
     log = logging.getLogger("memscan")
-    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info, use_ray=True)
+    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info, use_ray=True,
+                        progress=not args.no_progress)
     write_json(summary, Path(args.out) / "summary.json")
     print(f"memscan dedup: {summary['counts']['duplicate_groups']} duplicate groups, "
           f"{summary['counts']['removed']} to remove; results in {args.out}")

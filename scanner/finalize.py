@@ -140,7 +140,7 @@ def removal_list(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[st
                            ignore_index=True)
 
 
-def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
+def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = False) -> dict:
     t0 = time.time()
     df, vectors = load_parts(out, shards)
     shard_errors = df[df["key"].isna()]
@@ -165,7 +165,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str]) -> dict:
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
         summary["neighbours"], embeddings = dedup_corpus(shards, out, cfg.neighbours, log=log.info,
                                                          model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
-                                                         use_ray=True)
+                                                         use_ray=True, progress=progress)
         dups = pd.read_parquet(out / "duplicates.parquet")
         if (out / "replications.parquet").exists() and model_dir and cfg.neighbours.generations > 0:
             reps = pd.read_parquet(out / "replications.parquet")

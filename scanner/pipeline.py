@@ -24,6 +24,7 @@ import numpy as np
 from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
 from scanner.files import atomic_write_npy, atomic_write_parquet, write_json
+from scanner.progress import ShardProgress
 
 log = logging.getLogger("memscan")
 
@@ -187,7 +188,7 @@ class ShardCollector:
         self.seen: dict[str, set[int]] = {}  # row numbers received per unfinished shard
         self.done: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why its output could not be written
-        self.images = 0
+        self.images = 0  # samples collected (rows with a key: a damaged shard's own error row is not one)
 
     def add(self, batch: dict) -> list[str]:
         """Take one batch; write every shard it completes. Returns the shards written now."""
@@ -210,7 +211,7 @@ class ShardCollector:
                     self.rows.setdefault(shard, []).append(pd.DataFrame({c: batch[c][new] for c in cols}))
                     if "vector" in batch:
                         self.vectors.setdefault(shard, []).append(batch["vector"][new])
-                self.images += int(new.sum())
+                self.images += sum(k is not None for k in batch["key"][new])  # not a damaged shard's row
             if markers.any():
                 self.expected[shard] = int(batch["n_rows"][markers][0])
             if shard in self.expected and len(self.seen.get(shard, ())) == self.expected[shard]:
@@ -279,7 +280,6 @@ def _loopback_only() -> None:
 def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = True) -> dict:
     """Score the shards that have no part file yet. Returns {'pending': n, 'done': n, 'seconds': s}."""
     import ray
-    from tqdm import tqdm
 
     pending = [p for p in shards if not (out / "parts" / f"{shard_name(p)}.parquet").exists()]
     t0 = time.time()
@@ -306,13 +306,10 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
                             num_cpus=0 if use_gpu else actor_cpus(ray.cluster_resources().get("CPU", 1.0),
                                                                    cfg.ray.actors))
     collector = ShardCollector(out)
-    bar = tqdm(total=len(pending), unit="shard", desc="scan", disable=not progress, dynamic_ncols=True)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        finished = collector.add(batch)
-        bar.update(len(finished))
-        rate = collector.images / max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(f"{collector.images} images, {rate:.1f} img/s")
-    bar.close()
+    with ShardProgress(len(pending), "scan", progress) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            finished = collector.add(batch)
+            bar.update(len(finished), collector.images)
     if collector.failed:
         raise ScanIncomplete(
             f"{len(collector.failed)} of {len(pending)} shards could not be written to {out / 'parts'}: "
@@ -374,7 +371,7 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True) -> dic
     shards = expand_shards(cfg.data.shards)
     t0 = time.time()
     scoring = run_scoring(cfg, out, shards, progress)
-    summary = finalize(cfg, out, shards)
+    summary = finalize(cfg, out, shards, progress)
     summary["timings_s"] = {"scoring": scoring["seconds"], **summary.get("timings_s", {}),
                             "total": round(time.time() - t0, 1)}
     summary["resume"] = {"shards": len(shards), "scored_this_run": scoring["done"]}

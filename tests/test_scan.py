@@ -21,11 +21,17 @@ def _scores(out: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in sorted((out / "scores").glob("*.parquet"))], ignore_index=True)
 
 
-def test_scan_writes_one_row_per_readable_sample_and_every_error(ray_session, scan_config, tiny_corpus, tmp_path):
+def test_scan_writes_one_row_per_readable_sample_and_every_error(ray_session, scan_config, tiny_corpus, tmp_path,
+                                                                  capsys):
     out = tmp_path / "scan"
-    summary = run_scan(scan_config(), out, progress=False)
+    summary = run_scan(scan_config(), out, progress=True)
     truth = pd.read_parquet(tiny_corpus.truth)
     scores = _scores(out)
+    # the progress line ends at every shard done, with the image count and a rate
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    n = len(tiny_corpus.shards)
+    assert last.startswith("scan: 100%") and f"{n}/{n}" in last, last
+    assert f"{len(scores):,} images" in last and "img/s" in last, last
     readable = set(truth.loc[truth["readable"], "key"])
     # one file per input shard, one row per readable sample, no key twice
     assert sorted(f.stem for f in (out / "scores").glob("*.parquet")) == [p.stem for p in tiny_corpus.shards]

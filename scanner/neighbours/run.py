@@ -21,6 +21,8 @@ import pandas as pd
 
 from scanner.files import atomic_write_parquet, atomic_write_text
 from scanner.neighbours.dedup import KEEP_RULE, duplicate_removals, find_duplicate_groups
+from scanner.neighbours.store import shard_rows
+from scanner.progress import ShardProgress
 
 # pHash Hamming radius of the near-exact pass: measured on the demo corpus, 2 bits links re-encodes
 # and light colour changes at pair precision 0.9998; 6 bits already merges distinct images.
@@ -46,23 +48,24 @@ def ensure_embedder(shards, out_dir: Path, cfg, log=print, steps: int | None = N
 
 
 def run_dedup(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
-              allow_pickle: bool = False, use_ray: bool = False) -> dict:
+              allow_pickle: bool = False, use_ray: bool = False, progress: bool = False) -> dict:
     """Embed, index and group `shards` (a spec expand_shards accepts); write the outputs listed above.
 
     Returns the summary; dedup_corpus (same arguments) also returns the loaded embeddings.
     """
-    return dedup_corpus(shards, out_dir, cfg, log, train_steps, model_dir, allow_pickle, use_ray)[0]
+    return dedup_corpus(shards, out_dir, cfg, log, train_steps, model_dir, allow_pickle, use_ray, progress)[0]
 
 
 def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None, model_dir: str | None = None,
-                 allow_pickle: bool = False, use_ray: bool = False) -> tuple[dict, dict]:
+                 allow_pickle: bool = False, use_ray: bool = False, progress: bool = False) -> tuple[dict, dict]:
     """run_dedup's work; returns (summary, embeddings as store.load_embeddings gives them).
 
     With `model_dir` (a diffusers model directory) and cfg.generations > 0 it also generates
     cfg.generations images from training captions, matches them against the training index and
     writes out_dir/replications.parquet (reason 'replicated' in the removal list).
     With `use_ray` the shards are embedded by a pool of Ray actors (GPU each where one exists), in
-    whatever Ray is initialised (the scan's, or the cluster's); otherwise in this process.
+    whatever Ray is initialised (the scan's, or the cluster's); otherwise in this process. `progress`
+    shows shards and images embedded, rate and ETA on stderr.
     """
     import dataclasses
 
@@ -80,8 +83,13 @@ def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None
     embedder = load_embedder(dataclasses.replace(cfg, clip_checkpoint=ckpt))
     todo = [p for p in paths if not embedding_path(out, p, embedder.fingerprint).exists()]
     if use_ray and todo:
-        embed_with_ray(todo, dataclasses.replace(cfg, clip_checkpoint=ckpt), out, log)
-    files = [embed_shard(p, embedder, out) for p in paths]  # all cached after embed_with_ray
+        embed_with_ray(todo, dataclasses.replace(cfg, clip_checkpoint=ckpt), out, log, progress=progress)
+    elif todo:
+        with ShardProgress(len(todo), "embed", progress) as bar:
+            for p in todo:
+                images = bar.images + shard_rows(embed_shard(p, embedder, out))
+                bar.update(1, images)
+    files = [embed_shard(p, embedder, out) for p in paths]  # every one cached by now
     data = load_embeddings(files)
     t_embed = time.time() - t0 - t_train
     index, index_info = build_index(data["vectors"], cfg)
@@ -168,10 +176,12 @@ class EmbedShards:
     def __call__(self, batch: dict) -> dict:
         from scanner.neighbours.store import embed_shard
 
-        return {"file": [str(embed_shard(p, self.embedder, self.out)) for p in batch["path"]]}
+        files = [embed_shard(p, self.embedder, self.out) for p in batch["path"]]
+        return {"file": [str(f) for f in files], "images": [shard_rows(f) for f in files]}
 
 
-def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | None = None) -> list[str]:
+def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | None = None,
+                   progress: bool = False) -> list[str]:
     """Embed `paths` with a Ray Data actor pool; returns the embedding files (the same as embed_shard's)."""
     import ray
 
@@ -185,4 +195,9 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out)}, batch_size=1,
                         concurrency=n, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
-    return [r["file"] for r in ds.iter_rows()]
+    files = []
+    with ShardProgress(len(paths), "embed", progress) as bar:
+        for r in ds.iter_rows():
+            files.append(r["file"])
+            bar.update(1, bar.images + int(r["images"]))
+    return files

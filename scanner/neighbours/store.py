@@ -31,6 +31,13 @@ def embedding_path(out_dir: str | Path, shard: str, fingerprint: str) -> Path:
     return Path(out_dir) / EMBED_DIR / fingerprint / f"{shard_name(shard)}.parquet"
 
 
+def shard_rows(path: str | Path) -> int:
+    """Rows of one embedding file, from its parquet footer (the data is not read)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(str(path)).num_rows
+
+
 def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_000_000,
                 overwrite: bool = False) -> Path:
     """Embed every sample of one tar shard with `embedder` (embed.Embedder); write and return its parquet."""

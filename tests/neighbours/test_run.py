@@ -72,12 +72,22 @@ def test_run_dedup_with_model_writes_replications(tiny_checkpoint, tiny_model_di
     assert "replicated" not in set(pd.read_parquet(tmp_path / "out2" / "removal_list.parquet").reason)
 
 
-def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, tiny_checkpoint, tiny_corpus, tmp_path):
+def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, tiny_checkpoint, tiny_corpus, tmp_path,
+                                                                 capsys):
     cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
     spec = str(tiny_corpus.shards[0].parent)
-    local = run_dedup(spec, tmp_path / "local", cfg, log=lambda s: None)
-    actors = run_dedup(spec, tmp_path / "ray", cfg, log=lambda s: None, use_ray=True)
-    assert len(actors["embedding_files"]) == len(tiny_corpus.shards)
+    n = len(tiny_corpus.shards)
+    local = run_dedup(spec, tmp_path / "local", cfg, log=lambda s: None, progress=True)
+    err_local = capsys.readouterr().err
+    actors = run_dedup(spec, tmp_path / "ray", cfg, log=lambda s: None, use_ray=True, progress=True)
+    err_actors = capsys.readouterr().err
+    assert len(actors["embedding_files"]) == n
+    # in process and through Ray actors alike, the progress line ends at every shard and every row embedded
+    rows = sum(len(pd.read_parquet(f)) for f in actors["embedding_files"])
+    for err in (err_local, err_actors):
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        assert last.startswith("embed: 100%") and f"{n}/{n}" in last and f"{rows:,} images" in last, last
+        assert "img/s" in last, last
     import numpy as np
 
     for a, b in zip(local["embedding_files"], actors["embedding_files"]):
