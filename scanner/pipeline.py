@@ -260,6 +260,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
         log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
                  "on" if dashboard else "off")
     ray.data.DataContext.get_current().enable_progress_bars = False  # memscan prints its own progress line
+    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines would break that line; -v keeps them
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _loopback_only() -> None:
@@ -301,7 +303,7 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
     if cfg.model.kind != "none":
         threads = None if use_gpu else max(1, (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.actors)
         ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"cfg": cfg, "threads": threads},
-                            batch_size=cfg.data.batch_size, concurrency=cfg.ray.actors,
+                            batch_size=cfg.data.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors),
                             num_gpus=cfg.ray.gpus_per_actor if use_gpu else 0,
                             num_cpus=0 if use_gpu else actor_cpus(ray.cluster_resources().get("CPU", 1.0),
                                                                    cfg.ray.actors))

@@ -21,7 +21,7 @@ import pandas as pd
 
 from scanner.files import atomic_write_parquet, atomic_write_text
 from scanner.neighbours.dedup import KEEP_RULE, duplicate_removals, find_duplicate_groups
-from scanner.neighbours.store import shard_rows
+from scanner.neighbours.store import shard_images
 from scanner.progress import ShardProgress
 
 # pHash Hamming radius of the near-exact pass: measured on the demo corpus, 2 bits links re-encodes
@@ -87,7 +87,7 @@ def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None
     elif todo:
         with ShardProgress(len(todo), "embed", progress) as bar:
             for p in todo:
-                images = bar.images + shard_rows(embed_shard(p, embedder, out))
+                images = bar.images + shard_images(embed_shard(p, embedder, out))
                 bar.update(1, images)
     files = [embed_shard(p, embedder, out) for p in paths]  # every one cached by now
     data = load_embeddings(files)
@@ -177,7 +177,7 @@ class EmbedShards:
         from scanner.neighbours.store import embed_shard
 
         files = [embed_shard(p, self.embedder, self.out) for p in batch["path"]]
-        return {"file": [str(f) for f in files], "images": [shard_rows(f) for f in files]}
+        return {"file": [str(f) for f in files], "images": [shard_images(f) for f in files]}
 
 
 def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | None = None,
@@ -194,7 +194,8 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     log(f"embedding {len(paths)} shards with {n} Ray actor(s) on {'GPU' if gpu else 'CPU'}")
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out)}, batch_size=1,
-                        concurrency=n, num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
+                        compute=ray.data.ActorPoolStrategy(size=n), num_gpus=1 if gpu else 0,
+                        num_cpus=0 if gpu else 1)
     files = []
     with ShardProgress(len(paths), "embed", progress) as bar:
         for r in ds.iter_rows():

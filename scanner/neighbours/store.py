@@ -31,11 +31,12 @@ def embedding_path(out_dir: str | Path, shard: str, fingerprint: str) -> Path:
     return Path(out_dir) / EMBED_DIR / fingerprint / f"{shard_name(shard)}.parquet"
 
 
-def shard_rows(path: str | Path) -> int:
-    """Rows of one embedding file, from its parquet footer (the data is not read)."""
+def shard_images(path: str | Path) -> int:
+    """Samples in one embedding file: its rows with a key (a damaged shard's own error row has none)."""
     import pyarrow.parquet as pq
 
-    return pq.read_metadata(str(path)).num_rows
+    key = pq.read_table(str(path), columns=["key"]).column("key")
+    return len(key) - key.null_count
 
 
 def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_000_000,
