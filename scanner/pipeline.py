@@ -39,10 +39,15 @@ def text_column(values) -> np.ndarray:
     Between stages Ray Data stores a batch as Arrow; a text column that is None on every row of a block
     becomes Arrow `null` and comes back from `to_numpy` as float NaN. Read as is, a shard without a
     single error had NaN in `error` (no row looked scoreable) and a block of it could not be merged
-    with a block that had a string error. Every stage reads its text columns through this.
+    with a block that had a string error. Every stage reads its batches through with_text_columns.
     """
     return np.array([None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else str(v)
                      for v in values], dtype=object)
+
+
+def with_text_columns(batch: dict) -> dict:
+    """`batch` with every TEXT_COLUMNS column read through text_column."""
+    return {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
 
 
 class ScanIncomplete(RuntimeError):
@@ -140,7 +145,7 @@ class ScoreStage:
         from scanner.geometry.scores import compute_scores
         from scanner.geometry.trace import row_seeds
 
-        batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
+        batch = with_text_columns(batch)
         n = len(batch["key"])
         ok = np.array([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])], dtype=bool)
         out = {c: np.full(n, np.nan, np.float32) for c in self.columns}
@@ -195,7 +200,7 @@ class ShardCollector:
         import pandas as pd
 
         finished = []
-        batch = {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
+        batch = with_text_columns(batch)
         cols = [c for c in batch if c not in ("image", "vector", "marker", "n_rows", "row")]
         for shard in np.unique(batch["shard"]):
             if shard in self.done or shard in self.failed:
@@ -310,8 +315,9 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
     collector = ShardCollector(out)
     with ShardProgress(len(pending), "scan", progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            before = collector.images
             finished = collector.add(batch)
-            bar.update(len(finished), collector.images)
+            bar.update(len(finished), collector.images - before)
     if collector.failed:
         raise ScanIncomplete(
             f"{len(collector.failed)} of {len(pending)} shards could not be written to {out / 'parts'}: "

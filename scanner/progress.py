@@ -1,6 +1,6 @@
 """One progress line for work that streams shards: shards done of total (tqdm's ETA), images, images/s.
 
-    scan:  37%|███▋      | 24/64 [01:10<01:57, 2.9s/shard] 5,976 images, 85.3 img/s
+    scan:  37%|███▋      | 24/64 [01:10<01:57,  2.90s/shard, 5,976 images, 85.3 img/s]
 
 Written to stderr; `--no-progress` (progress=False) turns it off, e.g. in CI logs.
 """
@@ -20,11 +20,11 @@ class ShardProgress:
                         file=sys.stderr)
 
     def update(self, shards: int, images: int) -> None:
-        """`shards` more shards finished; `images` is the running total of images done (not an increment)."""
-        self.images = images
+        """`shards` more shards and `images` more images done (increments, like tqdm's update)."""
+        self.images += images
         self.bar.update(shards)
-        rate = images / max(time.time() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{images:,} images, {rate:.1f} img/s", refresh=True)
+        rate = self.images / max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.images:,} images, {rate:.1f} img/s", refresh=True)
 
     def close(self) -> None:
         self.bar.close()

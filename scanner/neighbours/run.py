@@ -87,8 +87,7 @@ def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None
     elif todo:
         with ShardProgress(len(todo), "embed", progress) as bar:
             for p in todo:
-                images = bar.images + shard_images(embed_shard(p, embedder, out))
-                bar.update(1, images)
+                bar.update(1, shard_images(embed_shard(p, embedder, out)))
     files = [embed_shard(p, embedder, out) for p in paths]  # every one cached by now
     data = load_embeddings(files)
     t_embed = time.time() - t0 - t_train
@@ -200,5 +199,5 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     with ShardProgress(len(paths), "embed", progress) as bar:
         for r in ds.iter_rows():
             files.append(r["file"])
-            bar.update(1, bar.images + int(r["images"]))
+            bar.update(1, int(r["images"]))
     return files
