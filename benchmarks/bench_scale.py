@@ -158,7 +158,7 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
                                                                cfg.data.max_image_pixels)]
     read_s = time.time() - t0
     n = sum(int((~b["marker"]).sum()) for b in batches)
-    stage = ScoreStage(cfg, threads=threads)
+    stage = ScoreStage(cfg.to_dict(), threads=threads)
     t0 = time.time()
     for b in batches:
         for i in range(0, len(b["key"]), cfg.data.batch_size):
@@ -182,12 +182,12 @@ sys.path.insert(0, {root!r})
 from scanner.config import load_config
 cfg = load_config({cfg!r}, ["model.path={model}"])
 if {what!r} == "ray":
-    from scanner.pipeline import start_ray
+    from scanner.raystart import start_ray
     t0 = time.time()
     start_ray()
 else:
     from scanner.pipeline import ScoreStage
-    ScoreStage(cfg, threads=1)
+    ScoreStage(cfg.to_dict(), threads=1)
 print(json.dumps(time.time() - t0))
 """
 

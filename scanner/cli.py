@@ -12,11 +12,11 @@ EPILOG = """\
 examples:
   memscan demo --out runs/demo
       build the embedded demo corpus, train the demo model (both cached in runs/demo), scan, evaluate
-  memscan scan --config configs/demo.yaml --shards 'data/{00000..00099}.tar' --out runs/laion
+  memscan scan --config configs/demo.yaml --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --out runs/rescan
       geometry scores + neighbours for every image; resumes where a killed run stopped
-  memscan scan --config configs/laion-sd15.yaml --set geometry.t0=0.3 --set model.batch_size=4 --out runs/sd
+  memscan scan --config configs/demo.yaml --set model.path=runs/demo/model --set geometry.probes=8 --shards runs/demo/corpus/shards --out runs/probes8
       override any config key on the command line (section.key=value)
-  memscan dedup --shards data/ --out runs/dedup --threshold 0.95
+  memscan dedup --shards runs/demo/corpus/shards --out runs/dedup --threshold 0.95
       duplicate groups and a removal list before training, no diffusion model needed
   RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x
       run on an existing Ray cluster (or: ray job submit --working-dir . -- python jobs/scan.py --config ...)
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default 0.95)")
     p.add_argument("--clip-model", help="open_clip architecture name")
     p.add_argument("--clip-checkpoint", help="local open_clip checkpoint (safetensors)")
+    p.add_argument("--train-steps", type=int,
+                   help="copy-detection embedder training steps when no --clip-checkpoint is given (default 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")
     _add_common(p)
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-demo", help="train the demo diffusion model on the demo corpus (save_pretrained)")
     p.add_argument("--out", required=True, help="directory holding corpus/ (built if missing); model goes to model/")
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the trainer's 6000, or --minutes first)")
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
 
@@ -98,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "runs the full scan, evaluates against the planted truth, prints the metrics.")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=10.0, help="demo model training budget (first run only)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--quick", action="store_true",
+                   help="a 140-sample corpus and a few training steps: every command and output in a few minutes, "
+                        "metrics meaningless (use a fresh --out: a cached full-size corpus or model is reused)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key of the demo config, e.g. --set geometry.probes=8 (repeatable)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="AUROC / TPR@1%%FPR of every score column against planted truth")
@@ -122,18 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging(args.verbose)
-    from scanner.config import ConfigError
-    from scanner.data.shards import ShardSpecError
-    from scanner.pipeline import ScanIncomplete
+    from scanner.errors import MemscanError, ScanIncomplete
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ShardSpecError, FileNotFoundError, PermissionError) as e:
+    except MemscanError as e:  # the user's to fix (exit 2), or incomplete (exit 3: what is done is saved)
+        what = "incomplete" if isinstance(e, ScanIncomplete) else "error"
+        print(f"memscan {args.command}: {what}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (FileNotFoundError, PermissionError) as e:  # a path the operating system refused
         print(f"memscan {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ScanIncomplete as e:  # what is done is saved; the same command resumes
-        print(f"memscan {args.command}: incomplete: {e}", file=sys.stderr)
-        return 3
 
 
 def cmd_scan(args) -> int:
@@ -157,9 +163,9 @@ def cmd_scan(args) -> int:
 
 
 def _neighbours_cfg(args):
-    from scanner.config import load_config
+    from scanner.config import NEIGHBOUR_SECTIONS, load_config
 
-    cfg = load_config(args.config) if getattr(args, "config", None) else load_config()
+    cfg = load_config(getattr(args, "config", None), sections=NEIGHBOUR_SECTIONS)
     n = cfg.neighbours
     if getattr(args, "threshold", None) is not None:
         n.dup_threshold = args.threshold
@@ -167,8 +173,12 @@ def _neighbours_cfg(args):
         n.clip_model = args.clip_model
     if getattr(args, "clip_checkpoint", None):
         n.clip_checkpoint = args.clip_checkpoint
+    if getattr(args, "train_steps", None):
+        n.train_steps = args.train_steps
     n.validate()
-    return n
+    from scanner.preflight import check_neighbours
+
+    return check_neighbours(n)
 
 
 def cmd_dedup(args) -> int:
@@ -205,7 +215,8 @@ def cmd_build_demo_corpus(args) -> int:
 def cmd_train_demo(args) -> int:
     from scanner.demo import ensure_demo_model
 
-    path = ensure_demo_model(Path(args.out), minutes=args.minutes, seed=args.seed)
+    path = ensure_demo_model(Path(args.out), minutes=args.minutes, seed=args.seed, steps=args.steps,
+                             progress=not args.no_progress)
     print(f"memscan train-demo: model in {path}")
     return 0
 
@@ -213,7 +224,8 @@ def cmd_train_demo(args) -> int:
 def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
-    return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress)
+    return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress,
+                    quick=args.quick)
 
 
 def cmd_evaluate(args) -> int:

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-
-class ConfigError(ValueError):
-    """A configuration value or key that memscan cannot accept."""
+from scanner.errors import ConfigError
 
 
 def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
@@ -182,11 +180,16 @@ class ScanConfig:
     out: str | None = None
     seed: int = 0
 
-    def validate(self) -> ScanConfig:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if dataclasses.is_dataclass(v):
-                v.validate(f.name)
+    def validate(self, sections: tuple[str, ...] | None = None) -> ScanConfig:
+        """Check every section, or only `sections` (a command checks what it uses: `dedup` has no model)."""
+        names = [f.name for f in dataclasses.fields(self) if dataclasses.is_dataclass(getattr(self, f.name))]
+        unknown = set(sections or ()) - set(names)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {', '.join(names)}")
+        for name in names if sections is None else [n for n in names if n in sections]:
+            getattr(self, name).validate(name)
+        if sections is not None and not {"classify", "geometry"} <= set(sections):
+            return self
         if self.classify.detector == "score_norm_cal" and not self.geometry.cal_refs:
             raise ConfigError("classify.detector is score_norm_cal but geometry.cal_refs is [], so that column is "
                               "not computed: set geometry.cal_refs (e.g. [hflip, vflip]) or another "
@@ -323,14 +326,21 @@ def load_yaml(path: str | Path) -> dict:
     return raw
 
 
+NEIGHBOUR_SECTIONS = ("data", "neighbours", "ray")  # memscan dedup / train-embedder: no diffusion model
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> ScanConfig:
-    """Load and validate a ScanConfig from a YAML file (optional) plus `--set` overrides."""
+                base: dict | None = None, sections: tuple[str, ...] | None = None) -> ScanConfig:
+    """Load a ScanConfig from a YAML file (optional) plus `--set` overrides; validate `sections` (None: all).
+
+    Every key is still parsed strictly (an unknown key in any section fails); only the value checks are
+    limited to the sections the command uses, so `dedup` does not ask for a model path.
+    """
     raw = dict(base or {})
     if path is not None:
         raw.update(load_yaml(path))
     raw = apply_overrides(raw, overrides or [])
-    return _from_dict(ScanConfig, raw).validate()
+    return _from_dict(ScanConfig, raw).validate(sections)
 
 
 def config_from_dict(raw: dict) -> ScanConfig:

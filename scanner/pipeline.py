@@ -23,8 +23,10 @@ import numpy as np
 
 from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
+from scanner.errors import ScanIncomplete
 from scanner.files import atomic_write_npy, atomic_write_parquet, write_json
 from scanner.progress import ShardProgress
+from scanner.raystart import start_ray
 
 log = logging.getLogger("memscan")
 
@@ -48,10 +50,6 @@ def text_column(values) -> np.ndarray:
 def with_text_columns(batch: dict) -> dict:
     """`batch` with every TEXT_COLUMNS column read through text_column."""
     return {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
-
-
-class ScanIncomplete(RuntimeError):
-    """Some shards have no output; the rest is saved and a rerun of the same command completes the scan."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,14 +120,18 @@ def _read_batch(batch: dict, resolution: int, channels: int, max_pixels: int) ->
 class ScoreStage:
     """Adds every geometry column, plus `vector` (the image in model space, float16, for local PCA)."""
 
-    def __init__(self, cfg: ScanConfig, threads: int | None = None):
+    def __init__(self, cfg: dict, threads: int | None = None):
+        """cfg: ScanConfig.to_dict() (plain data: Ray keeps no object-store reference it could lose when it
+        restarts this actor, ray#53727), already checked by preflight.check_scan on the driver."""
         import torch
 
+        from scanner.config import config_from_dict
         from scanner.geometry.scores import score_columns
         from scanner.models.loading import load_score_model, model_resolution
 
         if threads:
             torch.set_num_threads(threads)
+        cfg = config_from_dict(cfg)
         self.cfg = cfg
         self.model = load_score_model(cfg.model)
         res = model_resolution(self.model)
@@ -248,42 +250,6 @@ def init_ray(cfg: ScanConfig) -> None:
     start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Attach to `address` (or $RAY_ADDRESS), else start a local Ray on loopback; no-op when Ray is up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        log.info("connected to the Ray cluster at %s", address)
-    else:
-        _loopback_only()
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
-        log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
-                 "on" if dashboard else "off")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # memscan prints its own progress line
-    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines would break that line; -v keeps them
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _loopback_only() -> None:
-    """Make a local Ray use 127.0.0.1 as its node address, so its servers are not reachable from the network.
-
-    ray.init(_node_ip_address="127.0.0.1") is silently turned into the machine's routable address
-    (services.resolve_ip_for_localhost). Ray itself uses loopback where it assumes a single-node
-    machine (macOS, Windows), switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; its value is read
-    when ray is imported, so it is also set on the already-imported constant. Checked by
-    tests/test_scan.py::test_local_ray_listens_on_loopback_with_dashboard_off.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also inherited by the workers Ray starts
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
 def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = True) -> dict:
     """Score the shards that have no part file yet. Returns {'pending': n, 'done': n, 'seconds': s}."""
     import ray
@@ -307,7 +273,7 @@ def run_scoring(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = 
                                    "max_pixels": cfg.data.max_image_pixels})
     if cfg.model.kind != "none":
         threads = None if use_gpu else max(1, (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.actors)
-        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"cfg": cfg, "threads": threads},
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads},
                             batch_size=cfg.data.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors),
                             num_gpus=cfg.ray.gpus_per_actor if use_gpu else 0,
                             num_cpus=0 if use_gpu else actor_cpus(ray.cluster_resources().get("CPU", 1.0),
@@ -373,10 +339,12 @@ def versions() -> dict:
 def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """The whole job. Returns the summary (also written to out_dir/summary.json)."""
     from scanner.finalize import finalize
+    from scanner.preflight import check_scan
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = check_scan(cfg)  # paths made absolute and the model checked before Ray starts
     shards = expand_shards(cfg.data.shards)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     scoring = run_scoring(cfg, out, shards, progress)
     summary = finalize(cfg, out, shards, progress)

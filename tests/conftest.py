@@ -58,3 +58,36 @@ def scan_config(tiny_model_dir, tiny_corpus):
             "neighbours.enabled=false", "geometry.probes=2", "geometry.lpca_k=5", "ray.num_cpus=2",
             *overrides])
     return make
+
+
+def tiny_builders():
+    """tests/models/conftest.py's save_tiny_pixel / save_tiny_sd, for tests outside tests/models
+    (pytest offers a conftest's names only to the tests below it)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tiny_components", Path(__file__).parent / "models" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A random Stable Diffusion layout at 16 px (vae/, unet/, text_encoder/, tokenizer/, scheduler/)."""
+    return tiny_builders().save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(tmp_path_factory):
+    """An open_clip local directory of memscan's copy-detection tower at 32 px, random weights."""
+    import open_clip
+    import torch
+
+    from scanner.neighbours.embed import DEFAULT_ARCH, register_architectures
+    from scanner.neighbours.train_embedder import save_embedder
+
+    torch.manual_seed(0)
+    register_architectures()
+    model = open_clip.create_model(DEFAULT_ARCH, force_image_size=32)
+    return save_embedder(model, DEFAULT_ARCH, 32, tmp_path_factory.mktemp("emb") / "tiny", {"note": "random"})

@@ -15,6 +15,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from scanner.errors import ShardSpecError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTS = ("txt",)
 META_EXTS = ("json",)
@@ -25,10 +27,6 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # webdataset's convention: the key is the member path up to the first dot of its basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class ShardSpecError(ValueError):
-    """A shard path, glob or brace pattern that matches nothing usable."""
 
 
 def _brace_expand(pattern: str) -> list[str]:

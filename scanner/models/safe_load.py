@@ -13,17 +13,19 @@ from pathlib import Path
 
 import torch
 
+from scanner.errors import MissingPathError, UnsafeCheckpointError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def require_files(root: Path, relpaths: list[str], layout: str) -> None:
     """Raise FileNotFoundError naming `root`, every missing entry of `relpaths` and the expected `layout`."""
     if not root.is_dir():
-        raise FileNotFoundError(f"model directory {str(root)!r} does not exist; expected {layout}")
+        raise MissingPathError(f"model directory {str(root)!r} does not exist; expected {layout}")
     missing = [r for r in relpaths if not (root / r).exists()]
     if missing:
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-        raise FileNotFoundError(f"model directory {str(root)!r} lacks {', '.join(missing)} (found: "
+        raise MissingPathError(f"model directory {str(root)!r} lacks {', '.join(missing)} (found: "
                                 f"{', '.join(found[:20]) or 'nothing'}); expected {layout}")
 
 
@@ -39,10 +41,10 @@ def use_safetensors(component_dir: Path, allow_pickle: bool) -> bool:
         return True
     pickles = sorted(p.name for p in files if p.name.endswith(PICKLE_SUFFIXES))
     if not pickles:
-        raise FileNotFoundError(f"{str(component_dir)!r} holds no weights (no *.safetensors, no pickle); found: "
+        raise MissingPathError(f"{str(component_dir)!r} holds no weights (no *.safetensors, no pickle); found: "
                                 f"{', '.join(sorted(p.name for p in files)) or 'nothing'}")
     if not allow_pickle:
-        raise PermissionError(
+        raise UnsafeCheckpointError(
             f"{str(component_dir)!r} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary "
             "code when loaded; memscan loads *.safetensors only. Convert the checkpoint (load it once where you "
             "trust it and save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True if you trust "

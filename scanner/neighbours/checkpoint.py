@@ -17,6 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from scanner.errors import InputError, MissingPathError, UnsafeCheckpointError
+
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 # The suffixes open_clip itself looks for in a local directory (factory._find_checkpoint_in_dir).
@@ -50,7 +52,7 @@ def sniff_format(path: str | Path) -> str:
 
 
 def _refuse_pickle(path: Path) -> None:
-    raise ValueError(
+    raise UnsafeCheckpointError(
         f"checkpoint {str(path)!r} is a pickle file (torch.save format), which can execute code when loaded; "
         "memscan refuses it by default. Convert it to safetensors (safetensors.torch.save_file(state_dict, "
         "'model.safetensors')), or, if you trust the file, set neighbours.allow_pickle: true"
@@ -66,34 +68,34 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"neighbours.clip_checkpoint {str(p)!r} does not exist")
+        raise MissingPathError(f"neighbours.clip_checkpoint {str(p)!r} does not exist")
     if p.is_dir():
         cfg_path = p / CONFIG_NAME
         if not cfg_path.is_file():
-            raise ValueError(f"checkpoint directory {str(p)!r} has no {CONFIG_NAME}; expected an open_clip local "
+            raise InputError(f"checkpoint directory {str(p)!r} has no {CONFIG_NAME}; expected an open_clip local "
                              f"directory ({CONFIG_NAME} + {WEIGHTS_NAME}) or a single weights file")
         config = json.loads(cfg_path.read_text())
         if "model_cfg" not in config:
-            raise ValueError(f"{cfg_path} lacks 'model_cfg' (the open_clip architecture config)")
+            raise InputError(f"{cfg_path} lacks 'model_cfg' (the open_clip architecture config)")
         files = sorted(f for g in _DIR_WEIGHT_GLOBS for f in p.glob(g))
         if not files:
-            raise ValueError(f"checkpoint directory {str(p)!r} holds no weights (*.safetensors, *.bin, *.pth)")
+            raise InputError(f"checkpoint directory {str(p)!r} holds no weights (*.safetensors, *.bin, *.pth)")
         formats = {f: sniff_format(f) for f in files}
         # open_clip picks a .safetensors file first when one exists; otherwise a pickle would be loaded.
         chosen = next((f for f in files if f.suffix == ".safetensors"), files[0])
         if formats[chosen] == "pickle" and not allow_pickle:
             _refuse_pickle(chosen)
         if chosen.suffix == ".safetensors" and formats[chosen] != "safetensors":
-            raise ValueError(f"{str(chosen)!r} is named .safetensors but is {formats[chosen]}")
+            raise InputError(f"{str(chosen)!r} is named .safetensors but is {formats[chosen]}")
         return {"kind": "dir", "path": str(p), "format": formats[chosen], "config": config}
     fmt = sniff_format(p)
     if fmt == "pickle" and not allow_pickle:
         _refuse_pickle(p)
     if fmt == "safetensors" and p.suffix != ".safetensors":
         # open_clip dispatches on the suffix and would hand a safetensors file to torch.load.
-        raise ValueError(f"checkpoint {str(p)!r} is a safetensors file; name it *.safetensors so open_clip reads it")
+        raise InputError(f"checkpoint {str(p)!r} is a safetensors file; name it *.safetensors so open_clip reads it")
     if p.suffix == ".safetensors" and fmt != "safetensors":
-        raise ValueError(f"checkpoint {str(p)!r} is named .safetensors but its content is {fmt}")
+        raise InputError(f"checkpoint {str(p)!r} is named .safetensors but its content is {fmt}")
     if fmt == "unknown":
-        raise ValueError(f"checkpoint {str(p)!r} is neither safetensors nor a torch checkpoint")
+        raise InputError(f"checkpoint {str(p)!r} is neither safetensors nor a torch checkpoint")
     return {"kind": "file", "path": str(p), "format": fmt, "config": None}

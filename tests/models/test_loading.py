@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scanner.config import ModelConfig
+from scanner.errors import UnsafeCheckpointError
 from scanner.models.latent import LatentSDScoreModel
 from scanner.models.loading import load_score_model, model_resolution
 from scanner.models.pixel import PixelScoreModel
@@ -46,7 +47,7 @@ def test_kind_mismatch_says_what_was_found(pixel_dir, sd_dir, tmp_path):
 def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, make_tiny_pixel, pixel_model):
     root = make_tiny_pixel(tmp_path, safe_serialization=False)
     assert (root / "unet" / "diffusion_pytorch_model.bin").is_file()
-    with pytest.raises(PermissionError, match=r"unet.*only pickle weights \(diffusion_pytorch_model.bin\).*"
+    with pytest.raises(UnsafeCheckpointError, match=r"unet.*only pickle weights \(diffusion_pytorch_model.bin\).*"
                                               r"allow_pickle=True"):
         load_score_model(ModelConfig(kind="pixel", path=str(root), device="cpu"))
     trusted = load_score_model(ModelConfig(kind="pixel", path=str(root), device="cpu"), allow_pickle=True)
@@ -58,7 +59,7 @@ def test_pickled_text_encoder_is_refused_before_anything_loads(tmp_path, sd_dir)
     root = shutil.copytree(sd_dir, tmp_path / "sd")
     (root / "text_encoder" / "model.safetensors").unlink()
     (root / "text_encoder" / "pytorch_model.bin").write_bytes(b"a pickle memscan must not open")
-    with pytest.raises(PermissionError, match=r"text_encoder.*only pickle weights \(pytorch_model.bin\)"):
+    with pytest.raises(UnsafeCheckpointError, match=r"text_encoder.*only pickle weights \(pytorch_model.bin\)"):
         LatentSDScoreModel.from_pretrained(root)
     (root / "text_encoder" / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match=r"text_encoder.*holds no weights"):

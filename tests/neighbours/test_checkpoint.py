@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scanner.config import NeighboursConfig
+from scanner.errors import UnsafeCheckpointError
 from scanner.neighbours.checkpoint import WEIGHTS_NAME, sniff_format
 from scanner.neighbours.embed import DEFAULT_ARCH, load_embedder
 
@@ -40,12 +41,12 @@ def test_pickle_checkpoint_refused_by_default(tiny_checkpoint, tmp_path):
     pt = tmp_path / "model.pt"
     torch.save(state, pt)
     assert sniff_format(pt) == "pickle"
-    with pytest.raises(ValueError, match=r"model\.pt.*neighbours\.allow_pickle"):
+    with pytest.raises(UnsafeCheckpointError, match=r"model\.pt.*neighbours\.allow_pickle"):
         load_embedder(_cfg(pt))
     # a renamed pickle is recognised by its bytes, not its name
     disguised = tmp_path / "model.safetensors"
     shutil.copy(pt, disguised)
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="allow_pickle"):
         load_embedder(_cfg(disguised))
 
 
@@ -54,7 +55,7 @@ def test_pickle_in_local_dir_refused_unless_allowed(tiny_checkpoint, tmp_path):
     d.mkdir()
     shutil.copy(tiny_checkpoint / "open_clip_config.json", d)
     torch.save(load_file(str(tiny_checkpoint / WEIGHTS_NAME)), d / "open_clip_pytorch_model.bin")
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="allow_pickle"):
         load_embedder(_cfg(d))
     emb = load_embedder(_cfg(d, allow_pickle=True))  # trusted: loads, same weights, same vectors
     ref = load_embedder(_cfg(tiny_checkpoint))
