@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 
 from scanner.config import ScanConfig
+from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import shard_name
 from scanner.files import atomic_write_parquet, atomic_write_text
+from scanner.schema import ERRORS, P_LAPLACE_PREFIX, REMOVAL, scores_schema
 
 log = logging.getLogger("memscan")
 
-SCORE_COLUMNS_FIRST = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap"]
-SCORE_COLUMNS_LAST = ["score_norm", "score_norm_cal", "cfg_norm", "mem_class", "verdict", "error"]
 REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
 
 
@@ -150,10 +150,11 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
         vectors = vectors[has_key]
 
     # The same key in two shards is reported, not merged: both rows stay, each gets an error.
-    dup_key = df["key"].duplicated(keep=False)
-    if dup_key.any():
-        df.loc[dup_key & df["error"].isna(), "error_stage"] = "read"
-        df.loc[dup_key & df["error"].isna(), "error"] = "key appears in more than one sample of the corpus"
+    repeated = pd.Series(repeated_key_errors(df["key"].tolist(), df["shard"].tolist()), index=df.index, dtype=object)
+    fill = repeated.notna() & df["error"].isna()
+    if fill.any():
+        df.loc[fill, "error_stage"] = "read"
+        df.loc[fill, "error"] = repeated[fill]
 
     summary: dict = {"timings_s": {}}
     dups = None
@@ -192,22 +193,21 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
     for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "cfg_norm"):
         if col not in df:
             df[col] = np.nan
-    p_cols = sorted(c for c in df.columns if c.startswith("p_laplace_"))
-    cols = SCORE_COLUMNS_FIRST + p_cols + SCORE_COLUMNS_LAST
+    schema = scores_schema([c for c in df.columns if c.startswith(P_LAPLACE_PREFIX)])
     for name, part in df.groupby("shard", sort=True):
-        atomic_write_parquet(part[cols].reset_index(drop=True), out / "scores" / f"{name}.parquet")
+        atomic_write_parquet(part, out / "scores" / f"{name}.parquet", schema)
 
     errors = pd.concat([
         df.loc[df["error"].notna(), ["key", "shard", "error_stage", "error"]],
         shard_errors[["key", "shard", "error_stage", "error"]].assign(error_stage="read"),
     ], ignore_index=True).rename(columns={"error_stage": "stage"})
     if embeddings is not None:  # samples the embedder could not read (dedup_corpus already loaded them)
-        emb_err = embeddings["errors"].assign(stage="embed")
+        emb_err = embeddings["errors"]
         errors = pd.concat([errors, emb_err[~emb_err["key"].isin(set(errors["key"]))]], ignore_index=True)
-    atomic_write_parquet(errors[["key", "shard", "stage", "error"]], out / "errors.parquet")
+    atomic_write_parquet(errors, out / "errors.parquet", ERRORS)
 
     rem = removal_list(df, dups, replicated)
-    atomic_write_parquet(rem, out / "removal_list.parquet")
+    atomic_write_parquet(rem, out / "removal_list.parquet", REMOVAL)
     atomic_write_text("".join(f"{k}\n" for k in rem["key"]), out / "removal_list.txt")
 
     summary["counts"] = {

@@ -217,12 +217,14 @@ def test_same_key_in_two_shards_is_reported_and_an_empty_shard_is_fine(ray_sessi
     assert sorted(scores["shard"].unique()) == [first.stem, "00099"]  # the empty shard has no rows, no crash
     n = len(pd.read_parquet(out / "scores" / f"{first.stem}.parquet"))
     assert len(scores) == 2 * n  # both copies kept
-    dup = scores["error"].fillna("").str.contains("more than one sample")
+    dup = scores["error"].fillna("").str.contains("is repeated")
     in_first = scores["shard"] == first.stem
     assert (dup & in_first).sum() == (dup & ~in_first).sum() > 0  # every repeated key flagged in both shards
     assert set(scores.loc[dup & in_first, "key"]) == set(scores.loc[dup & ~in_first, "key"])
+    # the error names both shards that carry the key, so either row says where the other copy is
+    assert scores.loc[dup, "error"].str.contains(f"in shards {first.stem}, 00099;").all()
     errors = pd.read_parquet(out / "errors.parquet")
-    assert errors["error"].str.contains("more than one sample").sum() == dup.sum()
+    assert errors["error"].str.contains("is repeated").sum() == dup.sum()
     assert summary["counts"]["scored"] == int(scores["error"].isna().sum())
 
 
@@ -261,7 +263,7 @@ def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config,
     def through_ray(batch):
         return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).to_batch_format("numpy")
 
-    scored = ScoreStage(cfg)(through_ray(clean))
+    scored = ScoreStage(cfg.to_dict())(through_ray(clean))
     assert all(e is None for e in scored["error"]) and all(c is None for c in scored["caption"])
     assert np.isfinite(scored["score_norm"]).all() and np.isfinite(scored["p_laplace_1"]).all()
     # blocks with and without string errors merge, and the collector keeps None as None

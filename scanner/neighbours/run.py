@@ -14,6 +14,7 @@ Returns the summary dict (counts, thresholds, embedder, index info, timings) for
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from scanner.files import atomic_write_parquet, atomic_write_text
 from scanner.neighbours.dedup import KEEP_RULE, duplicate_removals, find_duplicate_groups
 from scanner.neighbours.store import shard_images
 from scanner.progress import ShardProgress
+from scanner.schema import DUPLICATES, ERRORS, REMOVAL, REPLICATIONS
 
 # pHash Hamming radius of the near-exact pass: measured on the demo corpus, 2 bits links re-encodes
 # and light colour changes at pair precision 0.9998; 6 bits already merges distinct images.
@@ -67,8 +69,6 @@ def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None
     whatever Ray is initialised (the scan's, or the cluster's); otherwise in this process. `progress`
     shows shards and images embedded, rate and ETA on stderr.
     """
-    import dataclasses
-
     from scanner.data.shards import expand_shards
     from scanner.neighbours.embed import load_embedder
     from scanner.neighbours.index import build_index
@@ -101,17 +101,17 @@ def dedup_corpus(shards, out_dir, cfg, log=print, train_steps: int | None = None
     reps = None
     if model_dir and cfg.generations > 0:
         reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out)
-        atomic_write_parquet(reps, out / "replications.parquet")
+        atomic_write_parquet(reps, out / "replications.parquet", REPLICATIONS)
         extra = pd.DataFrame({"key": sorted(set(reps.loc[reps["replicated"], "matched_key"]))})
         extra = extra[~extra["key"].isin(set(removal["key"]))]
         extra = extra.assign(shard=extra["key"].map(shard_of), reason="replicated")
         removal = pd.concat([removal, extra[list(removal.columns)]], ignore_index=True)
     t_rep = time.time() - t_rep
-    atomic_write_parquet(dups, out / "duplicates.parquet")
-    atomic_write_parquet(removal, out / "removal_list.parquet")
+    atomic_write_parquet(dups, out / "duplicates.parquet", DUPLICATES)
+    atomic_write_parquet(removal, out / "removal_list.parquet", REMOVAL)
     atomic_write_text("".join(f"{k}\n" for k in removal["key"]), out / "removal_list.txt")
-    errors = data["errors"].assign(stage="embed")[["key", "shard", "stage", "error"]]
-    atomic_write_parquet(errors, out / "errors.parquet")
+    errors = data["errors"]
+    atomic_write_parquet(errors, out / "errors.parquet", ERRORS)
     summary = {
         "counts": {"seen": len(data["keys"]) + len(errors), "embedded": len(data["keys"]), "errors": len(errors),
                    "duplicate_groups": int(dups["group_id"].nunique()), "duplicates": int((~dups["keep"]).sum()),
@@ -166,10 +166,12 @@ def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool
 class EmbedShards:
     """Ray Data actor: loads the embedder once, embeds whole shards (one parquet file per shard)."""
 
-    def __init__(self, cfg, out_dir: str):
+    def __init__(self, cfg: dict, out_dir: str):
+        """cfg: a NeighboursConfig as a plain dict (no object-store reference to lose on an actor restart)."""
+        from scanner.config import NeighboursConfig
         from scanner.neighbours.embed import load_embedder
 
-        self.embedder = load_embedder(cfg)
+        self.embedder = load_embedder(NeighboursConfig(**cfg))
         self.out = out_dir
 
     def __call__(self, batch: dict) -> dict:
@@ -184,7 +186,7 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     """Embed `paths` with a Ray Data actor pool; returns the embedding files (the same as embed_shard's)."""
     import ray
 
-    from scanner.pipeline import start_ray
+    from scanner.raystart import start_ray
 
     start_ray()  # the scan's Ray when it runs, else $RAY_ADDRESS or a local one on loopback
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -192,8 +194,8 @@ def embed_with_ray(paths: list[str], cfg, out: Path, log=print, actors: int | No
     n = actors or max(1, int(gpus))
     log(f"embedding {len(paths)} shards with {n} Ray actor(s) on {'GPU' if gpu else 'CPU'}")
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out)}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=n), num_gpus=1 if gpu else 0,
+    ds = ds.map_batches(EmbedShards, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "out_dir": str(out)},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_gpus=1 if gpu else 0,
                         num_cpus=0 if gpu else 1)
     files = []
     with ShardProgress(len(paths), "embed", progress) as bar:

@@ -77,14 +77,21 @@ def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_
 
 def load_embeddings(paths: list[str | Path]) -> dict:
     """Concatenate per-shard files -> dict: keys, shards, captions, sha256, pixels (width x height),
-    phash (N,) uint64, vectors (N, d) float32 for the good rows, and errors (DataFrame: key, shard, error)."""
+    phash (N,) uint64, vectors (N, d) float32 for the good rows, and errors (DataFrame: key, shard, stage ('read' for a
+    repeated key, else 'embed'), error).
+    Every row of a key that more than one row carries is an error row (scanner.data.keys)."""
+    from scanner.data.keys import repeated_key_errors
+
     frames = [pd.read_parquet(p) for p in paths]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    repeated = pd.Series(repeated_key_errors(df["key"].tolist(), df["shard"].tolist()), index=df.index, dtype=object)
+    df["stage"] = np.where(df["error"].isna() & repeated.notna(), "read", "embed")
+    df["error"] = df["error"].where(df["error"].notna(), repeated)  # every copy of a repeated key is an error row
     good = df[df["error"].isna() & df["embedding"].notna()]
     vectors = np.stack(good["embedding"].to_numpy()).astype(np.float32) if len(good) else np.zeros((0, 0), np.float32)
     return {
         "keys": good["key"].tolist(), "shards": good["shard"].tolist(), "captions": good["caption"].tolist(),
         "sha256": good["sha256"].tolist(), "pixels": (good["width"] * good["height"]).astype("int64").tolist(),
         "phash": good["phash"].astype("int64").to_numpy().view(np.uint64),
-        "vectors": vectors, "errors": df.loc[df["error"].notna(), ["key", "shard", "error"]].reset_index(drop=True),
+        "vectors": vectors, "errors": df.loc[df["error"].notna(), ["key", "shard", "stage", "error"]].reset_index(drop=True),
     }

@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
-import pytest
-
-pytest.importorskip("scanner.data.decode")  # the lead's decoder (scanner/data/decode.py)
 
 from scanner.config import NeighboursConfig
 from scanner.data.demo import build_demo_corpus
@@ -98,3 +95,36 @@ def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, ti
         assert not good.any() or np.allclose(np.stack(a["embedding"][good]), np.stack(b["embedding"][good]), atol=1e-5)
     da, db = (pd.read_parquet(tmp_path / d / "duplicates.parquet") for d in ("local", "ray"))
     assert da[["key", "group_id", "keep"]].equals(db[["key", "group_id", "keep"]])
+
+
+def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(tiny_checkpoint, tmp_path):
+    """A shard copied under a second name repeats every key: dedup still writes every table, each copy of a
+    repeated key is an error row naming both shards, and the other shards' rows are grouped as usual."""
+    import shutil
+
+    corpus = build_demo_corpus(tmp_path / "demo", n_unique=30, n_repeated=1, repeat_copies=3, n_oversampled=1,
+                               n_exact_dup_groups=2, n_near_dup_groups=1, n_corrupt=1, n_no_caption=1,
+                               samples_per_shard=20, truncate_last_shard=False, seed=1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in corpus.shards:
+        shutil.copy(p, shards / p.name)
+    first = corpus.shards[0]
+    shutil.copy(first, shards / "00099.tar")
+    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
+    out = tmp_path / "out"
+    summary = run_dedup(str(shards), out, cfg, log=lambda s: None)
+    errors = pd.read_parquet(out / "errors.parquet")
+    repeated = errors[errors.error.str.contains("is repeated")]
+    import tarfile
+
+    with tarfile.open(first) as tf:
+        keys_in_first = {m.name.split(".")[0] for m in tf.getmembers()}
+    assert set(repeated.key) == keys_in_first and len(repeated) == 2 * len(keys_in_first)
+    assert repeated.error.str.contains(f"in shards {first.stem}, 00099;").all() and set(repeated.stage) == {"read"}
+    # nothing else is lost: every other readable key is embedded, and no repeated key reaches a group
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    assert not set(dups.key) & keys_in_first
+    truth = pd.read_parquet(corpus.truth)
+    good = set(truth.key[truth.readable & (truth.planted != "corrupt")]) - keys_in_first
+    assert summary["counts"]["embedded"] == len(good)
