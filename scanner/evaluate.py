@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.files import write_json
-
-NON_SCORES = {"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error"}
+from scanner.schema import SCORES_META
 
 
 def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr_max: float = 0.01) -> float:
@@ -34,7 +33,7 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
     if y.all() or not y.any():
         return out
     for col in scores.columns:
-        if col in NON_SCORES or not np.issubdtype(df[col].dtype, np.number):
+        if col in SCORES_META or not np.issubdtype(df[col].dtype, np.number):
             continue
         s = df[col].to_numpy(dtype=float)
         keep = np.isfinite(s)

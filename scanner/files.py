@@ -8,12 +8,23 @@ import os
 from pathlib import Path
 
 
-def atomic_write_parquet(df, path: Path) -> None:
-    """pandas DataFrame -> parquet at `path` (no index), creating the parent directory."""
+def atomic_write_parquet(df, path: Path, schema=None) -> None:
+    """pandas DataFrame -> parquet at `path` (no index), creating the parent directory.
+
+    schema: a pyarrow schema from scanner.schema for a user-facing table: its columns, in its order and
+    types (None: the types pandas infers, for internal files).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
+    if schema is None:
+        df.to_parquet(tmp, index=False)
+    else:
+        import pyarrow.parquet as pq
+
+        from scanner.schema import to_arrow
+
+        pq.write_table(to_arrow(df, schema), tmp)
     os.replace(tmp, path)
 
 

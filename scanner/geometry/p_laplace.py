@@ -32,12 +32,7 @@ from scanner.geometry.trace import (
     repeat_cond,
     time_vector,
 )
-
-
-def p_column(p: float) -> str:
-    """Column name of Delta_p: 1 -> "p_laplace_1", 1.5 -> "p_laplace_1_5", 0.25 -> "p_laplace_0_25"."""
-    p = check_positive("p", p)
-    return "p_laplace_" + format(p, "g").replace(".", "_").replace("-", "m").replace("+", "")
+from scanner.schema import p_column
 
 
 def check_p_values(p_values: Sequence[float]) -> list[float]:

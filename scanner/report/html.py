@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.files import atomic_write_text
+from scanner.schema import P_LAPLACE_PREFIX, SCORES_META, p_of_column, scores_schema
 
 log = logging.getLogger("memscan")
 
@@ -54,7 +55,6 @@ SECTIONS = [
     ("removal", "Removal list"),
 ]
 
-SCORE_ORDER = ["lid_flipd", "lid_nb", "lid_lpca", "lid_gap", "score_norm", "score_norm_cal", "cfg_norm"]  # p_laplace_* after lid_gap
 DESCRIBE = {
     "lid_flipd": "LID<sub>θ</sub> by FLIPD: dimension of the model's manifold at the image",
     "lid_nb": "LID<sub>θ</sub> by the normal bundle (reference estimator)",
@@ -297,15 +297,15 @@ def _fig_uri(fig) -> str:
 
 def _p_value(col: str) -> float:
     try:
-        return float(col.removeprefix("p_laplace_").replace("_", ".").replace("m", "-"))
+        return p_of_column(col)
     except ValueError:
         return math.inf
 
 
 def score_columns(df: pd.DataFrame) -> list[str]:
-    """Numeric score columns present and not all-null, in reading order."""
-    p_cols = sorted((c for c in df.columns if c.startswith("p_laplace_")), key=lambda c: (_p_value(c), c))
-    order = SCORE_ORDER[:4] + p_cols + SCORE_ORDER[4:]
+    """Numeric score columns present and not all-null, in reading order (the scores/ schema's)."""
+    p_cols = [c for c in df.columns if c.startswith(P_LAPLACE_PREFIX) and not math.isinf(_p_value(c))]
+    order = [c for c in scores_schema(p_cols).names if c not in SCORES_META]
     return [c for c in order if c in df and pd.to_numeric(df[c], errors="coerce").notna().any()]
 
 
