@@ -199,6 +199,39 @@ def unique_by_bytes(images: np.ndarray, raw_hashes: list[str]) -> np.ndarray:
     return images[keep]
 
 
+def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[np.ndarray, list[str], int, int]:
+    """At most `max_images` distinct images (by raw bytes) at `size` px, from as few shards as hold them.
+
+    Shards are read in a seeded random order until max_images distinct images are in hand, so memory is
+    bounded by max_images, not by the corpus, and the same seed gives the same sample. The images come back
+    in corpus order (shard, then position), and when they are more than max_images a seeded subset is kept:
+    a corpus that fits whole gives exactly the images (and order) of decoding every shard.
+    Returns (images (N, size, size, 3) uint8, the sha1 of every readable sample's bytes in the shards read,
+    shards read, shards in all).
+    """
+    from scanner.data.load import load_images
+    from scanner.data.shards import expand_shards
+
+    paths = expand_shards(shards)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    picked: dict[int, tuple[np.ndarray, list[str]]] = {}
+    distinct: set[str] = set()
+    for i in order:
+        _, images, _, hashes = load_images(paths[i], size, channels=3)
+        picked[int(i)] = (images, hashes)
+        distinct.update(hashes)
+        if len(distinct) >= max_images:
+            break
+    parts = [picked[i] for i in sorted(picked)]  # corpus order
+    hashes = [h for _, hs in parts for h in hs]
+    images = unique_by_bytes(np.concatenate([im for im, _ in parts]) if parts else np.zeros((0, size, size, 3),
+                                                                                             np.uint8), hashes)
+    if len(images) > max_images:
+        idx = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+        images = images[idx]
+    return images, hashes, len(picked), len(paths)
+
+
 def train_embedder(shards, out_dir, cfg, steps: int = DEFAULT_STEPS, seed: int = 0, time_budget_s: float | None = None,
                    max_images: int = 50_000, arch: str | None = None, log=print) -> Path:
     """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
@@ -208,16 +241,10 @@ def train_embedder(shards, out_dir, cfg, steps: int = DEFAULT_STEPS, seed: int =
     (a seeded sample) are used: a copy detector needs variety, not the whole corpus.
     Returns out_dir, loadable by load_embedder with neighbours.clip_checkpoint = out_dir.
     """
-    from scanner.data.load import load_images
-
     arch = arch or (cfg.clip_model if cfg.clip_model in ARCHITECTURES else DEFAULT_ARCH)
-    keys, images, _, raw_hashes = load_images(shards, cfg.image_size, channels=3)
-    images = unique_by_bytes(images, raw_hashes)
-    if len(images) > max_images:
-        idx = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
-        images = images[idx]
-    log(f"train-embedder: {len(images)} distinct images of {len(keys)} at {cfg.image_size}px, arch {arch}, "
-        f"{steps} steps")
+    images, raw_hashes, read, total = training_sample(shards, cfg.image_size, max_images, seed)
+    log(f"train-embedder: {len(images)} distinct images at {cfg.image_size}px from {read} of {total} shards, "
+        f"arch {arch}, {steps} steps")
     model, record = train_on_images(images, arch=arch, steps=steps, seed=seed, time_budget_s=time_budget_s, log=log)
     record["corpus_digest"] = hashlib.sha256("".join(sorted(raw_hashes)).encode()).hexdigest()[:16]
     return save_embedder(model, arch, cfg.image_size, out_dir, record)
