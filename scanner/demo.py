@@ -12,7 +12,16 @@ log = logging.getLogger("memscan")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def ensure_demo_corpus(out: Path, seed: int = 0) -> Path:
+# `memscan demo --quick`: the same commands on a corpus and training budget small enough to finish in a few
+# minutes on a laptop CPU (and in the tests); the scan, tables and report are real, the metrics mean little.
+QUICK_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 10, "n_oversampled": 2, "n_exact_dup_groups": 3,
+                "n_near_dup_groups": 3, "n_corrupt": 2, "n_no_caption": 3, "samples_per_shard": 40}
+QUICK_STEPS = 30  # demo-model optimizer steps
+QUICK_OVERRIDES = ["neighbours.train_steps=30", "neighbours.generations=4", "neighbours.gen_steps=4",
+                   "geometry.probes=2", "geometry.lpca_k=5"]
+
+
+def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False) -> Path:
     from scanner.data.demo import build_demo_corpus
 
     corpus = out / "corpus"
@@ -20,39 +29,49 @@ def ensure_demo_corpus(out: Path, seed: int = 0) -> Path:
         log.info("demo corpus: cached at %s", corpus)
         return corpus
     t0 = time.time()
-    build_demo_corpus(corpus, seed=seed)
+    build_demo_corpus(corpus, seed=seed, **(QUICK_CORPUS if quick else {}))
     log.info("demo corpus: built in %.1f s at %s", time.time() - t0, corpus)
     return corpus
 
 
-def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress: bool = True) -> Path:
+def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress: bool = True,
+                      steps: int | None = None, quick: bool = False) -> Path:
+    """out/model, trained on out/corpus (built first if missing) unless a finished model is there.
+
+    Training stops after `steps` optimizer steps (None: the trainer's default) or `minutes`, whichever
+    comes first; `quick` uses the small corpus and QUICK_STEPS.
+    """
     from scanner.demo_train import train_demo
 
-    corpus = ensure_demo_corpus(out, seed)
+    corpus = ensure_demo_corpus(out, seed, quick=quick)
     model = out / "model"
-    if (model / "unet" / "config.json").exists() and (model / "scheduler").exists():
+    if (model / "train_info.json").exists():  # written last: its presence means the model is complete
         log.info("demo model: cached at %s", model)
         return model
-    log.info("demo model: training for up to %.0f minutes on this machine (cached afterwards)", minutes)
-    train_demo(corpus, model, seed=seed, time_budget_s=minutes * 60, progress=progress)
+    steps = QUICK_STEPS if quick and steps is None else steps
+    log.info("demo model: training for %s on this machine (cached afterwards)",
+             f"{steps} steps or {minutes:g} minutes, whichever comes first" if steps else f"up to {minutes:g} minutes")
+    train_demo(corpus, model, seed=seed, time_budget_s=minutes * 60, progress=progress,
+               **({"steps": steps} if steps else {}))
     return model
 
 
-def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = None, progress: bool = True) -> int:
+def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = None, progress: bool = True,
+             quick: bool = False) -> int:
     from scanner.config import load_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    model = ensure_demo_model(out, minutes, progress=progress)
+    model = ensure_demo_model(out, minutes, progress=progress, quick=quick)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
     base = [f"data.shards={out / 'corpus' / 'shards'}", f"model.path={model}"]
     if "resolution" in info:
         base.append(f"data.resolution={info['resolution']}")
     if "channels" in info:
         base.append(f"data.channels={info['channels']}")
-    cfg = load_config(DEMO_CONFIG, base + list(overrides or []))
+    cfg = load_config(DEMO_CONFIG, base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     scan_dir = out / "scan"
     if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:
         # Trained here, before the scan starts Ray, so it has the CPU to itself (measured: about 2 min alone,

@@ -71,8 +71,9 @@ def test_hutchinson_variance_shrinks_with_probes(gmm, dist):
 
 
 def _tiny_unet_model():
-    pixel = pytest.importorskip("scanner.models.pixel")
     from diffusers import DDPMScheduler, UNet2DModel
+
+    from scanner.models import pixel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),

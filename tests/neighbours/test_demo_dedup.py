@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("scanner.data.load")  # load_images (the lead's scanner/data/load.py)
-
 from scanner.config import NeighboursConfig
 from scanner.data.demo import build_demo_corpus
 from scanner.data.load import load_images

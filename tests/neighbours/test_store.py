@@ -6,10 +6,7 @@ import io
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
-
-pytest.importorskip("scanner.data.decode")  # the lead's decoder (scanner/data/decode.py)
 
 from scanner.config import NeighboursConfig
 from scanner.neighbours.embed import load_embedder

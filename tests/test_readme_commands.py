@@ -1,0 +1,277 @@
+"""Every command the README and `memscan --help` show, run as a user types it: a subprocess, its exit code,
+the files interfaces.md promises.
+
+The commands are read out of README.md's code blocks and the --help epilog, so a command added there
+without a test here fails `test_every_shown_command_is_run`. Each is run as written, apart from paths
+(runs/demo -> the quick demo this module builds, /data/laion -> its shards, /models/... -> tiny local
+models) and sizes (`--quick`, fewer steps, smaller images): `sized` appends the size flags, and
+`test_flags_as_written` checks that every flag the README uses is passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from scanner.cli import EPILOG
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RUNNERS = ("memscan ", "ray job submit ", "RAY_ADDRESS=", "pytest")
+
+
+def shown_commands() -> list[str]:
+    """Commands in README.md's bash blocks, the `$ ` lines of its plain blocks (the rest is output) and the
+    --help epilog; continuation lines joined, comments and prompts dropped, `a && b` split."""
+    lines = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", README.read_text(), re.DOTALL):
+        body = body.replace("\\\n", " ").splitlines()
+        lines += body if lang == "bash" else [ln[2:] for ln in body if ln.startswith("$ ")] if lang == "" else []
+    cmds = set()
+    for line in lines + EPILOG.splitlines():
+        line = re.sub(r"\s+#.*$", "", line.strip())
+        for seg in line.split("&&"):
+            seg = " ".join(seg.split())
+            if seg.startswith(RUNNERS):
+                cmds.add(seg)
+    return sorted(cmds)
+
+
+# Shown commands that cannot run here, each with where else it is checked.
+NOT_RUN_HERE = {
+    "pytest -q": ".ci/run runs it (this file is part of it)",
+    "RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x":
+        "needs a cluster: benchmarks/cluster_check.py attaches to a real two-node cluster (ray start)",
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """`memscan demo --out DIR --quick`, once: its corpus, model, embedder and scan feed the other commands."""
+    out = tmp_path_factory.mktemp("readme") / "demo"
+    proc = run(["memscan", "demo", "--out", str(out), "--quick"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert re.search(r"^score_norm_cal +repeated +\d\.\d{3} +\d\.\d{3} +(low|high)$", proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"memscan demo: done in \d+ s; scan results in .*report: .*report\.html", proc.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def paths(demo, tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
+    """README path -> the path this test uses (longest prefixes first)."""
+    tmp = tmp_path_factory.mktemp("readme_out")
+    return {"runs/demo": str(demo), "runs/": f"{tmp}/runs/", "/data/laion/{00000..00099}.tar":
+            f"{demo}/corpus/shards/{{00000..00002}}.tar", "/models/stable-diffusion-v1-5": str(tiny_sd_dir),
+            "/models/open_clip/ViT-L-14/open_clip_model.safetensors": str(demo / "scan" / "embedder"),
+            "/scans/": f"{tmp}/scans/", "/shared/scans/": f"{tmp}/shared/"}
+
+
+def run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """argv as typed, with `memscan` and `python` resolved to this interpreter (the tests' environment)."""
+    if argv[0] == "memscan":
+        argv = [sys.executable, "-m", "scanner", *argv[1:]]
+    elif argv[0] in ("python", "python3"):
+        argv = [sys.executable, *argv[1:]]
+    return subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
+                          timeout=900, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                                            "PYTHONUNBUFFERED": "1"})
+
+
+def localize(cmd: str, paths: dict[str, str]) -> list[str]:
+    out = []
+    for tok in shlex.split(cmd):
+        for a, b in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+            if a in tok:
+                tok = tok.replace(a, b)
+                break
+        out.append(tok)
+    if out[:3] == ["ray", "job", "submit"]:  # the job's entry point, run by this machine's Python
+        out = out[out.index("--") + 1:]
+    return out
+
+
+# Size flags per (sub)command: smaller models, steps and images, never other behaviour.
+SD_SIZES = ["--set", "data.resolution=16", "--set", "neighbours.image_size=32", "--set", "neighbours.generations=2",
+            "--set", "neighbours.gen_steps=2", "--set", "geometry.probes=1", "--set", "model.batch_size=16"]
+SIZES = {"scan": ["--set", "geometry.probes=1", "--no-progress"], "dedup": ["--train-steps", "10", "--no-progress"],
+         "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20"]}
+
+
+def sized(argv: list[str]) -> list[str]:
+    sub = "scan" if argv[:2] == ["python", "jobs/scan.py"] else argv[1]
+    extra = list(SIZES.get(sub, []))
+    if "configs/laion-sd15.yaml" in argv:
+        extra += SD_SIZES
+    return argv + extra
+
+
+def test_every_shown_command_is_run():
+    """A command the README or --help gains must get a case here (or a reason in NOT_RUN_HERE)."""
+    shown = set(shown_commands())
+    handled = set(CASES) | set(NOT_RUN_HERE)
+    assert shown == handled, {"shown, not tested": sorted(shown - handled), "tested, no longer shown": sorted(
+        handled - shown)}
+
+
+def test_flags_as_written(paths):
+    """Every flag and config key a shown command uses is in what the test runs."""
+    for cmd in CASES:
+        argv = sized(localize(cmd, paths))
+        for tok in shlex.split(cmd):
+            if tok.startswith("--") or re.match(r"^[a-z_]+\.[a-z_]+=", tok):
+                assert any(t == tok or t.startswith(tok.split("=")[0] + "=") for t in argv), (cmd, tok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what each command promises (interfaces.md)
+
+SCORE_COLUMNS = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap",
+                 "p_laplace_1", "p_laplace_2", "score_norm", "cfg_norm", "mem_class", "verdict", "error"]
+
+
+def check_scan(out: Path, conditional: bool = False) -> None:
+    scores = pd.read_parquet(out / "scores")  # the README's pandas line: every shard at once
+    assert set(SCORE_COLUMNS) <= set(scores.columns) and len(scores) > 0
+    assert not scores["key"].duplicated().any()
+    good = scores[scores["error"].isna()]
+    assert len(good) > 0 and good["score_norm"].notna().all() and good["lid_lpca"].notna().all()
+    assert set(good["mem_class"]) <= {"od", "dd", "none"}
+    assert set(good["verdict"]) <= {"confirmed", "suspected", "duplicate", "clear"}
+    if conditional:
+        assert good["cfg_norm"].notna().all()
+    check_dedup(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["seen"] == len(scores) and "versions" in summary and "config" in summary
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def check_dedup(out: Path) -> None:
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    assert {"key", "group_id", "similarity", "keep"} <= set(dups.columns)
+    assert dups.groupby("group_id")["keep"].sum().eq(1).all()
+    removal = pd.read_parquet(out / "removal_list.parquet")
+    assert list(removal.columns) == ["key", "shard", "reason"]
+    assert set(removal["reason"]) <= {"duplicate", "od_mem", "dd_mem", "replicated"}
+    assert (out / "removal_list.txt").read_text().split() == removal["key"].tolist()
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert list(errors.columns) == ["key", "shard", "stage", "error"] and errors["error"].notna().all()
+    assert json.loads((out / "summary.json").read_text())["counts"]["removed"] == len(removal)
+
+
+def check_demo(demo: Path, out: Path, proc) -> None:
+    check_scan(demo / "scan")
+    truth = pd.read_parquet(demo / "corpus" / "truth.parquet")
+    assert {"key", "group_id", "planted", "copies"} <= set(truth.columns)
+    metrics = json.loads((demo / "scan" / "metrics.json").read_text())
+    assert 0 <= metrics["scores"]["repeated_vs_unique"]["score_norm_cal"]["auroc"] <= 1
+    reps = pd.read_parquet(demo / "scan" / "replications.parquet")
+    assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"] and len(reps) == 4
+
+
+def check_corpus(out: Path) -> None:
+    truth = pd.read_parquet(out / "truth.parquet")
+    assert {"key", "group_id", "planted", "copies"} <= set(truth.columns)
+    assert len(list((out / "shards").glob("*.tar"))) >= 1
+
+
+def check_train_demo(out: Path) -> None:
+    for f in ("unet/config.json", "scheduler/scheduler_config.json", "train_info.json"):
+        assert (out / "model" / f).is_file(), f
+    assert any((out / "model" / "unet").glob("*.safetensors"))
+    assert json.loads((out / "model" / "train_info.json").read_text())["steps"] == 3
+
+
+def check_embedder(out: Path) -> None:
+    assert (out / "open_clip_config.json").is_file() and any(out.glob("*.safetensors"))
+
+
+def check_metrics(out: Path) -> None:
+    m = json.loads((out / "metrics.json").read_text())
+    for col in m["scores"]["repeated_vs_unique"].values():
+        assert 0 <= col["auroc"] <= 1 and 0 <= col["tpr_at_1pct_fpr"] <= 1
+    assert 0 <= m["duplicates"]["pair_precision"] <= 1 and 0 <= m["duplicates"]["pair_recall"] <= 1
+
+
+def check_report(out: Path) -> None:
+    html = (out / "report.html").read_text()
+    assert "Most at-risk samples" in html and "data:image/png;base64," in html
+
+
+# README command -> (what it writes to check, how to prepare): `out` is the --out the test passes
+CASES = {
+    "memscan demo --out runs/demo": "demo",
+    "memscan build-demo-corpus --out runs/corpus": "corpus",
+    "memscan train-demo --out runs/demo": "train-demo",
+    "memscan train-embedder --shards runs/demo/corpus/shards --out runs/embedder": "embedder",
+    "memscan scan --config configs/demo.yaml --shards 'runs/demo/corpus/shards/{00000..00005}.tar' "
+    "--set model.path=runs/demo/model --out runs/rescan": "scan",
+    "memscan scan --config configs/demo.yaml --set model.path=runs/demo/model --set geometry.probes=8 "
+    "--shards runs/demo/corpus/shards --out runs/probes8": "scan",
+    "memscan evaluate --out runs/demo/scan --truth runs/demo/corpus/truth.parquet": "metrics",
+    "memscan report --out runs/demo/scan --truth runs/demo/corpus/truth.parquet": "report",
+    "memscan scan --config configs/laion-sd15.yaml --shards '/data/laion/{00000..00099}.tar' "
+    "--set model.path=/models/stable-diffusion-v1-5 --set neighbours.clip_checkpoint=/models/open_clip/ViT-L-14/"
+    "open_clip_model.safetensors --out /scans/sd15": "scan-sd",
+    "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup --threshold 0.93": "dedup",
+    "memscan dedup --shards runs/demo/corpus/shards --out runs/dedup --threshold 0.95": "dedup",
+    "ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/scan.py "
+    "--config configs/laion-sd15.yaml --out /shared/scans/sd15": "scan-sd",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", sorted(CASES))
+def test_shown_command_runs_as_typed(cmd, demo, paths):
+    kind = CASES[cmd]
+    argv = sized(localize(cmd, paths))
+    out = Path(argv[argv.index("--out") + 1])
+    if kind == "demo":  # the module fixture ran it; check everything it wrote
+        return check_demo(demo, out, None)
+    if kind == "train-demo":  # its own --out, with the quick corpus (train-demo builds the full one if missing)
+        out = out.parent / "train-demo"
+        argv[argv.index("--out") + 1] = str(out)
+        shutil.copytree(demo / "corpus", out / "corpus")
+    if "{00000..00005}" in cmd:  # the quick corpus has 3 shards, the full demo 6
+        argv = [a.replace("{00000..00005}", "{00000..00002}") for a in argv]
+    if kind in ("metrics", "report"):  # rewrite into a copy, so the order of the tests does not matter
+        copy = out.parent / f"{out.name}-{kind}"
+        shutil.copytree(out, copy, dirs_exist_ok=True)
+        argv[argv.index("--out") + 1] = str(copy)
+        (copy / "metrics.json").unlink(missing_ok=True)
+        (copy / "report.html").unlink(missing_ok=True)
+        out = copy
+    proc = run(argv)
+    assert proc.returncode == 0, (argv, proc.stdout[-4000:])
+    assert "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    {"corpus": check_corpus, "train-demo": check_train_demo, "embedder": check_embedder, "scan": check_scan,
+     "metrics": check_metrics, "report": check_report, "dedup": check_dedup,
+     "scan-sd": lambda o: check_scan(o, conditional=True)}[kind](out)
+
+
+@pytest.mark.slow
+def test_readme_pandas_and_duckdb_snippets(demo):
+    """The README's Python and SQL blocks, run as shown against the quick demo's scan."""
+    text = README.read_text()
+    python = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1).replace("runs/demo", str(demo))
+    proc = run(["python", "-c", python + "\nprint('rows', len(scores))\n"])
+    assert proc.returncode == 0 and "rows" in proc.stdout, proc.stdout[-3000:]
+    import duckdb  # the test extra installs it; the README's SQL is what users paste into duckdb
+
+    sql = re.search(r"```sql\n(.*?)```", text, re.DOTALL).group(1).replace("runs/demo", str(demo))
+    sql = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    queries = [q.strip() for q in sql.split(";") if q.strip()]
+    assert len(queries) == 2
+    removal = duckdb.sql(queries[0]).fetchall()
+    assert sum(n for _, n in removal) == len(pd.read_parquet(demo / "scan" / "removal_list.parquet"))
+    classes = duckdb.sql(queries[1]).fetchall()
+    assert sum(row[1] for row in classes) == pq.read_table(demo / "scan" / "scores").num_rows
