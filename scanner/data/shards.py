@@ -1,7 +1,8 @@
 """Finding and reading webdataset shards (img2dataset layout: KEY.jpg + KEY.txt + KEY.json in a .tar).
 
-Reading is streaming (`tarfile` in "r|" mode: one pass, no seeks, works on pipes and object stores
-mounted as files) and never raises on data: a member it cannot use becomes an error row, and a
+Reading is streaming (`tarfile` in "r|*" mode: one pass, no seeks, works on pipes and object stores
+mounted as files, reads gzip/bz2/xz-compressed tars as webdataset does) and never raises on data: a
+member it cannot use (a link, a device, a name that is no KEY.EXT) becomes an error row, and a
 truncated or corrupt tar yields every sample read before the damage followed by one shard-level
 error row. Tar member names are only ever parsed as strings, never used as filesystem paths.
 """
@@ -12,6 +13,7 @@ import glob
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,9 @@ META_EXTS = ("json",)
 # One member this large is refused (an image or caption, not a video); keeps a bad shard from
 # exhausting worker memory.
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# Captions are cut to this many characters: far beyond any text encoder's context (CLIP: 77 tokens), and
+# a crawl's megabyte "alt text" would otherwise be copied into every output table.
+MAX_CAPTION_CHARS = 16_384
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # webdataset's convention: the key is the member path up to the first dot of its basename.
@@ -79,11 +84,8 @@ def _sample_row(key: str, shard: str, members: dict[str, bytes], member_errors: 
     caption = None
     error = "; ".join(member_errors) or None
     if "txt" in members:
-        try:
-            caption = members["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            caption = members["txt"].decode("utf-8", errors="replace").strip()
-            error = error or None  # a mangled caption is still a caption: keep the sample
+        # Invalid UTF-8 is mangled, not refused: the image is fine and the caption is still mostly readable.
+        caption = members["txt"].decode("utf-8", errors="replace").strip()[:MAX_CAPTION_CHARS]
     if image_ext is None and error is None:
         found = ", ".join(sorted(members)) or "nothing"
         error = f"no image member (found: {found}; accepted: {', '.join(IMAGE_EXTS)})"
@@ -98,47 +100,99 @@ def _sample_row(key: str, shard: str, members: dict[str, bytes], member_errors: 
     }
 
 
+def _split_name(name: str) -> tuple[str, str | None]:
+    """Member name -> (key, lower-case extension), or (name, None) when it names no sample."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (name, None)
+
+
+def _key_problem(key: str) -> str | None:
+    """Why a key cannot be reported as it is (keys end up in parquet and one a line in removal_list.txt)."""
+    if any(0xDC80 <= ord(c) <= 0xDCFF for c in key):  # tarfile's surrogateescape for bytes that are not UTF-8
+        return "is not valid UTF-8"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "has a control character"
+    return None
+
+
+def _printable_key(key: str) -> str:
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_MEMBER_KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+                 tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    kind = _MEMBER_KINDS.get(info.type, f"member of tar type {info.type!r}")
+    return f"{kind} to {info.linkname!r}" if info.linkname else kind
+
+
 def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Stream one shard as sample dicts.
 
     Each dict: key, shard (the shard's path), image (bytes | None), ext, caption (str | None),
     json (bytes | None), error (str | None). A final dict with key None and an error is yielded
     when the tar is truncated or unreadable; samples read before that point are all yielded.
+
+    Keys are webdataset's: the member path up to the first dot of its basename (``a/b.c.jpg`` -> ``a/b``).
+    A key met again after other members, or with an extension its sample already has, starts a new
+    sample with the same key (nothing is merged or overwritten; the corpus-wide check reports repeats).
+    Links, devices and FIFOs are error rows naming the member and its type: they are never followed.
     """
     shard = str(path)
     current: str | None = None
     members: dict[str, bytes] = {}
     member_errors: list[str] = []
+
+    def row() -> dict:
+        problem = _key_problem(current)
+        if problem is None:
+            return _sample_row(current, shard, members, member_errors)
+        return {"key": _printable_key(current), "shard": shard, "image": None, "ext": None, "caption": None,
+                "json": None, "error": f"member name {current!r} {problem}: its key cannot be reported"}
+
+    def shard_row(error: str) -> dict:
+        return {"key": None, "shard": shard, "image": None, "ext": None, "caption": None, "json": None,
+                "error": error}
+
     try:
         with tarfile.open(shard, mode="r|*") as tf:
             for info in tf:
-                if not info.isfile():
-                    continue  # directories, links, devices: never followed
-                m = _KEY_EXT.match(info.name)
-                if m is None:
-                    continue  # no extension: not part of any sample
-                key, ext = os.path.basename(m.group(1)), m.group(2).lower()
-                if key != current:
+                if info.isdir():
+                    continue  # a container, not part of a sample (`tar c dir/` writes one); no data is lost
+                key, ext = _split_name(info.name)
+                if ext is None or key != current or ext in members:
                     if current is not None:
-                        yield _sample_row(current, shard, members, member_errors)
+                        yield row()
                     current, members, member_errors = key, {}, []
+                kind = None if info.isfile() else _member_kind(info)
+                if ext is None:  # README, ._KEY.jpg (macOS AppleDouble): webdataset skips these too
+                    member_errors.append(f"member {info.name!r}{f' ({kind})' if kind else ''} does not name a "
+                                         "sample (KEY.EXTENSION): not read")
+                    yield row()
+                    current = None
+                    continue
+                if kind is not None:
+                    member_errors.append(f"member {info.name!r} is a {kind}, not a regular file: not read (memscan "
+                                         "reads regular files only and never follows a link)")
+                    continue
                 if info.size > max_member_bytes:
-                    member_errors.append(f"member {ext} is {info.size} bytes (> {max_member_bytes})")
+                    member_errors.append(f"member {info.name!r} is {info.size} bytes (> {max_member_bytes})")
                     continue
                 f = tf.extractfile(info)
                 data = f.read() if f is not None else b""
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name!r} truncated ({len(data)} of {info.size} bytes)")
                 members[ext] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         # The sample being read when the archive broke is kept only if its image was complete.
         if current is not None and any(x in members for x in IMAGE_EXTS):
-            yield _sample_row(current, shard, members, member_errors)
+            yield row()
         elif current is not None:
-            yield {"key": current, "shard": shard, "image": None, "ext": None, "caption": None, "json": None,
-                   "error": f"sample cut off by a damaged shard: {type(e).__name__}: {e}"}
-        yield {"key": None, "shard": shard, "image": None, "ext": None, "caption": None, "json": None,
-               "error": f"truncated or corrupt shard: {type(e).__name__}: {e}"}
+            yield {"key": _printable_key(current), "shard": shard, "image": None, "ext": None, "caption": None,
+                   "json": None, "error": f"sample cut off by a damaged shard: {type(e).__name__}: {e}"}
+        yield shard_row(f"truncated or corrupt shard: {type(e).__name__}: {e}")
         return
     if current is not None:
-        yield _sample_row(current, shard, members, member_errors)
+        yield row()
