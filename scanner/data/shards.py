@@ -4,7 +4,8 @@ Reading is streaming (`tarfile` in "r|*" mode: one pass, no seeks, works on pipe
 mounted as files, reads gzip/bz2/xz-compressed tars as webdataset does) and never raises on data: a
 member it cannot use (a link, a device, a name that is no KEY.EXT) becomes an error row, and a
 truncated or corrupt tar yields every sample read before the damage followed by one shard-level
-error row. Tar member names are only ever parsed as strings, never used as filesystem paths.
+error row; so does a file that is not a tar, and a tar with no samples. Tar member names are only
+ever parsed as strings, never used as filesystem paths.
 """
 
 from __future__ import annotations
@@ -128,12 +129,63 @@ def _member_kind(info: tarfile.TarInfo) -> str:
     return f"{kind} to {info.linkname!r}" if info.linkname else kind
 
 
+def _end_recorder() -> tuple[type, dict]:
+    """A TarInfo class that records why the archive's member loop ended, and the dict it writes to.
+
+    tarfile ends the loop without an exception when, after the first member, the data runs out at a
+    header (a tar cut between members or inside a header) or a header fails its checksum: every sample
+    behind that point would be lost without a word. TarInfo.fromtarfile reads each header, so it sees
+    which of these it was.
+    """
+    end: dict = {}
+
+    class RecordingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf):
+            try:
+                return super().fromtarfile(tf)
+            except tarfile.HeaderError as e:
+                end["error"], end["offset"] = e, tf.offset
+                raise
+
+    return RecordingTarInfo, end
+
+
+def _trailing_data(tf: tarfile.TarFile) -> bool:
+    """Whether anything but zero padding follows the end-of-archive block (e.g. `cat a.tar b.tar`)."""
+    read = getattr(tf.fileobj, "read", None)
+    if read is None:
+        return False
+    while chunk := read(1 << 16):
+        if chunk.strip(b"\0"):
+            return True
+    return False
+
+
+def _unread_tail(tf: tarfile.TarFile, end: dict) -> str | None:
+    """Why a member loop that ended without an exception did not reach the real end of the shard, or None."""
+    err, at = end.get("error"), end.get("offset")
+    if isinstance(err, tarfile.EOFHeaderError):  # a zero block: the end-of-archive marker
+        if _trailing_data(tf):
+            return (f"the shard goes on after its end-of-archive marker at byte {at} (tars concatenated, or a "
+                    "zeroed block): what follows is not read, as webdataset does not read it either")
+        return None
+    if isinstance(err, tarfile.EmptyHeaderError):
+        return f"the data ends at byte {at}, between two members, without the tar end-of-archive marker"
+    if isinstance(err, tarfile.TruncatedHeaderError):
+        return f"the data ends at byte {at}, cut inside a member header"
+    if isinstance(err, tarfile.InvalidHeaderError):
+        return f"corrupt member header at byte {at} ({err}): the rest of the shard is not read"
+    return None
+
+
 def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Stream one shard as sample dicts.
 
     Each dict: key, shard (the shard's path), image (bytes | None), ext, caption (str | None),
     json (bytes | None), error (str | None). A final dict with key None and an error is yielded
-    when the tar is truncated or unreadable; samples read before that point are all yielded.
+    when the shard is not a tar, truncated, corrupt, or holds no samples; samples read before the
+    damage are all yielded.
 
     Keys are webdataset's: the member path up to the first dot of its basename (``a/b.c.jpg`` -> ``a/b``).
     A key met again after other members, or with an extension its sample already has, starts a new
@@ -144,6 +196,9 @@ def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Ite
     current: str | None = None
     members: dict[str, bytes] = {}
     member_errors: list[str] = []
+    yielded = 0
+    opened = False
+    tarinfo, end = _end_recorder()
 
     def row() -> dict:
         problem = _key_problem(current)
@@ -157,7 +212,8 @@ def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Ite
                 "error": error}
 
     try:
-        with tarfile.open(shard, mode="r|*") as tf:
+        with tarfile.open(shard, mode="r|*", tarinfo=tarinfo) as tf:
+            opened = True
             for info in tf:
                 if info.isdir():
                     continue  # a container, not part of a sample (`tar c dir/` writes one); no data is lost
@@ -165,12 +221,14 @@ def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Ite
                 if ext is None or key != current or ext in members:
                     if current is not None:
                         yield row()
+                        yielded += 1
                     current, members, member_errors = key, {}, []
                 kind = None if info.isfile() else _member_kind(info)
                 if ext is None:  # README, ._KEY.jpg (macOS AppleDouble): webdataset skips these too
                     member_errors.append(f"member {info.name!r}{f' ({kind})' if kind else ''} does not name a "
                                          "sample (KEY.EXTENSION): not read")
                     yield row()
+                    yielded += 1
                     current = None
                     continue
                 if kind is not None:
@@ -185,7 +243,13 @@ def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Ite
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name!r} truncated ({len(data)} of {info.size} bytes)")
                 members[ext] = data
+            tail = _unread_tail(tf, end)
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        if not opened and isinstance(e, tarfile.TarError):  # the first header already failed
+            empty = os.path.isfile(shard) and os.path.getsize(shard) == 0
+            yield shard_row("not a tar archive: the file is empty (0 bytes)" if empty else
+                            f"not a tar archive: {type(e).__name__}: {e}")
+            return
         # The sample being read when the archive broke is kept only if its image was complete.
         if current is not None and any(x in members for x in IMAGE_EXTS):
             yield row()
@@ -196,3 +260,8 @@ def iter_tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Ite
         return
     if current is not None:
         yield row()
+        yielded += 1
+    if tail is not None:
+        yield shard_row(f"truncated or corrupt shard: {tail}")
+    elif yielded == 0:
+        yield shard_row("the shard holds no samples (an empty tar, or only directories)")
