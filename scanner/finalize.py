@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.config import ScanConfig
-from scanner.data.shards import shard_name
+from scanner.data.shards import REPEATED_KEY_ERROR, shard_name
 from scanner.files import atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger("memscan")
@@ -153,7 +153,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
     dup_key = df["key"].duplicated(keep=False)
     if dup_key.any():
         df.loc[dup_key & df["error"].isna(), "error_stage"] = "read"
-        df.loc[dup_key & df["error"].isna(), "error"] = "key appears in more than one sample of the corpus"
+        df.loc[dup_key & df["error"].isna(), "error"] = REPEATED_KEY_ERROR
 
     summary: dict = {"timings_s": {}}
     dups = None

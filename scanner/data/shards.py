@@ -28,6 +28,9 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # a crawl's megabyte "alt text" would otherwise be copied into every output table.
 MAX_CAPTION_CHARS = 16_384
 
+# The corpus-wide check's text (finalize for a scan, neighbours.store for dedup): one key, two samples.
+REPEATED_KEY_ERROR = "key appears in more than one sample of the corpus"
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # webdataset's convention: the key is the member path up to the first dot of its basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")

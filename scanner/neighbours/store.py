@@ -79,12 +79,17 @@ def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_
 def load_embeddings(paths: list[str | Path]) -> dict:
     """Concatenate per-shard files -> dict: keys, shards (names), captions, sha256, pixels (width x height),
     phash (N,) uint64, vectors (N, d) float32 for the good rows, and errors (DataFrame: key, shard, error).
+
+    A key found in more than one sample of these files is an error on every one of them, as in the scan
+    (finalize): which of two different images a removal-list key means cannot be told.
     """
-    from scanner.data.shards import shard_name
+    from scanner.data.shards import REPEATED_KEY_ERROR, shard_name
 
     frames = [pd.read_parquet(p) for p in paths]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     df["shard"] = df["shard"].map(lambda s: shard_name(s) if isinstance(s, str) else s)  # files that held the path
+    repeated = df["key"].notna() & df["key"].duplicated(keep=False) & df["error"].isna()
+    df.loc[repeated, "error"] = REPEATED_KEY_ERROR
     good = df[df["error"].isna() & df["embedding"].notna()]
     vectors = np.stack(good["embedding"].to_numpy()).astype(np.float32) if len(good) else np.zeros((0, 0), np.float32)
     return {
