@@ -58,6 +58,9 @@ def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: i
             im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
     except DecodeError:
         raise
+    except Image.DecompressionBombError as e:  # PIL refuses (in Image.open) what is far above its own limit
+        raise DecodeError(f"image is above PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (possible "
+                          f"decompression bomb): {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; all mean "not an image we can use"
         # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): drop it, so the
         # same bad image gives the same error text on every run and every node

@@ -1,7 +1,8 @@
 """Per-shard embedding files, so re-indexing (new threshold, new index kind) never re-embeds.
 
     out/embeddings/<embedder fingerprint>/<shard>.parquet   one row per sample of the shard:
-        key, shard, caption, sha256 (of the raw image bytes), width, height (original pixels),
+        key, shard (its name, as shard_name gives it and the scan's tables use it), path (the shard
+        file read), caption, sha256 (of the raw image bytes), width, height (original pixels),
         phash (int64 bits of the 64-bit pHash), embedding (list<float32>, unit norm; null on error),
         error (null when fine)
 
@@ -22,7 +23,7 @@ import pandas as pd
 from scanner.files import atomic_write_parquet
 
 EMBED_DIR = "embeddings"
-COLUMNS = ["key", "shard", "caption", "sha256", "width", "height", "phash", "embedding", "error"]
+COLUMNS = ["key", "shard", "path", "caption", "sha256", "width", "height", "phash", "embedding", "error"]
 
 
 def embedding_path(out_dir: str | Path, shard: str, fingerprint: str) -> Path:
@@ -43,7 +44,7 @@ def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_
                 overwrite: bool = False) -> Path:
     """Embed every sample of one tar shard with `embedder` (embed.Embedder); write and return its parquet."""
     from scanner.data.decode import decode_image
-    from scanner.data.shards import iter_tar_samples
+    from scanner.data.shards import iter_tar_samples, shard_name
     from scanner.neighbours.phash import phash64
 
     path = embedding_path(out_dir, shard, embedder.fingerprint)
@@ -52,8 +53,8 @@ def embed_shard(shard: str, embedder, out_dir: str | Path, max_pixels: int = 64_
     size = embedder.image_size
     rows, images = [], []
     for s in iter_tar_samples(shard):
-        row = {"key": s["key"], "shard": str(shard), "caption": s.get("caption"), "sha256": None, "width": None,
-               "height": None, "error": s["error"]}
+        row = {"key": s["key"], "shard": shard_name(shard), "path": str(shard), "caption": s.get("caption"),
+               "sha256": None, "width": None, "height": None, "error": s["error"]}
         if s["image"] is not None and row["error"] is None:
             row["sha256"] = hashlib.sha256(s["image"]).hexdigest()
             try:
@@ -81,9 +82,11 @@ def load_embeddings(paths: list[str | Path]) -> dict:
     repeated key, else 'embed'), error).
     Every row of a key that more than one row carries is an error row (scanner.data.keys)."""
     from scanner.data.keys import repeated_key_errors
+    from scanner.data.shards import shard_name
 
     frames = [pd.read_parquet(p) for p in paths]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    df["shard"] = df["shard"].map(lambda s: shard_name(s) if isinstance(s, str) else s)  # files that held the path
     repeated = pd.Series(repeated_key_errors(df["key"].tolist(), df["shard"].tolist()), index=df.index, dtype=object)
     df["stage"] = np.where(df["error"].isna() & repeated.notna(), "read", "embed")
     df["error"] = df["error"].where(df["error"].notna(), repeated)  # every copy of a repeated key is an error row
