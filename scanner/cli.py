@@ -12,9 +12,10 @@ EPILOG = """\
 examples:
   memscan demo --out runs/demo
       build the embedded demo corpus, train the demo model (both cached in runs/demo), scan, evaluate
-  memscan scan --config configs/demo.yaml --shards 'data/{00000..00099}.tar' --out runs/laion
-      geometry scores + neighbours for every image; resumes where a killed run stopped
-  memscan scan --config configs/laion-sd15.yaml --set geometry.t0=0.3 --set model.batch_size=4 --out runs/sd
+  memscan scan --config demo --shards 'data/{00000..00099}.tar' --out runs/laion
+      geometry scores + neighbours for every image; resumes where a killed run stopped (--config: a YAML
+      file, or the name of one shipped with memscan: demo, laion-sd15; copies to edit in configs/)
+  memscan scan --config laion-sd15 --set geometry.t0=0.3 --set model.batch_size=4 --out runs/sd
       override any config key on the command line (section.key=value)
   memscan dedup --shards data/ --out runs/dedup --threshold 0.95
       duplicate groups and a removal list before training, no diffusion model needed
@@ -53,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "$RAY_ADDRESS), scores each image (FLIPD, p-Laplace, score norm, CFG norm, "
                                    "optionally NB), finds duplicates, classifies OD-/DD-Mem and writes a removal "
                                    "list. Rerunning into the same --out skips finished shards.",
-                       epilog="example:\n  memscan scan --config configs/demo.yaml --shards 'd/{00000..00009}.tar' "
+                       epilog="example:\n  memscan scan --config demo --shards 'd/{00000..00009}.tar' "
                               "--set geometry.probes=16 --out runs/x")
-    p.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml: every key is commented)")
+    p.add_argument("--config", required=True,
+                   help="YAML config file, or a config shipped with memscan by name (demo, laion-sd15; "
+                        "configs/ in the repository has them with every key commented)")
     p.add_argument("--shards", nargs="+", help="directory, glob or brace pattern; overrides data.shards")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")

@@ -9,8 +9,6 @@ from pathlib import Path
 
 log = logging.getLogger("memscan")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
 
 def ensure_demo_corpus(out: Path, seed: int = 0) -> Path:
     from scanner.data.demo import build_demo_corpus
@@ -39,7 +37,7 @@ def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress:
 
 
 def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = None, progress: bool = True) -> int:
-    from scanner.config import load_config
+    from scanner.config import load_config, shipped_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
@@ -52,7 +50,7 @@ def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = Non
         base.append(f"data.resolution={info['resolution']}")
     if "channels" in info:
         base.append(f"data.channels={info['channels']}")
-    cfg = load_config(DEMO_CONFIG, base + list(overrides or []))
+    cfg = load_config(shipped_config("demo"), base + list(overrides or []))
     scan_dir = out / "scan"
     if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:
         # Trained here, before the scan starts Ray, so it has the CPU to itself (measured: about 2 min alone,
