@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from scanner import __version__
+
 EPILOG = """\
 examples:
   memscan demo --out runs/demo
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memscan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Find duplicated and memorized images in diffusion-model training data (webdataset shards).")
+    parser.add_argument("--version", action="version", version=f"memscan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("scan", formatter_class=argparse.RawDescriptionHelpFormatter,
