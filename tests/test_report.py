@@ -217,8 +217,10 @@ def test_missing_inputs_render_with_a_note(scan, tmp_path):
     assert "split by mem_class" in text and "split by planted class" not in text  # no truth file given
 
 
-def test_dedup_only_run_finds_images_through_embeddings(scan, tiny_corpus, tmp_path):
-    """`memscan dedup` leaves no scores and no config; its embeddings files name each sample's shard."""
+@pytest.mark.parametrize("layout", ["name_and_path", "path_in_shard"])
+def test_dedup_only_run_finds_images_through_embeddings(scan, tiny_corpus, tmp_path, layout):
+    """`memscan dedup` leaves no scores and no config; its embeddings files name each sample's shard file
+    (in `path`; embeddings written before that column existed held the path in `shard`)."""
     out = tmp_path / "dedup"
     out.mkdir()
     shutil.copy(scan[0] / "duplicates.parquet", out)
@@ -227,8 +229,8 @@ def test_dedup_only_run_finds_images_through_embeddings(scan, tiny_corpus, tmp_p
     by_name = {p.stem: str(p) for p in tiny_corpus.shards}
     (out / "embeddings" / "fp0").mkdir(parents=True)
     for name, part in truth.groupby("shard"):
-        pd.DataFrame({"key": part["key"], "shard": by_name[name]}).to_parquet(out / "embeddings" / "fp0" /
-                                                                               f"{name}.parquet")
+        cols = {"shard": name, "path": by_name[name]} if layout == "name_and_path" else {"shard": by_name[name]}
+        pd.DataFrame({"key": part["key"], **cols}).to_parquet(out / "embeddings" / "fp0" / f"{name}.parquet")
     (out / "summary.json").write_text(json.dumps({
         "counts": {"seen": len(truth), "embedded": len(truth), "duplicate_groups": 8, "duplicates": 30, "removed": 30},
         "thresholds": {"dup_threshold": 0.9321, "keep_rule": "keep the largest image"}}))

@@ -66,6 +66,9 @@ def open_image(data: bytes | None, max_pixels: int = 64_000_000) -> tuple[Image.
             im = _to_rgb(im)
     except DecodeError:
         raise
+    except Image.DecompressionBombError as e:  # PIL refuses (in Image.open) what is far above its own limit
+        raise DecodeError(f"image is above PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (possible "
+                          f"decompression bomb): {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; all mean "not an image we can use"
         # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): drop it, so the
         # same bad image gives the same error text on every run and every node

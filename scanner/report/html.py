@@ -216,15 +216,19 @@ def _key_locations(run: Run, keys: list[str]) -> dict[str, str]:
         shard_of = dict(zip(run.scores["key"], run.scores["shard"]))
         loc.update({k: by_name[shard_of[k]] for k in keys if shard_of.get(k) in by_name})
     rest = set(keys) - set(loc)
-    if rest:  # a dedup-only run has no scores but its embeddings files name each sample's shard path
+    if rest:  # a dedup-only run has no scores but its embeddings files name each sample's shard file
+        import pyarrow.parquet as pq
+
         for f in sorted((run.out / "embeddings").glob("**/*.parquet")):
             try:
-                emb = pd.read_parquet(f, columns=["key", "shard"])
+                # `path`: the shard column holds the shard's name (files written before held the path there)
+                col = "path" if "path" in pq.read_schema(f).names else "shard"
+                emb = pd.read_parquet(f, columns=["key", col])
             except Exception as e:  # noqa: BLE001 - best effort: an unreadable file only costs thumbnails
                 log.debug("report: skipping %s: %s", f, e)
                 continue
             emb = emb[emb["key"].isin(rest)]
-            loc.update({k: s for k, s in zip(emb["key"], emb["shard"]) if os.path.isfile(str(s))})
+            loc.update({k: s for k, s in zip(emb["key"], emb[col]) if os.path.isfile(str(s))})
             rest -= set(emb["key"])
             if not rest:
                 break
