@@ -40,9 +40,12 @@ def init_ray(cfg: ScanConfig) -> None:
 
 def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
     """What the part files depend on: a rerun into the same --out must match it (parts/_run.json)."""
+    from scanner.neighbours.embed import checkpoint_digest
+
     m = {"data": {k: getattr(cfg.data, k) for k in ("resolution", "channels", "max_image_pixels")},
-         "model": None, "geometry": None, "embedder": embedder,
-         "embed_side": cfg.neighbours.image_size if embedder else None}
+         "model": None, "geometry": None,
+         "embedder": {"checkpoint": embedder, "digest": checkpoint_digest(embedder),
+                      "image_size": cfg.neighbours.image_size} if embedder else None}
     if cfg.model.kind != "none":
         m["model"] = {"kind": cfg.model.kind, "path": cfg.model.path, "dtype": cfg.model.dtype}
         m["geometry"] = dataclasses.asdict(cfg.geometry)

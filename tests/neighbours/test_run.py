@@ -55,7 +55,7 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_c
 
     from scanner.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="another embedder"):
+    with pytest.raises(ConfigError, match=r"part files made with another embedder .*Use a new --out"):
         run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg, image_size=48,
                                                                                  clip_checkpoint=None), train_steps=2)
 
@@ -81,11 +81,12 @@ def test_scan_with_model_writes_replications(ray_session, scan_config, tiny_chec
     rep = summary["neighbours"]["replications"]
     assert rep["replicated"] == 3 and rep["rate"] == 1.0
     assert set(summary["stages"]) == {"read", "embed", "score"}
-    # the threshold is what decides: above every similarity, nothing replicates and nothing is removed for it
-    above = float(reps.similarity.max()) + 1e-4
-    run_scan(scan_config(*sets, f"neighbours.rep_threshold={above}"), out, progress=False)  # parts reused
-    assert not pd.read_parquet(out / "replications.parquet").replicated.any()
-    assert "replicated" not in set(pd.read_parquet(out / "removal_list.parquet").reason)
+    # the threshold is what decides: at the highest cosine, only generations that reach it replicate
+    run_scan(scan_config(*sets, "neighbours.rep_threshold=1.0"), out, progress=False)  # parts reused
+    strict = pd.read_parquet(out / "replications.parquet")
+    assert strict.replicated.tolist() == (strict.similarity >= 1.0).tolist()
+    removed = set(pd.read_parquet(out / "removal_list.parquet").query("reason == 'replicated'").key)
+    assert removed == set(strict.matched_key[strict.replicated]) - set(dups.key[~dups.keep])
 
 
 def test_embed_stage_is_the_embedder_on_the_read_stage_images(tiny_checkpoint, tiny_corpus):
