@@ -11,10 +11,10 @@ fixed embedder checkpoint, no generations). A sampler thread reads /proc every 0
 every process below it (raylet, GCS, Ray workers) and keeps: the driver's peak RSS, the largest single
 worker's peak RSS, and the peak of the sum over all processes.
 
-Stages alone, on the 1x corpus, in this process: read + decode (scanner.pipeline.read_decode_shard, no
-Ray), scoring (ScoreStage.__call__ on decoded batches, no Ray), embedding (the embedder on decoded
-images). The pipeline ratio is the scan's scoring-phase images/s (read + decode + score through Ray
-Data, summary.json timings) over the slowest of read+decode and scoring alone.
+Stages alone, on the 1x corpus, in this process: read + decode (scanner.stages.read.read_shard, both
+sizes from one decode, no Ray), scoring (ScoreStage on decoded batches, no Ray), embedding (the embedder
+on the decoded images). The pipeline ratio is the scan's pipeline-phase images/s (read + embed + score
+through Ray Data, summary.json timings_s.stages) over the slowest of read+decode and scoring alone.
 
 Where the time goes: the scoring seconds of all factors are fitted as fixed + images / steady rate (least
 squares), and the fixed part is set beside two startup costs measured in fresh processes: a local Ray's
@@ -71,7 +71,7 @@ def _rss(pid: int) -> int:
 
 
 TICK = os.sysconf("SC_CLK_TCK")
-ROLES = [("ScoreStage", "scoring actor"), ("EmbedShards", "embedding actor"), ("_read_batch", "read tasks"),
+ROLES = [("ScoreStage", "scoring actor"), ("EmbedStage", "embedding actor"), ("read_batch", "read tasks"),
          ("raylet", "raylet"), ("gcs_server", "GCS")]
 
 
@@ -149,13 +149,14 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
 
     from scanner.config import load_config
     from scanner.neighbours.embed import load_embedder
-    from scanner.pipeline import ScoreStage, read_decode_shard
+    from scanner.stages.read import ReadSpec, read_shard
+    from scanner.stages.score import ScoreStage
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.path={model}", f"neighbours.clip_checkpoint={embedder}"])
     t0 = time.time()
-    batches = [b for p in shards for b in read_decode_shard(str(p), cfg.data.resolution, cfg.data.channels,
-                                                               cfg.data.max_image_pixels)]
+    spec = ReadSpec(cfg.data.resolution, cfg.data.channels, cfg.neighbours.image_size, cfg.data.max_image_pixels)
+    batches = [b for p in shards for b in read_shard(str(p), spec)]  # the one decode feeds both sizes
     read_s = time.time() - t0
     n = sum(int((~b["marker"]).sum()) for b in batches)
     stage = ScoreStage(cfg.to_dict(), threads=threads)
@@ -164,9 +165,9 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
         for i in range(0, len(b["key"]), cfg.data.batch_size):
             stage({k: v[i:i + cfg.data.batch_size] for k, v in b.items()})
     score_s = time.time() - t0
-    from scanner.data.load import load_images
+    import numpy as np
 
-    _, images, _, _ = load_images([str(p) for p in shards], cfg.neighbours.image_size)
+    images = np.concatenate([b["image_embed"][~b["marker"]] for b in batches])
     emb = load_embedder(cfg.neighbours)
     t0 = time.time()
     emb.embed(images)
@@ -186,7 +187,7 @@ if {what!r} == "ray":
     t0 = time.time()
     start_ray()
 else:
-    from scanner.pipeline import ScoreStage
+    from scanner.stages.score import ScoreStage
     ScoreStage(cfg.to_dict(), threads=1)
 print(json.dumps(time.time() - t0))
 """
@@ -208,7 +209,7 @@ def fit_fixed_and_rate(rows: list[dict]) -> tuple[float, float]:
     import numpy as np
 
     n = np.array([r["scored"] for r in rows], float)
-    t = np.array([r["timings_s"]["scoring"] for r in rows], float)
+    t = np.array([r["timings_s"]["stages"] for r in rows], float)
     slope, fixed = np.polyfit(n, t, 1)
     return round(float(fixed), 1), round(float(1.0 / slope), 1)
 
@@ -254,7 +255,7 @@ def main() -> None:
     slowest = min(alone["read_decode_img_s"], alone["score_img_s"])
     first = rows[0]
     for r in rows:
-        r["pipeline_img_s"] = round(r["scored"] / max(r["timings_s"]["scoring"], 1e-9), 1)
+        r["pipeline_img_s"] = round(r["scored"] / max(r["timings_s"]["stages"], 1e-9), 1)
         r["pipeline_over_slowest_stage"] = round(r["pipeline_img_s"] / slowest, 3)
         for k in ("driver_peak_mb", "largest_worker_peak_mb", "all_processes_peak_mb"):
             r[k.replace("_mb", "_over_1x")] = round(r[k] / first[k], 3)
