@@ -178,7 +178,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
         summary["neighbours"], dups, reps = neighbours(data, cfg.neighbours, embedder, embedder_trained, out,
                                                        model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
-                                                       log=log.info)
+                                                       seed=cfg.seed, log=log.info)
         if reps is not None:
             replicated = set(reps.loc[reps["replicated"], "matched_key"])
         summary["timings_s"]["neighbours"] = round(time.time() - t0, 1)

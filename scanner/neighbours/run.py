@@ -13,6 +13,7 @@ finalize writes the tables; this module writes none.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import pandas as pd
 
 from scanner.neighbours.dedup import KEEP_RULE, find_duplicate_groups
 
+LOG = logging.getLogger("memscan")
 
-def ensure_embedder(shards, out_dir: Path, cfg, log=print) -> tuple[str, bool]:
+
+def ensure_embedder(shards, out_dir: Path, cfg, log=LOG.info) -> tuple[str, bool]:
     """cfg.clip_checkpoint, or the embedder trained on `shards` under out_dir/embedder. Returns (path, trained_now).
 
     Training reads a bounded, seeded sample (cfg.embedder_max_images; train_embedder.training_sample) and
@@ -44,7 +47,7 @@ def ensure_embedder(shards, out_dir: Path, cfg, log=print) -> tuple[str, bool]:
 
 
 def neighbours(data: dict, cfg, checkpoint: str, trained: bool, out: Path, model_dir: str | None = None,
-               allow_pickle: bool = False, log=print) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
+               allow_pickle: bool = False, seed: int = 0, log=LOG.info) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
     """Duplicate groups (and replications when `model_dir` is given and cfg.generations > 0) of `data`.
 
     data: keys, shards, captions, sha256, pixels, phash (N,) uint64, vectors (N, d) float32 unit rows,
@@ -65,7 +68,7 @@ def neighbours(data: dict, cfg, checkpoint: str, trained: bool, out: Path, model
         from scanner.neighbours.embed import load_embedder
 
         embedder = load_embedder(dataclasses.replace(cfg, clip_checkpoint=checkpoint))
-        reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out)
+        reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out, seed=seed)
     summary = {
         "counts": {"embedded": len(data["keys"]), "duplicate_groups": int(dups["group_id"].nunique()),
                    "duplicates": int((~dups["keep"]).sum())},
@@ -86,19 +89,19 @@ def neighbours(data: dict, cfg, checkpoint: str, trained: bool, out: Path, model
     return summary, dups, reps
 
 
-def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool = False, log=print,
-                 out_dir: str | Path | None = None) -> pd.DataFrame:
+def replications(model_dir, embedder, index, data: dict, cfg, allow_pickle: bool = False, log=LOG.info,
+                 out_dir: str | Path | None = None, seed: int = 0) -> pd.DataFrame:
     """Generate cfg.generations images with the scanned model, match each to its nearest training image.
 
     Captions for a text-conditional model are the training captions in key order (the i-th
-    generation uses caption i mod N, seed = cfg seed + i), so every row can be regenerated alone.
+    generation uses caption i mod N, seed = `seed` + i: the config's run seed), so every row can be regenerated alone.
     Returns every generation (gen_id, caption, seed, matched_key, similarity, replicated).
     """
     from scanner.neighbours.replicate import find_replications, generate_samples
 
     captions = [c for c in data.get("captions", []) if c] or None
     log(f"replications: generating {cfg.generations} images with {model_dir} ({cfg.gen_steps} steps each)")
-    images, meta = generate_samples(model_dir, cfg.generations, seed=0, steps=cfg.gen_steps, captions=captions,
+    images, meta = generate_samples(model_dir, cfg.generations, seed=seed, steps=cfg.gen_steps, captions=captions,
                                     allow_pickle=allow_pickle)
     reps = find_replications(embedder.embed(images), meta, index, list(data["keys"]), cfg.rep_threshold,
                              keep_all=True)

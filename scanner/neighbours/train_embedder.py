@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -40,6 +41,8 @@ from scanner.neighbours.embed import (
     register_architectures,
     standardize_per_image,
 )
+
+LOG = logging.getLogger("memscan")
 
 INPUT_LOWPASS = 0.5
 
@@ -78,7 +81,7 @@ def _embed(visual, x, lowpass_factor: float):
 def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, batch_size: int = 128,
                     lr: float = 2e-3, temperature: float = 0.05, koleo_weight: float = 0.1, aug_strength: float = 1.0,
                     input_lowpass: float = INPUT_LOWPASS, seed: int = 0, time_budget_s: float | None = None,
-                    log=print):
+                    log=LOG.info):
     """Train a fresh `arch` CLIP's vision tower on images: (N, S, S, 3) uint8, S = the tower's input side.
 
     Returns (model, record): record holds the recipe, steps done, seconds, the last losses and a
@@ -232,7 +235,7 @@ def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[
 
 
 def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0, time_budget_s: float | None = None,
-                   max_images: int | None = None, arch: str | None = None, log=print) -> Path:
+                   max_images: int | None = None, arch: str | None = None, log=LOG.info) -> Path:
     """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
 
     cfg: a NeighboursConfig; cfg.image_size is the training and embedding side; cfg.clip_model is
