@@ -8,13 +8,16 @@ import logging
 import sys
 from pathlib import Path
 
+from scanner import __version__
+
 EPILOG = """\
 examples:
   memscan demo --out runs/demo
       build the embedded demo corpus, train the demo model (both cached in runs/demo), scan, evaluate
-  memscan scan --config configs/demo.yaml --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --out runs/rescan
-      geometry scores + neighbours for every image; resumes where a killed run stopped
-  memscan scan --config configs/demo.yaml --set model.path=runs/demo/model --set geometry.probes=8 --shards runs/demo/corpus/shards --out runs/probes8
+  memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --out runs/rescan
+      geometry scores + neighbours for every image; resumes where a killed run stopped (--config: a YAML
+      file, or the name of one shipped with memscan: demo, laion-sd15; copies to edit in configs/)
+  memscan scan --config demo --set model.path=runs/demo/model --set geometry.probes=8 --shards runs/demo/corpus/shards --out runs/probes8
       override any config key on the command line (section.key=value)
   memscan dedup --shards runs/demo/corpus/shards --out runs/dedup --threshold 0.95
       duplicate groups and a removal list before training, no diffusion model needed
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memscan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Find duplicated and memorized images in diffusion-model training data (webdataset shards).")
+    parser.add_argument("--version", action="version", version=f"memscan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("scan", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -53,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "$RAY_ADDRESS), scores each image (FLIPD, p-Laplace, score norm, CFG norm, "
                                    "optionally NB), finds duplicates, classifies OD-/DD-Mem and writes a removal "
                                    "list. Rerunning into the same --out skips finished shards.",
-                       epilog="example:\n  memscan scan --config configs/demo.yaml --shards 'd/{00000..00009}.tar' "
+                       epilog="example:\n  memscan scan --config demo --shards 'd/{00000..00009}.tar' "
                               "--set geometry.probes=16 --out runs/x")
-    p.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml: every key is commented)")
+    p.add_argument("--config", required=True,
+                   help="YAML config file, or a config shipped with memscan by name (demo, laion-sd15; "
+                        "configs/ in the repository has them with every key commented)")
     p.add_argument("--shards", nargs="+", help="directory, glob or brace pattern; overrides data.shards")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")

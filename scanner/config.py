@@ -308,12 +308,40 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def shipped_config(name: str):
+    """scanner/configs/NAME.yaml as installed with memscan (configs/ in a checkout links there): an
+    importlib.resources Traversable (is_file, read_text), a Path for any installed or checked-out package."""
+    from importlib.resources import files
+
+    return files("scanner") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with memscan: demo, laion-sd15, ..."""
+    from importlib.resources import files
+
+    return sorted(f.name.removesuffix(".yaml") for f in (files("scanner") / "configs").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def resolve_config(path: str | Path):
+    """The config file `path` names: an existing file wins, else a bare name (`demo`, `demo.yaml`) is a config
+    shipped with memscan, found in the installed package (so it works from a wheel, not only a checkout)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if str(path) == p.name and p.name:  # no directory part: a name, not a path
+        shipped = shipped_config(p.name)
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file {str(p)!r} does not exist; a bare name picks a config shipped with memscan: "
+                      f"{', '.join(shipped_configs())}")
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+    p = resolve_config(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.constructor.ConstructorError as e:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 log = logging.getLogger("memscan")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
 
 # `memscan demo --quick`: the same commands on a corpus and training budget small enough to finish in a few
 # minutes on a laptop CPU (and in the tests); the scan, tables and report are real, the metrics mean little.
@@ -58,7 +56,7 @@ def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress:
 
 def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = None, progress: bool = True,
              quick: bool = False) -> int:
-    from scanner.config import load_config
+    from scanner.config import load_config, shipped_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
@@ -71,7 +69,7 @@ def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = Non
         base.append(f"data.resolution={info['resolution']}")
     if "channels" in info:
         base.append(f"data.channels={info['channels']}")
-    cfg = load_config(DEMO_CONFIG, base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
+    cfg = load_config(shipped_config("demo"), base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     scan_dir = out / "scan"
     if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:
         # Trained here, before the scan starts Ray, so it has the CPU to itself (measured: about 2 min alone,

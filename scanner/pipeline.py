@@ -139,8 +139,10 @@ def _cuda_available() -> bool:
 def versions() -> dict:
     import importlib.metadata as md
 
-    out = {}
-    for pkg in ("memscan", "torch", "diffusers", "ray", "open_clip_torch", "faiss-gpu", "pyarrow", "numpy"):
+    import scanner
+
+    out = {"memscan": scanner.__version__}  # the code that ran, not whichever memscan pip has metadata for
+    for pkg in ("torch", "diffusers", "ray", "open_clip_torch", "faiss-gpu", "pyarrow", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -59,3 +59,24 @@ def test_python_object_tag_is_refused(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo", "demo.yaml", "laion-sd15"])
+def test_bare_name_is_a_shipped_config(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the checkout's configs/: the name alone finds the installed file
+    cfg = load_config(name, ["model.path=/m"])
+    assert cfg.model.path == "/m"
+
+
+def test_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("seed: 7\nmodel:\n  kind: none\n")
+    assert load_config("demo").seed == 7
+
+
+def test_unknown_name_lists_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"'nosuch' does not exist; .*shipped with memscan: demo, laion-sd15"):
+        load_config("nosuch")
+    with pytest.raises(ConfigError, match="does not exist"):  # a path is never replaced by a shipped name
+        load_config("elsewhere/demo.yaml")

@@ -110,7 +110,7 @@ SIZES = {"scan": ["--set", "geometry.probes=1", "--no-progress"], "dedup": ["--t
 def sized(argv: list[str]) -> list[str]:
     sub = "scan" if argv[:2] == ["python", "jobs/scan.py"] else argv[1]
     extra = list(SIZES.get(sub, []))
-    if "configs/laion-sd15.yaml" in argv:
+    if "laion-sd15" in argv or "configs/laion-sd15.yaml" in argv:
         extra += SD_SIZES
     return argv + extra
 
@@ -215,11 +215,13 @@ CASES = {
     "memscan train-embedder --shards runs/demo/corpus/shards --out runs/embedder": "embedder",
     "memscan scan --config configs/demo.yaml --shards 'runs/demo/corpus/shards/{00000..00005}.tar' "
     "--set model.path=runs/demo/model --out runs/rescan": "scan",
-    "memscan scan --config configs/demo.yaml --set model.path=runs/demo/model --set geometry.probes=8 "
+    "memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' "
+    "--set model.path=runs/demo/model --out runs/rescan": "scan",
+    "memscan scan --config demo --set model.path=runs/demo/model --set geometry.probes=8 "
     "--shards runs/demo/corpus/shards --out runs/probes8": "scan",
     "memscan evaluate --out runs/demo/scan --truth runs/demo/corpus/truth.parquet": "metrics",
     "memscan report --out runs/demo/scan --truth runs/demo/corpus/truth.parquet": "report",
-    "memscan scan --config configs/laion-sd15.yaml --shards '/data/laion/{00000..00099}.tar' "
+    "memscan scan --config laion-sd15 --shards '/data/laion/{00000..00099}.tar' "
     "--set model.path=/models/stable-diffusion-v1-5 --set neighbours.clip_checkpoint=/models/open_clip/ViT-L-14/"
     "open_clip_model.safetensors --out /scans/sd15": "scan-sd",
     "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup --threshold 0.93": "dedup",
