@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from scanner.config import MAX_IMAGE_PIXELS
+
 
 class DecodeError(ValueError):
     """Bytes that are not a usable image."""
@@ -32,7 +34,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: int = 64_000_000
+def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS
                  ) -> tuple[np.ndarray, int, int]:
     """Decode, EXIF-rotate, resize the shorter side to `size` and centre-crop.
 
@@ -43,7 +45,7 @@ def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: i
     return fit_image(im, size, channels), w, h
 
 
-def open_image(data: bytes | None, max_pixels: int = 64_000_000) -> tuple[Image.Image, int, int]:
+def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, int, int]:
     """Decode once: the EXIF-rotated RGB image and its width and height. Raises DecodeError.
 
     fit_image then makes each size a stage needs (the model's, the embedder's) from the one decode.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scanner.config import MAX_IMAGE_PIXELS
 from scanner.data.shards import shard_name
 from scanner.stages.base import SECONDS_PREFIX
 
@@ -31,7 +32,7 @@ class ReadSpec:
     model_side: int = 0  # the scoring model's input side (0: no scoring stage)
     model_channels: int = 3
     embed_side: int = 0  # the embedder's input side (0: no embedding stage)
-    max_pixels: int = 64_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS
 
 
 def read_shard(path: str, spec: ReadSpec, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[dict]:
