@@ -59,9 +59,9 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "reads.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Shard opens per scan (`benchmarks/bench_reads.py`)", "",
-             f"`memscan scan` of the demo corpus ({n_shards} shards) under `strace -f -e trace=open,openat`, every "
+             (f"`memscan scan` of the demo corpus ({n_shards} shards) under `strace -f -e trace=open,openat`, every "
              "process the driver starts traced; successful opens of each shard tar counted. The report reopens only "
-             "the shards holding the thumbnails it shows.", "",
+             "the shards holding the thumbnails it shows."), "",
              "| run | exit | opens per shard (min - max) | per shard |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['exit_code']} | {r['min_opens_per_shard']} - {r['max_opens_per_shard']} | "

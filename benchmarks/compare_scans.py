@@ -83,17 +83,17 @@ def main() -> None:
     lines = [f"# Same answers? (`benchmarks/compare_scans.py --name {args.name}`)", "", args.note, "",
              "| check | A | B |", "|---|---|---|",
              f"| rows | {r['rows'][0]} | {r['rows'][1]} (same keys: {r['same_keys']}) |",
-             f"| mem_class / verdict / error rows that differ | | {r['mem_class_differs']} / {r['verdict_differs']} / "
-             f"{r['error_differs']} |",
+             (f"| mem_class / verdict / error rows that differ | | {r['mem_class_differs']} / {r['verdict_differs']} / "
+             f"{r['error_differs']} |"),
              f"| largest relative score difference | | {worst[1]['max_rel']:.2e} ({worst[0]}) |",
-             f"| duplicate pairs | {r['duplicate_pairs']['a']} | {r['duplicate_pairs']['b']} (only A "
-             f"{r['duplicate_pairs']['only_a']}, only B {r['duplicate_pairs']['only_b']}) |",
-             f"| removal list (key, reason) | {r['removal']['a']} | {r['removal']['b']} (identical: "
-             f"{r['removal']['identical']}) |",
-             f"| duplicate pair precision | {r['duplicates_pr']['pair_precision'][0]:.4f} | "
-             f"{r['duplicates_pr']['pair_precision'][1]:.4f} |",
-             f"| duplicate pair recall | {r['duplicates_pr']['pair_recall'][0]:.4f} | "
-             f"{r['duplicates_pr']['pair_recall'][1]:.4f} |",
+             (f"| duplicate pairs | {r['duplicate_pairs']['a']} | {r['duplicate_pairs']['b']} (only A "
+             f"{r['duplicate_pairs']['only_a']}, only B {r['duplicate_pairs']['only_b']}) |"),
+             (f"| removal list (key, reason) | {r['removal']['a']} | {r['removal']['b']} (identical: "
+             f"{r['removal']['identical']}) |"),
+             (f"| duplicate pair precision | {r['duplicates_pr']['pair_precision'][0]:.4f} | "
+             f"{r['duplicates_pr']['pair_precision'][1]:.4f} |"),
+             (f"| duplicate pair recall | {r['duplicates_pr']['pair_recall'][0]:.4f} | "
+             f"{r['duplicates_pr']['pair_recall'][1]:.4f} |"),
              f"| largest AUROC change | | {r['max_auroc_change']:.4f} |", ""]
     lines += ["| column vs class | AUROC A | AUROC B |", "|---|---|---|"]
     lines += [f"| {k} | {x:.4f} | {y:.4f} |" for k, (x, y) in sorted(r["auroc"].items())]
