@@ -64,11 +64,17 @@ def neighbours(data: dict, cfg, checkpoint: str, trained: bool, out: Path, model
     t_groups = time.time() - t0
     reps = None
     embedder = None
+    rep_error = None
     if model_dir and cfg.generations > 0:
         from scanner.neighbours.embed import load_embedder
 
         embedder = load_embedder(dataclasses.replace(cfg, clip_checkpoint=checkpoint))
-        reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out, seed=seed)
+        try:
+            reps = replications(model_dir, embedder, index, data, cfg, allow_pickle, log, out_dir=out, seed=seed)
+        except Exception as e:  # noqa: BLE001 - a failed generation check must not cost the scan's other tables
+            rep_error = f"{type(e).__name__}: {e}"
+            LOG.error("replications: the generation check failed (%s); every other table is written, and "
+                      "summary.json says so", rep_error)
     summary = {
         "counts": {"embedded": len(data["keys"]), "duplicate_groups": int(dups["group_id"].nunique()),
                    "duplicates": int((~dups["keep"]).sum())},
@@ -78,7 +84,7 @@ def neighbours(data: dict, cfg, checkpoint: str, trained: bool, out: Path, model
                      "image_size": cfg.image_size,
                      "trained_on_this_corpus": trained or checkpoint == str(out / "embedder")},
         "index": index_info,
-        "replications": None if reps is None else {
+        "replications": {"error": rep_error} if rep_error else None if reps is None else {
             "generations": int(cfg.generations), "threshold": cfg.rep_threshold,
             "replicated": int(reps["replicated"].sum()), "rate": float(reps["replicated"].mean()) if len(reps) else 0.0,
             "distinct_training_images": int(reps.loc[reps["replicated"], "matched_key"].nunique())},
