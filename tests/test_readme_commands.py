@@ -110,8 +110,8 @@ SIZES = {"scan": ["--set", "geometry.probes=1", "--set", "neighbours.train_steps
 
 
 def sized(argv: list[str], paths: dict[str, str]) -> list[str]:
-    """argv with the size flags of its command; a laion-sd15 run also gets the config's own model and checkpoint
-    paths localized when the command does not set them (the config names /models/...)."""
+    """argv with the size flags of its command; a laion-sd15 run also gets the config's own paths (model,
+    checkpoint, shards: /models/..., /data/laion/...) localized when the command does not set them."""
     sub = "scan" if argv[:2] == ["python", "jobs/scan.py"] else argv[1]
     extra = list(SIZES.get(sub, []))
     if "laion-sd15" in argv or "configs/laion-sd15.yaml" in argv:
@@ -120,6 +120,8 @@ def sized(argv: list[str], paths: dict[str, str]) -> list[str]:
                           ("neighbours.clip_checkpoint", "/models/open_clip/ViT-L-14/open_clip_model.safetensors")):
             if not any(a.startswith(key + "=") for a in argv):
                 extra += ["--set", f"{key}={paths[path]}"]
+        if "--shards" not in argv:  # the config's data.shards
+            extra += ["--shards", paths["/data/laion/{00000..00099}.tar"]]
     return argv + extra
 
 
