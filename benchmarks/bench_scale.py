@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--base-shards", type=int, default=4)
     ap.add_argument("--work", default="/tmp/memscan_scale")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--rerender", help="write the results files again from the JSON lines a run printed "
+                                       "(its log, or results/scale_runs.jsonl)")
     a = ap.parse_args()
     if len(a.factors) < 2 or a.factors[0] != 1:
         ap.error("--factors must start at 1 and have at least two entries (ratios are taken against 1x)")
@@ -240,6 +242,10 @@ def main() -> None:
 
             cfg = load_config(ROOT / "configs" / "demo.yaml", ["model.kind=none"])
             train_embedder([str(p) for p in base_shards], work / "embedder", cfg.neighbours, steps=200)
+    if a.rerender:  # the JSON lines an earlier run printed: factor rows, then the stages-alone line
+        lines = [json.loads(ln) for ln in Path(a.rerender).read_text().splitlines() if ln.startswith("{")]
+        write_results([r for r in lines if "factor" in r], next(r for r in lines if "factor" not in r), Path(a.out))
+        return
     rows = []
     for f in a.factors:
         shards = replicate(base_shards, f, work / f"x{f}")
@@ -252,6 +258,11 @@ def main() -> None:
     alone["ray_start_s"] = startup_seconds(Path(a.model), "ray")
     alone["actor_start_s"] = startup_seconds(Path(a.model), "actor")
     print(json.dumps(alone), flush=True)
+    write_results(rows, alone, Path(a.out))
+
+
+def write_results(rows: list[dict], alone: dict, out: Path) -> None:
+    """scale.json and scale.md from the factor rows and the stages-alone measurements."""
     slowest = min(alone["read_decode_img_s"], alone["score_img_s"])
     first = rows[0]
     for r in rows:
@@ -264,19 +275,18 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
               "rows": rows, "stages_alone": alone, "scoring_fixed_s": fixed, "scoring_steady_img_s": steady,
               "steady_over_slowest_stage": round(steady / slowest, 3)}
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Streaming at scale ({result['machine']}, {result['date']})", "",
              ("`python benchmarks/bench_scale.py --model DEMO_MODEL`: real `memscan scan` subprocesses on the demo "
               "config (neighbours on, fixed embedder, no generations); peak RSS sampled from /proc every 0.2 s. "
               "Peaks are in MB, and ÷ 1× is the same peak at 1× corpus size."), "",
-             ("| corpus | shards | images scored | wall s | scoring s | finalize s | pipeline img/s | "
+             ("| corpus | shards | images scored | wall s | pipeline s | finalize s | pipeline img/s | "
               "÷ slowest stage | driver peak (÷ 1×) | largest worker (÷ 1×) | all processes (÷ 1×) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timings_s"]
-        lines.append(f"| {r['factor']}× | {r['shards']} | {r['scored']} | {r['wall_s']} | {t['scoring']} | "
+        lines.append(f"| {r['factor']}× | {r['shards']} | {r['scored']} | {r['wall_s']} | {t['stages']} | "
                      f"{t.get('finalize', '')} | {r['pipeline_img_s']} | {r['pipeline_over_slowest_stage']} | "
                      f"{r['driver_peak_mb']} ({r['driver_peak_over_1x']}) | {r['largest_worker_peak_mb']} "
                      f"({r['largest_worker_peak_over_1x']}) | {r['all_processes_peak_mb']} "
@@ -284,7 +294,7 @@ def main() -> None:
     lines += ["", (f"Stages alone on the 1× corpus ({alone['images']} images, {alone['torch_threads']} torch threads, "
                    f"no Ray): read + decode {alone['read_decode_img_s']} img/s, scoring {alone['score_img_s']} img/s, "
                    f"embedding {alone['embed_img_s']} img/s."), "",
-              (f"Where the scoring time goes: fitted over the factors, scoring takes {fixed} s fixed + images ÷ "
+              (f"Where the pipeline time goes: fitted over the factors, the pipeline (read, embed, score) takes {fixed} s fixed + images ÷ "
                f"{steady} img/s, so the streaming steady state runs at {result['steady_over_slowest_stage']} of "
                f"scoring alone and the whole-run ratio approaches it as the corpus grows. The fixed part, in fresh "
                f"processes: a local Ray starts in {alone['ray_start_s']} s, one scoring actor is built (torch + "
