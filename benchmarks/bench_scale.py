@@ -11,10 +11,10 @@ fixed embedder checkpoint, no generations). A sampler thread reads /proc every 0
 every process below it (raylet, GCS, Ray workers) and keeps: the driver's peak RSS, the largest single
 worker's peak RSS, and the peak of the sum over all processes.
 
-Stages alone, on the 1x corpus, in this process: read + decode (scanner.pipeline.read_decode_shard, no
-Ray), scoring (ScoreStage.__call__ on decoded batches, no Ray), embedding (the embedder on decoded
-images). The pipeline ratio is the scan's scoring-phase images/s (read + decode + score through Ray
-Data, summary.json timings) over the slowest of read+decode and scoring alone.
+Stages alone, on the 1x corpus, in this process: read + decode (scanner.stages.read.read_shard, both
+sizes from one decode, no Ray), scoring (ScoreStage on decoded batches, no Ray), embedding (the embedder
+on the decoded images). The pipeline ratio is the scan's pipeline-phase images/s (read + embed + score
+through Ray Data, summary.json timings_s.stages) over the slowest of read+decode and scoring alone.
 
 Where the time goes: the scoring seconds of all factors are fitted as fixed + images / steady rate (least
 squares), and the fixed part is set beside two startup costs measured in fresh processes: a local Ray's
@@ -71,7 +71,7 @@ def _rss(pid: int) -> int:
 
 
 TICK = os.sysconf("SC_CLK_TCK")
-ROLES = [("ScoreStage", "scoring actor"), ("EmbedShards", "embedding actor"), ("_read_batch", "read tasks"),
+ROLES = [("ScoreStage", "scoring actor"), ("EmbedStage", "embedding actor"), ("read_batch", "read tasks"),
          ("raylet", "raylet"), ("gcs_server", "GCS")]
 
 
@@ -149,13 +149,14 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
 
     from scanner.config import load_config
     from scanner.neighbours.embed import load_embedder
-    from scanner.pipeline import ScoreStage, read_decode_shard
+    from scanner.stages.read import ReadSpec, read_shard
+    from scanner.stages.score import ScoreStage
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.path={model}", f"neighbours.clip_checkpoint={embedder}"])
     t0 = time.time()
-    batches = [b for p in shards for b in read_decode_shard(str(p), cfg.data.resolution, cfg.data.channels,
-                                                               cfg.data.max_image_pixels)]
+    spec = ReadSpec(cfg.data.resolution, cfg.data.channels, cfg.neighbours.image_size, cfg.data.max_image_pixels)
+    batches = [b for p in shards for b in read_shard(str(p), spec)]  # the one decode feeds both sizes
     read_s = time.time() - t0
     n = sum(int((~b["marker"]).sum()) for b in batches)
     stage = ScoreStage(cfg.to_dict(), threads=threads)
@@ -164,9 +165,9 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
         for i in range(0, len(b["key"]), cfg.data.batch_size):
             stage({k: v[i:i + cfg.data.batch_size] for k, v in b.items()})
     score_s = time.time() - t0
-    from scanner.data.load import load_images
+    import numpy as np
 
-    _, images, _, _ = load_images([str(p) for p in shards], cfg.neighbours.image_size)
+    images = np.concatenate([b["image_embed"][~b["marker"]] for b in batches])
     emb = load_embedder(cfg.neighbours)
     t0 = time.time()
     emb.embed(images)
@@ -186,7 +187,7 @@ if {what!r} == "ray":
     t0 = time.time()
     start_ray()
 else:
-    from scanner.pipeline import ScoreStage
+    from scanner.stages.score import ScoreStage
     ScoreStage(cfg.to_dict(), threads=1)
 print(json.dumps(time.time() - t0))
 """
@@ -208,7 +209,7 @@ def fit_fixed_and_rate(rows: list[dict]) -> tuple[float, float]:
     import numpy as np
 
     n = np.array([r["scored"] for r in rows], float)
-    t = np.array([r["timings_s"]["scoring"] for r in rows], float)
+    t = np.array([r["timings_s"]["stages"] for r in rows], float)
     slope, fixed = np.polyfit(n, t, 1)
     return round(float(fixed), 1), round(float(1.0 / slope), 1)
 
@@ -221,6 +222,8 @@ def main() -> None:
     ap.add_argument("--base-shards", type=int, default=4)
     ap.add_argument("--work", default="/tmp/memscan_scale")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--rerender", help="write the results files again from the JSON lines a run printed "
+                                       "(its log, or results/scale_runs.jsonl)")
     a = ap.parse_args()
     if len(a.factors) < 2 or a.factors[0] != 1:
         ap.error("--factors must start at 1 and have at least two entries (ratios are taken against 1x)")
@@ -239,6 +242,10 @@ def main() -> None:
 
             cfg = load_config(ROOT / "configs" / "demo.yaml", ["model.kind=none"])
             train_embedder([str(p) for p in base_shards], work / "embedder", cfg.neighbours, steps=200)
+    if a.rerender:  # the JSON lines an earlier run printed: factor rows, then the stages-alone line
+        lines = [json.loads(ln) for ln in Path(a.rerender).read_text().splitlines() if ln.startswith("{")]
+        write_results([r for r in lines if "factor" in r], next(r for r in lines if "factor" not in r), Path(a.out))
+        return
     rows = []
     for f in a.factors:
         shards = replicate(base_shards, f, work / f"x{f}")
@@ -251,10 +258,15 @@ def main() -> None:
     alone["ray_start_s"] = startup_seconds(Path(a.model), "ray")
     alone["actor_start_s"] = startup_seconds(Path(a.model), "actor")
     print(json.dumps(alone), flush=True)
+    write_results(rows, alone, Path(a.out))
+
+
+def write_results(rows: list[dict], alone: dict, out: Path) -> None:
+    """scale.json and scale.md from the factor rows and the stages-alone measurements."""
     slowest = min(alone["read_decode_img_s"], alone["score_img_s"])
     first = rows[0]
     for r in rows:
-        r["pipeline_img_s"] = round(r["scored"] / max(r["timings_s"]["scoring"], 1e-9), 1)
+        r["pipeline_img_s"] = round(r["scored"] / max(r["timings_s"]["stages"], 1e-9), 1)
         r["pipeline_over_slowest_stage"] = round(r["pipeline_img_s"] / slowest, 3)
         for k in ("driver_peak_mb", "largest_worker_peak_mb", "all_processes_peak_mb"):
             r[k.replace("_mb", "_over_1x")] = round(r[k] / first[k], 3)
@@ -263,19 +275,18 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
               "rows": rows, "stages_alone": alone, "scoring_fixed_s": fixed, "scoring_steady_img_s": steady,
               "steady_over_slowest_stage": round(steady / slowest, 3)}
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Streaming at scale ({result['machine']}, {result['date']})", "",
              ("`python benchmarks/bench_scale.py --model DEMO_MODEL`: real `memscan scan` subprocesses on the demo "
               "config (neighbours on, fixed embedder, no generations); peak RSS sampled from /proc every 0.2 s. "
               "Peaks are in MB, and ÷ 1× is the same peak at 1× corpus size."), "",
-             ("| corpus | shards | images scored | wall s | scoring s | finalize s | pipeline img/s | "
+             ("| corpus | shards | images scored | wall s | pipeline s | finalize s | pipeline img/s | "
               "÷ slowest stage | driver peak (÷ 1×) | largest worker (÷ 1×) | all processes (÷ 1×) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timings_s"]
-        lines.append(f"| {r['factor']}× | {r['shards']} | {r['scored']} | {r['wall_s']} | {t['scoring']} | "
+        lines.append(f"| {r['factor']}× | {r['shards']} | {r['scored']} | {r['wall_s']} | {t['stages']} | "
                      f"{t.get('finalize', '')} | {r['pipeline_img_s']} | {r['pipeline_over_slowest_stage']} | "
                      f"{r['driver_peak_mb']} ({r['driver_peak_over_1x']}) | {r['largest_worker_peak_mb']} "
                      f"({r['largest_worker_peak_over_1x']}) | {r['all_processes_peak_mb']} "
@@ -283,7 +294,7 @@ def main() -> None:
     lines += ["", (f"Stages alone on the 1× corpus ({alone['images']} images, {alone['torch_threads']} torch threads, "
                    f"no Ray): read + decode {alone['read_decode_img_s']} img/s, scoring {alone['score_img_s']} img/s, "
                    f"embedding {alone['embed_img_s']} img/s."), "",
-              (f"Where the scoring time goes: fitted over the factors, scoring takes {fixed} s fixed + images ÷ "
+              (f"Where the pipeline time goes: fitted over the factors, the pipeline (read, embed, score) takes {fixed} s fixed + images ÷ "
                f"{steady} img/s, so the streaming steady state runs at {result['steady_over_slowest_stage']} of "
                f"scoring alone and the whole-run ratio approaches it as the corpus grows. The fixed part, in fresh "
                f"processes: a local Ray starts in {alone['ray_start_s']} s, one scoring actor is built (torch + "

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-embedder", help="train the self-supervised copy-detection embedder on a corpus")
     p.add_argument("--shards", nargs="+", required=True)
     p.add_argument("--out", required=True, help="directory for the open_clip checkpoint")
-    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--steps", type=int, help="training steps (default: neighbours.train_steps, 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")
     _add_common(p)
 
@@ -168,7 +168,9 @@ def cmd_scan(args) -> int:
     return 0
 
 
-def _neighbours_cfg(args):
+def _neighbours_scan_cfg(args):
+    """The config of `dedup` / `train-embedder`: --config's data, neighbours and ray sections (checked), the
+    flags on top, and no diffusion model."""
     from scanner.config import NEIGHBOUR_SECTIONS, load_config
 
     cfg = load_config(getattr(args, "config", None), sections=NEIGHBOUR_SECTIONS)
@@ -182,30 +184,30 @@ def _neighbours_cfg(args):
     if getattr(args, "train_steps", None):
         n.train_steps = args.train_steps
     n.validate()
-    from scanner.preflight import check_neighbours
-
-    return check_neighbours(n)
+    cfg.model.kind, cfg.model.path = "none", None
+    cfg.neighbours.enabled = True
+    cfg.data.shards = list(args.shards)
+    return cfg
 
 
 def cmd_dedup(args) -> int:
-    from scanner.files import write_json
-    from scanner.neighbours.run import run_dedup
+    from scanner.pipeline import run_scan
 
-    log = logging.getLogger("memscan")
-    summary = run_dedup(args.shards, args.out, _neighbours_cfg(args), log=log.info, use_ray=True,
-                        progress=not args.no_progress)
-    write_json(summary, Path(args.out) / "summary.json")
-    print(f"memscan dedup: {summary['counts']['duplicate_groups']} duplicate groups, "
-          f"{summary['counts']['removed']} to remove; results in {args.out}")
+    summary = run_scan(_neighbours_scan_cfg(args), args.out, progress=not args.no_progress, label="dedup")
+    c = summary["counts"]
+    print(f"memscan dedup: {c['seen']} samples, {c['duplicate_groups']} duplicate groups, {c['errors']} errors, "
+          f"{c['removed']} to remove; results in {args.out}")
     return 0
 
 
 def cmd_train_embedder(args) -> int:
-    from scanner.neighbours.train_embedder import DEFAULT_STEPS, train_embedder
+    from scanner.neighbours.train_embedder import train_embedder
 
     log = logging.getLogger("memscan")
-    path = train_embedder(args.shards, args.out, _neighbours_cfg(args), steps=args.steps or DEFAULT_STEPS,
-                          log=log.info)
+    from scanner.preflight import check_neighbours
+
+    cfg = check_neighbours(_neighbours_scan_cfg(args).neighbours)
+    path = train_embedder(args.shards, args.out, cfg, steps=args.steps, log=log.info)
     print(f"memscan train-embedder: checkpoint in {path}")
     return 0
 

@@ -24,12 +24,15 @@ def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{key} must be {accepted}, got {value!r}")
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # data.max_image_pixels' default; decoders take it as theirs
+
+
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns
     resolution: int = 16  # model input side in pixels (images are resized + centre-cropped)
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
-    max_image_pixels: int = 64_000_000  # larger declared sizes are refused (decompression bombs)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger declared sizes are refused (decompression bombs)
     batch_size: int = 64  # rows per Ray Data batch for decoding
 
     def validate(self, p: str = "data") -> None:

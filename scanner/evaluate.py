@@ -46,7 +46,8 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
     return out
 
 
-def evaluate(out: Path, truth_path: Path) -> dict:
+def evaluate(out: Path, truth_path: Path, write: bool = True) -> dict:
+    """metrics.json's content for the scan in `out` (written there unless `write` is False)."""
     from scanner.neighbours.dedup import pair_precision_recall
 
     truth = pd.read_parquet(truth_path)
@@ -69,7 +70,8 @@ def evaluate(out: Path, truth_path: Path) -> dict:
                                                       dict(zip(planted["key"], planted["group_id"])))
     ct = scores.merge(truth[["key", "planted"]], on="key")
     metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
-    write_json(metrics, out / "metrics.json")
+    if write:
+        write_json(metrics, out / "metrics.json")
     return metrics
 
 

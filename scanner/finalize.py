@@ -1,10 +1,11 @@
 """Finalize a scan: the corpus-wide steps that need every shard's rows.
 
-Reads parts/*.parquet (+ vectors/*.npy) written by the streaming stage, then:
-- neighbours (optional): embeddings, duplicate groups -> duplicates.parquet (scanner.neighbours.run);
+Reads parts/*.parquet (+ vectors/*.npy, embeddings/*.npy) written by the stages, then:
+- neighbours (when embedded): duplicate groups and replications (scanner.neighbours.run);
 - LID_* by local PCA on model-space neighbours (faiss exact kNN, batched eigendecompositions);
 - mem_class from the detector column and LID_* (method.md §4), verdict combining both halves;
-- scores/NAME.parquet per shard, errors.parquet, removal_list.{parquet,txt}; returns the summary.
+and is the one writer of every user-facing table: scores/NAME.parquet per shard, duplicates.parquet,
+replications.parquet, errors.parquet, removal_list.{parquet,txt}. Returns the summary.
 """
 
 from __future__ import annotations
@@ -20,25 +21,46 @@ from scanner.config import ScanConfig
 from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import shard_name
 from scanner.files import atomic_write_parquet, atomic_write_text
-from scanner.schema import ERRORS, P_LAPLACE_PREFIX, REMOVAL, scores_schema
+from scanner.schema import DUPLICATES, ERRORS, P_LAPLACE_PREFIX, REMOVAL, REPLICATIONS, scores_schema
 
 log = logging.getLogger("memscan")
 
 REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
 
 
-def load_parts(out: Path, shards: list[str]) -> tuple[pd.DataFrame, np.ndarray | None]:
-    frames, vecs = [], []
+def load_parts(out: Path, shards: list[str]) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None]:
+    """Every shard's part rows, and the model-space vectors and embeddings row-aligned with them (None when
+    that stage did not run)."""
+    frames: list[pd.DataFrame] = []
+    arrays: dict[str, list[np.ndarray]] = {"vectors": [], "embeddings": []}
     for p in shards:
         name = shard_name(p)
-        df = pd.read_parquet(out / "parts" / f"{name}.parquet")
-        frames.append(df)
-        vp = out / "vectors" / f"{name}.npy"
-        if vp.exists():
-            vecs.append(np.load(vp))
+        frames.append(pd.read_parquet(out / "parts" / f"{name}.parquet"))
+        for folder, got in arrays.items():
+            f = out / folder / f"{name}.npy"
+            if f.exists():
+                got.append(np.load(f))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", "shard", "error"])
-    vectors = np.concatenate(vecs) if vecs and sum(len(v) for v in vecs) == len(df) else None
-    return df, vectors
+    for c in ("error", "error_stage", "embed_error", "caption", "sha256"):
+        if c not in df:
+            df[c] = None
+    aligned = {k: np.concatenate(v) if v and sum(len(a) for a in v) == len(df) else None for k, v in arrays.items()}
+    return df, aligned["vectors"], aligned["embeddings"]
+
+
+def neighbour_rows(df: pd.DataFrame, embeddings: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The rows duplicate search runs on, as scanner.neighbours.run.neighbours takes them, and their mask.
+
+    A row is searched when it has a key, was read and decoded (a scoring failure does not exclude it:
+    the picture is still there), embedded, and its key is not repeated.
+    """
+    ok = (df["key"].notna() & df["embed_error"].isna() & ~df["error_stage"].isin(["read", "decode"])).to_numpy()
+    good = df[ok]
+    data = {"keys": good["key"].tolist(), "shards": good["shard"].tolist(), "captions": good["caption"].tolist(),
+            "sha256": good["sha256"].tolist(), "pixels": (good["width"] * good["height"]).astype("int64").tolist(),
+            "phash": good["phash"].astype("int64").to_numpy().view(np.uint64),
+            "vectors": np.ascontiguousarray(embeddings[ok], dtype=np.float32)}
+    return data, ok
 
 
 def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: float, chunk: int = 512,
@@ -68,19 +90,6 @@ def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: flo
         _, nn = index.search(q[s:s + chunk], kk)
         out[idx[s:s + chunk]] = local_pca(torch.from_numpy(x[nn]), alpha).numpy()
     return out
-
-
-def _embeddings_aligned(data: dict, keys: pd.Series, ok: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """CLIP vectors (`data` as store.load_embeddings gives it) row-aligned with `keys`, zeros where a key has
-    none, and `ok` narrowed to keys that have one."""
-    if not len(data["keys"]):
-        return None, ok
-    row = {k: i for i, k in enumerate(data["keys"])}
-    pos = keys.map(row)
-    have = pos.notna().to_numpy()
-    out = np.zeros((len(keys), data["vectors"].shape[1]), np.float32)
-    out[have] = data["vectors"][pos[have].astype(int).to_numpy()]
-    return out, ok & have
 
 
 def classify(df: pd.DataFrame, cfg: ScanConfig) -> dict:
@@ -140,14 +149,16 @@ def removal_list(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[st
                            ignore_index=True)
 
 
-def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = False) -> dict:
+def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None = None,
+             embedder_trained: bool = False) -> dict:
+    """The corpus steps and every table. embedder: the checkpoint the embed stage used (None: no neighbours)."""
     t0 = time.time()
-    df, vectors = load_parts(out, shards)
+    df, vectors, embeddings = load_parts(out, shards)
     shard_errors = df[df["key"].isna()]
     has_key = df["key"].notna().to_numpy()
     df = df[has_key].reset_index(drop=True)
-    if vectors is not None:
-        vectors = vectors[has_key]
+    vectors = vectors[has_key] if vectors is not None else None
+    embeddings = embeddings[has_key] if embeddings is not None else None
 
     # The same key in two shards is reported, not merged: both rows stay, each gets an error.
     repeated = pd.Series(repeated_key_errors(df["key"].tolist(), df["shard"].tolist()), index=df.index, dtype=object)
@@ -157,19 +168,18 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
         df.loc[fill, "error"] = repeated[fill]
 
     summary: dict = {"timings_s": {}}
-    dups = None
-    embeddings = None
+    dups, reps = None, None
     replicated: set[str] = set()
-    if cfg.neighbours.enabled:
-        from scanner.neighbours.run import dedup_corpus
+    searched = None
+    if embedder is not None and embeddings is not None:
+        from scanner.neighbours.run import neighbours
 
+        data, searched = neighbour_rows(df, embeddings)
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
-        summary["neighbours"], embeddings = dedup_corpus(shards, out, cfg.neighbours, log=log.info,
-                                                         model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
-                                                         use_ray=True, progress=progress)
-        dups = pd.read_parquet(out / "duplicates.parquet")
-        if (out / "replications.parquet").exists() and model_dir and cfg.neighbours.generations > 0:
-            reps = pd.read_parquet(out / "replications.parquet")
+        summary["neighbours"], dups, reps = neighbours(data, cfg.neighbours, embedder, embedder_trained, out,
+                                                       model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
+                                                       seed=cfg.seed, log=log.info)
+        if reps is not None:
             replicated = set(reps.loc[reps["replicated"], "matched_key"])
         summary["timings_s"]["neighbours"] = round(time.time() - t0, 1)
 
@@ -177,8 +187,8 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
     if vectors is not None and cfg.model.kind != "none":
         t1 = time.time()
         search = None
-        if cfg.geometry.lpca_space == "clip" and embeddings is not None:
-            search, ok = _embeddings_aligned(embeddings, df["key"], ok)
+        if cfg.geometry.lpca_space == "clip" and searched is not None:
+            search, ok = embeddings, ok & searched
         df["lid_lpca"] = lid_lpca_model_space(vectors, ok, cfg.geometry.lpca_k, cfg.geometry.lpca_alpha,
                                               search=search)
         summary["lpca_neighbours"] = "clip" if search is not None else "model"
@@ -197,30 +207,49 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], progress: bool = Fal
     for name, part in df.groupby("shard", sort=True):
         atomic_write_parquet(part, out / "scores" / f"{name}.parquet", schema)
 
+    embed_errors = df.loc[df["embed_error"].notna() & df["error"].isna(), ["key", "shard", "embed_error"]]
     errors = pd.concat([
         df.loc[df["error"].notna(), ["key", "shard", "error_stage", "error"]],
         shard_errors[["key", "shard", "error_stage", "error"]].assign(error_stage="read"),
+        embed_errors.rename(columns={"embed_error": "error"}).assign(error_stage="embed"),
     ], ignore_index=True).rename(columns={"error_stage": "stage"})
-    if embeddings is not None:  # samples the embedder could not read (dedup_corpus already loaded them)
-        emb_err = embeddings["errors"]
-        errors = pd.concat([errors, emb_err[~emb_err["key"].isin(set(errors["key"]))]], ignore_index=True)
     atomic_write_parquet(errors, out / "errors.parquet", ERRORS)
 
+    if dups is not None:
+        atomic_write_parquet(dups, out / "duplicates.parquet", DUPLICATES)
+    if reps is not None:
+        atomic_write_parquet(reps, out / "replications.parquet", REPLICATIONS)
     rem = removal_list(df, dups, replicated)
     atomic_write_parquet(rem, out / "removal_list.parquet", REMOVAL)
     atomic_write_text("".join(f"{k}\n" for k in rem["key"]), out / "removal_list.txt")
 
     summary["counts"] = {
         "seen": len(df),
-        "scored": int(df["error"].isna().sum()),
+        "scored": int(df["error"].isna().sum()) if cfg.model.kind != "none" else 0,
+        "embedded": int(searched.sum()) if searched is not None else 0,
         "errors": len(errors),
         "shard_errors": len(shard_errors),
+        "duplicate_groups": int(dups["group_id"].nunique()) if dups is not None and len(dups) else 0,
         "duplicates": int((~dups["keep"]).sum()) if dups is not None and len(dups) else 0,
         "removed": len(rem),
         "removed_by_reason": rem["reason"].value_counts().to_dict(),
         "mem_class": df["mem_class"].value_counts().to_dict(),
         "verdict": df["verdict"].value_counts().to_dict(),
     }
+    summary["stages"] = stage_counts(df, shard_errors, cfg, embedder is not None)
     summary["thresholds"] = thresholds
     summary["timings_s"]["finalize"] = round(time.time() - t0, 1)
     return summary
+
+
+def stage_counts(df: pd.DataFrame, shard_errors: pd.DataFrame, cfg: ScanConfig, embedded: bool) -> dict:
+    """Rows in and out and error rows of each stage that ran, over every part (this run's and resumed ones)."""
+    stage = df["error_stage"]
+    n = len(df)
+    out = {"read": {"rows_in": n, "rows_out": n, "error_rows": int(stage.isin(["read", "decode"]).sum()),
+                    "shard_errors": len(shard_errors)}}
+    if embedded:
+        out["embed"] = {"rows_in": n, "rows_out": n, "error_rows": int(df["embed_error"].notna().sum())}
+    if cfg.model.kind != "none":
+        out["score"] = {"rows_in": n, "rows_out": n, "error_rows": int((stage == "score").sum())}
+    return out

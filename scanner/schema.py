@@ -14,11 +14,14 @@ README's own example) failed with "Unsupported cast from string to null".
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 STR, F32, I64, BOOL = pa.string(), pa.float32(), pa.int64(), pa.bool_()
 
 P_LAPLACE_PREFIX = "p_laplace_"
+# text columns of the batches that flow between stages
+TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error")
 
 
 def p_column(p: float) -> str:
@@ -63,3 +66,20 @@ def to_arrow(df, schema: pa.Schema) -> pa.Table:
     if missing:
         raise ValueError(f"table lacks columns {missing}; it must have {schema.names}")
     return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+
+
+def text_column(values) -> np.ndarray:
+    """An object array of str or None.
+
+    Between stages Ray Data stores a batch as Arrow; a text column that is None on every row of a block
+    becomes Arrow `null` and comes back from `to_numpy` as float NaN. Read as is, a shard without a
+    single error had NaN in `error` (no row looked scoreable) and a block of it could not be merged
+    with a block that had a string error. Every stage reads its batches through with_text_columns.
+    """
+    return np.array([None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else str(v)
+                     for v in values], dtype=object)
+
+
+def with_text_columns(batch: dict) -> dict:
+    """`batch` with every TEXT_COLUMNS column read through text_column."""
+    return {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}

@@ -103,15 +103,25 @@ def localize(cmd: str, paths: dict[str, str]) -> list[str]:
 # Size flags per (sub)command: smaller models, steps and images, never other behaviour.
 SD_SIZES = ["--set", "data.resolution=16", "--set", "neighbours.image_size=32", "--set", "neighbours.generations=2",
             "--set", "neighbours.gen_steps=2", "--set", "geometry.probes=1", "--set", "model.batch_size=16"]
-SIZES = {"scan": ["--set", "geometry.probes=1", "--no-progress"], "dedup": ["--train-steps", "10", "--no-progress"],
+SIZES = {"scan": ["--set", "geometry.probes=1", "--set", "neighbours.train_steps=10", "--set",
+                  "neighbours.generations=2", "--set", "neighbours.gen_steps=2", "--no-progress"],
+         "dedup": ["--train-steps", "10", "--no-progress"],
          "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20"]}
 
 
-def sized(argv: list[str]) -> list[str]:
+def sized(argv: list[str], paths: dict[str, str]) -> list[str]:
+    """argv with the size flags of its command; a laion-sd15 run also gets the config's own paths (model,
+    checkpoint, shards: /models/..., /data/laion/...) localized when the command does not set them."""
     sub = "scan" if argv[:2] == ["python", "jobs/scan.py"] else argv[1]
     extra = list(SIZES.get(sub, []))
     if "laion-sd15" in argv or "configs/laion-sd15.yaml" in argv:
         extra += SD_SIZES
+        for key, path in (("model.path", "/models/stable-diffusion-v1-5"),
+                          ("neighbours.clip_checkpoint", "/models/open_clip/ViT-L-14/open_clip_model.safetensors")):
+            if not any(a.startswith(key + "=") for a in argv):
+                extra += ["--set", f"{key}={paths[path]}"]
+        if "--shards" not in argv:  # the config's data.shards
+            extra += ["--shards", paths["/data/laion/{00000..00099}.tar"]]
     return argv + extra
 
 
@@ -126,7 +136,7 @@ def test_every_shown_command_is_run():
 def test_flags_as_written(paths):
     """Every flag and config key a shown command uses is in what the test runs."""
     for cmd in CASES:
-        argv = sized(localize(cmd, paths))
+        argv = sized(localize(cmd, paths), paths)
         typed = shlex.split(cmd)
         if typed[:3] == ["ray", "job", "submit"]:  # ray's own flags stay with ray: the job is what runs here
             typed = typed[typed.index("--") + 1:]
@@ -238,8 +248,11 @@ CASES = {
 @pytest.mark.parametrize("cmd", sorted(CASES))
 def test_shown_command_runs_as_typed(cmd, demo, paths):
     kind = CASES[cmd]
-    argv = sized(localize(cmd, paths))
+    argv = sized(localize(cmd, paths), paths)
     out = Path(argv[argv.index("--out") + 1])
+    if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
+        out = out.parent / f"{out.name}-{sorted(CASES).index(cmd)}"
+        argv[argv.index("--out") + 1] = str(out)
     if kind == "demo":  # the module fixture ran it; check everything it wrote
         return check_demo(demo, out, None)
     if kind == "train-demo":  # its own --out, with the quick corpus (train-demo builds the full one if missing)

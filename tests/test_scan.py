@@ -64,7 +64,7 @@ def test_rerun_skips_finished_shards_and_is_deterministic(ray_session, scan_conf
     first = _scores(out)
     stamp = {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*.parquet")}
     summary = run_scan(scan_config(), out, progress=False)
-    assert summary["resume"]["scored_this_run"] == 0
+    assert summary["resume"]["done_this_run"] == 0
     assert stamp == {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*.parquet")}
     pd.testing.assert_frame_equal(first, _scores(out))
 
@@ -174,9 +174,10 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
 
 def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session, scan_config, tiny_corpus,
                                                                       tmp_path, monkeypatch):
-    from scanner import pipeline
+    from scanner.errors import ScanIncomplete
+    from scanner.stages import sink
 
-    real = pipeline.atomic_write_parquet
+    real = sink.atomic_write_parquet
     victim = tiny_corpus.shards[1].stem
 
     def disk_full_for_victim(df, path):
@@ -184,16 +185,16 @@ def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session
             raise OSError(28, "No space left on device")
         return real(df, path)
 
-    monkeypatch.setattr(pipeline, "atomic_write_parquet", disk_full_for_victim)
+    monkeypatch.setattr(sink, "atomic_write_parquet", disk_full_for_victim)
     out = tmp_path / "scan"
-    with pytest.raises(pipeline.ScanIncomplete, match=rf"1 of {len(tiny_corpus.shards)} shards could not be written"
+    with pytest.raises(ScanIncomplete, match=rf"1 of {len(tiny_corpus.shards)} shards could not be written"
                                                       rf".*{victim}: OSError.*No space left on device.*rerun"):
         run_scan(scan_config(), out, progress=False)
     parts = sorted(f.stem for f in (out / "parts").glob("*.parquet"))
     assert parts == sorted(p.stem for p in tiny_corpus.shards if p.stem != victim)  # the others are saved
-    monkeypatch.setattr(pipeline, "atomic_write_parquet", real)
+    monkeypatch.setattr(sink, "atomic_write_parquet", real)
     summary = run_scan(scan_config(), out, progress=False)
-    assert summary["resume"]["scored_this_run"] == 1
+    assert summary["resume"]["done_this_run"] == 1
     truth = pd.read_parquet(tiny_corpus.truth)
     scores = _scores(out)
     assert set(truth.loc[truth["readable"], "key"]) <= set(scores["key"]) and not scores["key"].duplicated().any()
@@ -251,11 +252,14 @@ def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config,
     from ray.data._internal.arrow_ops import transform_pyarrow
     from ray.data.block import BlockAccessor
 
-    from scanner.pipeline import ScoreStage, ShardCollector, read_decode_shard
+    from scanner.stages.read import ReadSpec, read_shard
+    from scanner.stages.score import ScoreStage
+    from scanner.stages.sink import ShardCollector
 
     cfg = scan_config()
     shard = str(tiny_corpus.shards[0])
-    first = next(read_decode_shard(shard, cfg.data.resolution, cfg.data.channels, cfg.data.max_image_pixels))
+    first = next(read_shard(shard, ReadSpec(cfg.data.resolution, cfg.data.channels)))
+    first.pop("stage_seconds_read")
     keep = np.array([e is None for e in first["error"]]) & ~first["marker"]
     clean = {k: v[keep] for k, v in first.items()}
     clean["caption"] = np.array([None] * int(keep.sum()), dtype=object)  # a shard with no caption at all
@@ -278,12 +282,13 @@ def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config,
 
 def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, tiny_model_dir, tmp_path):
     """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less)."""
-    from scanner.pipeline import actor_cpus
+    from scanner.stages.base import plan
 
-    assert actor_cpus(2, 2) == 0.75 and actor_cpus(8, 2) == 1.0
+    assert plan(2, 0, 2, 1.0, embed=False, use_gpu=False)["score"].cpus == 0.75
+    assert plan(8, 0, 2, 1.0, embed=True, use_gpu=False)["score"].cpus == 1.0
     args = _kill_args(kill_corpus, tiny_model_dir, tmp_path / "two_actors") + ["--set", "ray.actors=2",
                                                                               "--set", "geometry.probes=2"]
     proc = _cli(args)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "each asks Ray for 0.75 CPU" in log, log[-3000:]
+    assert proc.returncode == 0 and "score: 2 actor(s) x (0.75 CPU, 0 GPU)" in log, log[-3000:]
     assert len(list((tmp_path / "two_actors" / "scores").glob("*.parquet"))) == len(kill_corpus.shards)

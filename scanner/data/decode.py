@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from scanner.config import MAX_IMAGE_PIXELS
+
 
 class DecodeError(ValueError):
     """Bytes that are not a usable image."""
@@ -32,12 +34,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: int = 64_000_000
+def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS
                  ) -> tuple[np.ndarray, int, int]:
     """Decode, EXIF-rotate, resize the shorter side to `size` and centre-crop.
 
     Returns (pixels (size, size, channels) uint8, original width, original height).
     Raises DecodeError for empty, unreadable, or oversized (> max_pixels) images.
+    """
+    im, w, h = open_image(data, max_pixels)
+    return fit_image(im, size, channels), w, h
+
+
+def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, int, int]:
+    """Decode once: the EXIF-rotated RGB image and its width and height. Raises DecodeError.
+
+    fit_image then makes each size a stage needs (the model's, the embedder's) from the one decode.
     """
     if not data:
         raise DecodeError("empty image member (0 bytes)")
@@ -55,7 +66,6 @@ def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: i
             im = ImageOps.exif_transpose(im)
             w, h = im.size
             im = _to_rgb(im)
-            im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
     except DecodeError:
         raise
     except Image.DecompressionBombError as e:  # PIL refuses (in Image.open) what is far above its own limit
@@ -66,7 +76,15 @@ def decode_image(data: bytes | None, size: int, channels: int = 3, max_pixels: i
         # same bad image gives the same error text on every run and every node
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {why}") from None
-    arr = np.asarray(im, dtype=np.uint8)
+    return im, int(w), int(h)
+
+
+def fit_image(im: Image.Image, size: int, channels: int = 3) -> np.ndarray:
+    """An RGB image from open_image -> (size, size, channels) uint8: shorter side to `size`, centre crop."""
+    try:
+        im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
+    except Exception as e:  # noqa: BLE001 - a lazily failing image (truncated data) fails here, not in open_image
+        raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
     if channels == 1:
-        arr = np.asarray(im.convert("L"), dtype=np.uint8)[..., None]
-    return arr, int(w), int(h)
+        return np.asarray(im.convert("L"), dtype=np.uint8)[..., None]
+    return np.asarray(im, dtype=np.uint8)

@@ -9,11 +9,12 @@ import hashlib
 
 import numpy as np
 
+from scanner.config import MAX_IMAGE_PIXELS
 from scanner.data.decode import DecodeError, decode_image
 from scanner.data.shards import expand_shards, iter_tar_samples
 
 
-def load_images(shards, size: int, channels: int = 3, max_pixels: int = 64_000_000, stats: dict | None = None
+def load_images(shards, size: int, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS, stats: dict | None = None
                 ) -> tuple[list[str], np.ndarray, list[str | None], list[str]]:
     """Decode every readable sample of `shards`.
 

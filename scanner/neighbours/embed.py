@@ -194,8 +194,16 @@ def _fingerprint(info: dict, name: str, input_norm: str, input_lowpass: float) -
     so a different checkpoint never reuses another one's vectors."""
     import hashlib
 
-    h = hashlib.sha256(f"{name}|{input_norm}|{input_lowpass}".encode())
-    root = Path(info["path"])
+    return hashlib.sha256(f"{name}|{input_norm}|{input_lowpass}|{checkpoint_digest(info['path'])}".encode()
+                          ).hexdigest()[:16]
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint's file names and bytes (a file, or every file of a directory), 16 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(path)
     for f in sorted(root.iterdir()) if root.is_dir() else [root]:
         if f.is_file():
             h.update(f.name.encode())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -41,7 +42,8 @@ from scanner.neighbours.embed import (
     standardize_per_image,
 )
 
-DEFAULT_STEPS = 600  # ~2 min on 2 CPU cores at 32 px, batch 128 (demo corpus: InfoNCE ~0.15 by then)
+LOG = logging.getLogger("memscan")
+
 INPUT_LOWPASS = 0.5
 
 
@@ -76,10 +78,10 @@ def _embed(visual, x, lowpass_factor: float):
     return F.normalize(visual(standardize_per_image(lowpass(x, lowpass_factor))), dim=-1)
 
 
-def train_on_images(images: np.ndarray, arch: str = DEFAULT_ARCH, steps: int = DEFAULT_STEPS, batch_size: int = 128,
+def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, batch_size: int = 128,
                     lr: float = 2e-3, temperature: float = 0.05, koleo_weight: float = 0.1, aug_strength: float = 1.0,
                     input_lowpass: float = INPUT_LOWPASS, seed: int = 0, time_budget_s: float | None = None,
-                    log=print):
+                    log=LOG.info):
     """Train a fresh `arch` CLIP's vision tower on images: (N, S, S, 3) uint8, S = the tower's input side.
 
     Returns (model, record): record holds the recipe, steps done, seconds, the last losses and a
@@ -232,16 +234,19 @@ def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[
     return images, hashes, len(picked), len(paths)
 
 
-def train_embedder(shards, out_dir, cfg, steps: int = DEFAULT_STEPS, seed: int = 0, time_budget_s: float | None = None,
-                   max_images: int = 50_000, arch: str | None = None, log=print) -> Path:
+def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0, time_budget_s: float | None = None,
+                   max_images: int | None = None, arch: str | None = None, log=LOG.info) -> Path:
     """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
 
     cfg: a NeighboursConfig; cfg.image_size is the training and embedding side; cfg.clip_model is
-    used when it names one of ARCHITECTURES (else the default). At most max_images distinct images
-    (a seeded sample) are used: a copy detector needs variety, not the whole corpus.
+    used when it names one of ARCHITECTURES (else the default). steps / max_images: None takes
+    cfg.train_steps / cfg.embedder_max_images. At most max_images distinct images (a seeded sample,
+    training_sample) are used: a copy detector needs variety, not the whole corpus.
     Returns out_dir, loadable by load_embedder with neighbours.clip_checkpoint = out_dir.
     """
     arch = arch or (cfg.clip_model if cfg.clip_model in ARCHITECTURES else DEFAULT_ARCH)
+    steps = cfg.train_steps if steps is None else steps
+    max_images = cfg.embedder_max_images if max_images is None else max_images
     images, raw_hashes, read, total = training_sample(shards, cfg.image_size, max_images, seed)
     log(f"train-embedder: {len(images)} distinct images at {cfg.image_size}px from {read} of {total} shards, "
         f"arch {arch}, {steps} steps")

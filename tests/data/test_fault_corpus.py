@@ -17,9 +17,12 @@ import pytest
 from fault_corpus import ABS_DIR, REPEATED_KEY_REASON, build_fault_corpus
 
 from scanner.data.decode import DecodeError, decode_image
+from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import expand_shards, iter_tar_samples, shard_name
-from scanner.neighbours.store import embed_shard, load_embeddings
-from scanner.pipeline import read_decode_shard
+from scanner.finalize import load_parts, neighbour_rows
+from scanner.stages.embed import EmbedStage
+from scanner.stages.read import ReadSpec, read_shard
+from scanner.stages.sink import ShardCollector
 
 MAX_PIXELS = 64_000_000  # data.max_image_pixels' default
 
@@ -30,7 +33,7 @@ def corpus(tmp_path_factory):
 
 
 class RandomEmbedder:
-    """What embed_shard needs of an Embedder (fingerprint, image_size, embed), as a fixed random projection."""
+    """What the embed stage needs of an Embedder (dim, embed), as a fixed random projection."""
 
     fingerprint, image_size, dim = "fault-corpus-test", 16, 8
 
@@ -87,15 +90,32 @@ def _read_and_decode(path: str) -> list[dict]:
     return rows
 
 
+def _batches(path: str) -> list[dict]:
+    """The read stage's batches for one shard, at the scan's side and the embedder's."""
+    return list(read_shard(path, ReadSpec(model_side=16, model_channels=3, embed_side=16, max_pixels=MAX_PIXELS),
+                           rows_per_batch=8))
+
+
 def _scan_rows(path: str) -> tuple[pd.DataFrame, int]:
-    """read_decode_shard's rows (the scan's reader) without the end-of-shard marker, and the marker's count."""
-    batches = list(read_decode_shard(path, resolution=16, channels=3, max_pixels=MAX_PIXELS, rows_per_batch=8))
+    """The read stage's rows (what scan and dedup read) without the end-of-shard marker, and the marker's count."""
+    batches = _batches(path)
     cols = ["key", "shard", "caption", "width", "height", "error", "error_stage", "marker", "n_rows", "row"]
     df = pd.DataFrame({c: np.concatenate([b[c] for b in batches]) for c in cols})
-    df["image_max"] = np.concatenate([b["image"].reshape(len(b["image"]), -1).max(1) for b in batches])
+    df["image_max"] = np.concatenate([b["image_model"].reshape(len(b["image_model"]), -1).max(1) for b in batches])
     marker = df[df["marker"]]
     assert len(marker) == 1 and marker.index[0] == len(df) - 1, f"{path}: one marker, last"
     return df[~df["marker"]].reset_index(drop=True), int(marker["n_rows"].iloc[0])
+
+
+def _embed_into_parts(corpus, out: Path) -> None:
+    """read -> embed (a random projection) -> sink for every shard, in this process: the pipeline's parts."""
+    stage = EmbedStage.__new__(EmbedStage)  # the stage's code with a stand-in embedder (no checkpoint to load)
+    stage.embedder = RandomEmbedder()
+    sink = ShardCollector(out)
+    for p in corpus.shards:
+        for batch in _batches(str(p)):
+            sink.add(stage(batch))
+    assert sorted(sink.done) == sorted(shard_name(str(p)) for p in corpus.shards) and not sink.failed
 
 
 def test_corpus_covers_every_fault_of_the_issue(corpus):
@@ -169,51 +189,30 @@ def test_scan_reader_gives_one_row_per_planted_sample(corpus):
     assert not problems, "\n".join(problems)
 
 
-def test_embed_shard_gives_one_row_per_planted_sample_named_like_the_scan(corpus, tmp_path):
-    emb = RandomEmbedder()
+def test_embedded_parts_give_one_row_per_planted_sample_and_flag_repeats_corpus_wide(corpus, tmp_path):
+    out = tmp_path / "out"
+    _embed_into_parts(corpus, out)
+    df, _, embeddings = load_parts(out, [str(p) for p in corpus.shards])
     problems = []
-    files = []
-    for p in corpus.shards:
-        name = shard_name(str(p))
-        files.append(embed_shard(str(p), emb, tmp_path / "out", max_pixels=MAX_PIXELS))
-        df = pd.read_parquet(files[-1])
-        problems += _problems(corpus, name, list(zip(_text(df["key"]), _text(df["error"]))))
-        # the shard's name, as the scan's parts and scores use it, so errors.parquet agrees between scan and dedup
-        if set(df["shard"]) != {name} or set(df["path"]) != {str(p)}:
-            problems.append(f"{name}: shard column {set(df['shard'])}, path column {set(df['path'])}")
-        ok = df["error"].isna()
-        if df.loc[ok, "embedding"].isna().any() or df.loc[~ok, "embedding"].notna().any():
-            problems.append(f"{name}: embeddings on error rows or missing on good rows")
-        scan, _ = _scan_rows(str(p))
-        scan_errors = sorted(map(str, _text(scan.loc[scan["error"].notna(), "key"])))
-        if scan_errors != sorted(map(str, _text(df.loc[~ok, "key"]))):
-            problems.append(f"{name}: scan error keys {scan_errors} != dedup error keys {list(df.loc[~ok, 'key'])}")
+    for name, part in df.groupby("shard"):
+        problems += _problems(corpus, name, list(zip(_text(part["key"]), _text(part["error"]))))
     assert not problems, "\n".join(problems)
-
-    # corpus-wide: every occurrence of a repeated key is an error, as the scan's finalize makes it
-    data = load_embeddings(files)
+    assert set(df["shard"]) <= {shard_name(str(p)) for p in corpus.shards}  # names, never paths
+    ok = df["error"].isna().to_numpy()
+    assert (np.abs(embeddings[ok]).sum(1) > 0).all() and (embeddings[~ok] == 0).all()
+    # corpus-wide: every occurrence of a repeated key is an error naming every shard that holds the key
+    keyed = df[df["key"].notna()]
+    errs = pd.Series(repeated_key_errors(keyed["key"].tolist(), keyed["shard"].tolist()), index=keyed.index)
+    flagged = keyed[errs.notna()]
+    assert sorted(flagged["key"]) == sorted(k for k, ss in corpus.repeated.items() for _ in ss)
+    for key, shards in corpus.repeated.items():
+        for err in errs[flagged.index[flagged["key"] == key]]:
+            assert REPEATED_KEY_REASON in err and all(s in err for s in shards), (key, err)
+    # what duplicate search sees: the good samples, once each (finalize marks the repeats before this)
+    df.loc[errs[errs.notna()].index, ["error", "error_stage"]] = ["repeated", "read"]
+    has_key = df["key"].notna().to_numpy()
+    data, _ = neighbour_rows(df[has_key].reset_index(drop=True), embeddings[has_key])
     assert sorted(data["keys"]) == sorted(corpus.good)
-    errs = data["errors"]
-    repeated = errs[errs["key"].isin(list(corpus.repeated))]
-    assert sorted(repeated["key"]) == sorted(k for k, ss in corpus.repeated.items() for _ in ss)
-    assert repeated["error"].str.contains(REPEATED_KEY_REASON).all()
-    for key, shards in corpus.repeated.items():  # each occurrence's error names every shard holding the key
-        for err in repeated.loc[repeated["key"] == key, "error"]:
-            assert all(s in err for s in shards), (key, err)
-    assert sorted(repeated["shard"]) == sorted(s for ss in corpus.repeated.values() for s in ss)
-    assert set(errs["shard"]) <= {shard_name(str(p)) for p in corpus.shards}  # names, never paths
-    assert len(errs) == len(corpus.bad) + len(repeated) + len(corpus.shard_errors)
-
-
-def test_old_embedding_files_with_paths_in_the_shard_column_load_as_names(tmp_path):
-    """Embedding files cached before the `path` column held the shard's path in `shard`: still one vocabulary."""
-    path = tmp_path / "old.parquet"
-    pd.DataFrame({"key": ["a", None], "shard": ["/data/shards/00007.tar"] * 2, "caption": [None, None],
-                  "sha256": ["00", None], "width": [8, None], "height": [8, None], "phash": [1, None],
-                  "embedding": [np.ones(4, np.float32), None],
-                  "error": [None, "truncated or corrupt shard: x"]}).to_parquet(path)
-    data = load_embeddings([path])
-    assert data["shards"] == ["00007"] and list(data["errors"]["shard"]) == ["00007"]
 
 
 def test_nothing_is_written_outside_the_output_dir(corpus, tmp_path, monkeypatch):
@@ -231,8 +230,7 @@ def test_nothing_is_written_outside_the_output_dir(corpus, tmp_path, monkeypatch
     out = work / "out"
     for p in corpus.shards:
         _read_and_decode(str(p))
-        _scan_rows(str(p))
-        embed_shard(str(p), RandomEmbedder(), out)
+    _embed_into_parts(corpus, out)
     for r in watched:
         new = {f for f in tree(r) - before[r] if not f.startswith(str(out))}
         assert not new, f"written outside the output dir: {sorted(new)}"
@@ -240,7 +238,7 @@ def test_nothing_is_written_outside_the_output_dir(corpus, tmp_path, monkeypatch
     escaped = [os.path.basename(n) for n in corpus.escape_names]
     assert escaped and not any((d / e).exists() for d in (work.parent, corpus.root, corpus.dir.parent)
                                for e in escaped)
-    assert sorted(p.name for p in (out / "embeddings" / RandomEmbedder.fingerprint).iterdir()) == sorted(
+    assert sorted(p.name for p in (out / "parts").iterdir()) == sorted(
         f"{shard_name(str(p))}.parquet" for p in corpus.shards)
 
 

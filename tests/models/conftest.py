@@ -61,7 +61,15 @@ def save_tiny_sd(root: Path) -> Path:
     # SD v1.5's scheduler: PNDM class, scaled-linear betas 0.00085 .. 0.012.
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   skip_prk_steps=True, steps_offset=1).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    # what an SD v1.5 checkout's model_index.json says, so StableDiffusionPipeline.from_pretrained loads it too
+    import diffusers
+
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}))
     return root
 
 

@@ -1,4 +1,5 @@
-"""run_dedup end to end on a tiny demo corpus with a given checkpoint: the files `memscan dedup` promises."""
+"""run_dedup (`memscan dedup`: the scan pipeline without a model) end to end on tiny corpora with a given
+checkpoint: the files it promises, replications in a scan, and the embed stage against the embedder itself."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import pandas as pd
 
 from scanner.config import NeighboursConfig
 from scanner.data.demo import build_demo_corpus
-from scanner.neighbours.run import run_dedup
+from scanner.pipeline import run_dedup, run_scan
 
 
-def test_run_dedup_writes_groups_removals_errors_and_summary(tiny_checkpoint, tmp_path):
+def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_checkpoint, tmp_path, capsys):
     corpus = build_demo_corpus(tmp_path / "demo", n_unique=40, n_repeated=2, repeat_copies=4, n_oversampled=2,
                                n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3, n_no_caption=2,
                                samples_per_shard=40, seed=0)
     cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
     out = tmp_path / "out"
-    summary = run_dedup(str(tmp_path / "demo" / "shards"), out, cfg, log=lambda s: None)
+    summary = run_dedup(str(tmp_path / "demo" / "shards"), out, cfg, progress=True)
+    # one progress line for the one pipeline: every shard, every sample, a rate
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    n = len(corpus.shards)
+    assert last.startswith("dedup: 100%") and f"{n}/{n}" in last and "img/s" in last, last
     dups = pd.read_parquet(out / "duplicates.parquet")
     removal = pd.read_parquet(out / "removal_list.parquet")
     errors = pd.read_parquet(out / "errors.parquet")
@@ -29,29 +34,42 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(tiny_checkpoint, tm
     # every byte-identical planted copy is found whatever the embedder (random weights here)
     exact = truth[truth.planted == "exact_dup"]
     assert set(exact.index) <= set(dups.key)
-    # corrupt images are error rows (stage 'embed'), not exceptions; the truncated shard adds one more
+    # corrupt images are error rows (stage 'decode'), not exceptions; the truncated shard adds one more (read)
     corrupt = set(truth.index[truth.planted == "corrupt"])
-    assert corrupt <= set(errors.key.dropna()) and set(errors.stage) == {"embed"}
-    assert summary["counts"]["errors"] == len(errors) and summary["index"]["kind"] == "flat"
-    assert summary["embedder"]["trained_on_this_corpus"] is False
-    # a second run re-embeds nothing and gives the same groups
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").rglob("*.parquet")}
-    assert len(before) == len(corpus.shards)  # one file per shard, under one embedder fingerprint
-    run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg), log=lambda s: None)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").rglob("*.parquet")} == before
+    assert corrupt <= set(errors.key[errors.stage == "decode"]) and set(errors.stage) == {"decode", "read"}
+    assert errors.key.isna().sum() == 1
+    nb = summary["neighbours"]
+    assert summary["counts"]["errors"] == len(errors) and nb["index"]["kind"] == "flat"
+    assert nb["embedder"]["trained_on_this_corpus"] is False
+    assert set(summary["stages"]) == {"read", "embed"}  # no model: no score stage
+    assert summary["stages"]["read"]["error_rows"] == len(errors) - 1
+    # a second run reads no shard again and gives the same groups
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")}
+    assert len(before) == len(corpus.shards)  # one part file per shard
+    again = run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg))
+    assert again["resume"]["done_this_run"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")} == before
     assert pd.read_parquet(out / "duplicates.parquet").equals(dups)
+    # another embedder into the same --out is refused, not mixed with the first one's parts
+    import pytest
+
+    from scanner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"part files made with another embedder .*Use a new --out"):
+        run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg, image_size=48,
+                                                                                 clip_checkpoint=None), train_steps=2)
 
 
-def test_run_dedup_with_model_writes_replications(tiny_checkpoint, tiny_model_dir, tiny_corpus, tmp_path):
+def test_scan_with_model_writes_replications(ray_session, scan_config, tiny_checkpoint, tmp_path):
     """Generations from the model are matched against the corpus; a match enters the removal list as 'replicated'.
 
     rep_threshold=-1 makes every generation a replication (a random model copies nothing), so the
     test checks the plumbing: one row per generation, seeds, PNGs for the report, removal reasons.
     """
-    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32, generations=3, gen_steps=2,
-                           rep_threshold=-1.0)
+    sets = ["neighbours.enabled=true", f"neighbours.clip_checkpoint={tiny_checkpoint}", "neighbours.image_size=32",
+            "neighbours.generations=3", "neighbours.gen_steps=2"]
     out = tmp_path / "out"
-    summary = run_dedup(str(tiny_corpus.shards[0].parent), out, cfg, log=lambda s: None, model_dir=str(tiny_model_dir))
+    summary = run_scan(scan_config(*sets, "neighbours.rep_threshold=-1.0"), out, progress=False)
     reps = pd.read_parquet(out / "replications.parquet")
     assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"]
     assert reps.gen_id.tolist() == [0, 1, 2] and reps.seed.tolist() == [0, 1, 2] and reps.replicated.all()
@@ -60,44 +78,44 @@ def test_run_dedup_with_model_writes_replications(tiny_checkpoint, tiny_model_di
     dups = pd.read_parquet(out / "duplicates.parquet")
     expected = set(reps.matched_key) - set(dups.key[~dups.keep])
     assert set(removal.key[removal.reason == "replicated"]) == expected
-    assert summary["replications"]["replicated"] == 3 and summary["replications"]["rate"] == 1.0
-    # the threshold is what decides: above every similarity, nothing replicates and nothing is removed for it
-    cfg2 = dataclasses.replace(cfg, rep_threshold=float(reps.similarity.max()) + 1e-4)
-    run_dedup(str(tiny_corpus.shards[0].parent), tmp_path / "out2", cfg2, log=lambda s: None,
-              model_dir=str(tiny_model_dir))
-    assert not pd.read_parquet(tmp_path / "out2" / "replications.parquet").replicated.any()
-    assert "replicated" not in set(pd.read_parquet(tmp_path / "out2" / "removal_list.parquet").reason)
+    rep = summary["neighbours"]["replications"]
+    assert rep["replicated"] == 3 and rep["rate"] == 1.0
+    assert set(summary["stages"]) == {"read", "embed", "score"}
+    # the threshold is what decides: at the highest cosine, only generations that reach it replicate
+    run_scan(scan_config(*sets, "neighbours.rep_threshold=1.0"), out, progress=False)  # parts reused
+    strict = pd.read_parquet(out / "replications.parquet")
+    assert strict.replicated.tolist() == (strict.similarity >= 1.0).tolist()
+    removed = set(pd.read_parquet(out / "removal_list.parquet").query("reason == 'replicated'").key)
+    assert removed == set(strict.matched_key[strict.replicated]) - set(dups.key[~dups.keep])
 
 
-def test_ray_actor_embedding_writes_the_same_files_as_in_process(ray_session, tiny_checkpoint, tiny_corpus, tmp_path,
-                                                                 capsys):
-    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
-    spec = str(tiny_corpus.shards[0].parent)
-    n = len(tiny_corpus.shards)
-    local = run_dedup(spec, tmp_path / "local", cfg, log=lambda s: None, progress=True)
-    err_local = capsys.readouterr().err
-    actors = run_dedup(spec, tmp_path / "ray", cfg, log=lambda s: None, use_ray=True, progress=True)
-    err_actors = capsys.readouterr().err
-    assert len(actors["embedding_files"]) == n
-    # in process and through Ray actors alike, the progress line ends at every shard and every sample embedded
-    rows = sum(int(pd.read_parquet(f)["key"].notna().sum()) for f in actors["embedding_files"])
-    for err in (err_local, err_actors):
-        last = err.replace("\r", "\n").strip().splitlines()[-1]
-        assert last.startswith("embed: 100%") and f"{n}/{n}" in last and f"{rows:,} images" in last, last
-        assert "img/s" in last, last
+def test_embed_stage_is_the_embedder_on_the_read_stage_images(tiny_checkpoint, tiny_corpus):
+    """One decode feeds the embedder: the stage's vectors and pHashes are the embedder's and phash64's on the
+    same pixels, decoded at the embedder's side exactly as a direct decode_image would."""
     import numpy as np
 
-    for a, b in zip(local["embedding_files"], actors["embedding_files"]):
-        a, b = pd.read_parquet(a), pd.read_parquet(b)
-        assert a["key"].tolist() == b["key"].tolist() and a["error"].isna().tolist() == b["error"].isna().tolist()
-        good = a["embedding"].notna()
-        assert good.any() or a["error"].notna().all()
-        assert not good.any() or np.allclose(np.stack(a["embedding"][good]), np.stack(b["embedding"][good]), atol=1e-5)
-    da, db = (pd.read_parquet(tmp_path / d / "duplicates.parquet") for d in ("local", "ray"))
-    assert da[["key", "group_id", "keep"]].equals(db[["key", "group_id", "keep"]])
+    from scanner.data.decode import decode_image
+    from scanner.data.shards import iter_tar_samples
+    from scanner.neighbours.embed import load_embedder
+    from scanner.neighbours.phash import phash64
+    from scanner.stages.embed import EmbedStage
+    from scanner.stages.read import ReadSpec, read_shard
+
+    cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
+    shard = str(tiny_corpus.shards[0])
+    batch = next(read_shard(shard, ReadSpec(model_side=8, embed_side=32)))
+    out = EmbedStage(dataclasses.asdict(cfg))(batch)
+    ok = np.array([e is None for e in out["error"]]) & ~out["marker"]
+    assert ok.sum() > 10 and "image_embed" not in out and out["stage_seconds_embed"][0] > 0
+    raw = {s["key"]: s["image"] for s in iter_tar_samples(shard)}
+    direct = np.stack([decode_image(raw[k], 32)[0] for k in out["key"][ok]])
+    emb = load_embedder(cfg)
+    np.testing.assert_allclose(out["embedding"][ok], emb.embed(direct), atol=1e-5)
+    np.testing.assert_array_equal(out["phash"][ok], phash64(direct).astype(np.int64))
+    assert (out["embedding"][~ok] == 0).all() and all(e is None for e in out["embed_error"])
 
 
-def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(tiny_checkpoint, tmp_path):
+def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(ray_session, tiny_checkpoint, tmp_path):
     """A shard copied under a second name repeats every key: dedup still writes every table, each copy of a
     repeated key is an error row naming both shards, and the other shards' rows are grouped as usual."""
     import shutil
@@ -113,7 +131,7 @@ def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(tiny_checkpoin
     shutil.copy(first, shards / "00099.tar")
     cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
     out = tmp_path / "out"
-    summary = run_dedup(str(shards), out, cfg, log=lambda s: None)
+    summary = run_dedup(str(shards), out, cfg)
     errors = pd.read_parquet(out / "errors.parquet")
     repeated = errors[errors.error.str.contains("is repeated")]
     import tarfile

@@ -1,0 +1,45 @@
+"""The embed stage: the copy-detection embedding and the perceptual hash of every readable image.
+
+Reads `image_embed` (decoded once by the read stage at the embedder's side); writes `embedding`
+(B, d) float32 unit rows, `phash` (int64 bits of the 64-bit pHash) and `embed_error` (None, or why
+this row has no embedding: a row that failed reading or decoding has neither, and says so in
+`error`). Embedding runs before scoring and its failure leaves `error` alone, so a row that scores
+badly is still grouped and a row that embeds badly is still scored. The embedder loads once per actor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scanner.stages.base import Stage
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    reads = ("image_embed",)
+    writes = ("embedding", "phash", "embed_error")
+
+    def setup(self) -> None:
+        from scanner.config import NeighboursConfig
+        from scanner.neighbours.embed import load_embedder
+
+        self.embedder = load_embedder(NeighboursConfig(**self.cfg))
+
+    def process(self, batch: dict) -> dict:
+        from scanner.neighbours.phash import phash64
+
+        n = len(batch["key"])
+        ok = np.flatnonzero([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])])
+        emb = np.zeros((n, self.embedder.dim), np.float32)
+        ph = np.zeros(n, np.int64)
+        failed = np.full(n, None, dtype=object)
+        if len(ok):
+            try:
+                images = batch["image_embed"][ok]
+                emb[ok] = self.embedder.embed(images)
+                ph[ok] = phash64(images).astype(np.int64)
+            except Exception as e:  # noqa: BLE001 - a failed batch becomes error rows, never a dead job
+                failed[ok] = f"embedding failed: {type(e).__name__}: {e}"
+        result = {k: v for k, v in batch.items() if k != "image_embed"}
+        result["embedding"], result["phash"], result["embed_error"] = emb, ph, failed
+        return result
