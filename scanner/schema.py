@@ -68,18 +68,23 @@ def to_arrow(df, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
 
 
-def text_column(values) -> np.ndarray:
-    """An object array of str or None.
+def typed_block(batch: dict):
+    """A stage's numpy batch -> the pyarrow Table it hands to Ray Data, text columns typed `string`.
 
-    Between stages Ray Data stores a batch as Arrow; a text column that is None on every row of a block
-    becomes Arrow `null` and comes back from `to_numpy` as float NaN. Read as is, a shard without a
-    single error had NaN in `error` (no row looked scoreable) and a block of it could not be merged
-    with a block that had a string error. Every stage reads its batches through with_text_columns.
+    Ray Data stores batches between stages as Arrow. Left to infer, a text column that is None on every
+    row of a batch (a shard with no error, no caption) became Arrow `null`, came back as float NaN, and a
+    block of it could not be merged with one that had a string error. Typed here, where each stage
+    produces its batch, None stays None downstream and nothing repairs it. Images and vectors become Ray's
+    tensor columns.
     """
-    return np.array([None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else str(v)
-                     for v in values], dtype=object)
+    from ray.data.extensions import ArrowTensorArray
 
-
-def with_text_columns(batch: dict) -> dict:
-    """`batch` with every TEXT_COLUMNS column read through text_column."""
-    return {k: text_column(v) if k in TEXT_COLUMNS else v for k, v in batch.items()}
+    cols = {}
+    for k, v in batch.items():
+        if k in TEXT_COLUMNS:
+            cols[k] = pa.array([None if x is None else str(x) for x in v], type=STR)
+        elif isinstance(v, np.ndarray) and v.ndim > 1:
+            cols[k] = ArrowTensorArray.from_numpy(v)
+        else:
+            cols[k] = pa.array(v)
+    return pa.table(cols)

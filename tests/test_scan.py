@@ -242,41 +242,45 @@ def test_local_ray_listens_on_loopback_with_dashboard_off(tmp_path):
     assert info["ip"] == "127.0.0.1" and not info["dash"]
 
 
-def test_text_columns_that_ray_turns_into_nan_are_read_back_as_none(scan_config, tiny_corpus, tmp_path):
-    """A block whose `error` (or `caption`) is None on every row comes back from Ray's Arrow as float NaN.
-
-    CI caught it: a shard without a single error had no row that looked scoreable, and its block could
-    not be merged with one that carried a string error ("Field error has incompatible types").
-    """
+def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(scan_config, tiny_corpus, tmp_path):
+    """A batch whose `error` (or `caption`) is None on every row: left to Ray's inference it became Arrow `null`
+    and came back as float NaN (CI caught it: no row looked scoreable, and its block could not be merged with
+    one that carried a string error). Each stage now hands Ray a typed table (schema.typed_block)."""
     import numpy as np
+    import pyarrow as pa
     from ray.data._internal.arrow_ops import transform_pyarrow
     from ray.data.block import BlockAccessor
 
+    from scanner.schema import typed_block
     from scanner.stages.read import ReadSpec, read_shard
     from scanner.stages.score import ScoreStage
     from scanner.stages.sink import ShardCollector
 
+    def to_numpy(table):  # what the next stage receives from Ray Data
+        return BlockAccessor.for_block(table).to_batch_format("numpy")
+
     cfg = scan_config()
     shard = str(tiny_corpus.shards[0])
     first = next(read_shard(shard, ReadSpec(cfg.data.resolution, cfg.data.channels)))
-    first.pop("stage_seconds_read")
     keep = np.array([e is None for e in first["error"]]) & ~first["marker"]
     clean = {k: v[keep] for k, v in first.items()}
     clean["caption"] = np.array([None] * int(keep.sum()), dtype=object)  # a shard with no caption at all
+    block = typed_block(clean)
+    assert block.schema.field("error").type == pa.string() and block.schema.field("caption").type == pa.string()
+    # the untyped way still loses None: the reason typed_block exists (this assertion guards the test itself)
+    assert BlockAccessor.batch_to_block(clean).schema.field("error").type == pa.null()
 
-    def through_ray(batch):
-        return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).to_batch_format("numpy")
-
-    scored = ScoreStage(cfg.to_dict())(through_ray(clean))
-    assert all(e is None for e in scored["error"]) and all(c is None for c in scored["caption"])
-    assert np.isfinite(scored["score_norm"]).all() and np.isfinite(scored["p_laplace_1"]).all()
+    scored = ScoreStage(cfg.to_dict())(to_numpy(block))
+    assert scored.schema.field("error").type == pa.string()
+    out = to_numpy(scored)
+    assert all(e is None for e in out["error"]) and all(c is None for c in out["caption"])
+    assert np.isfinite(out["score_norm"]).all() and np.isfinite(out["p_laplace_1"]).all()
     # blocks with and without string errors merge, and the collector keeps None as None
-    with_error = dict(scored, error=np.array(["boom"] + [None] * (len(scored["key"]) - 1), dtype=object))
-    merged = transform_pyarrow.concat([BlockAccessor.batch_to_block(scored), BlockAccessor.batch_to_block(with_error)])
-    assert merged.num_rows == 2 * len(scored["key"])
+    with_error = typed_block(dict(out, error=np.array(["boom"] + [None] * (len(out["key"]) - 1), dtype=object)))
+    assert transform_pyarrow.concat([scored, with_error]).num_rows == 2 * len(out["key"])
     collector = ShardCollector(tmp_path)
-    collector.add(through_ray(scored))
-    rows = collector.rows[scored["shard"][0]][0]
+    collector.add(out)
+    rows = collector.rows[out["shard"][0]][0]
     assert rows["error"].isna().all() and rows["caption"].isna().all() and rows["score_norm"].notna().all()
 
 

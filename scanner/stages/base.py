@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scanner.schema import with_text_columns
+from scanner.schema import typed_block
 
 READ_CPUS = 0.5  # CPU each read + decode task reserves
 SECONDS_PREFIX = "stage_seconds_"
@@ -49,14 +49,15 @@ class Stage:
     def process(self, batch: dict) -> dict:
         raise NotImplementedError
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict):
+        """numpy batch in, typed pyarrow Table out (schema.typed_block), with this stage's seconds."""
         t0 = time.perf_counter()
-        out = self.process(with_text_columns(batch))
+        out = self.process(batch)
         seconds = np.zeros(len(out["key"]), np.float64)
         if len(seconds):
             seconds[0] = time.perf_counter() - t0
         out[SECONDS_PREFIX + self.name] = seconds
-        return out
+        return typed_block(out)
 
 
 @dataclass(frozen=True)

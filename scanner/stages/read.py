@@ -97,7 +97,10 @@ def read_shard(path: str, spec: ReadSpec, rows_per_batch: int = ROWS_PER_BATCH) 
     yield pack(rows)
 
 
-def read_batch(batch: dict, spec: dict) -> Iterator[dict]:
-    """Ray Data flat-map over a batch of shard paths (one per task)."""
+def read_batch(batch: dict, spec: dict):
+    """Ray Data flat-map over a batch of shard paths (one per task): typed Arrow tables (schema.typed_block)."""
+    from scanner.schema import typed_block
+
     for path in batch["path"]:
-        yield from read_shard(str(path), ReadSpec(**spec))
+        for b in read_shard(str(path), ReadSpec(**spec)):
+            yield typed_block(b)

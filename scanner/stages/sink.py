@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from scanner.files import atomic_write_npy, atomic_write_parquet
-from scanner.schema import with_text_columns
 from scanner.stages.base import SECONDS_PREFIX
 
 log = logging.getLogger("memscan")
@@ -45,7 +44,6 @@ class ShardCollector:
         import pandas as pd
 
         finished = []
-        batch = with_text_columns(batch)
         for c in [c for c in batch if c.startswith(SECONDS_PREFIX)]:
             name = c.removeprefix(SECONDS_PREFIX)
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + float(np.sum(batch.pop(c)))

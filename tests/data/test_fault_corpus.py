@@ -111,10 +111,12 @@ def _embed_into_parts(corpus, out: Path) -> None:
     """read -> embed (a random projection) -> sink for every shard, in this process: the pipeline's parts."""
     stage = EmbedStage.__new__(EmbedStage)  # the stage's code with a stand-in embedder (no checkpoint to load)
     stage.embedder = RandomEmbedder()
+    from ray.data.block import BlockAccessor
+
     sink = ShardCollector(out)
     for p in corpus.shards:
         for batch in _batches(str(p)):
-            sink.add(stage(batch))
+            sink.add(BlockAccessor.for_block(stage(batch)).to_batch_format("numpy"))
     assert sorted(sink.done) == sorted(shard_name(str(p)) for p in corpus.shards) and not sink.failed
 
 

@@ -104,7 +104,9 @@ def test_embed_stage_is_the_embedder_on_the_read_stage_images(tiny_checkpoint, t
     cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
     shard = str(tiny_corpus.shards[0])
     batch = next(read_shard(shard, ReadSpec(model_side=8, embed_side=32)))
-    out = EmbedStage(dataclasses.asdict(cfg))(batch)
+    from ray.data.block import BlockAccessor
+
+    out = BlockAccessor.for_block(EmbedStage(dataclasses.asdict(cfg))(batch)).to_batch_format("numpy")
     ok = np.array([e is None for e in out["error"]]) & ~out["marker"]
     assert ok.sum() > 10 and "image_embed" not in out and out["stage_seconds_embed"][0] > 0
     raw = {s["key"]: s["image"] for s in iter_tar_samples(shard)}
