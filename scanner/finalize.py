@@ -54,7 +54,8 @@ def neighbour_rows(df: pd.DataFrame, embeddings: np.ndarray) -> tuple[dict, np.n
     A row is searched when it has a key, was read and decoded (a scoring failure does not exclude it:
     the picture is still there), embedded, and its key is not repeated.
     """
-    ok = (df["key"].notna() & df["embed_error"].isna() & ~df["error_stage"].isin(["read", "decode"])).to_numpy()
+    ok = (df["key"].notna() & df["embed_error"].isna() & ~df["error_stage"].isin(["read", "decode"])
+          & ~df["key"].duplicated(keep=False)).to_numpy()  # a repeated key whose copy failed scoring, too
     good = df[ok]
     data = {"keys": good["key"].tolist(), "shards": good["shard"].tolist(), "captions": good["caption"].tolist(),
             "sha256": good["sha256"].tolist(), "pixels": (good["width"] * good["height"]).astype("int64").tolist(),

@@ -48,3 +48,24 @@ def test_classify_dd_od_and_removal_reasons():
     rem = removal_list(df, dups, replicated={"d"})
     # c: duplicate; a is in a group (dedup fixes it) so no dd_mem row; e: dd_mem; b: od_mem; d: replicated
     assert dict(zip(rem["key"], rem["reason"])) == {"c": "duplicate", "e": "dd_mem", "b": "od_mem", "d": "replicated"}
+
+
+def test_neighbour_rows_skip_unreadable_and_every_copy_of_a_repeated_key():
+    """Duplicate search needs unique keys: a repeated key is skipped even where one copy only failed scoring
+    (finalize marks a repeat as an error only on rows that had none)."""
+    import numpy as np
+    import pandas as pd
+
+    from scanner.finalize import neighbour_rows
+
+    df = pd.DataFrame({
+        "key": ["a", "b", "b", "c", "d", "e"], "shard": ["0", "0", "1", "1", "1", "1"], "caption": [None] * 6,
+        "sha256": list("abcdef"), "width": [8] * 6, "height": [8] * 6, "phash": np.arange(6, dtype=np.int64),
+        "error": [None, "key 'b' is repeated", "scoring failed: x", "cannot decode image", None, None],
+        "error_stage": [None, "read", "score", "decode", "score", None],
+        "embed_error": [None, None, None, None, None, "embedding failed: y"]})
+    data, ok = neighbour_rows(df, np.eye(6, 4, dtype=np.float32))
+    # a: fine; b: repeated (both copies out); c: not decoded; d: only its scoring failed (the picture is there);
+    # e: not embedded
+    assert data["keys"] == ["a", "d"] and ok.tolist() == [True, False, False, False, True, False]
+    assert data["vectors"].shape == (2, 4) and data["pixels"] == [64, 64]
