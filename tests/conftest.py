@@ -73,6 +73,12 @@ def tiny_builders():
 
 
 @pytest.fixture(scope="session")
+def tiny_models():
+    """tiny_builders() as a fixture: test modules cannot `from conftest import` (several conftest.py files)."""
+    return tiny_builders()
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A random Stable Diffusion layout at 16 px (vae/, unet/, text_encoder/, tokenizer/, scheduler/)."""
     return tiny_builders().save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_builders
 
 from scanner.errors import (
     ConfigError,
@@ -71,8 +70,8 @@ def test_wrong_model_kind_and_resolution_fail_before_ray(tiny_corpus, tiny_model
     assert_user_error(proc, "scan", "data.resolution is 16", "takes 8x8 images", "set data.resolution: 8")
 
 
-def test_pickle_checkpoint_fails_before_ray(tiny_corpus, tmp_path):
-    model = tiny_builders().save_tiny_pixel(tmp_path / "pickled", safe_serialization=False)
+def test_pickle_checkpoint_fails_before_ray(tiny_corpus, tiny_models, tmp_path):
+    model = tiny_models.save_tiny_pixel(tmp_path / "pickled", safe_serialization=False)
     proc = memscan(*scan_args(tiny_corpus.shards[0], model, tmp_path / "o"))
     assert_user_error(proc, "scan", "only pickle weights", "allow_pickle")
 
