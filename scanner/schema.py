@@ -14,6 +14,8 @@ README's own example) failed with "Unsupported cast from string to null".
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 
@@ -26,6 +28,9 @@ TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "em
 
 def p_column(p: float) -> str:
     """Column name of Delta_p: 1 -> "p_laplace_1", 1.5 -> "p_laplace_1_5", 0.25 -> "p_laplace_0_25"."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0 or not math.isfinite(p):
+        raise ValueError(f"p must be a finite number > 0, got {p!r}")
+    p = float(p)
     return P_LAPLACE_PREFIX + format(p, "g").replace(".", "_").replace("-", "m").replace("+", "")
 
 
