@@ -15,6 +15,7 @@ into the actors (summary.json's `stages`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -97,19 +98,21 @@ def plan(cluster_cpus: float, cluster_gpus: float, score_actors: int | None, gpu
             if per <= 0:
                 raise ConfigError(f"ray.actors={score_actors} scoring actors and the embedding actor do not fit on "
                                   f"{cluster_gpus:g} GPUs: lower ray.actors")
-        if score_actors:
-            out["score"] = Placement(score_actors, 0.0, round(per, 3), None)
+        if score_actors:  # rounded down: 4 x 0.938 + 0.25 would ask for more than 4 GPUs and one actor never starts
+            out["score"] = Placement(score_actors, 0.0, math.floor(per * 1000) / 1000, None)
         if embed:
             out["embed"] = Placement(1, 0.0, embed_gpu, None)
         return out
-    share = min(1.0, (cluster_cpus - READ_CPUS) / n_actors)
+    # rounded down, like the GPU share: rounded up, 6 actors on 3 CPUs would ask for 6 x 0.417 and leave a
+    # read task 0.498 of the 0.5 CPU it needs
+    share = min(1.0, math.floor((cluster_cpus - READ_CPUS) / n_actors * 1000) / 1000)
     if share <= 0:
         raise ConfigError(f"ray.actors={score_actors} scoring actors do not fit beside a read task on "
                           f"{cluster_cpus:g} CPUs: lower ray.actors")
     if score_actors:
-        out["score"] = Placement(score_actors, round(share, 3), 0.0, max(1, node_cpus // score_actors))
+        out["score"] = Placement(score_actors, share, 0.0, max(1, node_cpus // score_actors))
     if embed:
-        out["embed"] = Placement(1, round(share, 3), 0.0, 1)
+        out["embed"] = Placement(1, share, 0.0, 1)
     return out
 
 
