@@ -216,7 +216,7 @@ def _key_locations(run: Run, keys: list[str]) -> dict[str, str]:
         shard_of = dict(zip(run.scores["key"], run.scores["shard"]))
         loc.update({k: by_name[shard_of[k]] for k in keys if shard_of.get(k) in by_name})
     rest = set(keys) - set(loc)
-    if rest:  # a dedup-only run has no scores but its embeddings files name each sample's shard file
+    if rest:  # a dedup run made before dedup wrote scores/ (per-embedder parquet files) names each sample's shard file
         import pyarrow.parquet as pq
 
         for f in sorted((run.out / "embeddings").glob("**/*.parquet")):
