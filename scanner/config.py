@@ -85,7 +85,9 @@ class GeometryConfig:
     nb_t: float = 0.01
     lpca_k: int = 20  # neighbours for local PCA (LID of the data manifold)
     lpca_alpha: float = 0.05  # eigenvalues above alpha * lambda_max count
-    lpca_space: Literal["model", "clip"] = "model"  # where neighbours are searched
+    # where LID_*'s neighbours are searched: model space, the embedding (clip), or auto: model space up to
+    # LPCA_MODEL_MAX_DIM dimensions (the demo's 768 pixels), the embedding above (SD latents: 16,384)
+    lpca_space: Literal["auto", "model", "clip"] = "auto"
     seed: int = 0
 
     def validate(self, p: str = "geometry") -> None:
@@ -121,10 +123,12 @@ class NeighboursConfig:
     phash_max_dist: int = 2  # pHash Hamming radius of the near-exact pass (6 bits merges distinct images)
     train_steps: int = 600  # copy-detection embedder steps when no checkpoint is given (~2 min on 2 cores)
     embedder_max_images: int = 50_000  # the embedder trains on at most this many distinct images
-    k: int = 20  # neighbours per image kept for LID_* and the report
-    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    k: int = 20  # neighbours searched per image for duplicate links
+    # auto: exact (blocked, streamed) search up to flat_max vectors, an inverted file on disk above
+    # (scanner/corpus/search.py); flat / ivf force one. Both keep within corpus.memory_gb.
+    index: Literal["auto", "flat", "ivf"] = "auto"
     flat_max: int = 200_000  # auto: exact search up to this many vectors
-    recall_sample: int = 1000  # queries used to measure recall of the approximate index
+    recall_sample: int = 1000  # held-out queries that measure recall@k of the inverted file
     generations: int = 64  # replication check: images generated from training captions (0 = off)
     gen_steps: int = 50  # sampler steps per generation
 
@@ -134,6 +138,9 @@ class NeighboursConfig:
             _check(-1.0 <= v <= 1.0, f"{p}.{k}", v, "a cosine in [-1, 1]")
         _check(self.k >= 2, f"{p}.k", self.k, "an int >= 2")
         _check(self.flat_max >= 1, f"{p}.flat_max", self.flat_max, ">= 1")
+        _check(self.index in ("auto", "flat", "ivf"), f"{p}.index", self.index,
+               "auto, flat or ivf (hnsw was removed: it holds the whole index in memory)")
+        _check(self.recall_sample >= 1, f"{p}.recall_sample", self.recall_sample, ">= 1")
         _check(self.generations >= 0, f"{p}.generations", self.generations, ">= 0")
         _check(self.gen_steps >= 1, f"{p}.gen_steps", self.gen_steps, ">= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
@@ -141,6 +148,29 @@ class NeighboursConfig:
         _check(0 <= self.phash_max_dist <= 64, f"{p}.phash_max_dist", self.phash_max_dist, "an int in [0, 64]")
         _check(self.train_steps >= 1, f"{p}.train_steps", self.train_steps, ">= 1")
         _check(self.embedder_max_images >= 2, f"{p}.embedder_max_images", self.embedder_max_images, ">= 2")
+
+
+LPCA_MODEL_MAX_DIM = 4096
+
+
+@dataclass
+class CorpusConfig:
+    """The corpus-wide steps after the stages (scanner/corpus/): duplicate groups, LID_*, the tables."""
+
+    memory_gb: float = 4.0  # working set of the corpus steps: they stream the part files within it
+    list_size: int = 2048  # inverted file: rows per list (the budget may make lists smaller)
+    spill: int = 2  # inverted file: every row is stored in its `spill` nearest lists (recall vs. disk)
+    detector_sample: int = 2_000_000  # detector quantile: exact up to this many rows, a seeded sample above
+
+    def validate(self, p: str = "corpus") -> None:
+        _check(self.memory_gb >= 0.25, f"{p}.memory_gb", self.memory_gb, "a number of GiB >= 0.25")
+        _check(self.list_size >= 64, f"{p}.list_size", self.list_size, "an int >= 64")
+        _check(1 <= self.spill <= 8, f"{p}.spill", self.spill, "an int in [1, 8]")
+        _check(self.detector_sample >= 1000, f"{p}.detector_sample", self.detector_sample, "an int >= 1000")
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.memory_gb * (1 << 30))
 
 
 @dataclass
@@ -178,6 +208,7 @@ class ScanConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     out: str | None = None
@@ -357,7 +388,7 @@ def load_yaml(path: str | Path) -> dict:
     return raw
 
 
-NEIGHBOUR_SECTIONS = ("data", "neighbours", "ray")  # memscan dedup / train-embedder: no diffusion model
+NEIGHBOUR_SECTIONS = ("data", "neighbours", "corpus", "ray")  # memscan dedup / train-embedder: no diffusion model
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -1,16 +1,26 @@
-"""Finalize a scan: the corpus-wide steps that need every shard's rows.
+"""Finalize a scan: the corpus-wide steps that need every shard's rows, out of core.
 
-Reads parts/*.parquet (+ vectors/*.npy, embeddings/*.npy) written by the stages, then:
-- neighbours (when embedded): duplicate groups and replications (scanner.neighbours.run);
-- LID_* by local PCA on model-space neighbours (faiss exact kNN, batched eigendecompositions);
-- mem_class from the detector column and LID_* (method.md §4), verdict combining both halves;
-and is the one writer of every user-facing table: scores/NAME.parquet per shard, duplicates.parquet,
+Reads parts/*.parquet (+ vectors/*.npy, embeddings/*.npy) written by the stages, shard by shard
+(scanner/corpus/), within corpus.memory_gb:
+1. repeated keys (a disk shuffle by key hash);
+2. neighbours (when embedded): byte and pHash copies, embedding links, groups that do not chain,
+   replications (scanner.corpus.groups, scanner.corpus.search, scanner.neighbours.dedup);
+3. LID_* by local PCA on each row's neighbours (searched in model space, or in the embedding with
+   geometry.lpca_space clip, and auto above 4,096 dimensions), the neighbours' model-space vectors read by id;
+4. the detector threshold (a quantile over the scored rows; a seeded sample above corpus.detector_sample);
+5. one pass over the shards: mem_class (method.md §4) and verdict per row, and the tables.
+It is the one writer of every user-facing table: scores/NAME.parquet per shard, duplicates.parquet,
 replications.parquet, errors.parquet, removal_list.{parquet,txt}. Returns the summary.
+
+Memory: one shard, one inverted list or query block, and what grows with the number of images that have a
+duplicate link (edges, group members). Work files go to OUT/corpus-work and are removed at the end; a job
+killed here leaves the tables of the previous run (every write is atomic) and a rerun redoes this step.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,239 +28,382 @@ import numpy as np
 import pandas as pd
 
 from scanner.config import ScanConfig
-from scanner.data.keys import repeated_key_errors
-from scanner.data.shards import shard_name
-from scanner.files import atomic_write_parquet, atomic_write_text
+from scanner.corpus.store import PartStore
+from scanner.files import atomic_write_parquet
 from scanner.schema import DUPLICATES, ERRORS, P_LAPLACE_PREFIX, REMOVAL, REPLICATIONS, scores_schema
 
 log = logging.getLogger("memscan")
 
 REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
+LIGHT = ["key", "error", "error_stage", "embed_error"]
+PCA_CHUNK = 512  # queries per batched local PCA
 
 
-def load_parts(out: Path, shards: list[str]) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None]:
-    """Every shard's part rows, and the model-space vectors and embeddings row-aligned with them (None when
-    that stage did not run)."""
-    frames: list[pd.DataFrame] = []
-    arrays: dict[str, list[np.ndarray]] = {"vectors": [], "embeddings": []}
-    for p in shards:
-        name = shard_name(p)
-        frames.append(pd.read_parquet(out / "parts" / f"{name}.parquet"))
-        for folder, got in arrays.items():
-            f = out / folder / f"{name}.npy"
-            if f.exists():
-                got.append(np.load(f))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", "shard", "error"])
-    for c in ("error", "error_stage", "embed_error", "caption", "sha256"):
-        if c not in df:
-            df[c] = None
-    aligned = {k: np.concatenate(v) if v and sum(len(a) for a in v) == len(df) else None for k, v in arrays.items()}
-    return df, aligned["vectors"], aligned["embeddings"]
+def member(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x in sorted_ids, elementwise (sorted_ids: sorted int64), by binary search."""
+    if not len(sorted_ids):
+        return np.zeros(len(x), bool)
+    j = np.minimum(np.searchsorted(sorted_ids, x), len(sorted_ids) - 1)
+    return sorted_ids[j] == x
 
 
-def neighbour_rows(df: pd.DataFrame, embeddings: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The rows duplicate search runs on, as scanner.neighbours.run.neighbours takes them, and their mask.
+class Masks:
+    """Per-shard row masks, bit-packed (N / 8 bytes in all): which rows have a key, are scored, are searched."""
 
-    A row is searched when it has a key, was read and decoded (a scoring failure does not exclude it:
-    the picture is still there), embedded, and its key is not repeated.
-    """
-    ok = (df["key"].notna() & df["embed_error"].isna() & ~df["error_stage"].isin(["read", "decode"])
-          & ~df["key"].duplicated(keep=False)).to_numpy()  # a repeated key whose copy failed scoring, too
-    good = df[ok]
-    data = {"keys": good["key"].tolist(), "shards": good["shard"].tolist(), "captions": good["caption"].tolist(),
-            "sha256": good["sha256"].tolist(), "pixels": (good["width"] * good["height"]).astype("int64").tolist(),
-            "phash": good["phash"].astype("int64").to_numpy().view(np.uint64),
-            "vectors": np.ascontiguousarray(embeddings[ok], dtype=np.float32)}
-    return data, ok
+    def __init__(self, store: PartStore, repeated: np.ndarray):
+        self.store = store
+        self.n = {k: [] for k in ("has_key", "ok", "searched")}
+        self.counts = {k: 0 for k in self.n}
+        for i in range(len(store)):
+            df = store.read(i, LIGHT)
+            gids = store.offsets[i] + np.arange(len(df))
+            has_key = df["key"].notna().to_numpy()
+            rep = member(repeated, gids)
+            ok = has_key & df["error"].isna().to_numpy() & ~rep
+            searched = (has_key & df["embed_error"].isna().to_numpy() & ~rep
+                        & ~df["error_stage"].isin(["read", "decode"]).to_numpy()
+                        & store.has_array("embeddings", i))
+            for k, m in (("has_key", has_key), ("ok", ok), ("searched", searched)):
+                self.n[k].append(np.packbits(m))
+                self.counts[k] += int(m.sum())
+
+    def get(self, name: str, i: int) -> np.ndarray:
+        return np.unpackbits(self.n[name][i], count=int(self.store.sizes[i])).astype(bool)
+
+    def select(self, name: str, exclude: np.ndarray | None = None):
+        """A Select for scanner.corpus.search: shard index -> mask, minus the sorted gids `exclude`."""
+        def f(i: int) -> np.ndarray:
+            m = self.get(name, i)
+            if exclude is not None and len(exclude):
+                lo, hi = np.searchsorted(exclude, self.store.offsets[i:i + 2])
+                m[exclude[lo:hi] - self.store.offsets[i]] = False
+            return m
+        return f
 
 
-def lid_lpca_model_space(vectors: np.ndarray, ok: np.ndarray, k: int, alpha: float, chunk: int = 512,
-                         search: np.ndarray | None = None) -> np.ndarray:
-    """LID_* of each ok row from its k nearest ok rows (itself included). NaN elsewhere.
-
-    The local PCA always runs on `vectors` (model space, where LID_theta lives too); the neighbours
-    are searched in `search` (e.g. CLIP embeddings, rows aligned with `vectors`) when given, else in
-    model space. Searching in a compact embedding is what scales: model-space vectors of SD latents
-    are 16384-d.
-    """
-    import faiss
+def lid_lpca(store: PartStore, masks: Masks, cfg: ScanConfig, work: Path) -> tuple[dict, object]:
+    """LID_* of every ok row from its lpca_k nearest ok rows (itself included), spilled by shard. Returns
+    (summary info, a Spill of (gid, lid) records partitioned by shard index, or None)."""
     import torch
 
+    from scanner.corpus.groups import buffer_bytes
+    from scanner.corpus.search import count_rows, make_plan, search, search_knobs
+    from scanner.corpus.spill import Spill
     from scanner.geometry.local_pca import local_pca
 
-    out = np.full(len(vectors), np.nan, np.float32)
-    idx = np.flatnonzero(ok)
-    if len(idx) < 2:
-        return out
-    x = np.ascontiguousarray(vectors[idx], dtype=np.float32)
-    q = x if search is None else np.ascontiguousarray(search[idx], dtype=np.float32)
-    kk = min(k + 1, len(idx))
-    index = faiss.IndexFlatL2(q.shape[1])
-    index.add(q)
-    for s in range(0, len(idx), chunk):
-        _, nn = index.search(q[s:s + chunk], kk)
-        out[idx[s:s + chunk]] = local_pca(torch.from_numpy(x[nn]), alpha).numpy()
-    return out
+    g = cfg.geometry
+    want = g.lpca_space
+    if want == "auto":
+        from scanner.config import LPCA_MODEL_MAX_DIM
+
+        want = "model" if (store.dim("vectors") or 0) <= LPCA_MODEL_MAX_DIM else "clip"
+    space = "embeddings" if want == "clip" and masks.counts["searched"] else "vectors"
+    select = masks.select("ok") if space == "vectors" else _both(masks.select("ok"), masks.select("searched"))
+    n = int(count_rows(store, space, select).sum())
+    if n < 2:
+        return {"n": n, "space": space}, None
+    dim = store.dim(space)
+    plan = make_plan(n, dim, min(g.lpca_k + 1, n), "l2", search_knobs(cfg), cfg.corpus.budget_bytes)
+    rec = np.dtype([("gid", "<i8"), ("lid", "<f4")])
+    out = Spill(work / "lid", len(store), rec, buffer_bytes=buffer_bytes(cfg.corpus.budget_bytes))
+
+    def consume(qg, nbr, _sims, rows):
+        for s in range(0, len(qg), PCA_CHUNK):
+            ids = nbr[s:s + PCA_CHUNK]
+            if space == "vectors" and rows is not None:  # the list holds the neighbours' model vectors
+                order = np.argsort(rows[0])
+                pos = order[np.searchsorted(rows[0], ids, sorter=order)]
+                x = rows[1][pos]
+            else:
+                x = store.gather("vectors", ids.ravel()).reshape(*ids.shape, -1)
+            lid = local_pca(torch.from_numpy(x), g.lpca_alpha).numpy()
+            r = np.empty(len(ids), rec)
+            r["gid"], r["lid"] = qg[s:s + PCA_CHUNK], lid
+            out.add(store.shard_of(r["gid"]), r)
+
+    info = search(store, space, select, plan, consume, work, seed=cfg.seed,
+                  recall_sample=cfg.neighbours.recall_sample, log=log.info, budget_bytes=cfg.corpus.budget_bytes)
+    out.flush()
+    info["space"] = "clip" if space == "embeddings" else "model"
+    return info, out
 
 
-def classify(df: pd.DataFrame, cfg: ScanConfig) -> dict:
-    """Adds `flagged` and `mem_class`; returns the thresholds used (for summary.json and the report)."""
+def _both(a, b):
+    return lambda i: a(i) & b(i)
+
+
+def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig) -> dict:
+    """The classify threshold: given, or the detector_quantile of the detector over the ok rows (exact up to
+    corpus.detector_sample rows, else a seeded Bernoulli sample of about that many)."""
     c = cfg.classify
     col = c.detector
-    ok = df["error"].isna()
-    if col not in df.columns or not df.loc[ok, col].notna().any():
-        df["flagged"] = False
-        df["mem_class"] = np.where(ok, "none", None)
+    if cfg.model.kind == "none" or col not in store.columns:
         return {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
-    vals = df[col].astype(float)
+    rate = min(1.0, cfg.corpus.detector_sample / max(masks.counts["ok"], 1))
+    vals = []
+    for i in range(len(store)):
+        v = store.read(i, [col])[col].astype(float).to_numpy()[masks.get("ok", i)]
+        if rate < 1.0:
+            v = v[np.random.default_rng([cfg.seed, i]).random(len(v)) < rate]
+        vals.append(v)
+    vals = np.concatenate(vals) if vals else np.zeros(0)
+    if not np.isfinite(vals).any() and c.detector_threshold is None:
+        return {"detector": col, "note": "detector column has no values", "threshold": None}
     if c.detector_threshold is not None:
         thr = float(c.detector_threshold)
     else:
         q = c.detector_quantile if c.detector_direction == "low" else 1.0 - c.detector_quantile
-        thr = float(np.nanquantile(vals[ok], q))
-    flagged = ok & ((vals <= thr) if c.detector_direction == "low" else (vals >= thr))
-    low_lid = df["lid_lpca"].astype(float) < c.lpca_low
-    gap_ok = df["lid_gap"].isna() | (df["lid_gap"].astype(float) > c.gap_margin)
-    df["flagged"] = flagged
-    df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & ~low_lid & gap_ok], [None, "dd", "od"], "none")
+        thr = float(np.nanquantile(vals, q))
     return {"detector": col, "direction": c.detector_direction, "threshold": thr,
             "quantile": None if c.detector_threshold is not None else c.detector_quantile,
+            "quantile_from": "all scored rows" if rate >= 1.0 else f"a seeded sample of {len(vals)} scored rows",
             "lpca_low": c.lpca_low, "gap_margin": c.gap_margin,
             "rule": (f"flagged when {col} is {'<=' if c.detector_direction == 'low' else '>='} {thr:.4g}; "
                      f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
                      f"flagged otherwise -> od (overfitting-driven: regularize)")}
 
 
-def verdicts(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[str]) -> None:
-    in_group = df["key"].isin(set(dups["key"])) if dups is not None and len(dups) else pd.Series(False, df.index)
-    dropped = df["key"].isin(set(dups.loc[~dups["keep"], "key"])) if dups is not None and len(dups) else in_group
-    confirmed_by = in_group | df["key"].isin(replicated)
+def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) -> dict:
+    """Adds `flagged` and `mem_class` to one shard's rows (or any frame); `thresholds` from detector_threshold
+    (None: the quantile of this frame's rows). Returns the thresholds used."""
+    c = cfg.classify
+    col = c.detector
+    ok = df["error"].isna()
+    if thresholds is None:
+        if col not in df.columns or not df.loc[ok, col].notna().any():
+            thresholds = {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
+        elif c.detector_threshold is not None:
+            thresholds = {"detector": col, "direction": c.detector_direction, "threshold": float(c.detector_threshold)}
+        else:
+            q = c.detector_quantile if c.detector_direction == "low" else 1.0 - c.detector_quantile
+            thresholds = {"detector": col, "direction": c.detector_direction,
+                          "threshold": float(np.nanquantile(df.loc[ok, col].astype(float), q)),
+                          "quantile": c.detector_quantile}
+    thr = thresholds.get("threshold")
+    if thr is None or col not in df.columns:
+        df["flagged"] = False
+        df["mem_class"] = np.where(ok, "none", None)
+        return thresholds
+    vals = df[col].astype(float)
+    flagged = ok & ((vals <= thr) if c.detector_direction == "low" else (vals >= thr))
+    low_lid = df["lid_lpca"].astype(float) < c.lpca_low
+    gap_ok = df["lid_gap"].isna() | (df["lid_gap"].astype(float) > c.gap_margin)
+    df["flagged"] = flagged
+    df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & ~low_lid & gap_ok], [None, "dd", "od"], "none")
+    return thresholds
+
+
+def verdicts(df: pd.DataFrame, in_group: np.ndarray, dropped: np.ndarray, replicated: np.ndarray) -> None:
+    confirmed_by = in_group | replicated
     df["verdict"] = np.select(
-        [df["error"].notna(), df["flagged"] & confirmed_by, df["flagged"], dropped],
+        [df["error"].notna().to_numpy(), df["flagged"].to_numpy() & confirmed_by, df["flagged"].to_numpy(), dropped],
         [None, "confirmed", "suspected", "duplicate"], "clear")
 
 
-def removal_list(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[str]) -> pd.DataFrame:
-    """One row per key to remove, with the first applicable reason of REMOVAL_ORDER.
+def removal_reasons(df: pd.DataFrame, in_group: np.ndarray, dropped: np.ndarray, replicated: np.ndarray) -> pd.Series:
+    """The first applicable reason of REMOVAL_ORDER per row (None: kept).
 
     Duplicates: every group member but the kept one. DD-Mem: only when not in a duplicate group
     (deduplication already fixes the others; the kept copy stays). OD-Mem and replicated: always.
     """
-    rows = []
-    grouped = set(dups["key"]) if dups is not None and len(dups) else set()
-    if dups is not None and len(dups):
-        rows += [(k, "duplicate") for k in dups.loc[~dups["keep"], "key"]]
-    rows += [(k, "dd_mem") for k in df.loc[(df["mem_class"] == "dd") & ~df["key"].isin(grouped), "key"]]
-    rows += [(k, "od_mem") for k in df.loc[df["mem_class"] == "od", "key"]]
-    rows += [(k, "replicated") for k in sorted(replicated)]
-    rem = pd.DataFrame(rows, columns=["key", "reason"]).drop_duplicates("key", keep="first")
-    shard_of = dict(zip(df["key"], df["shard"]))
-    rem.insert(1, "shard", rem["key"].map(shard_of))
+    mc = df["mem_class"].to_numpy()
+    reason = np.select([dropped, (mc == "dd") & ~in_group, mc == "od", replicated],
+                       REMOVAL_ORDER, None)
+    return pd.Series(reason, index=df.index, dtype=object)
+
+
+def removal_list(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[str]) -> pd.DataFrame:
+    """The removal list of a frame held in memory (tests, small tables): one row per key to remove."""
+    keys = df["key"]
+    in_group = keys.isin(set(dups["key"])).to_numpy() if dups is not None and len(dups) else np.zeros(len(df), bool)
+    dropped = (keys.isin(set(dups.loc[~dups["keep"], "key"])).to_numpy() if dups is not None and len(dups)
+               else np.zeros(len(df), bool))
+    reason = removal_reasons(df, in_group, dropped, keys.isin(replicated).to_numpy())
+    rem = pd.DataFrame({"key": keys, "shard": df["shard"], "reason": reason})[reason.notna().to_numpy()]
     return rem.sort_values(["reason", "key"], key=lambda s: s.map(REMOVAL_ORDER.index) if s.name == "reason" else s,
                            ignore_index=True)
+
+
+class TableWriter:
+    """A parquet table written row group by row group to a temporary file, renamed into place at close."""
+
+    def __init__(self, path: Path, schema):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.schema = schema
+        self.rows = 0
+        self.w = pq.ParquetWriter(self.tmp, schema)
+
+    def write(self, df: pd.DataFrame) -> None:
+        from scanner.schema import to_arrow
+
+        if len(df):
+            self.w.write_table(to_arrow(df, self.schema))
+            self.rows += len(df)
+
+    def close(self) -> None:
+        import os
+
+        self.w.close()
+        os.replace(self.tmp, self.path)
 
 
 def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None = None,
              embedder_trained: bool = False) -> dict:
     """The corpus steps and every table. embedder: the checkpoint the embed stage used (None: no neighbours)."""
+    from scanner.corpus.groups import repeated_keys
+
     t0 = time.time()
-    df, vectors, embeddings = load_parts(out, shards)
-    shard_errors = df[df["key"].isna()]
-    has_key = df["key"].notna().to_numpy()
-    df = df[has_key].reset_index(drop=True)
-    vectors = vectors[has_key] if vectors is not None else None
-    embeddings = embeddings[has_key] if embeddings is not None else None
+    out = Path(out)
+    budget = cfg.corpus.budget_bytes
+    work = out / "corpus-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    store = PartStore(out, shards)
+    log.info(f"corpus steps: {store.n:,} rows in {len(store):,} shards within corpus.memory_gb = "
+             f"{cfg.corpus.memory_gb:g} (work files in {work})")
+    summary: dict = {"timings_s": {}, "corpus": {"memory_gb": cfg.corpus.memory_gb, "rows": store.n,
+                                                 "shards": len(store)}}
+    repeated = repeated_keys(store, work, budget)
+    rep_gids = np.array(sorted(repeated), dtype=np.int64)
+    masks = Masks(store, rep_gids)
+    summary["timings_s"]["keys"] = round(time.time() - t0, 1)
 
-    # The same key in two shards is reported, not merged: both rows stay, each gets an error.
-    repeated = pd.Series(repeated_key_errors(df["key"].tolist(), df["shard"].tolist()), index=df.index, dtype=object)
-    fill = repeated.notna() & df["error"].isna()
-    if fill.any():
-        df.loc[fill, "error_stage"] = "read"
-        df.loc[fill, "error"] = repeated[fill]
-
-    summary: dict = {"timings_s": {}}
     dups, reps = None, None
+    dup_gids = dropped_gids = np.zeros(0, np.int64)
     replicated: set[str] = set()
-    searched = None
-    if embedder is not None and embeddings is not None:
-        from scanner.neighbours.run import neighbours
+    if embedder is not None and masks.counts["searched"]:
+        from scanner.corpus.neighbours import corpus_neighbours
 
-        data, searched = neighbour_rows(df, embeddings)
+        t1 = time.time()
         model_dir = cfg.model.path if cfg.model.kind != "none" else None
-        summary["neighbours"], dups, reps = neighbours(data, cfg.neighbours, embedder, embedder_trained, out,
-                                                       model_dir=model_dir, allow_pickle=cfg.model.allow_pickle,
-                                                       seed=cfg.seed, log=log.info)
+        summary["neighbours"], dups, reps = corpus_neighbours(
+            store, masks.select("searched"), cfg, embedder, embedder_trained, out, work, model_dir=model_dir)
+        dup_gids = np.sort(dups["gid"].to_numpy())
+        dropped_gids = np.sort(dups.loc[~dups["keep"], "gid"].to_numpy())
         if reps is not None:
             replicated = set(reps.loc[reps["replicated"], "matched_key"])
-        summary["timings_s"]["neighbours"] = round(time.time() - t0, 1)
+        summary["timings_s"]["neighbours"] = round(time.time() - t1, 1)
 
-    ok = df["error"].isna().to_numpy()
-    if vectors is not None and cfg.model.kind != "none":
+    lids = None
+    if cfg.model.kind != "none" and masks.counts["ok"]:
         t1 = time.time()
-        search = None
-        if cfg.geometry.lpca_space == "clip" and searched is not None:
-            search, ok = embeddings, ok & searched
-        df["lid_lpca"] = lid_lpca_model_space(vectors, ok, cfg.geometry.lpca_k, cfg.geometry.lpca_alpha,
-                                              search=search)
-        summary["lpca_neighbours"] = "clip" if search is not None else "model"
+        summary["local_pca"], lids = lid_lpca(store, masks, cfg, work)
+        summary["lpca_neighbours"] = summary["local_pca"].get("space")
         summary["timings_s"]["local_pca"] = round(time.time() - t1, 1)
-    else:
-        df["lid_lpca"] = np.nan
-    df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
-    thresholds = classify(df, cfg)
-    verdicts(df, dups, replicated)
+    thresholds = detector_threshold(store, masks, cfg)
 
-    # scores/: the interface columns first, every configured p-Laplace column, then the rest.
-    for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "cfg_norm"):
-        if col not in df:
-            df[col] = np.nan
-    schema = scores_schema([c for c in df.columns if c.startswith(P_LAPLACE_PREFIX)])
-    for name, part in df.groupby("shard", sort=True):
-        atomic_write_parquet(part, out / "scores" / f"{name}.parquet", schema)
+    # one pass over the shards: classes, verdicts, scores/, errors and removal rows
+    t1 = time.time()
+    log.info(f"corpus steps: writing the tables of {len(store):,} shards")
+    schema = scores_schema(sorted(c for c in store.columns if c.startswith(P_LAPLACE_PREFIX)))
+    errors_w = TableWriter(out / "errors.parquet", ERRORS)
+    removal_w = {r: TableWriter(work / f"removal-{r}.parquet", REMOVAL) for r in REMOVAL_ORDER}
+    mem_class, verdict = pd.Series(dtype="int64"), pd.Series(dtype="int64")
+    shard_errors = scored = 0
+    stage_errors = {"read": 0, "embed": 0, "score": 0}
+    for i, name in enumerate(store.names):
+        df = store.read(i)
+        for c in ("error", "error_stage", "embed_error", "caption", "sha256"):
+            if c not in df:
+                df[c] = None
+        has_key = df["key"].notna().to_numpy()
+        bad = df.loc[~has_key, ["key", "shard", "error"]].assign(stage="read")
+        shard_errors += len(bad)
+        gids = store.offsets[i] + np.flatnonzero(has_key)
+        df = df[has_key].reset_index(drop=True)
+        for j in np.flatnonzero(member(rep_gids, gids)):
+            if pd.isna(df.at[j, "error"]):
+                df.at[j, "error_stage"], df.at[j, "error"] = "read", repeated[int(gids[j])]
+        stage_errors["read"] += int(df["error_stage"].isin(["read", "decode"]).sum())
+        stage_errors["embed"] += int(df["embed_error"].notna().sum())
+        stage_errors["score"] += int((df["error_stage"] == "score").sum())
+        lid = np.full(len(df), np.nan, np.float32)
+        if lids is not None:
+            r = lids.read(i)
+            lid[np.searchsorted(gids, r["gid"])] = r["lid"]
+        df["lid_lpca"] = lid
+        df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
+        classify(df, cfg, thresholds)
+        in_group = member(dup_gids, gids)
+        dropped = member(dropped_gids, gids)
+        rep = df["key"].isin(replicated).to_numpy()
+        verdicts(df, in_group, dropped, rep)
+        for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "cfg_norm"):
+            if col not in df:
+                df[col] = np.nan
+        atomic_write_parquet(df, out / "scores" / f"{name}.parquet", schema)
 
-    embed_errors = df.loc[df["embed_error"].notna() & df["error"].isna(), ["key", "shard", "embed_error"]]
-    errors = pd.concat([
-        df.loc[df["error"].notna(), ["key", "shard", "error_stage", "error"]],
-        shard_errors[["key", "shard", "error_stage", "error"]].assign(error_stage="read"),
-        embed_errors.rename(columns={"embed_error": "error"}).assign(error_stage="embed"),
-    ], ignore_index=True).rename(columns={"error_stage": "stage"})
-    atomic_write_parquet(errors, out / "errors.parquet", ERRORS)
+        emb = df.loc[df["embed_error"].notna() & df["error"].isna(), ["key", "shard", "embed_error"]]
+        errors_w.write(pd.concat([
+            df.loc[df["error"].notna(), ["key", "shard", "error_stage", "error"]].rename(columns={"error_stage": "stage"}),
+            bad, emb.rename(columns={"embed_error": "error"}).assign(stage="embed")], ignore_index=True))
+        reason = removal_reasons(df, in_group, dropped, rep)
+        rem = pd.DataFrame({"key": df["key"], "shard": df["shard"], "reason": reason})[reason.notna().to_numpy()]
+        for r, part in rem.sort_values("key").groupby("reason", sort=False):
+            removal_w[r].write(part)
+        mem_class = mem_class.add(df["mem_class"].value_counts(), fill_value=0)
+        verdict = verdict.add(df["verdict"].value_counts(), fill_value=0)
+        scored += int(df["error"].isna().sum())
+        if len(store) >= 20 and (i + 1) % max(1, len(store) // 10) == 0:
+            log.info(f"corpus steps: tables of {i + 1:,}/{len(store):,} shards written")
+    errors_w.close()
+    for w in removal_w.values():
+        w.close()
+    removed = write_removal_list(out, [removal_w[r].path for r in REMOVAL_ORDER])
 
     if dups is not None:
-        atomic_write_parquet(dups, out / "duplicates.parquet", DUPLICATES)
+        atomic_write_parquet(dups.drop(columns="gid"), out / "duplicates.parquet", DUPLICATES)
     if reps is not None:
         atomic_write_parquet(reps, out / "replications.parquet", REPLICATIONS)
-    rem = removal_list(df, dups, replicated)
-    atomic_write_parquet(rem, out / "removal_list.parquet", REMOVAL)
-    atomic_write_text("".join(f"{k}\n" for k in rem["key"]), out / "removal_list.txt")
+    summary["timings_s"]["tables"] = round(time.time() - t1, 1)
 
+    by_reason = {r: removal_w[r].rows for r in REMOVAL_ORDER if removal_w[r].rows}
     summary["counts"] = {
-        "seen": len(df),
-        "scored": int(df["error"].isna().sum()) if cfg.model.kind != "none" else 0,
-        "embedded": int(searched.sum()) if searched is not None else 0,
-        "errors": len(errors),
-        "shard_errors": len(shard_errors),
+        "seen": masks.counts["has_key"],
+        "scored": scored if cfg.model.kind != "none" else 0,
+        "embedded": masks.counts["searched"] if embedder is not None else 0,
+        "errors": errors_w.rows,
+        "shard_errors": shard_errors,
         "duplicate_groups": int(dups["group_id"].nunique()) if dups is not None and len(dups) else 0,
         "duplicates": int((~dups["keep"]).sum()) if dups is not None and len(dups) else 0,
-        "removed": len(rem),
-        "removed_by_reason": rem["reason"].value_counts().to_dict(),
-        "mem_class": df["mem_class"].value_counts().to_dict(),
-        "verdict": df["verdict"].value_counts().to_dict(),
+        "removed": removed,
+        "removed_by_reason": by_reason,
+        "mem_class": {k: int(v) for k, v in mem_class.items()},
+        "verdict": {k: int(v) for k, v in verdict.items()},
     }
-    summary["stages"] = stage_counts(df, shard_errors, cfg, embedder is not None)
+    n = masks.counts["has_key"]
+    summary["stages"] = {"read": {"rows_in": n, "rows_out": n, "error_rows": stage_errors["read"],
+                                  "shard_errors": shard_errors}}
+    if embedder is not None:
+        summary["stages"]["embed"] = {"rows_in": n, "rows_out": n, "error_rows": stage_errors["embed"]}
+    if cfg.model.kind != "none":
+        summary["stages"]["score"] = {"rows_in": n, "rows_out": n, "error_rows": stage_errors["score"]}
     summary["thresholds"] = thresholds
+    shutil.rmtree(work, ignore_errors=True)
     summary["timings_s"]["finalize"] = round(time.time() - t0, 1)
     return summary
 
 
-def stage_counts(df: pd.DataFrame, shard_errors: pd.DataFrame, cfg: ScanConfig, embedded: bool) -> dict:
-    """Rows in and out and error rows of each stage that ran, over every part (this run's and resumed ones)."""
-    stage = df["error_stage"]
-    n = len(df)
-    out = {"read": {"rows_in": n, "rows_out": n, "error_rows": int(stage.isin(["read", "decode"]).sum()),
-                    "shard_errors": len(shard_errors)}}
-    if embedded:
-        out["embed"] = {"rows_in": n, "rows_out": n, "error_rows": int(df["embed_error"].notna().sum())}
-    if cfg.model.kind != "none":
-        out["score"] = {"rows_in": n, "rows_out": n, "error_rows": int((stage == "score").sum())}
-    return out
+def write_removal_list(out: Path, parts: list[Path]) -> int:
+    """removal_list.parquet and .txt from the per-reason files, in REMOVAL_ORDER, streamed. Returns the rows."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    tmp_txt = out / "removal_list.txt.tmp"
+    w = TableWriter(out / "removal_list.parquet", REMOVAL)
+    with open(tmp_txt, "w", encoding="utf-8") as txt:
+        for p in parts:
+            f = pq.ParquetFile(p)
+            for b in range(f.num_row_groups):
+                t = f.read_row_group(b)
+                w.w.write_table(t)
+                w.rows += t.num_rows
+                txt.writelines(f"{k}\n" for k in t.column("key").to_pylist())
+    w.close()
+    os.replace(tmp_txt, out / "removal_list.txt")
+    return w.rows

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.config import load_config
-from scanner.finalize import classify, lid_lpca_model_space, removal_list
+from scanner.finalize import classify, removal_list
 
 
 def _line_and_blob(rng, n=40, dim=12, shift=10.0):
@@ -14,24 +14,75 @@ def _line_and_blob(rng, n=40, dim=12, shift=10.0):
     return np.vstack([line, blob + shift]).astype(np.float32)
 
 
-def test_lid_lpca_model_space_recovers_dimensions():
+def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None):
+    """lid_lpca through part files, as finalize runs it: LID_* per row (NaN where not computed)."""
+    from corpus_parts import split, write_parts
+
+    from scanner.corpus.store import PartStore
+    from scanner.finalize import Masks, lid_lpca
+
+    n = len(x)
+    ok = np.ones(n, bool) if ok is None else ok
+    sizes = sizes or [n // 2, n - n // 2]
+    frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + s)],
+                            "error": [None if ok[i] else "bad" for i in range(s0, s0 + s)]})
+              for s0, s in zip(np.r_[0, np.cumsum(sizes)[:-1]], sizes)]
+    arrays = {"vectors": split(x.astype(np.float16), sizes)}
+    if search is not None:
+        arrays["embeddings"] = split(search.astype(np.float32), sizes)
+    store = PartStore(tmp_path, write_parts(tmp_path, frames, arrays))
+    cfg = load_config(None, [f"geometry.lpca_space={space}", "geometry.lpca_k=15", "geometry.lpca_alpha=0.05"],
+                      sections=("geometry", "neighbours", "corpus"))
+    _, spill = lid_lpca(store, Masks(store, np.zeros(0, np.int64)), cfg, tmp_path / "work")
+    out = np.full(n, np.nan, np.float32)
+    for i in range(len(store)):
+        r = spill.read(i)
+        out[r["gid"]] = r["lid"]
+    return out
+
+
+def test_lid_lpca_recovers_dimensions(tmp_path):
     x = _line_and_blob(np.random.default_rng(0))
-    lid = lid_lpca_model_space(x, np.ones(len(x), bool), k=15, alpha=0.05)
+    lid = _lids(tmp_path, x)
     assert np.median(lid[:40]) == 1 and np.median(lid[40:]) >= 6
 
 
-def test_search_space_chooses_the_neighbours_pca_runs_on_model_vectors():
-    """With `search` (e.g. CLIP vectors) the neighbour sets come from it, the PCA from model space."""
+def test_lid_lpca_through_an_inverted_file_on_disk(tmp_path):
+    """Above flat_max the neighbours come from the on-disk inverted file; separated shapes keep their LID."""
+    from scanner.config import load_config as lc
+
+    x = _line_and_blob(np.random.default_rng(2), n=300, shift=30.0)
+    cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15"],
+             sections=("geometry", "neighbours", "corpus"))
+    from corpus_parts import split, write_parts
+
+    from scanner.corpus.store import PartStore
+    from scanner.finalize import Masks, lid_lpca
+
+    frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + 200)], "error": None}) for s0 in (0, 200, 400)]
+    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), [200] * 3)}))
+    info, spill = lid_lpca(store, Masks(store, np.zeros(0, np.int64)), cfg, tmp_path / "work")
+    assert info["kind"] == "ivf" and info["nlist"] >= 6 and info["recall_at_k"] >= 0.9, info
+    lid = np.full(600, np.nan)
+    for i in range(3):
+        r = spill.read(i)
+        lid[r["gid"]] = r["lid"]
+    assert not np.isnan(lid).any()
+    assert np.median(lid[:300]) == 1 and np.median(lid[300:]) >= 6
+
+
+def test_search_space_chooses_the_neighbours_pca_runs_on_model_vectors(tmp_path):
+    """With lpca_space clip the neighbour sets come from the embeddings, the PCA from model space."""
     x = _line_and_blob(np.random.default_rng(1), n=40, shift=0.0)
     # both shapes share a centre; in the search space each line point sits on a blob point, so its
     # neighbour set mixes in blob points and their 8 model-space dimensions
     search = np.vstack([x[40:] + 1e-3, x[40:]])
-    ok = np.ones(len(x), bool)
-    own = lid_lpca_model_space(x, ok, k=15, alpha=0.05)
-    swapped = lid_lpca_model_space(x, ok, k=15, alpha=0.05, search=search)
+    own = _lids(tmp_path / "a", x, search=search)
+    swapped = _lids(tmp_path / "b", x, search=search, space="clip")
     assert np.median(own[:40]) == 1 and np.median(swapped[:40]) >= 4
+    ok = np.ones(len(x), bool)
     ok[3] = False  # rows that are not ok get NaN and are never anyone's neighbour
-    assert np.isnan(lid_lpca_model_space(x, ok, k=15, alpha=0.05, search=search)[3])
+    assert np.isnan(_lids(tmp_path / "c", x, search=search, ok=ok, space="clip")[3])
 
 
 def test_classify_dd_od_and_removal_reasons():
@@ -50,22 +101,24 @@ def test_classify_dd_od_and_removal_reasons():
     assert dict(zip(rem["key"], rem["reason"])) == {"c": "duplicate", "e": "dd_mem", "b": "od_mem", "d": "replicated"}
 
 
-def test_neighbour_rows_skip_unreadable_and_every_copy_of_a_repeated_key():
-    """Duplicate search needs unique keys: a repeated key is skipped even where one copy only failed scoring
-    (finalize marks a repeat as an error only on rows that had none)."""
-    import numpy as np
-    import pandas as pd
+def test_searched_rows_skip_unreadable_and_every_copy_of_a_repeated_key(tmp_path):
+    """Duplicate search needs unique keys: a repeated key is skipped even where one copy only failed scoring."""
+    from corpus_parts import write_parts
 
-    from scanner.finalize import neighbour_rows
+    from scanner.corpus.groups import repeated_keys
+    from scanner.corpus.store import PartStore
+    from scanner.finalize import Masks
 
-    df = pd.DataFrame({
-        "key": ["a", "b", "b", "c", "d", "e"], "shard": ["0", "0", "1", "1", "1", "1"], "caption": [None] * 6,
-        "sha256": list("abcdef"), "width": [8] * 6, "height": [8] * 6, "phash": np.arange(6, dtype=np.int64),
-        "error": [None, "key 'b' is repeated", "scoring failed: x", "cannot decode image", None, None],
-        "error_stage": [None, "read", "score", "decode", "score", None],
-        "embed_error": [None, None, None, None, None, "embedding failed: y"]})
-    data, ok = neighbour_rows(df, np.eye(6, 4, dtype=np.float32))
+    frames = [pd.DataFrame({"key": ["a", "b"], "error": [None, None], "error_stage": [None, None],
+                            "embed_error": [None, None]}),
+              pd.DataFrame({"key": ["b", "c", "d", "e"], "error": ["scoring failed: x", "cannot decode image", None, None],
+                            "error_stage": ["score", "decode", "score", None],
+                            "embed_error": [None, None, None, "embedding failed: y"]})]
+    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"embeddings": [np.eye(2, 4), np.eye(4)]}))
+    rep = np.array(sorted(repeated_keys(store, tmp_path / "w", 1 << 20)))
+    masks = Masks(store, rep)
     # a: fine; b: repeated (both copies out); c: not decoded; d: only its scoring failed (the picture is there);
     # e: not embedded
-    assert data["keys"] == ["a", "d"] and ok.tolist() == [True, False, False, False, True, False]
-    assert data["vectors"].shape == (2, 4) and data["pixels"] == [64, 64]
+    searched = np.concatenate([masks.get("searched", i) for i in range(2)])
+    assert rep.tolist() == [1, 2] and searched.tolist() == [True, False, False, False, True, False]
+    assert masks.counts == {"has_key": 6, "ok": 3, "searched": 2}  # ok: a, d, e (no error in the part)

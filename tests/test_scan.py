@@ -145,6 +145,33 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(kill_corpus, tiny
     _assert_same_rows(killed, clean_kill_scan)
 
 
+def test_sigkill_inside_the_corpus_steps_then_resume_gives_the_clean_tables(kill_corpus, tiny_model_dir,
+                                                                          clean_kill_scan, tmp_path):
+    """Killed after every shard is scored, while finalize streams the parts (LID_*, classes, tables): the rerun
+    scores nothing again, redoes the corpus steps and writes exactly the clean run's tables."""
+    out = tmp_path / "killed_in_corpus"
+    args = _kill_args(kill_corpus, tiny_model_dir, out)
+    proc = _cli(args)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if "corpus steps:" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        assert time.time() < deadline, "no corpus step started"
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the kill came after the corpus steps"
+    assert len(list((out / "parts").glob("*.parquet"))) == len(kill_corpus.shards)
+    rerun = _cli(args)
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    _assert_same_rows(out, clean_kill_scan)
+    a = _scores(out).set_index("key").sort_index()
+    b = clean_kill_scan.set_index("key").sort_index()
+    pd.testing.assert_series_equal(a["lid_lpca"], b["lid_lpca"])
+    pd.testing.assert_series_equal(a["mem_class"], b["mem_class"])
+    assert not (out / "corpus-work").exists()
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -1,15 +1,20 @@
 """Duplicate groups: byte-identical copies, near-exact perceptual-hash matches, then cosine >= threshold.
 
-Every link found by any of the three passes joins two images; groups are the connected components
-(clip-retrieval's rule). Passes, cheapest first:
-1. raw-byte hash equality (sha256 of the file bytes): exact copies, free.
-2. optional perceptual hash (phash.py), Hamming distance <= phash_max_dist: re-encodes and
-   resizes that kept the picture intact; catches them without the embedder at scale.
-3. embedding kNN (k neighbours each, over one representative per byte hash, so a 30x repeated
-   image fills no neighbour list) with cosine >= threshold.
+Two kinds of link, and two rules for turning them into groups:
+- **copies** (the same picture): raw-byte hash equality (sha256 of the file bytes) and, optionally,
+  perceptual hashes (phash.py) within `phash_max_dist` bits. Copies group transitively (connected
+  components): a re-encode of a re-encode is still the same image. Each such component is a *unit*,
+  represented by its kept member (the keep rule below).
+- **embedding neighbours** (near-duplicates): kNN between unit representatives with cosine >=
+  threshold. These do not chain: groups are formed greedily, as SemDeDup keeps one image per
+  epsilon-ball. Units are taken in keep-rule order; an ungrouped unit becomes a group's centre, and
+  every ungrouped unit linked to it joins. So every member joined by the embedding is within the
+  threshold of the group's kept image, and a run of near-identical images (flat sky tiles, a
+  slow pan) is cut into balls instead of one group of unrelated ends.
 
 Keep rule (one member per group survives): the largest image (width x height, when sizes are given),
-then the lowest key. `similarity` is each member's cosine to the kept member.
+then the lowest key. `similarity` is each member's cosine to the kept member. The same functions group
+the out-of-core corpus steps (scanner/corpus/groups.py), which only find the links differently.
 """
 
 from __future__ import annotations
@@ -20,22 +25,109 @@ import numpy as np
 import pandas as pd
 
 KEEP_RULE = "keep the largest image (width x height, when known), ties broken by the lowest key"
+GROUP_RULE = ("byte and pHash copies group transitively; near-duplicates join the group of the first linked "
+              "unit in keep-rule order, so every embedding-linked member is within the threshold of the kept image")
+
+
+def keep_rank(keys, sizes) -> np.ndarray:
+    """Rank of each node under the keep rule (0 = kept first): largest size, then lowest key."""
+    keys = np.asarray(keys, dtype=object).astype(str)
+    sizes = np.asarray(sizes if sizes is not None else np.zeros(len(keys)), dtype=np.int64)
+    order = np.lexsort((keys, -sizes))
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = np.arange(len(keys))
+    return rank
+
+
+def copy_units(n: int, copy_edges: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of the copy links. Returns (unit label (n,), kept node of each unit)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    e = np.asarray(copy_edges, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(e), dtype=np.int8), (e[:, 0], e[:, 1])), shape=(n, n))
+    n_units, unit = connected_components(graph, directed=False)
+    kept = np.full(n_units, -1, np.int64)
+    order = np.argsort(rank, kind="stable")  # best first: the first node seen of each unit is its kept one
+    first = np.unique(unit[order], return_index=True)[1]
+    kept[unit[order][first]] = order[first]
+    return unit, kept
+
+
+def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edges: np.ndarray,
+                  emb_sims: np.ndarray) -> np.ndarray:
+    """Group of every node: the unit id of its group's centre (-1: in no group of >= 2 nodes).
+
+    emb_edges: (F, 2) node pairs with cosine >= threshold (both ends units' kept nodes), emb_sims: (F,).
+    """
+    from scipy.sparse import csr_matrix
+
+    n_units = len(kept)
+    e = np.asarray(emb_edges, dtype=np.int64).reshape(-1, 2)
+    ua, ub = unit[e[:, 0]], unit[e[:, 1]]
+    ne = ua != ub
+    ua, ub = ua[ne], ub[ne]
+    adj = csr_matrix((np.ones(2 * len(ua), np.int8), (np.r_[ua, ub], np.r_[ub, ua])), shape=(n_units, n_units))
+    centre = np.full(n_units, -1, np.int64)
+    for u in np.argsort(rank[kept], kind="stable"):
+        if centre[u] >= 0:
+            continue
+        centre[u] = u
+        nb = adj.indices[adj.indptr[u]:adj.indptr[u + 1]]
+        free = nb[centre[nb] < 0]
+        centre[free] = u
+    group = centre[unit]
+    size = np.bincount(group, minlength=n_units)
+    return np.where(size[group] > 1, group, -1)
+
+
+def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray) -> np.ndarray:
+    """What first linked each node: 'bytes', else 'phash', else 'embedding'."""
+    link = np.full(n, "embedding", dtype=object)
+    for edges, name in ((phash_edges, "phash"), (bytes_edges, "bytes")):  # bytes last: it wins
+        e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        link[np.unique(e)] = name
+    return link
+
+
+def group_table(keys, group: np.ndarray, kept_of_group: dict, similarity: np.ndarray, link: np.ndarray,
+                ids: np.ndarray | None = None) -> pd.DataFrame:
+    """duplicates.parquet rows of the nodes with a group: group ids numbered by their kept key (with a `gid`
+    column from `ids` when given: the corpus steps' row ids)."""
+    keys = np.asarray(keys, dtype=object)
+    members = np.flatnonzero(group >= 0)
+    if not len(members):
+        empty = pd.DataFrame({"key": pd.Series([], dtype=object), "group_id": pd.Series([], dtype="int64"),
+                              "similarity": pd.Series([], dtype="float32"), "keep": pd.Series([], dtype=bool),
+                              "link": pd.Series([], dtype=object)})
+        return empty if ids is None else empty.assign(gid=pd.Series([], dtype="int64"))
+    centres = np.unique(group[members])
+    kept_keys = np.array([keys[kept_of_group[c]] for c in centres], dtype=object).astype(str)
+    gid = dict(zip(centres.tolist(), np.argsort(np.argsort(kept_keys, kind="stable")).tolist()))
+    is_kept = np.array([kept_of_group[group[i]] == i for i in members])
+    df = pd.DataFrame({"key": keys[members], "group_id": [gid[g] for g in group[members]],
+                       "similarity": np.where(is_kept, 1.0, np.minimum(similarity[members], 1.0)),
+                       "keep": is_kept, "link": link[members]})
+    if ids is not None:
+        df["gid"] = np.asarray(ids, dtype=np.int64)[members]
+    df = df.sort_values(["group_id", "key"], kind="stable", ignore_index=True)
+    return df.astype({"group_id": "int64", "similarity": "float32", "keep": "bool"})
 
 
 def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list[str] | None, threshold: float,
                           k: int = 20, index=None, phashes: np.ndarray | None = None, phash_max_dist: int = -1,
                           sizes: list[int] | None = None) -> pd.DataFrame:
-    """Duplicate groups of a corpus.
+    """Duplicate groups of a corpus held in memory (the corpus steps do the same out of core).
 
     keys: N unique sample keys; vectors: (N, d) float32 unit rows (row i embeds keys[i]);
-    raw_hashes: N hashes of the raw bytes (None: skip pass 1); threshold: cosine for pass 3;
-    k: neighbours searched per image; index: a faiss index over exactly these N vectors in this
-    order (None: exact search over one representative per byte hash); phashes: (N,) uint64 perceptual hashes with phash_max_dist
-    >= 0 to enable pass 2; sizes: N pixel counts for the keep rule.
+    raw_hashes: N hashes of the raw bytes (None: no byte pass); threshold: cosine of the embedding
+    links; k: neighbours searched per unit; index: a faiss index over exactly these N vectors in this
+    order (None: exact search); phashes: (N,) uint64 perceptual hashes with phash_max_dist >= 0 to
+    enable the pHash pass; sizes: N pixel counts for the keep rule.
 
     Returns one row per member of a group of >= 2: key, group_id (int, groups numbered by their
-    kept key), similarity (float, cosine to the kept member), keep (bool), link (what first joined
-    the group: 'bytes', 'phash' or 'embedding').
+    kept key), similarity (float, cosine to the kept member), keep (bool), link (what first linked
+    the member: 'bytes', 'phash' or 'embedding').
     """
     n = len(keys)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -44,65 +136,51 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
     if len(set(keys)) != n:
         dup = next(key for key, c in Counter(keys).items() if c > 1)
         raise ValueError(f"keys must be unique across the corpus; {dup!r} appears more than once")
-    edges: list[np.ndarray] = []  # (E, 2) index pairs, one array per pass
-    link = np.full(n, "", dtype=object)  # the pass that first linked each row
+    rank = keep_rank(keys, sizes)
+    none = np.zeros((0, 2), np.int64)
 
-    def add(pairs: np.ndarray, name: str) -> None:
-        if len(pairs):
-            edges.append(pairs)
-            touched = np.unique(pairs)
-            link[touched] = np.where(link[touched] == "", name, link[touched])
-
-    # 1. byte-identical copies: link each copy to the first row with its hash
-    rep = np.arange(n)
+    # copies: byte hashes, then pHash among one row per byte hash
+    bytes_edges, rep = none, np.arange(n)
     if raw_hashes is not None:
         _, first, inverse = np.unique(np.asarray(raw_hashes, dtype=object).astype(str), return_index=True,
                                       return_inverse=True)
         rep = first[inverse]
         copies = np.flatnonzero(rep != np.arange(n))
-        add(np.stack([copies, rep[copies]], axis=1), "bytes")
-    reps = np.flatnonzero(rep == np.arange(n))
-
-    # 2. perceptual hash: near-exact copies among the representatives
+        bytes_edges = np.stack([copies, rep[copies]], axis=1)
+    phash_edges = none
     if phashes is not None and phash_max_dist >= 0:
         from scanner.neighbours.phash import hamming_pairs
 
-        add(reps[hamming_pairs(np.asarray(phashes, dtype=np.uint64)[reps], phash_max_dist)], "phash")
+        reps = np.flatnonzero(rep == np.arange(n))
+        phash_edges = reps[hamming_pairs(np.asarray(phashes, dtype=np.uint64)[reps], phash_max_dist)]
+    unit, kept = copy_units(n, np.concatenate([bytes_edges, phash_edges]), rank)
 
-    # 3. embedding kNN from each representative, cosine >= threshold
-    if len(reps) > 1:
-        kk = min(k + 1, len(reps))
+    # embedding links between the units' kept members
+    emb_edges, emb_sims = none, np.zeros(0, np.float32)
+    if len(kept) > 1:
+        kk = min(k + 1, len(kept))
         if index is None:
             from scanner.neighbours.index import exact_knn
 
-            sims, ids = exact_knn(vectors[reps], vectors[reps], kk)
-            ids = np.where(ids >= 0, reps[ids], -1)
+            sims, ids = exact_knn(vectors[kept], vectors[kept], kk)
+            ids = np.where(ids >= 0, kept[np.maximum(ids, 0)], -1)
         else:
             from scanner.neighbours.index import knn
 
-            sims, ids = knn(index, vectors[reps], kk)
-        q = np.repeat(reps, kk).reshape(len(reps), kk)
-        ok = (sims >= threshold) & (ids >= 0) & (ids != q)
-        add(np.stack([q[ok], ids[ok]], axis=1), "embedding")
-
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    e = np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64)
-    graph = coo_matrix((np.ones(len(e), dtype=np.int8), (e[:, 0], e[:, 1])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    sizes_arr = np.asarray(sizes if sizes is not None else np.zeros(n), dtype=np.int64)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    groups = [m for m in np.split(order, bounds) if len(m) > 1]
-    kept = [min(m.tolist(), key=lambda i: (-sizes_arr[i], keys[i])) for m in groups]
-    rows = []
-    for gid, (members, keep) in enumerate(sorted(zip(groups, kept), key=lambda t: keys[t[1]])):
-        sim = np.minimum(vectors[members] @ vectors[keep], 1.0)
-        for i, s in zip(members, sim):
-            rows.append((keys[i], gid, 1.0 if i == keep else float(s), bool(i == keep), link[i] or "embedding"))
-    df = pd.DataFrame(rows, columns=["key", "group_id", "similarity", "keep", "link"])
-    return df.astype({"group_id": "int64", "similarity": "float32", "keep": "bool"})
+            sims, ids = knn(index, vectors[kept], kk)
+        q = np.repeat(kept, kk).reshape(len(kept), kk)
+        is_kept = np.zeros(n, bool)
+        is_kept[kept] = True
+        ok = (sims >= threshold) & (ids >= 0) & (ids != q) & is_kept[np.maximum(ids, 0)]
+        emb_edges, emb_sims = np.stack([q[ok], ids[ok]], axis=1), sims[ok]
+    group = leader_groups(unit, kept, rank, emb_edges, emb_sims)
+    kept_of_group = {int(g): int(kept[g]) for g in np.unique(group[group >= 0])}
+    sim = np.ones(n, np.float32)
+    members = np.flatnonzero(group >= 0)
+    if len(members):
+        kept_rows = np.array([kept_of_group[g] for g in group[members]])
+        sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept_rows])
+    return group_table(keys, group, kept_of_group, sim, link_names(n, bytes_edges, phash_edges))
 
 
 def duplicate_removals(dups: pd.DataFrame, shard_of: dict[str, str] | None = None) -> pd.DataFrame:

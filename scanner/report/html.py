@@ -841,8 +841,11 @@ def section_thresholds(run: Run) -> str:
     dup_thr = nbt.get("dup_threshold", ncfg.get("dup_threshold"))
     if dup_thr is not None or nbt.get("keep_rule"):
         parts.append(f"<p><b>Duplicates.</b> Two images are duplicates when their copy-detection embeddings have "
-                     f"cosine ≥ <b>{_fmt(dup_thr)}</b> (byte-identical and perceptual-hash matches join first); "
-                     f"groups are connected components. Kept member: {escape(str(nbt.get('keep_rule', '–')))}.</p>")
+                     f"cosine ≥ <b>{_fmt(dup_thr)}</b>. Byte-identical and perceptual-hash copies group "
+                     f"transitively (they are the same picture); near-duplicates do not chain: each joins the group "
+                     f"of the first linked image in keep-rule order, so every member is within the threshold of "
+                     f"the kept image (smallest: {_fmt((nb.get('groups') or {}).get('min_similarity_to_kept_embedding_links'))}). "
+                     f"Kept member: {escape(str(nbt.get('keep_rule', '–')))}.</p>")
     parts.append(
         "<h3>Verdicts</h3><dl class=\"verdicts\">"
         f"<dt>{_badge('confirmed', 'verdict')}</dt><dd>the geometry flags it <i>and</i> a neighbour confirms it: "

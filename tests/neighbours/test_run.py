@@ -39,7 +39,7 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_c
     assert corrupt <= set(errors.key[errors.stage == "decode"]) and set(errors.stage) == {"decode", "read"}
     assert errors.key.isna().sum() == 1
     nb = summary["neighbours"]
-    assert summary["counts"]["errors"] == len(errors) and nb["index"]["kind"] == "flat"
+    assert summary["counts"]["errors"] == len(errors) and nb["index"]["kind"] == "exact"
     assert nb["embedder"]["trained_on_this_corpus"] is False
     assert set(summary["stages"]) == {"read", "embed"}  # no model: no score stage
     assert summary["stages"]["read"]["error_rows"] == len(errors) - 1
