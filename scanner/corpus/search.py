@@ -31,7 +31,9 @@ from scanner.corpus.store import PartStore
 
 BLOCK_BYTES = 256 << 20  # largest query block
 DB_BLOCK = 65536  # rows of the searched array streamed at once against a query block
-TRAIN_PER_LIST = 64  # k-means training vectors per list (faiss warns below 39)
+TRAIN_PER_LIST = 40  # k-means training vectors per list (faiss warns below 39)
+TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128): the lists only partition the space
+KMEANS_ITER = 10
 
 Select = Callable[[int], np.ndarray]  # shard index -> bool mask over its rows: the rows taking part
 # consumer(query gids (Q,), neighbour gids (Q, kk) with -1 padding, similarities (Q, kk), list rows or None):
@@ -263,9 +265,9 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     import faiss
 
     d = plan.dim
-    train_g, train_x = _sample(store, folder, select, counts, TRAIN_PER_LIST * plan.nlist, seed)
-    km = faiss.Kmeans(d, plan.nlist, niter=20, seed=seed, spherical=plan.metric == "ip",
-                      gpu=faiss.get_num_gpus() > 0)
+    train_g, train_x = _sample(store, folder, select, counts, min(TRAIN_PER_LIST * plan.nlist, TRAIN_MAX), seed)
+    km = faiss.Kmeans(d, plan.nlist, niter=KMEANS_ITER, seed=seed, spherical=plan.metric == "ip",
+                      gpu=faiss.get_num_gpus() > 0, min_points_per_centroid=1)
     km.train(train_x)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     del train_g, train_x

@@ -16,10 +16,12 @@ import pandas as pd
 import pytest
 from fault_corpus import ABS_DIR, REPEATED_KEY_REASON, build_fault_corpus
 
+from scanner.corpus.groups import repeated_keys
+from scanner.corpus.store import PartStore
 from scanner.data.decode import DecodeError, decode_image
 from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import expand_shards, iter_tar_samples, shard_name
-from scanner.finalize import load_parts, neighbour_rows
+from scanner.finalize import Masks
 from scanner.stages.embed import EmbedStage
 from scanner.stages.read import ReadSpec, read_shard
 from scanner.stages.sink import ShardCollector
@@ -194,7 +196,9 @@ def test_scan_reader_gives_one_row_per_planted_sample(corpus):
 def test_embedded_parts_give_one_row_per_planted_sample_and_flag_repeats_corpus_wide(corpus, tmp_path):
     out = tmp_path / "out"
     _embed_into_parts(corpus, out)
-    df, _, embeddings = load_parts(out, [str(p) for p in corpus.shards])
+    store = PartStore(out, [str(p) for p in corpus.shards])
+    df = pd.concat([store.read(i) for i in range(len(store))], ignore_index=True)  # row i is gid i
+    embeddings = np.concatenate([store.array("embeddings", i) for i in range(len(store))])
     problems = []
     for name, part in df.groupby("shard"):
         problems += _problems(corpus, name, list(zip(_text(part["key"]), _text(part["error"]))))
@@ -210,11 +214,12 @@ def test_embedded_parts_give_one_row_per_planted_sample_and_flag_repeats_corpus_
     for key, shards in corpus.repeated.items():
         for err in errs[flagged.index[flagged["key"] == key]]:
             assert REPEATED_KEY_REASON in err and all(s in err for s in shards), (key, err)
-    # what duplicate search sees: the good samples, once each (finalize marks the repeats before this)
-    df.loc[errs[errs.notna()].index, ["error", "error_stage"]] = ["repeated", "read"]
-    has_key = df["key"].notna().to_numpy()
-    data, _ = neighbour_rows(df[has_key].reset_index(drop=True), embeddings[has_key])
-    assert sorted(data["keys"]) == sorted(corpus.good)
+    # the corpus steps find the same repeats out of core, and duplicate search sees the good samples, once each
+    rep = repeated_keys(store, tmp_path / "work", 1 << 20)
+    assert sorted(rep) == sorted(flagged.index) and all(rep[g] == errs[g] for g in rep)
+    masks = Masks(store, np.array(sorted(rep), dtype=np.int64))
+    searched = np.concatenate([masks.get("searched", i) for i in range(len(store))])
+    assert sorted(df["key"][searched]) == sorted(corpus.good)
 
 
 def test_nothing_is_written_outside_the_output_dir(corpus, tmp_path, monkeypatch):
