@@ -47,6 +47,20 @@ def member(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_ids[j] == x
 
 
+def memory_mb() -> dict:
+    """This process's resident memory now and its high-water mark (MB, /proc/self/status VmRSS and VmHWM),
+    for the log and summary.json. (getrusage's ru_maxrss is not used: Linux carries it over from the
+    parent across fork and exec.)"""
+    out = {"rss": None, "peak": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss" if line.startswith("VmRSS") else "peak"] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 class Masks:
     """Per-shard row masks, bit-packed (N / 8 bytes in all): which rows have a key, are scored, are searched."""
 
@@ -262,6 +276,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     work = out / "corpus-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    start_mem = memory_mb()
     store = PartStore(out, shards)
     log.info(f"corpus steps: {store.n:,} rows in {len(store):,} shards within corpus.memory_gb = "
              f"{cfg.corpus.memory_gb:g} (work files in {work})")
@@ -271,6 +286,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     rep_gids = np.array(sorted(repeated), dtype=np.int64)
     masks = Masks(store, rep_gids)
     summary["timings_s"]["keys"] = round(time.time() - t0, 1)
+    mem = summary["corpus"]["memory_mb"] = {"start": start_mem, "keys": memory_mb()}
 
     dups, reps = None, None
     dup_gids = dropped_gids = np.zeros(0, np.int64)
@@ -287,6 +303,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         if reps is not None:
             replicated = set(reps.loc[reps["replicated"], "matched_key"])
         summary["timings_s"]["neighbours"] = round(time.time() - t1, 1)
+        mem["neighbours"] = memory_mb()
 
     lids = None
     if cfg.model.kind != "none" and masks.counts["ok"]:
@@ -294,6 +311,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         summary["local_pca"], lids = lid_lpca(store, masks, cfg, work)
         summary["lpca_neighbours"] = summary["local_pca"].get("space")
         summary["timings_s"]["local_pca"] = round(time.time() - t1, 1)
+        mem["local_pca"] = memory_mb()
     thresholds = detector_threshold(store, masks, cfg)
 
     # one pass over the shards: classes, verdicts, scores/, errors and removal rows
@@ -360,6 +378,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     if reps is not None:
         atomic_write_parquet(reps, out / "replications.parquet", REPLICATIONS)
     summary["timings_s"]["tables"] = round(time.time() - t1, 1)
+    mem["tables"] = memory_mb()
 
     by_reason = {r: removal_w[r].rows for r in REMOVAL_ORDER if removal_w[r].rows}
     summary["counts"] = {

@@ -101,7 +101,7 @@ def byte_copies(store: PartStore, select: Select, work: Path, budget_bytes: int)
         r = spill.read(p)
         if len(r) < 2:
             continue
-        r = np.sort(r, order=["h1", "h2", "gid"])
+        r = r[np.lexsort((r["gid"], r["h2"], r["h1"]))]
         new = np.r_[True, (r["h1"][1:] != r["h1"][:-1]) | (r["h2"][1:] != r["h2"][:-1])]
         first = r["gid"][np.maximum.accumulate(np.where(new, np.arange(len(r)), 0))]
         c = ~new
@@ -119,8 +119,6 @@ def chunk_masks(max_dist: int) -> list[tuple[int, np.uint64]]:
 
 def phash_links(store: PartStore, select: Select, max_dist: int, work: Path, budget_bytes: int) -> np.ndarray:
     """(E, 2) links between selected rows whose pHashes differ in at most max_dist bits (equal ones chained)."""
-    from scanner.neighbours.phash import hamming_pairs
-
     chunks = chunk_masks(max_dist)
     rec = np.dtype([("part", "<u8"), ("h", "<u8"), ("gid", "<i8")])
     parts = n_parts(store.n * len(chunks), rec.itemsize, budget_bytes)
@@ -143,25 +141,43 @@ def phash_links(store: PartStore, select: Select, max_dist: int, work: Path, bud
     edges = []
     for p in range(parts):
         r = spill.read(p)
-        if len(r) < 2:
-            continue
-        r = np.sort(r, order=["part", "h", "gid"])
-        starts = np.flatnonzero(np.r_[True, r["part"][1:] != r["part"][:-1]])
-        ends = np.r_[starts[1:], len(r)]
-        for s, e in zip(starts, ends):
-            if e - s < 2:
-                continue
-            hh, gg = r["h"][s:e], r["gid"][s:e]
-            same = np.flatnonzero(hh[1:] == hh[:-1])  # equal hashes: chain neighbours in sorted order
-            if len(same):
-                edges.append(np.stack([gg[same], gg[same + 1]], axis=1))
-            if max_dist > 0:
-                vals, first = np.unique(hh, return_index=True)
-                if len(vals) > 1:
-                    ab = hamming_pairs(vals, max_dist)  # blocked: memory stays linear in the bucket
-                    edges.append(np.stack([gg[first[ab[:, 0]]], gg[first[ab[:, 1]]]], axis=1))
+        if len(r) >= 2:
+            edges += _bucket_links(r, max_dist)
     spill.close()
     if not edges:
         return np.zeros((0, 2), np.int64)
     e = np.sort(np.concatenate(edges), axis=1)
     return np.unique(e, axis=0)
+
+
+SMALL_BUCKET = 64  # distinct hashes in one bucket compared by shifted vectors; larger buckets block by block
+
+
+def _bucket_links(r: np.ndarray, max_dist: int) -> list[np.ndarray]:
+    """Links inside one partition of (bucket, hash, gid) records, vectorised over all its buckets: equal hashes
+    chained, then every pair of distinct hashes of one bucket within max_dist bits."""
+    from scanner.neighbours.phash import _popcount, hamming_pairs
+
+    order = np.lexsort((r["gid"], r["h"], r["part"]))
+    part, h, gid = r["part"][order], r["h"][order], r["gid"][order]
+    same = (part[1:] == part[:-1]) & (h[1:] == h[:-1])
+    out = [np.stack([gid[:-1][same], gid[1:][same]], axis=1)]
+    if max_dist <= 0:
+        return out
+    first = np.r_[True, ~same]  # one record per distinct (bucket, hash)
+    dp, dh, dg = part[first], h[first], gid[first]
+    bucket = np.cumsum(np.r_[True, dp[1:] != dp[:-1]]) - 1
+    sizes = np.bincount(bucket)
+    big = sizes > SMALL_BUCKET
+    small_max = int(sizes[~big].max()) if (~big).any() else 0
+    for d in range(1, small_max):  # element k against element k + d of the same bucket
+        a = np.arange(len(dh) - d)
+        ok = (bucket[a] == bucket[a + d]) & ~big[bucket[a]]
+        ok[ok] = _popcount(dh[a[ok]] ^ dh[a[ok] + d]) <= max_dist
+        out.append(np.stack([dg[a[ok]], dg[a[ok] + d]], axis=1))
+    starts = np.r_[0, np.cumsum(sizes)]
+    for b in np.flatnonzero(big):
+        s, e = starts[b], starts[b + 1]
+        ab = hamming_pairs(dh[s:e], max_dist)  # blocked: memory stays linear in the bucket
+        out.append(np.stack([dg[s:e][ab[:, 0]], dg[s:e][ab[:, 1]]], axis=1))
+    return out

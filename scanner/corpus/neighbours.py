@@ -35,11 +35,10 @@ LOG = logging.getLogger("memscan")
 SIM_BATCH = 65536  # group members whose similarity to the kept image is computed at once
 
 
-def _node_rank(store: PartStore, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, keep-rule rank) of the sorted gids `nodes`."""
-    rows = store.gather_columns(nodes, ["key", "width", "height"])
-    pixels = (rows["width"].fillna(0).astype("int64") * rows["height"].fillna(0).astype("int64")).to_numpy()
-    return rows["key"].to_numpy(dtype=object), keep_rank(rows["key"].tolist(), pixels)
+def _node_rank(store: PartStore, nodes: np.ndarray):
+    """(keys as a pyarrow string array, keep-rule rank) of the sorted gids `nodes`."""
+    keys, pixels = store.gather_keys(nodes)
+    return keys, keep_rank(keys, pixels)
 
 
 def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained: bool, out: Path, work: Path,
@@ -64,6 +63,9 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
     not_kept[kept] = False
     excluded = nodes[not_kept]  # copies of a unit's kept member: searched through it
     t_copies = time.time() - t0
+    from scanner.finalize import memory_mb
+
+    mem = {"copies": memory_mb()}
 
     # embedding links between unit representatives
     select = _minus(store, searched, excluded)
@@ -85,25 +87,26 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
     emb_e = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     emb_s = np.concatenate(sims) if sims else np.zeros(0, np.float32)
     t_search = time.time() - t0 - t_copies
+    mem["search"] = memory_mb()
 
     # groups over every row with a link
     nodes = np.unique(np.concatenate([copy_e.ravel(), emb_e.ravel()]))
     keys, rank = _node_rank(store, nodes)
     unit, kept = copy_units(len(nodes), np.searchsorted(nodes, copy_e), rank)
     group = leader_groups(unit, kept, rank, np.searchsorted(nodes, emb_e), emb_s)
-    kept_of_group = {int(g): int(kept[g]) for g in np.unique(group[group >= 0])}
     sim = np.ones(len(nodes), np.float32)
     members = np.flatnonzero(group >= 0)
     for s in range(0, len(members), SIM_BATCH):
         m = members[s:s + SIM_BATCH]
-        k = np.array([kept_of_group[g] for g in group[m]], dtype=np.int64)
+        k = kept[group[m]]
         a = store.gather("embeddings", nodes[m])
         b = store.gather("embeddings", nodes[k])
         sim[m] = np.einsum("ij,ij->i", a, b)
     link = link_names(len(nodes), np.searchsorted(nodes, bytes_e), np.searchsorted(nodes, phash_e))
-    dups = group_table(keys, group, kept_of_group, sim, link, ids=nodes)
+    dups = group_table(keys, group, kept, sim, link, ids=nodes)
     emb_members = dups[~dups["keep"] & (dups["link"] == "embedding")]
     t_groups = time.time() - t0 - t_copies - t_search
+    mem["groups"] = memory_mb()
 
     reps, rep_error, embedder = None, None, None
     if model_dir and n_cfg.generations > 0:
@@ -135,6 +138,7 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
             "generations": int(n_cfg.generations), "threshold": n_cfg.rep_threshold,
             "replicated": int(reps["replicated"].sum()), "rate": float(reps["replicated"].mean()) if len(reps) else 0.0,
             "distinct_training_images": int(reps.loc[reps["replicated"], "matched_key"].nunique())},
+        "memory_mb": mem,
         "timings_s": {"copies": round(t_copies, 1), "search": round(t_search, 1), "groups": round(t_groups, 1),
                       "replications": round(time.time() - t0 - t_copies - t_search - t_groups, 1)},
     }

@@ -29,10 +29,11 @@ from scanner.corpus.groups import buffer_bytes
 from scanner.corpus.spill import Spill
 from scanner.corpus.store import PartStore
 
-BLOCK_BYTES = 256 << 20  # largest query block
-DB_BLOCK = 65536  # rows of the searched array streamed at once against a query block
+BLOCK_BYTES = 64 << 20  # largest query block (float32)
+DB_BLOCK = 16384  # rows of the searched array streamed at once against a query block
 TRAIN_PER_LIST = 40  # k-means training vectors per list (faiss warns below 39)
-TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128): the lists only partition the space
+TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128), but never under 8 per list: the lists only
+# partition the space
 KMEANS_ITER = 10
 
 Select = Callable[[int], np.ndarray]  # shard index -> bool mask over its rows: the rows taking part
@@ -73,7 +74,7 @@ def make_plan(n: int, dim: int, k: int, metric: str, cfg, budget_bytes: int, ite
     """cfg: search_knobs(scan config): index, flat_max, list_size, spill.
 
     A query block (float32 in memory, whatever the disk dtype) takes at most an eighth of the budget and
-    256 MiB, so memory stops growing with the corpus once a block is full.
+    64 MiB, so memory stops growing with the corpus once a block is full.
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
@@ -265,13 +266,17 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     import faiss
 
     d = plan.dim
-    train_g, train_x = _sample(store, folder, select, counts, min(TRAIN_PER_LIST * plan.nlist, TRAIN_MAX), seed)
+    n_train = min(TRAIN_PER_LIST * plan.nlist, max(TRAIN_MAX, 8 * plan.nlist))
+    train_g, train_x = _sample(store, folder, select, counts, n_train, seed)
     km = faiss.Kmeans(d, plan.nlist, niter=KMEANS_ITER, seed=seed, spherical=plan.metric == "ip",
                       gpu=faiss.get_num_gpus() > 0, min_points_per_centroid=1)
     km.train(train_x)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     del train_g, train_x
     t_train = time.time() - t0
+    from scanner.finalize import memory_mb
+
+    mem = {"train": memory_mb()}
 
     # held-out recall queries: another seed than the k-means sample
     held_g, held_x = _sample(store, folder, select, counts, recall_sample, seed + 1)
@@ -297,6 +302,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
             spill.add(lists[:, j], recs)
     spill.flush()
     t_assign = time.time() - t0 - t_train
+    mem["assign"] = memory_mb()
     sizes = spill.counts
     tasks = _ray_tasks(plan) if parallel else None
     for recs, (qg, i, s) in _list_results(spill, kk, plan.metric, tasks):
@@ -305,6 +311,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
             held_res[held_pos[int(qg[r])]] = s[r]
     spill.close()
     t_lists = time.time() - t0 - t_train - t_assign
+    mem["lists"] = memory_mb()
 
     exact_s, _ = exact_neighbours(store, folder, select, (held_g, held_x), kk, plan.metric, plan.block)
     got = np.stack([r if r is not None else np.full(kk, _worst(plan.metric), np.float32) for r in held_res])
@@ -313,7 +320,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     info.update(recall_at_k=round(float(hits.mean()), 5), recall_k=kk, recall_sample=len(held_g),
                 recall_queries="held out (not the k-means sample)",
                 largest_list=int(sizes.max()), mean_list=round(float(sizes.mean()), 1),
-                lists_as_ray_tasks=tasks is not None,
+                lists_as_ray_tasks=tasks is not None, memory_mb=mem,
                 seconds={"train": round(t_train, 2), "assign": round(t_assign, 2), "lists": round(t_lists, 2),
                          "recall": round(time.time() - t0 - t_train - t_assign - t_lists, 2)})
     if log:

@@ -118,3 +118,23 @@ class PartStore:
         if not frames:
             return pd.DataFrame(columns=columns)
         return pd.concat(frames, ignore_index=True)
+
+    def gather_keys(self, gids: np.ndarray):
+        """(keys as one pyarrow string array, pixel counts) of rows `gids` (sorted unique), a shard at a time:
+        compact Arrow strings, no Python string per row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        gids = np.asarray(gids, dtype=np.int64)
+        shard = self.shard_of(gids)
+        keys, pixels = [], []
+        for i in np.unique(shard):
+            rows = pa.array(gids[shard == i] - self.offsets[i])
+            t = pq.read_table(self.part_path(self.names[int(i)]), columns=["key", "width", "height"]).take(rows)
+            keys.append(t.column("key").combine_chunks().cast(pa.string()))
+            px = pc.multiply(pc.fill_null(t.column("width"), 0), pc.fill_null(t.column("height"), 0))
+            pixels.append(np.asarray(px.to_numpy(zero_copy_only=False), dtype=np.int64))
+        if not keys:
+            return pa.array([], pa.string()), np.zeros(0, np.int64)
+        return pa.concat_arrays(keys), np.concatenate(pixels)

@@ -30,12 +30,18 @@ GROUP_RULE = ("byte and pHash copies group transitively; near-duplicates join th
 
 
 def keep_rank(keys, sizes) -> np.ndarray:
-    """Rank of each node under the keep rule (0 = kept first): largest size, then lowest key."""
-    keys = np.asarray(keys, dtype=object).astype(str)
-    sizes = np.asarray(sizes if sizes is not None else np.zeros(len(keys)), dtype=np.int64)
-    order = np.lexsort((keys, -sizes))
-    rank = np.empty(len(keys), np.int64)
-    rank[order] = np.arange(len(keys))
+    """Rank of each node under the keep rule (0 = kept first): largest size, then lowest key.
+
+    keys: a list or a pyarrow string array (compact: the corpus steps never make Python strings of them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    k = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string())
+    sizes = np.asarray(sizes if sizes is not None else np.zeros(len(k)), dtype=np.int64)
+    order = pc.sort_indices(pa.table({"size": sizes, "key": k}),
+                            sort_keys=[("size", "descending"), ("key", "ascending")]).to_numpy()
+    rank = np.empty(len(k), np.int64)
+    rank[order] = np.arange(len(k))
     return rank
 
 
@@ -90,28 +96,31 @@ def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray) -> np.n
     return link
 
 
-def group_table(keys, group: np.ndarray, kept_of_group: dict, similarity: np.ndarray, link: np.ndarray,
+def group_table(keys, group: np.ndarray, kept: np.ndarray, similarity: np.ndarray, link: np.ndarray,
                 ids: np.ndarray | None = None) -> pd.DataFrame:
-    """duplicates.parquet rows of the nodes with a group: group ids numbered by their kept key (with a `gid`
-    column from `ids` when given: the corpus steps' row ids)."""
-    keys = np.asarray(keys, dtype=object)
+    """duplicates.parquet rows of the nodes with a group, ordered by group then key: group ids numbered by their
+    kept key. group: each node's centre unit (-1: none), kept: each unit's kept node, keys: list or pyarrow
+    strings (kept as Arrow strings in the frame), ids: the corpus steps' row ids (a `gid` column)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    k = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string())
     members = np.flatnonzero(group >= 0)
-    if not len(members):
-        empty = pd.DataFrame({"key": pd.Series([], dtype=object), "group_id": pd.Series([], dtype="int64"),
-                              "similarity": pd.Series([], dtype="float32"), "keep": pd.Series([], dtype=bool),
-                              "link": pd.Series([], dtype=object)})
-        return empty if ids is None else empty.assign(gid=pd.Series([], dtype="int64"))
     centres = np.unique(group[members])
-    kept_keys = np.array([keys[kept_of_group[c]] for c in centres], dtype=object).astype(str)
-    gid = dict(zip(centres.tolist(), np.argsort(np.argsort(kept_keys, kind="stable")).tolist()))
-    is_kept = np.array([kept_of_group[group[i]] == i for i in members])
-    df = pd.DataFrame({"key": keys[members], "group_id": [gid[g] for g in group[members]],
-                       "similarity": np.where(is_kept, 1.0, np.minimum(similarity[members], 1.0)),
-                       "keep": is_kept, "link": link[members]})
+    kept_nodes = kept[centres]
+    by_key = pc.sort_indices(k.take(pa.array(kept_nodes))).to_numpy()  # centres in kept-key order
+    number = np.empty(len(centres), np.int64)
+    number[by_key] = np.arange(len(centres))
+    gid = number[np.searchsorted(centres, group[members])]
+    is_kept = kept[group[members]] == members
+    t = pa.table({"key": k.take(pa.array(members)), "group_id": gid,
+                  "similarity": np.where(is_kept, 1.0, np.minimum(similarity[members], 1.0)).astype(np.float32),
+                  "keep": is_kept, "link": pa.array(link[members].astype(str), pa.string())})
     if ids is not None:
-        df["gid"] = np.asarray(ids, dtype=np.int64)[members]
-    df = df.sort_values(["group_id", "key"], kind="stable", ignore_index=True)
-    return df.astype({"group_id": "int64", "similarity": "float32", "keep": "bool"})
+        t = t.append_column("gid", pa.array(np.asarray(ids, dtype=np.int64)[members]))
+    t = t.take(pc.sort_indices(t, sort_keys=[("group_id", "ascending"), ("key", "ascending")]))
+    df = t.to_pandas(types_mapper={pa.string(): pd.ArrowDtype(pa.string())}.get)
+    return df
 
 
 def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list[str] | None, threshold: float,
@@ -174,13 +183,12 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
         ok = (sims >= threshold) & (ids >= 0) & (ids != q) & is_kept[np.maximum(ids, 0)]
         emb_edges, emb_sims = np.stack([q[ok], ids[ok]], axis=1), sims[ok]
     group = leader_groups(unit, kept, rank, emb_edges, emb_sims)
-    kept_of_group = {int(g): int(kept[g]) for g in np.unique(group[group >= 0])}
     sim = np.ones(n, np.float32)
     members = np.flatnonzero(group >= 0)
     if len(members):
-        kept_rows = np.array([kept_of_group[g] for g in group[members]])
-        sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept_rows])
-    return group_table(keys, group, kept_of_group, sim, link_names(n, bytes_edges, phash_edges))
+        sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept[group[members]]])
+    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges))
+    return df.astype({"key": object, "link": object})
 
 
 def duplicate_removals(dups: pd.DataFrame, shard_of: dict[str, str] | None = None) -> pd.DataFrame:

@@ -45,8 +45,11 @@ def test_byte_copies_link_each_copy_to_the_first_row(tmp_path):
     assert sorted(map(tuple, e.tolist())) == [(10, 3), (150, 3), (200, 100), (299, 3)]
 
 
-@pytest.mark.parametrize("r", [0, 1, 2, 3])
-def test_phash_multi_index_hashing_finds_every_pair_brute_force_finds(tmp_path, r):
+@pytest.mark.parametrize(("r", "small_bucket"), [(0, 64), (1, 64), (2, 64), (3, 64), (2, 1)])
+def test_phash_multi_index_hashing_finds_every_pair_brute_force_finds(tmp_path, monkeypatch, r, small_bucket):
+    from scanner.corpus import groups
+
+    monkeypatch.setattr(groups, "SMALL_BUCKET", small_bucket)  # 1: every bucket takes the blocked path
     rng = np.random.default_rng(r)
     h = rng.integers(0, 2**63, 2000, dtype=np.uint64)
     for j in range(60):  # planted pairs at every distance up to r + 1
