@@ -176,13 +176,26 @@ class CorpusConfig:
 @dataclass
 class ClassifyConfig:
     detector: str = "score_norm_cal"  # score column that flags memorization (any column of scores/)
-    detector_direction: Literal["low", "high"] = "low"  # which tail flags it
+    # which tail flags it; null = the direction registered for the column (scanner/columns.py)
+    detector_direction: Literal["low", "high"] | None = None
     detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set
     detector_threshold: float | None = None
     lpca_low: float = 2.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem)
     gap_margin: float = 0.0  # OD-Mem additionally needs lid_lpca - lid_flipd > gap_margin (when both exist)
 
+    @property
+    def direction(self) -> str:
+        """detector_direction, or the detector column's registered direction."""
+        from scanner.columns import direction
+
+        return self.detector_direction or direction(self.detector) or "low"
+
     def validate(self, p: str = "classify") -> None:
+        from scanner.columns import direction
+
+        _check(self.detector_direction is not None or direction(self.detector) is not None,
+               f"{p}.detector_direction", self.detector_direction,
+               f"low or high: {self.detector!r} has no registered direction (scanner/columns.py)")
         _check(0.0 < self.detector_quantile < 1.0, f"{p}.detector_quantile", self.detector_quantile,
                "a float in (0, 1)")
         _check(self.lpca_low >= 0, f"{p}.lpca_low", self.lpca_low, ">= 0")

@@ -166,13 +166,13 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig) -> dict:
     if c.detector_threshold is not None:
         thr = float(c.detector_threshold)
     else:
-        q = c.detector_quantile if c.detector_direction == "low" else 1.0 - c.detector_quantile
+        q = c.detector_quantile if c.direction == "low" else 1.0 - c.detector_quantile
         thr = float(np.nanquantile(vals, q))
-    return {"detector": col, "direction": c.detector_direction, "threshold": thr,
+    return {"detector": col, "direction": c.direction, "threshold": thr,
             "quantile": None if c.detector_threshold is not None else c.detector_quantile,
             "quantile_from": "all scored rows" if rate >= 1.0 else f"a seeded sample of {len(vals)} scored rows",
             "lpca_low": c.lpca_low, "gap_margin": c.gap_margin,
-            "rule": (f"flagged when {col} is {'<=' if c.detector_direction == 'low' else '>='} {thr:.4g}; "
+            "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}; "
                      f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
                      f"flagged otherwise -> od (overfitting-driven: regularize)")}
 
@@ -187,10 +187,10 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
         if col not in df.columns or not df.loc[ok, col].notna().any():
             thresholds = {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
         elif c.detector_threshold is not None:
-            thresholds = {"detector": col, "direction": c.detector_direction, "threshold": float(c.detector_threshold)}
+            thresholds = {"detector": col, "direction": c.direction, "threshold": float(c.detector_threshold)}
         else:
-            q = c.detector_quantile if c.detector_direction == "low" else 1.0 - c.detector_quantile
-            thresholds = {"detector": col, "direction": c.detector_direction,
+            q = c.detector_quantile if c.direction == "low" else 1.0 - c.detector_quantile
+            thresholds = {"detector": col, "direction": c.direction,
                           "threshold": float(np.nanquantile(df.loc[ok, col].astype(float), q)),
                           "quantile": c.detector_quantile}
     thr = thresholds.get("threshold")
@@ -199,7 +199,7 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
         df["mem_class"] = np.where(ok, "none", None)
         return thresholds
     vals = df[col].astype(float)
-    flagged = ok & ((vals <= thr) if c.detector_direction == "low" else (vals >= thr))
+    flagged = ok & ((vals <= thr) if c.direction == "low" else (vals >= thr))
     low_lid = df["lid_lpca"].astype(float) < c.lpca_low
     gap_ok = df["lid_gap"].isna() | (df["lid_gap"].astype(float) > c.gap_margin)
     df["flagged"] = flagged

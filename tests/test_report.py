@@ -269,3 +269,14 @@ def test_main_and_module_entry(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         runpy.run_module("scanner.report", run_name="__main__")
     assert e.value.code == 0 and (tmp_path / "report.html").is_file()
+
+
+def test_at_risk_shows_each_duplicate_group_once(scan):
+    """One card per risk: the copies of one repeated image are one card (with the copy count), not many."""
+    _, text, facts = scan
+    keys = re.findall(r'<div class="rank">#\d+ <code>([^<]+)</code>', text)
+    group_of = dict(zip(facts["dups"]["key"], facts["dups"]["group_id"]))
+    groups = [group_of[k] for k in keys if k in group_of]
+    assert groups, "no at-risk card is a duplicate group: the fixture must flag one"
+    assert len(groups) == len(set(groups)), groups
+    assert "copies, one card" in text

@@ -105,7 +105,10 @@ class Run:
     def detector(self) -> tuple[str | None, str]:
         t = self.thresholds
         cls = (self.summary.get("config") or {}).get("classify") or {}
-        return t.get("detector") or cls.get("detector"), t.get("direction") or cls.get("detector_direction") or "low"
+        from scanner.columns import direction
+
+        det = t.get("detector") or cls.get("detector")
+        return det, t.get("direction") or cls.get("detector_direction") or (direction(det) if det else None) or "low"
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -580,8 +583,9 @@ def section_metrics(run: Run) -> str:
         f'<th colspan="3" class="grp">{escape(c.replace("_vs_", " vs "))}</th>' for c in comps)
     sub = "".join('<th class="grp">AUROC</th><th>TPR@1%FPR</th><th>flags</th>' for _ in comps)
     body = ("<p>Each score column against planted truth: positives are the planted class, negatives the unique "
-            "images. <i>flags</i> is the tail in which the column flags memorization (chosen on the data, so AUROC "
-            "≥ 0.5). TPR@1%FPR is the share of positives caught when 1 % of unique images are flagged.</p>")
+            "images. <i>flags</i> is the tail in which the column flags memorization, fixed by the method "
+            "(scanner/columns.py), not chosen on this data: an AUROC below 0.5 means the column flags the wrong tail "
+            "here. TPR@1%FPR is the share of positives caught when 1 % of unique images are flagged.</p>")
     body += (_table([], rows, "metrics", thead=f"<tr>{top}</tr><tr>{sub}</tr>") if rows
              else _na("metrics.json has no score columns"))
     d = m.get("duplicates")
@@ -607,13 +611,20 @@ def section_distributions(run: Run) -> str:
     split = "planted class (truth file given)" if run.truth is not None else "mem_class (no truth file given)"
     detector, direction = run.detector
     cols = score_columns(run.ok)
-    desc = "".join(f"<li><code>{escape(c)}</code>: {DESCRIBE.get(c, _p_desc(c))}</li>" for c in cols)
+    desc = "".join(f"<li><code>{escape(c)}</code>: {DESCRIBE.get(c, _p_desc(c))}{_flags(c)}</li>" for c in cols)
     return _section("distributions", (
         f"<p>Per-class densities (each class normalized to area 1, so small classes stay visible), split by {split}. "
         f"Values beyond the 0.5–99.5th percentiles are piled into the edge bins. The dashed line on "
         f"<code>{escape(str(detector))}</code> is the detector threshold; the shaded side is flagged "
         f"({escape(direction)} values).</p>"
         f'<img class="plot" src="{uri}" alt="score histograms"><ul class="desc">{desc}</ul>'))
+
+
+def _flags(col: str) -> str:
+    from scanner.columns import direction
+
+    d = direction(col)
+    return f" <i>(flags memorization when {'low' if d == 'low' else 'high'})</i>" if d else ""
 
 
 def _p_desc(col: str) -> str:
@@ -658,7 +669,12 @@ def _at_risk(run: Run) -> tuple[pd.DataFrame, str | None, str]:
     if df.empty or detector not in df or not pd.to_numeric(df[detector], errors="coerce").notna().any():
         return pd.DataFrame(), detector, direction
     df = df.assign(rank_score=pd.to_numeric(df[detector], errors="coerce")).dropna(subset=["rank_score"])
-    return df.sort_values(["rank_score", "key"], ascending=[direction == "low", True]).head(TOP_K), detector, direction
+    df = df.sort_values(["rank_score", "key"], ascending=[direction == "low", True])
+    # one card per risk: a duplicate group's most extreme member stands for the group (24 copies of one image
+    # are one risk, not 24), every ungrouped image for itself
+    group = df["key"].map(_group_of(run))
+    unit = np.where(group.notna(), "g" + group.astype("Int64").astype(str), "k" + df["key"].astype(str))
+    return df[~pd.Series(unit, index=df.index).duplicated()].head(TOP_K), detector, direction
 
 
 def _group_of(run: Run) -> dict[str, int]:
@@ -701,7 +717,7 @@ def section_at_risk(run: Run) -> str:
         if key in group_of:
             g = run.dups[run.dups["group_id"] == group_of[key]]
             imgs = "".join(_img(run, k, "mini") for k in _mates(run, key))
-            mates = (f'<div class="mates"><span>dup group {_fmt(group_of[key])} ({len(g)})</span>'
+            mates = (f'<div class="mates"><span>dup group {_fmt(group_of[key])}: {len(g)} copies, one card</span>'
                      f'<div class="minis">{imgs}</div></div>')
         cards.append(
             f'<figure class="item">{_img(run, key)}<figcaption>'
@@ -713,7 +729,8 @@ def section_at_risk(run: Run) -> str:
     thr = run.thresholds.get("threshold")
     head = (f"<p>The {len(top)} samples with the {'lowest' if direction == 'low' else 'highest'} "
             f"<code>{escape(detector)}</code> (the detector; flagged at {'≤' if direction == 'low' else '≥'} "
-            f"{_fmt(thr)}), most extreme first. Under each: its duplicate-group mates when it has any.</p>")
+            f"{_fmt(thr)}), most extreme first, one card per risk: a duplicate group is shown once, by its most "
+            f"extreme member, with its copy count and mates under it.</p>")
     return _section("at-risk", head + _thumb_note(run) + f'<div class="grid">{"".join(cards)}</div>')
 
 

@@ -1,0 +1,57 @@
+"""The score columns of scores/*.parquet: one registry of name, unit, the tail that flags memorization, meaning.
+
+The direction is fixed here, from the method (method.md §2-§5, §9), never chosen on the data: classify flags
+in it, evaluate reports AUROC in it (below 0.5 when a column flags the wrong tail on some data: a warning,
+not a flipped number) and the report explains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scanner.schema import P_LAPLACE_PREFIX, p_of_column
+
+
+@dataclass(frozen=True)
+class ScoreColumn:
+    name: str
+    unit: str
+    direction: str  # "low" or "high": the tail that flags memorization
+    meaning: str
+
+
+REGISTRY = {c.name: c for c in (
+    ScoreColumn("lid_flipd", "dimensions", "low",
+                "LID of the model manifold by FLIPD: a memorized image sits where the model's manifold collapses"),
+    ScoreColumn("lid_nb", "dimensions", "low", "LID of the model manifold by the normal bundle (reference estimator)"),
+    ScoreColumn("lid_lpca", "dimensions", "low",
+                "LID of the data manifold by local PCA of the nearest neighbours: low where the data repeats"),
+    ScoreColumn("lid_gap", "dimensions", "high",
+                "lid_lpca - lid_flipd: how far the model's manifold drops below the data's (OD-Mem)"),
+    ScoreColumn("score_norm", "noise-prediction norm", "low",
+                "||eps(x, t)|| near the clean image: small on a sharp peak of the density"),
+    ScoreColumn("score_norm_cal", "ratio", "low",
+                "score_norm / the same at the mirrored images: ~1 unless memorized, well below 1 when memorized"),
+    ScoreColumn("cfg_norm", "noise-prediction norm", "high",
+                "||eps(x_t, c) - eps(x_t, empty)||: large for memorized captions (Wen et al.)"),
+)}
+
+
+def score_column(name: str) -> ScoreColumn | None:
+    """The registered column `name`; p_laplace_<p> for any p (low for p <= 2, high above: the factor
+    |s|^(p-2) vanishes where the score is small, method.md §9). None for an unregistered name."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith(P_LAPLACE_PREFIX):
+        try:
+            p = p_of_column(name)
+        except ValueError:
+            return None
+        return ScoreColumn(name, "log-density curvature", "low" if p <= 2 else "high",
+                           f"p-Laplace of log p_t at p = {p:g}" + (" (flips to high for p > 2)" if p > 2 else ""))
+    return None
+
+
+def direction(name: str) -> str | None:
+    c = score_column(name)
+    return c.direction if c else None
