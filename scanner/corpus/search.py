@@ -308,7 +308,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     for recs, (qg, i, s) in _list_results(spill, kk, plan.metric, tasks):
         consumer(qg, i, s, (recs["gid"], np.ascontiguousarray(recs["x"], dtype=np.float32)))
         for r in np.flatnonzero(np.isin(qg, held_g)):
-            held_res[held_pos[int(qg[r])]] = s[r]
+            held_res[held_pos[int(qg[r])]] = s[r].copy()  # a copy: a view would keep the list's whole result alive
     spill.close()
     t_lists = time.time() - t0 - t_train - t_assign
     mem["lists"] = memory_mb()
