@@ -29,8 +29,8 @@ from scanner.corpus.groups import buffer_bytes
 from scanner.corpus.spill import Spill
 from scanner.corpus.store import PartStore
 
-BLOCK_BYTES = 64 << 20  # largest query block (float32)
-DB_BLOCK = 16384  # rows of the searched array streamed at once against a query block
+BLOCK_BYTES = 16 << 20  # largest query block (float32)
+DB_BLOCK = 8192  # rows of the searched array streamed at once against a query block
 TRAIN_PER_LIST = 40  # k-means training vectors per list (faiss warns below 39)
 TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128), but never under 8 per list: the lists only
 # partition the space
@@ -74,7 +74,7 @@ def make_plan(n: int, dim: int, k: int, metric: str, cfg, budget_bytes: int, ite
     """cfg: search_knobs(scan config): index, flat_max, list_size, spill.
 
     A query block (float32 in memory, whatever the disk dtype) takes at most an eighth of the budget and
-    64 MiB, so memory stops growing with the corpus once a block is full.
+    16 MiB, so memory stops growing with the corpus once a block is full.
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
