@@ -30,6 +30,7 @@ import pandas as pd
 from scanner.config import ScanConfig
 from scanner.corpus.store import PartStore
 from scanner.files import atomic_write_parquet
+from scanner.procfs import memory_mb
 from scanner.schema import DUPLICATES, ERRORS, P_LAPLACE_PREFIX, REMOVAL, REPLICATIONS, scores_schema
 
 log = logging.getLogger("memscan")
@@ -45,20 +46,6 @@ def member(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
         return np.zeros(len(x), bool)
     j = np.minimum(np.searchsorted(sorted_ids, x), len(sorted_ids) - 1)
     return sorted_ids[j] == x
-
-
-def memory_mb() -> dict:
-    """This process's resident memory now and its high-water mark (MB, /proc/self/status VmRSS and VmHWM),
-    for the log and summary.json. (getrusage's ru_maxrss is not used: Linux carries it over from the
-    parent across fork and exec.)"""
-    out = {"rss": None, "peak": None}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out["rss" if line.startswith("VmRSS") else "peak"] = round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return out
 
 
 class Masks:

@@ -1,5 +1,5 @@
-"""The process tree below a pid, read from Linux /proc: which Ray processes (raylet, workers, actors) a
-memscan process started. Used by the fault tests (kill a scoring worker) and benchmarks/bench_scale.py
+"""Linux /proc: this process's memory (memory_mb, for summary.json), and the process tree below a pid: which
+Ray processes (raylet, workers, actors) a memscan process started. Used by the fault tests (kill a scoring worker) and benchmarks/bench_scale.py
 (memory of every process of a scan)."""
 
 from __future__ import annotations
@@ -21,4 +21,18 @@ def descendants(root: int) -> list[int]:
         for c in children.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
+    return out
+
+
+def memory_mb() -> dict:
+    """This process's resident memory now and its high-water mark (MB, /proc/self/status VmRSS and VmHWM),
+    for the log and summary.json. (getrusage's ru_maxrss is not used: Linux carries it over from the
+    parent across fork and exec.)"""
+    out = {"rss": None, "peak": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss" if line.startswith("VmRSS") else "peak"] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
     return out

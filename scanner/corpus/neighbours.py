@@ -30,6 +30,7 @@ from scanner.neighbours.dedup import (
     leader_groups,
     link_names,
 )
+from scanner.procfs import memory_mb
 
 LOG = logging.getLogger("memscan")
 SIM_BATCH = 65536  # group members whose similarity to the kept image is computed at once
@@ -63,8 +64,6 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
     not_kept[kept] = False
     excluded = nodes[not_kept]  # copies of a unit's kept member: searched through it
     t_copies = time.time() - t0
-    from scanner.finalize import memory_mb
-
     mem = {"copies": memory_mb()}
 
     # embedding links between unit representatives

@@ -28,6 +28,7 @@ import numpy as np
 from scanner.corpus.groups import buffer_bytes
 from scanner.corpus.spill import Spill
 from scanner.corpus.store import PartStore
+from scanner.procfs import memory_mb
 
 BLOCK_BYTES = 16 << 20  # largest query block (float32)
 DB_BLOCK = 8192  # rows of the searched array streamed at once against a query block
@@ -274,8 +275,6 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     del train_g, train_x
     t_train = time.time() - t0
-    from scanner.finalize import memory_mb
-
     mem = {"train": memory_mb()}
 
     # held-out recall queries: another seed than the k-means sample

@@ -88,6 +88,11 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
         if chosen.suffix == ".safetensors" and formats[chosen] != "safetensors":
             raise InputError(f"{str(chosen)!r} is named .safetensors but is {formats[chosen]}")
         return {"kind": "dir", "path": str(p), "format": formats[chosen], "config": config}
+    sibling = p.parent / CONFIG_NAME
+    if sibling.is_file() and "memscan" in json.loads(sibling.read_text()):
+        # the weights file of an embedder memscan trained: its directory also records the input transforms
+        # (per-image normalisation, low-pass) the weights were trained with, which the file alone would drop
+        return check_checkpoint(p.parent, allow_pickle)
     fmt = sniff_format(p)
     if fmt == "pickle" and not allow_pickle:
         _refuse_pickle(p)

@@ -31,9 +31,25 @@ def test_local_dir_loads_and_embeds_unit_vectors(tiny_checkpoint):
     np.testing.assert_allclose(emb.embed(x[:2]), v[:2], atol=1e-5)
 
 
-def test_unknown_architecture_name_is_refused(tiny_checkpoint):
+def test_unknown_architecture_name_is_refused(tiny_checkpoint, tmp_path):
+    lone = tmp_path / "lone.safetensors"  # a weights file with no open_clip directory around it
+    shutil.copy(tiny_checkpoint / WEIGHTS_NAME, lone)
     with pytest.raises(ValueError, match="not an open_clip architecture"):
-        load_embedder(_cfg(tiny_checkpoint / WEIGHTS_NAME, clip_model="ViT-Nope-99"))
+        load_embedder(_cfg(lone, clip_model="ViT-Nope-99"))
+
+
+def test_the_weights_file_of_a_memscan_embedder_keeps_its_input_transforms(tiny_checkpoint):
+    """Pointing at open_clip_model.safetensors inside a directory memscan wrote loads that directory: its
+    recorded input normalisation and low-pass apply (the file alone dropped them, and a trained demo
+    embedder fell from pair precision 0.996 to 0.33)."""
+    import json
+
+    assert "memscan" in json.loads((tiny_checkpoint / "open_clip_config.json").read_text())
+    by_file = load_embedder(_cfg(tiny_checkpoint / WEIGHTS_NAME, clip_model="ViT-Nope-99"))
+    by_dir = load_embedder(_cfg(tiny_checkpoint))
+    assert by_file.fingerprint == by_dir.fingerprint
+    x = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(by_file.embed(x), by_dir.embed(x))
 
 
 def test_pickle_checkpoint_refused_by_default(tiny_checkpoint, tmp_path):
