@@ -58,15 +58,10 @@ def repeated_keys(store: PartStore, work: Path, budget_bytes: int) -> dict[int, 
         r = np.empty(len(have), rec)
         r["h"], r["gid"] = hash64(keys[have]), store.offsets[i] + have
         spill.add(r["h"] % np.uint64(parts), r)
-    spill.flush()
     cand = []
-    for p in range(parts):
-        r = spill.read(p)
-        if len(r) < 2:
-            continue
+    for r in spill.partitions():
         _, inv, cnt = np.unique(r["h"], return_inverse=True, return_counts=True)
         cand.append(r["gid"][cnt[inv] > 1])
-    spill.close()
     cand = np.sort(np.concatenate(cand)) if cand else np.zeros(0, np.int64)
     if not len(cand):
         return {}
@@ -95,18 +90,13 @@ def byte_copies(store: PartStore, select: Select, work: Path, budget_bytes: int)
         r = np.empty(int(m.sum()), rec)
         r["h1"], r["h2"], r["gid"] = hash64(sha[m], 0), hash64(sha[m], 1), store.offsets[i] + np.flatnonzero(m)
         spill.add(r["h1"] % np.uint64(parts), r)
-    spill.flush()
     edges = []
-    for p in range(parts):
-        r = spill.read(p)
-        if len(r) < 2:
-            continue
+    for r in spill.partitions():
         r = r[np.lexsort((r["gid"], r["h2"], r["h1"]))]
         new = np.r_[True, (r["h1"][1:] != r["h1"][:-1]) | (r["h2"][1:] != r["h2"][:-1])]
         first = r["gid"][np.maximum.accumulate(np.where(new, np.arange(len(r)), 0))]
         c = ~new
         edges.append(np.stack([r["gid"][c], first[c]], axis=1))
-    spill.close()
     return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
 
 
@@ -137,13 +127,9 @@ def phash_links(store: PartStore, select: Select, max_dist: int, work: Path, bud
             r["part"] = ((h >> np.uint64(shift)) & mask) * np.uint64(len(chunks)) + np.uint64(t)
             r["h"], r["gid"] = h, gids
             spill.add(hash64(r["part"]) % np.uint64(parts), r)
-    spill.flush()
     edges = []
-    for p in range(parts):
-        r = spill.read(p)
-        if len(r) >= 2:
-            edges += _bucket_links(r, max_dist)
-    spill.close()
+    for r in spill.partitions():
+        edges += _bucket_links(r, max_dist)
     if not edges:
         return np.zeros((0, 2), np.int64)
     e = np.sort(np.concatenate(edges), axis=1)

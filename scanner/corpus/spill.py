@@ -63,3 +63,13 @@ class Spill:
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def partitions(self, min_rows: int = 2):
+        """Flush, yield every partition of at least min_rows records, then remove the files."""
+        self.flush()
+        try:
+            for p in range(self.n_parts):
+                if self.counts[p] >= min_rows:
+                    yield self.read(p)
+        finally:
+            self.close()
