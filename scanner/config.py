@@ -116,8 +116,9 @@ class NeighboursConfig:
     allow_pickle: bool = False  # refuse pickle checkpoints unless explicitly trusted
     image_size: int = 32  # embedder input side
     batch_size: int = 64
-    # cosine at or above which two images are duplicates: 0.93 gives pair precision 0.995 / recall
-    # 0.998 on the demo corpus with the trained embedder (benchmarks/results/index.md)
+    # cosine at or above which two images are duplicates: 0.93 gives pair precision 0.9956 / recall 0.9972
+    # on the demo corpus with the trained embedder (benchmarks/results/corpus_ab.md; seed 0, the corpus it
+    # was chosen on: not a held-out figure)
     dup_threshold: float = 0.93
     rep_threshold: float = 0.93  # cosine at or above which a generation replicates a training image
     phash_max_dist: int = 2  # pHash Hamming radius of the near-exact pass (6 bits merges distinct images)

@@ -1,13 +1,14 @@
-"""faiss indexes over unit vectors (inner product = cosine), chosen by size, with measured recall.
+"""In-memory faiss indexes over unit vectors (inner product = cosine), with measured recall.
 
-- flat: exact `IndexFlatIP`; used up to cfg.flat_max vectors (auto) and as the recall reference.
-- auto above flat_max: hnsw on a CPU (benchmarks/results/index.md: at recall@10 >= 0.99 it is far
-        faster than IVF there), ivf on a GPU (faiss has no GPU HNSW; GPU IVF is fast).
+Scans no longer use these: the corpus steps search out of core (scanner/corpus/search.py). They remain
+the reference for benchmarks/bench_index.py (flat vs IVF vs HNSW held in memory), the exact search of
+scanner.neighbours.dedup.find_duplicate_groups, and the replication unit tests.
+
+- flat: exact `IndexFlatIP`; the recall reference.
 - ivf:  `IndexIVFFlat` with nlist = 2 sqrt(N) lists, k-means trained on a seeded sample of 64
-        vectors per list (faiss warns below 39); nprobe is then raised until recall@k on sampled
-        queries reaches the target (0.99), so the speed/recall trade-off is measured, not guessed.
-- hnsw: `IndexHNSWFlat` (M = 32), efSearch tuned the same way; no training, slower to build.
-A GPU copy of the index is used when faiss sees a GPU (faiss-gpu runs CPU indexes without one).
+        vectors per list; nprobe is raised until recall@k on sampled queries reaches the target (0.99).
+- hnsw: `IndexHNSWFlat` (M = 32), efSearch tuned the same way.
+A GPU copy of the index is used when faiss sees a GPU.
 """
 
 from __future__ import annotations
