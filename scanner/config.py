@@ -63,6 +63,15 @@ CAL_MIRRORS = ("hflip", "vflip", "rot180")  # geometry.cal_refs names; their axe
 @dataclass
 class GeometryConfig:
     t0: float = 0.1  # FLIPD time (method.md §2); paper a: 0.05 on toy data, 0.3 on SD latents
+    # Where FLIPD's Jacobian trace is taken: "noised" (mean over flipd_noises seeded points psi x + sigma z, where
+    # the network was trained: a dimension in [0, D]) or "clean" (at psi x, the paper's form: far below 0 on
+    # trained UNets, method.md §10)
+    flipd_at: Literal["noised", "clean"] = "noised"
+    # noised points averaged by lid_flipd, and Hutchinson probes at each: the noise, not the probes, sets the
+    # estimator's spread (8 x 1 and 8 x 8 agree, rank correlation of two seeds 0.94; 2 x 4: 0.85;
+    # benchmarks/results/lid_theta.md)
+    flipd_noises: int = 8
+    flipd_probes: int = 1
     t_laplace: float = 0.1  # time at which the p-Laplace and the score norm are evaluated
     t_cfg: float = 0.02  # time of the CFG-adjusted score norm (paper a fig. 3)
     p_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
@@ -83,6 +92,11 @@ class GeometryConfig:
     nb: bool = False  # normal-bundle LID: K score calls per image, small D only
     nb_samples: int = 0  # K; 0 = D + 16
     nb_t: float = 0.01
+    # how NB reads the rank: "threshold" counts singular values above nb_rel_threshold x the largest; "gap" takes
+    # the largest log-gap, exact on Gaussians but 1-2 dimensions for every image of the trained demo UNet
+    # (benchmarks/results/lid_theta.md)
+    nb_rank: Literal["threshold", "gap"] = "threshold"
+    nb_rel_threshold: float = 0.01
     lpca_k: int = 20  # neighbours for local PCA (LID of the data manifold)
     lpca_alpha: float = 0.05  # eigenvalues above alpha * lambda_max count
     # where LID_*'s neighbours are searched: model space, the embedding (clip), or auto: model space up to
@@ -99,6 +113,11 @@ class GeometryConfig:
         _check(self.probes >= 1, f"{p}.probes", self.probes, "an int >= 1")
         _check(self.fd_eps > 0, f"{p}.fd_eps", self.fd_eps, "> 0")
         _check(self.cfg_noises >= 1, f"{p}.cfg_noises", self.cfg_noises, "an int >= 1")
+        _check(self.flipd_at in ("noised", "clean"), f"{p}.flipd_at", self.flipd_at, "noised or clean")
+        _check(self.nb_rank in ("threshold", "gap"), f"{p}.nb_rank", self.nb_rank, "threshold or gap")
+        _check(0.0 < self.nb_rel_threshold < 1.0, f"{p}.nb_rel_threshold", self.nb_rel_threshold, "a float in (0, 1)")
+        _check(self.flipd_noises >= 1, f"{p}.flipd_noises", self.flipd_noises, "an int >= 1")
+        _check(self.flipd_probes >= 1, f"{p}.flipd_probes", self.flipd_probes, "an int >= 1")
         _check(self.nb_samples >= 0, f"{p}.nb_samples", self.nb_samples, "an int >= 0 (0 = D + 16)")
         _check(isinstance(self.cal_refs, list) and all(r in CAL_MIRRORS for r in self.cal_refs), f"{p}.cal_refs",
                self.cal_refs, f"a list of {', '.join(CAL_MIRRORS)} ([] = no score_norm_cal)")

@@ -32,37 +32,37 @@ def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False) -> Path:
     return corpus
 
 
-def ensure_demo_model(out: Path, minutes: float = 10.0, seed: int = 0, progress: bool = True,
+def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, progress: bool = True,
                       steps: int | None = None, quick: bool = False) -> Path:
-    """out/model, trained on out/corpus (built first if missing) unless a finished model is there.
+    """out/model, trained on out/corpus (built first with `seed` if missing) unless a finished model is there.
 
-    Training stops after `steps` optimizer steps (None: the trainer's default) or `minutes`, whichever
-    comes first; `quick` uses the small corpus and QUICK_STEPS.
+    Training runs `steps` seeded optimizer steps (None: DEMO_STEPS, or QUICK_STEPS with `quick`), so every
+    machine trains the same model; `minutes` (None: no cap) may stop it earlier, with a warning.
     """
-    from scanner.demo_train import train_demo
+    from scanner.demo_train import DEMO_STEPS, train_demo
 
     corpus = ensure_demo_corpus(out, seed, quick=quick)
     model = out / "model"
     if (model / "train_info.json").exists():  # written last: its presence means the model is complete
         log.info("demo model: cached at %s", model)
         return model
-    steps = QUICK_STEPS if quick and steps is None else steps
-    log.info("demo model: training for %s on this machine (cached afterwards)",
-             f"{steps} steps or {minutes:g} minutes, whichever comes first" if steps else f"up to {minutes:g} minutes")
-    train_demo(corpus, model, seed=seed, time_budget_s=minutes * 60, progress=progress,
-               **({"steps": steps} if steps else {}))
+    steps = (QUICK_STEPS if quick else DEMO_STEPS) if steps is None else steps
+    log.info("demo model: training %d seeded steps on this machine%s (cached afterwards)", steps,
+             f", stopping early after {minutes:g} minutes" if minutes else "")
+    train_demo(corpus, model, seed=seed, steps=steps, time_budget_s=minutes * 60 if minutes else None,
+               progress=progress)
     return model
 
 
-def run_demo(out: Path, minutes: float = 10.0, overrides: list[str] | None = None, progress: bool = True,
-             quick: bool = False) -> int:
+def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | None = None, progress: bool = True,
+             quick: bool = False, seed: int = 0, steps: int | None = None) -> int:
     from scanner.config import load_config, shipped_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    model = ensure_demo_model(out, minutes, progress=progress, quick=quick)
+    model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
     base = [f"data.shards={out / 'corpus' / 'shards'}", f"model.path={model}"]
     if "resolution" in info:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from scanner.files import write_json
+
+log = logging.getLogger("memscan")
 
 # Measured on the idle 2-core CPU (2026-11-23), 10 minutes of training on the default demo corpus:
 # (32, 64, 64) ran 0.39 s/step, 1,535 steps, and memorized nothing (||eps|| AUROC ~0.5); (16, 32, 64)
@@ -136,15 +139,22 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+# The demo model trains for a fixed number of seeded steps, so every machine trains the same model (a wall-clock
+# budget would train a different one on a faster or slower CPU). 3,700 steps: what 10 minutes gave on the
+# 2-core CPU (0.16 s a step), the model every shipped threshold was chosen on (demo seed 0).
+DEMO_STEPS = 3700
+
+
 def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16, channels: int = 3,
-               steps: int = 6000, batch_size: int = 64, lr: float = 1e-3, oversample_factor: float = 30,
+               steps: int = DEMO_STEPS, batch_size: int = 64, lr: float = 1e-3, oversample_factor: float = 30,
                seed: int = 0, time_budget_s: float | None = None, progress: bool = True,
                block_out_channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 1,
                norm_num_groups: int = 8, ema_decay: float = 0.999, warmup_steps: int = 100,
                num_threads: int | None = None) -> Path:
     """Train on `corpus_dir` (shards/ + truth.parquet) and save to out_dir/{unet,scheduler,train_info.json}.
 
-    Stops after `steps` optimizer steps or `time_budget_s` seconds, whichever comes first.
+    Runs `steps` seeded optimizer steps; `time_budget_s` may stop it earlier, with a warning naming the steps
+    run (train_info.json records `stopped_by`: "steps" or "time_budget").
     train_info.json is written last, so its presence means the model directory is complete.
     `num_threads` (None = leave torch's setting) applies during training only. On the idle 2-core CPU
     two threads take 0.34 s a step and one 0.48 s; when other jobs share the CPU, one thread is faster.
@@ -197,7 +207,10 @@ def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16
                 bar.update(1)
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if time_budget_s is not None and time.time() - t_start > time_budget_s:
+            if time_budget_s is not None and time.time() - t_start > time_budget_s and step + 1 < steps:
+                log.warning("train-demo: the time budget (%.0f s) stopped training after %d of %d steps: this model "
+                            "differs from the %d-step model the shipped thresholds were chosen on", time_budget_s,
+                            step + 1, steps, steps)
                 break
         if bar is not None:
             bar.close()
@@ -208,7 +221,8 @@ def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16
         ema.copy_to(unet)
         window = max(1, len(losses) // 20)
         info = {
-            "steps": len(losses), "steps_requested": steps, "train_s": round(train_s, 1),
+            "steps": len(losses), "steps_requested": steps,
+            "stopped_by": "steps" if len(losses) == steps else "time_budget", "train_s": round(train_s, 1),
             "total_s": round(time.time() - t_start, 1), "s_per_step": round(train_s / max(1, len(losses)), 4),
             "cpu_s_per_step": round(cpu_s / max(1, len(losses)), 4),
             "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),

@@ -27,15 +27,59 @@ def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr_max: float = 0.01) -> float:
     return float(tpr[fpr <= fpr_max].max()) if (fpr <= fpr_max).any() else 0.0
 
 
+def _roc_curves(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(AUROC, TPR at 1 % FPR, TPR at 0.1 % FPR) of "high s flags y" for each row of weights w (R, N) at once:
+    one sort, then cumulative sums at the distinct thresholds (ties handled as sklearn's roc_curve does)."""
+    order = np.argsort(-s, kind="stable")
+    ends = np.r_[np.flatnonzero(np.diff(s[order]) != 0), s.size - 1]  # last row of each distinct value
+    wy = w[:, order] * y[order]
+    tp = np.cumsum(wy, axis=1)[:, ends]
+    fp = np.cumsum(w[:, order] - wy, axis=1)[:, ends]
+    tpr = np.c_[np.zeros(len(w)), tp / tp[:, -1:]]
+    fpr = np.c_[np.zeros(len(w)), fp / fp[:, -1:]]
+    auc = np.sum((fpr[:, 1:] - fpr[:, :-1]) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
+    at = [np.where(fpr <= f, tpr, 0.0).max(axis=1) for f in (0.01, 0.001)]
+    return auc, at[0], at[1]
+
+
+def bootstrap_metrics(y: np.ndarray, s: np.ndarray, units: np.ndarray, n_boot: int = 400, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Percentile intervals of AUROC and TPR at 1 % / 0.1 % FPR ("high s flags y") from a bootstrap over
+    independent units, not rows: `units` (one label per row) groups rows that are copies of one base image
+    (a repeated group) so that its 24 copies count once. Positives and negatives are resampled separately
+    (stratified), so every replicate has both classes. Seeded."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, bool)
+    codes = pd.factorize(pd.Series(units, dtype=object).astype(str) + np.where(y, "|p", "|n"))[0]
+    n_units = codes.max() + 1
+    unit_pos = np.zeros(n_units, bool)
+    unit_pos[codes] = y
+    pos_units, neg_units = np.flatnonzero(unit_pos), np.flatnonzero(~unit_pos)
+    reps = []
+    for r0 in range(0, n_boot, 64):  # 64 replicates' weights at a time
+        w = np.stack([np.bincount(np.concatenate([rng.choice(pos_units, pos_units.size),
+                                                  rng.choice(neg_units, neg_units.size)]), minlength=n_units)[codes]
+                      for _ in range(min(64, n_boot - r0))]).astype(float)
+        reps.append(np.stack(_roc_curves(y, np.asarray(s, float), w), axis=1))
+    lo, hi = np.quantile(np.concatenate(reps), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    names = ("auroc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
+    return {f"{n}_ci": [float(a), float(b)] for n, a, b in zip(names, lo, hi)} | {
+        "ci_level": level, "ci_units": {"positive": int(pos_units.size), "negative": int(neg_units.size)},
+        "n_boot": n_boot}
+
+
 def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, negative: str = "unique",
-                   warnings: list | None = None) -> dict:
-    """Per numeric column: auroc and tpr_at_1pct_fpr in the column's registered direction, with the direction,
-    where it came from and the counts. Disagreements with the data go to `warnings`."""
+                   warnings: list | None = None, n_boot: int = 400) -> dict:
+    """Per numeric column: auroc and TPR at 1 % and 0.1 % FPR in the column's registered direction, with
+    bootstrap intervals over independent units (a planted group counts once: truth's group_id, else the key;
+    n_boot = 0: none), the direction, where it came from and the counts. Disagreements with the data go to
+    `warnings`."""
     from sklearn.metrics import roc_auc_score
 
     from scanner.columns import direction as registered
 
-    df = scores.merge(truth[["key", "planted"]], on="key")
+    cols = ["key", "planted"] + (["group_id"] if "group_id" in truth else [])
+    df = scores.merge(truth[cols], on="key")
     df = df[df["planted"].isin([positive, negative]) & df["error"].isna()]
     y = (df["planted"] == positive).to_numpy()
     out = {}
@@ -55,8 +99,12 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
         sign = 1.0 if direction == "high" else -1.0
         auroc = auc_high if direction == "high" else 1.0 - auc_high
         out[col] = {"auroc": auroc, "tpr_at_1pct_fpr": tpr_at_fpr(y[keep], sign * s[keep]),
+                    "tpr_at_0_1pct_fpr": tpr_at_fpr(y[keep], sign * s[keep], 0.001),
                     "direction": direction, "direction_source": source,
                     "n_pos": int(y[keep].sum()), "n_neg": int((~y[keep]).sum())}
+        if n_boot:
+            units = (df["group_id"].astype("string").fillna(df["key"]) if "group_id" in df else df["key"]).to_numpy()
+            out[col] |= bootstrap_metrics(y[keep], sign * s[keep], units[keep], n_boot=n_boot)
         if auroc < 0.5 and warnings is not None:
             warnings.append(f"{col} vs {positive}: AUROC {auroc:.3f} in its registered direction ({direction}); "
                             f"the other tail would give {1 - auroc:.3f}, so on this data the column flags the "
@@ -64,8 +112,9 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
     return out
 
 
-def evaluate(out: Path, truth_path: Path, write: bool = True) -> dict:
-    """metrics.json's content for the scan in `out` (written there unless `write` is False)."""
+def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
+    """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
+    replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json)."""
     from scanner.neighbours.dedup import pair_precision_recall
 
     truth = pd.read_parquet(truth_path)
@@ -76,7 +125,7 @@ def evaluate(out: Path, truth_path: Path, write: bool = True) -> dict:
     metrics: dict = {"scores": {}, "warnings": []}
     for positive in ("repeated", "oversampled"):
         metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive,
-                                                                    warnings=metrics["warnings"])
+                                                                    warnings=metrics["warnings"], n_boot=n_boot)
     for w in metrics["warnings"]:
         log.warning("evaluate: %s", w)
     dup_path = out / "duplicates.parquet"
@@ -97,10 +146,13 @@ def evaluate(out: Path, truth_path: Path, write: bool = True) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = [f"{'column':<16} {'vs':<12} {'AUROC':>6} {'TPR@1%FPR':>10}  direction"]
+    lines = [f"{'column':<16} {'vs':<12} {'AUROC':>6} {'95% CI':>13} {'TPR@1%FPR':>10} {'@0.1%':>6}  direction"]
     for comp, cols in metrics["scores"].items():
         for col, m in sorted(cols.items()):
-            lines.append(f"{col:<16} {comp.split('_vs_')[0]:<12} {m['auroc']:>6.3f} {m['tpr_at_1pct_fpr']:>10.3f}  "
+            ci = m.get("auroc_ci")
+            ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
+            lines.append(f"{col:<16} {comp.split('_vs_')[0]:<12} {m['auroc']:>6.3f} {ci_s:>13} "
+                         f"{m['tpr_at_1pct_fpr']:>10.3f} {m.get('tpr_at_0_1pct_fpr', float('nan')):>6.3f}  "
                          f"{m['direction']}{'' if m.get('direction_source', 'registry') == 'registry' else ' (data)'}")
     if "duplicates" in metrics:
         d = metrics["duplicates"]

@@ -133,21 +133,30 @@ def _both(a, b):
     return lambda i: a(i) & b(i)
 
 
-def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig) -> dict:
-    """The classify threshold: given, or the detector_quantile of the detector over the ok rows (exact up to
-    corpus.detector_sample rows, else a seeded Bernoulli sample of about that many)."""
+def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=None) -> dict:
+    """The classify thresholds: the detector's (given, or its detector_quantile over the ok rows) and the corpus
+    medians of lid_flipd and lid_lpca (`lids`: lid_lpca's spill) that put the two LIDs on one axis. Exact up to
+    corpus.detector_sample rows, else from a seeded Bernoulli sample of about that many."""
     c = cfg.classify
     col = c.detector
     if cfg.model.kind == "none" or col not in store.columns:
         return {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
     rate = min(1.0, cfg.corpus.detector_sample / max(masks.counts["ok"], 1))
-    vals = []
+    want = [col] + [x for x in ("lid_flipd",) if x in store.columns and x != col]
+    vals: dict[str, list] = {k: [] for k in [*want, "lid_lpca"]}
     for i in range(len(store)):
-        v = store.read(i, [col])[col].astype(float).to_numpy()[masks.get("ok", i)]
-        if rate < 1.0:
-            v = v[np.random.default_rng([cfg.seed, i]).random(len(v)) < rate]
-        vals.append(v)
-    vals = np.concatenate(vals) if vals else np.zeros(0)
+        ok = masks.get("ok", i)
+        keep = np.random.default_rng([cfg.seed, i]).random(int(ok.sum())) < rate if rate < 1.0 else slice(None)
+        df = store.read(i, want)
+        for k in want:
+            vals[k].append(df[k].astype(float).to_numpy()[ok][keep])
+        if lids is not None:
+            r = lids.read(i)["lid"].astype(float)  # one record per ok row of the shard
+            vals["lid_lpca"].append(r[np.random.default_rng([cfg.seed, i, 1]).random(len(r)) < rate])
+    v = {k: np.concatenate(x) if x else np.zeros(0) for k, x in vals.items()}
+    medians = {k: float(np.nanmedian(v[k])) if np.isfinite(v[k]).any() else None for k in ("lid_flipd", "lid_lpca")
+               if k in v}
+    vals = v[col]
     if not np.isfinite(vals).any() and c.detector_threshold is None:
         return {"detector": col, "note": "detector column has no values", "threshold": None}
     if c.detector_threshold is not None:
@@ -158,15 +167,34 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig) -> dict:
     return {"detector": col, "direction": c.direction, "threshold": thr,
             "quantile": None if c.detector_threshold is not None else c.detector_quantile,
             "quantile_from": "all scored rows" if rate >= 1.0 else f"a seeded sample of {len(vals)} scored rows",
-            "lpca_low": c.lpca_low, "gap_margin": c.gap_margin,
+            "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians,
             "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}; "
                      f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
-                     f"flagged otherwise -> od (overfitting-driven: regularize)")}
+                     f"flagged and lid_gap_rel > {c.gap_margin} -> od (overfitting-driven: regularize), lid_gap_rel = "
+                     f"lid_lpca / {medians.get('lid_lpca') or float('nan'):.4g} - lid_flipd / "
+                     f"{medians.get('lid_flipd') or float('nan'):.4g} (each LID over its corpus median); "
+                     "flagged otherwise -> none (suspected, no class)")}
+
+
+def relative_gap(df: pd.DataFrame, thresholds: dict) -> pd.Series:
+    """lid_gap_rel = lid_lpca / its corpus median - lid_flipd / its corpus median: how far the model's manifold drops below the
+    data's, each LID in units of the typical image's (the two estimators have different scales: local PCA
+    counts at most lpca_k - 1 directions, FLIPD counts every direction the noise at t0 does not swamp).
+    NaN where either LID or median is missing."""
+    med = (thresholds or {}).get("lid_medians") or {}
+    mf, ml = med.get("lid_flipd"), med.get("lid_lpca")
+    if "lid_flipd" not in df or not mf or not ml or mf <= 0 or ml <= 0:
+        return pd.Series(np.nan, index=df.index, dtype="float32")
+    return (df["lid_lpca"].astype(float) / ml - df["lid_flipd"].astype(float) / mf).astype("float32")
 
 
 def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) -> dict:
-    """Adds `flagged` and `mem_class` to one shard's rows (or any frame); `thresholds` from detector_threshold
-    (None: the quantile of this frame's rows). Returns the thresholds used."""
+    """Adds `flagged`, `lid_gap_rel` and `mem_class` to one shard's rows (or any frame); `thresholds` from
+    detector_threshold (None: the quantile and LID medians of this frame's rows). Returns the thresholds used.
+
+    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low -> dd (the data
+    is low-dimensional there: duplicates, templates); else lid_gap above gap_margin -> od (the model's manifold
+    is lower than the data's, lid_gap_rel from `relative_gap`); else none (flagged, but neither LID explains it)."""
     c = cfg.classify
     col = c.detector
     ok = df["error"].isna()
@@ -180,6 +208,10 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
             thresholds = {"detector": col, "direction": c.direction,
                           "threshold": float(np.nanquantile(df.loc[ok, col].astype(float), q)),
                           "quantile": c.detector_quantile}
+        if "lid_flipd" in df and "lid_lpca" in df:
+            thresholds["lid_medians"] = {k: float(np.nanmedian(df.loc[ok, k].astype(float)))
+                                         if df.loc[ok, k].notna().any() else None for k in ("lid_flipd", "lid_lpca")}
+    df["lid_gap_rel"] = relative_gap(df, thresholds)
     thr = thresholds.get("threshold")
     if thr is None or col not in df.columns:
         df["flagged"] = False
@@ -188,9 +220,9 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
     vals = df[col].astype(float)
     flagged = ok & ((vals <= thr) if c.direction == "low" else (vals >= thr))
     low_lid = df["lid_lpca"].astype(float) < c.lpca_low
-    gap_ok = df["lid_gap"].isna() | (df["lid_gap"].astype(float) > c.gap_margin)
+    gap = df["lid_gap_rel"].astype(float)
     df["flagged"] = flagged
-    df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & ~low_lid & gap_ok], [None, "dd", "od"], "none")
+    df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & (gap > c.gap_margin)], [None, "dd", "od"], "none")
     return thresholds
 
 
@@ -299,7 +331,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         summary["lpca_neighbours"] = summary["local_pca"].get("space")
         summary["timings_s"]["local_pca"] = round(time.time() - t1, 1)
         mem["local_pca"] = memory_mb()
-    thresholds = detector_threshold(store, masks, cfg)
+    thresholds = detector_threshold(store, masks, cfg, lids)
 
     # one pass over the shards: classes, verdicts, scores/, errors and removal rows
     t1 = time.time()

@@ -43,7 +43,8 @@ def p_of_column(name: str) -> float:
 
 # scores/: interface columns first, the configured p-Laplace columns, then the rest (interfaces.md)
 SCORES_FIRST = [("key", STR), ("shard", STR), ("caption", STR), ("width", I64), ("height", I64),
-                ("lid_flipd", F32), ("lid_nb", F32), ("lid_lpca", F32), ("lid_gap", F32)]
+                ("lid_flipd", F32), ("lid_nb", F32), ("lid_lpca", F32), ("lid_gap", F32),
+                ("lid_gap_rel", F32)]
 SCORES_LAST = [("score_norm", F32), ("score_norm_cal", F32), ("cfg_norm", F32), ("mem_class", STR),
                ("verdict", STR), ("error", STR)]
 # columns of scores/ that are not scores (everything else numeric is a score column)

@@ -56,6 +56,16 @@ def test_same_seed_same_weights(trained, corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_steps_not_the_clock_decide_the_model_and_a_time_cap_warns(trained, corpus, tmp_path, caplog):
+    info = json.loads((trained / "train_info.json").read_text())
+    assert info["stopped_by"] == "steps" and info["steps_requested"] == 40
+    with caplog.at_level("WARNING", logger="memscan"):
+        capped = train_demo(corpus.out_dir, tmp_path / "capped", steps=40, seed=0, time_budget_s=0.0, **TINY_MODEL)
+    info = json.loads((capped / "train_info.json").read_text())
+    assert info["stopped_by"] == "time_budget" and info["steps"] == 1
+    assert "stopped training after 1 of 40 steps" in caplog.text
+
+
 def test_oversampled_keys_drawn_factor_times_as_often():
     planted = ["unique"] * 95 + ["oversampled"] * 5
     w = sample_weights(planted, oversample_factor=30)

@@ -89,16 +89,26 @@ def test_classify_dd_od_and_removal_reasons():
     cfg = load_config(None, ["model.kind=none", "classify.detector=score_norm", "classify.detector_quantile=0.5",
                              "classify.lpca_low=3"])
     df = pd.DataFrame({"key": list("abcdef"), "shard": "00000", "error": [None] * 5 + ["bad"],
-                       "score_norm": [1.0, 2.0, 9.0, 8.0, 1.5, np.nan], "lid_lpca": [1.0, 10.0, 1.0, 10.0, 2.0, np.nan],
-                       "lid_flipd": [0.5, 2.0, 1.0, 9.0, 1.0, np.nan]})
-    df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"]
+                       "score_norm": [1.0, 2.0, 9.0, 8.0, 1.5, np.nan], "lid_lpca": [1.0, 10.0, 1.0, 10.0, 4.0, np.nan],
+                       "lid_flipd": [0.5, 2.0, 1.0, 9.0, 2.0, np.nan]})
     info = classify(df, cfg)
-    assert info["threshold"] == 2.0  # median of the five good scores, low tail flags
-    assert df["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "dd"] and pd.isna(df["mem_class"][5])
+    assert info["threshold"] == 2.0  # median of the five good scores, low tail flags: a, b, e
+    assert info["lid_medians"] == {"lid_flipd": 2.0, "lid_lpca": 4.0}
+    # lid_gap_rel = lid_lpca / 4 - lid_flipd / 2: a 0, b 1.5, c -0.25, d -2, e 0
+    np.testing.assert_allclose(df["lid_gap_rel"][:5], [0.0, 1.5, -0.25, -2.0, 0.0])
+    # a: flagged, LID_* 1 < 3 -> dd; b: flagged, LID_* normal, the model's LID far below -> od;
+    # e: flagged, but LID_* is normal and the model's LID is not below it (gap 0, margin 0) -> none
+    assert df["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "none"] and pd.isna(df["mem_class"][5])
+    assert df["flagged"].tolist() == [True, True, False, False, True, False]
     dups = pd.DataFrame({"key": ["a", "c"], "group_id": [0, 0], "similarity": [1.0, 0.99], "keep": [True, False]})
     rem = removal_list(df, dups, replicated={"d"})
-    # c: duplicate; a is in a group (dedup fixes it) so no dd_mem row; e: dd_mem; b: od_mem; d: replicated
-    assert dict(zip(rem["key"], rem["reason"])) == {"c": "duplicate", "e": "dd_mem", "b": "od_mem", "d": "replicated"}
+    # c: duplicate; a is in a group (dedup fixes it) so no dd_mem row; b: od_mem; d: replicated; e: kept (no class)
+    assert dict(zip(rem["key"], rem["reason"])) == {"c": "duplicate", "b": "od_mem", "d": "replicated"}
+    df2 = df.drop(columns="mem_class")
+    classify(df2, load_config(None, ["model.kind=none", "classify.detector=score_norm",
+                                     "classify.detector_quantile=0.5", "classify.lpca_low=3",
+                                     "classify.gap_margin=-0.1"]))
+    assert df2["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "od"]  # a lower margin takes e in
 
 
 def test_searched_rows_skip_unreadable_and_every_copy_of_a_repeated_key(tmp_path):

@@ -5,6 +5,16 @@
 evaluated at the *un-noised* point psi x. For data on a d-dim linear subspace with spreads lambda_i,
 each normal direction contributes 0 and each tangent one 1 - sigma^2 / (psi^2 lambda_i + sigma^2), so
 FLIPD -> d as t0 -> 0.
+
+`flipd_noised` evaluates the trace term where the network was trained, at noised points (method.md §10):
+
+    LID_theta(x, t0) = mean_j [ D - sigma * tr(d eps / dx)(psi x + sigma z_j, t0) ],   z_j ~ N(0, I) seeded
+
+The |eps|^2 term is dropped: at a noised point eps is the noise itself (|eps|^2 ~ D), not the clean-point
+correction. For a Gaussian on a subspace the score Jacobian is constant, so the value is the same for every
+z and equals sum_i psi^2 lambda_i / (psi^2 lambda_i + sigma^2) -> d; for a mixture it is the average of
+the closed form over the noised points. On a trained UNet the clean-point Jacobian is far from the ideal
+denoiser's (FLIPD of -400 to -900 for D = 768 on the demo) while the noised one gives a dimension.
 """
 
 from __future__ import annotations
@@ -15,7 +25,18 @@ from typing import Any
 
 import torch
 
-from scanner.geometry.trace import bview, check_batch, check_time, eps_trace, time_vector
+from scanner.geometry.trace import (
+    Linearization,
+    bview,
+    check_batch,
+    check_choice,
+    check_int,
+    check_time,
+    eps_trace,
+    time_vector,
+)
+
+FLIPD_AT = ("noised", "clean")
 
 
 def flipd_from_parts(dim: int, sigma: torch.Tensor, trace_eps: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -40,6 +61,58 @@ def flipd(model: Any, x: torch.Tensor, t0: float, cond: Any = None, *, trace: st
     return flipd_from_parts(model.dim, sigma, tr, eps)
 
 
+def flipd_noise(shape: tuple[int, ...], noises: int, seed: int | torch.Tensor) -> torch.Tensor:
+    """(noises, B, *sample_shape) float64 standard normal z_j for `flipd_noised` (shape = (B, *sample_shape)).
+    seed: an int for the batch, or (B,) per-row seeds (`trace.row_seeds`): a row's noises then do not depend
+    on its batch. Drawn on the CPU with a private generator, so a GPU run sees the same numbers."""
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (shape[0],):
+            raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
+        return torch.stack([flipd_noise((1, *shape[1:]), noises, int(s))[:, 0] for s in seed.tolist()], dim=1)
+    g = torch.Generator().manual_seed(int(seed) ^ 0x5EED_F11D)  # not the probes' stream for the same seed
+    return torch.randn(noises, *shape, generator=g, dtype=torch.float64)
+
+
+def flipd_noised_from_parts(dim: int, sigma: torch.Tensor, traces: torch.Tensor) -> torch.Tensor:
+    """D - sigma * mean_j tr_j. sigma: (B,); traces: (noises, B) of tr(d eps/dx) at the noised points."""
+    return dim - sigma.to(traces.dtype) * traces.mean(0)
+
+
+def noised_traces(model: Any, x: torch.Tensor, t: torch.Tensor, psi: torch.Tensor, sigma: torch.Tensor,
+                  cond: Any = None, *, noises: int = 2, trace: str = "hutchinson", probes: int = 4,
+                  probe_dist: str = "rademacher", jvp: str = "autograd", fd_eps: float = 1e-3, scheme: str = "central",
+                  seed: int | torch.Tensor = 0, chunk: int | None = None) -> torch.Tensor:
+    """(noises, B) tr(d eps/dx) at psi x + sigma z_j, one `Linearization` per noise (its own probe seed,
+    seed + j + 1, so the noises do not share probes). x: (B, *sample_shape); t, psi, sigma: (B,)."""
+    z = flipd_noise(tuple(x.shape), noises, seed).to(device=x.device, dtype=x.dtype)
+    out = []
+    for j in range(noises):
+        lin = Linearization(model, bview(psi, x) * x + bview(sigma, x) * z[j], t, cond, jvp=jvp, fd_eps=fd_eps,
+                            scheme=scheme, chunk=chunk)
+        out.append(lin.trace(trace, probes, probe_dist, seed + j + 1)[0])
+        del lin
+    return torch.stack(out)
+
+
+def flipd_noised(model: Any, x: torch.Tensor, t0: float, cond: Any = None, *, noises: int = 2,
+                 trace: str = "hutchinson", probes: int = 4, probe_dist: str = "rademacher", jvp: str = "autograd",
+                 fd_eps: float = 1e-3, seed: int | torch.Tensor = 0, chunk: int | None = None) -> torch.Tensor:
+    """LID_theta(x, t0) from the score Jacobian at `noises` seeded noised points psi x + sigma z_j: (B,) in x's
+    dtype, a dimension in [0, D] up to estimator noise (see the module docstring).
+
+    Cost per image: `noises` forwards and noises * probes directional derivatives (noises * D with
+    trace="exact"). seed: an int, or (B,) per-row seeds. Other arguments as in `flipd`.
+    """
+    check_time("t0", t0)
+    check_batch(model, x)
+    check_int("noises", noises, 1)
+    t = time_vector(t0, x)
+    psi, sigma = model.psi_sigma(t)
+    tr = noised_traces(model, x, t, psi, sigma, cond, noises=noises, trace=trace, probes=probes,
+                       probe_dist=probe_dist, jvp=jvp, fd_eps=fd_eps, seed=seed, chunk=chunk)
+    return flipd_noised_from_parts(model.dim, sigma, tr).to(x.dtype)
+
+
 def find_knee(t0s: Sequence[float], values: Sequence[float]) -> int:
     """Index of the knee of a curve y(log t0) by Kneedle (Satopaa et al. 2011): rescale both axes to
     [0, 1] and take the point farthest from the chord between the end points. Needs >= 3 points."""
@@ -56,12 +129,14 @@ def find_knee(t0s: Sequence[float], values: Sequence[float]) -> int:
     return int(order[int(torch.argmax((yn - chord).abs()))])
 
 
-def flipd_sweep(model: Any, x: torch.Tensor, t0s: Sequence[float], cond: Any = None, **kwargs: Any) -> dict:
+def flipd_sweep(model: Any, x: torch.Tensor, t0s: Sequence[float], cond: Any = None, *, at: str = "clean",
+                **kwargs: Any) -> dict:
     """FLIPD over a grid of t0: {"t0": [T], "median": [T] median FLIPD over the batch, "values": (T, B),
-    "knee_index": int, "knee_t0": float}. kwargs go to `flipd` (same seed at each t0, so the probes are
-    shared and the curve is smooth in t0)."""
+    "knee_index": int, "knee_t0": float}. at: "clean" (`flipd`) or "noised" (`flipd_noised`); kwargs go to
+    it (same seed at each t0, so the probes and noises are shared and the curve is smooth in t0)."""
     t0s = [check_time("t0", t) for t in t0s]
-    values = torch.stack([flipd(model, x, t, cond, **kwargs) for t in t0s])
+    fn = flipd if check_choice("at", at, FLIPD_AT) == "clean" else flipd_noised
+    values = torch.stack([fn(model, x, t, cond, **kwargs) for t in t0s])
     medians = values.median(dim=1).values.tolist()
     knee = find_knee(t0s, medians)
     return {"t0": t0s, "median": medians, "values": values, "knee_index": knee, "knee_t0": t0s[knee]}

@@ -2,8 +2,10 @@
 
 At the clean point psi x (t = t_laplace): one forward gives eps (score_norm), then one pass of
 quadratic forms v^T (d eps/dx) v over the trace directions (Hutchinson probes or the exact basis) with
-e_hat = eps / |eps| packed into the last call gives every Delta_p and, when t0 == t_laplace, FLIPD
-(method.md §2, §5). A different t0 costs a second forward + trace pass at psi(t0) x. NB (cfg.nb) and
+e_hat = eps / |eps| packed into the last call gives every Delta_p and, for flipd_at "clean" with
+t0 == t_laplace, FLIPD (method.md §2, §5). flipd_at "noised" (the default) costs flipd_noises more forwards,
+each with flipd_probes directions, at psi(t0) x + sigma z_j (method.md §10); "clean" with another t0 one
+more forward and trace pass. NB (cfg.nb) and
 the CFG norm (conditional model + cond) are extra plain forwards, and so is score_norm_cal (one per mirror in
 cfg.cal_refs, plus one at psi(t_cal) x when t_cal != t_laplace; scanner/geometry/mirror.py).
 
@@ -21,7 +23,7 @@ import torch
 
 from scanner.config import GeometryConfig
 from scanner.geometry.cfg_norm import cfg_norm
-from scanner.geometry.flipd import flipd_from_parts
+from scanner.geometry.flipd import flipd_from_parts, flipd_noised_from_parts, noised_traces
 from scanner.geometry.mirror import mirror_calibrated_norm
 from scanner.geometry.normal_bundle import nb_lid
 from scanner.geometry.p_laplace import check_p_values, p_column, p_laplace_from_parts, unit_eps
@@ -47,7 +49,7 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
     """x: (B, *sample_shape) clean points in model space; cond: `model.encode_text(captions)` or None.
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
-    None)`: lid_flipd (dimensions), score_norm (|eps(psi x, t_laplace)|, eps units), p_laplace_* (Delta_p
+    None)`: lid_flipd (dimensions; at noised points unless cfg.flipd_at is "clean"), score_norm (|eps(psi x, t_laplace)|, eps units), p_laplace_* (Delta_p
     log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units), score_norm_cal (a ratio, ~1 unless memorized).
     chunk: (direction, image) pairs per model call, default 2B. jvp: overrides cfg.jvp ("autograd", "fd",
     or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
@@ -71,7 +73,14 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
         tr, quad = lin.trace(**tr_kw, extra=unit_eps(lin.eps))
         eps = lin.eps
         del lin  # frees the reverse-mode graph before anything else runs
-        if cfg.t0 == cfg.t_laplace:
+        if cfg.flipd_at == "noised":
+            t0 = time_vector(cfg.t0, x)
+            psi0, sigma0 = model.psi_sigma(t0)
+            traces = noised_traces(model, x, t0, psi0, sigma0, geo_cond, noises=cfg.flipd_noises, trace=cfg.trace,
+                                   probes=cfg.flipd_probes, probe_dist=cfg.probe_dist, jvp=mode, fd_eps=cfg.fd_eps,
+                                   scheme=fd_scheme, seed=tr_kw["seed"], chunk=chunk)
+            out["lid_flipd"] = flipd_noised_from_parts(model.dim, sigma0, traces)
+        elif cfg.t0 == cfg.t_laplace:
             out["lid_flipd"] = flipd_from_parts(model.dim, sigma, tr, eps)
         else:
             t0 = time_vector(cfg.t0, x)
@@ -88,7 +97,7 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
                 norm_x=out["score_norm"] if cfg.t_cal == cfg.t_laplace else None)
         if cfg.nb:
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
-                                   chunk=chunk)
+                                   rank=cfg.nb_rank, rel_threshold=cfg.nb_rel_threshold, chunk=chunk)
         if conditional:
             out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
                                        seed=cfg.seed + 2 if seeds is None else seeds + 2)

@@ -5,7 +5,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from scanner.config import GeometryConfig
-from scanner.geometry.flipd import flipd
+from scanner.geometry.flipd import flipd, flipd_noised
 from scanner.geometry.p_laplace import p_laplace
 from scanner.geometry.scores import compute_scores, score_columns
 from scanner.models.analytic import ClassConditionalGMM, GaussianMixtureModel, random_gmm
@@ -41,9 +41,15 @@ def test_matches_the_standalone_estimators():
     m = _counting()
     x, _ = m.sample(6, seed=1)
     for t0 in (0.1, 0.05):  # shared evaluation, and a separate FLIPD time
-        cfg = GeometryConfig(t0=t0, t_laplace=0.1, trace="exact", p_values=[1.0, 2.0, 3.0], cal_refs=[])
+        cfg = GeometryConfig(t0=t0, t_laplace=0.1, trace="exact", p_values=[1.0, 2.0, 3.0], cal_refs=[],
+                             flipd_at="clean")
         out = compute_scores(m, x.double(), cfg)
         torch.testing.assert_close(out["lid_flipd"], flipd(m, x, t0, trace="exact").float())
+        noised = compute_scores(m, x.double(), GeometryConfig(t0=t0, trace="exact", cal_refs=[], flipd_noises=3,
+                                                              seed=4))
+        torch.testing.assert_close(noised["lid_flipd"],
+                                   flipd_noised(m, x, t0, noises=3, trace="exact", seed=4).float())
+        assert torch.equal(noised["score_norm"], out["score_norm"])
         psi, _ = m.psi_sigma(torch.full((6,), 0.1, dtype=torch.float64))
         xt = psi[:, None] * x
         ref = p_laplace(m, xt, 0.1, [1.0, 2.0, 3.0], trace="exact")
@@ -61,11 +67,23 @@ def test_matches_the_standalone_estimators():
 def test_forward_and_directions_are_shared(jvp, scheme, calls, rows):
     m = _counting()
     x, _ = m.sample(4, seed=0)
-    out = compute_scores(m, x, GeometryConfig(probes=3, cal_refs=[]), jvp=jvp, fd_scheme=scheme)
+    cfg = GeometryConfig(probes=3, cal_refs=[], flipd_at="clean")
+    out = compute_scores(m, x, cfg, jvp=jvp, fd_scheme=scheme)
     assert (m.calls, m.rows) == (calls, rows * 4)
-    ref = compute_scores(_counting(), x, GeometryConfig(probes=3, cal_refs=[]))  # same probes, any derivative mode
+    ref = compute_scores(_counting(), x, cfg)  # same probes, any derivative mode
     for k in out:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-3 if jvp == "fd" else 1e-6, atol=1e-4)
+
+
+def test_noised_flipd_costs_one_forward_and_a_trace_pass_per_noise():
+    m = _counting()
+    x, _ = m.sample(4, seed=0)
+    cfg = GeometryConfig(probes=3, cal_refs=[], flipd_noises=2, flipd_probes=2)
+    compute_scores(m, x, cfg, jvp="vjp")
+    assert (m.calls, m.rows) == (3, 3 * 4)  # the clean forward + one forward (with its graph) per noise
+    m.calls = m.rows = 0
+    compute_scores(m, x, cfg, jvp="autograd")  # 1 + 2 JVP calls (4 directions), then per noise 1 + 1 (2 probes)
+    assert (m.calls, m.rows) == (1 + 2 + 2 * 2, 4 + 2 * 8 + 2 * (4 + 8))
 
 
 def test_seeded():
