@@ -57,3 +57,53 @@ def test_a_column_in_its_right_direction_has_no_warning(tmp_path):
 def test_registry_directions(col, want):
     assert direction(col) == want
     assert (score_column(col) is None) == (want is None)
+
+
+def test_roc_curves_match_sklearn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+
+    from scanner.evaluate import _roc_curves, tpr_at_fpr
+
+    rng = np.random.default_rng(1)
+    y = rng.random(3000) < 0.2
+    s = np.round(rng.normal(size=3000) + 1.5 * y, 1)  # many ties
+    auc, t1, t01 = _roc_curves(y, s, np.ones((1, 3000)))
+    assert auc[0] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert t1[0] == pytest.approx(tpr_at_fpr(y, s)) and t01[0] == pytest.approx(tpr_at_fpr(y, s, 0.001))
+    w = rng.integers(0, 3, 3000).astype(float)
+    keep = w > 0
+    assert _roc_curves(y, s, w[None])[0][0] == pytest.approx(
+        roc_auc_score(y[keep], s[keep], sample_weight=w[keep]), abs=1e-12)
+
+
+def test_bootstrap_counts_a_group_once_not_each_copy():
+    """20 groups of 24 identical copies: over groups the interval is that of 20 positives, over copies it would
+    pretend 480; the interval over groups must be the wider one, and both must contain the AUROC."""
+    from scanner.evaluate import bootstrap_metrics
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=20) + 1.0
+    s = np.r_[np.repeat(base, 24), rng.normal(size=2000)]
+    y = np.r_[np.ones(480, bool), np.zeros(2000, bool)]
+    groups = np.r_[np.repeat([f"g{i}" for i in range(20)], 24), [f"u{i}" for i in range(2000)]]
+    copies = np.r_[[f"c{i}" for i in range(480)], groups[480:]]
+    by_group = bootstrap_metrics(y, s, groups, n_boot=300, seed=0)
+    by_copy = bootstrap_metrics(y, s, copies, n_boot=300, seed=0)
+    assert by_group["ci_units"] == {"positive": 20, "negative": 2000}
+    w_group = np.diff(by_group["auroc_ci"])[0]
+    w_copy = np.diff(by_copy["auroc_ci"])[0]
+    assert w_group > 3 * w_copy, (w_group, w_copy)
+    from sklearn.metrics import roc_auc_score
+
+    auc = roc_auc_score(y, s)
+    assert by_group["auroc_ci"][0] <= auc <= by_group["auroc_ci"][1]
+    assert bootstrap_metrics(y, s, groups, n_boot=300, seed=0) == by_group  # seeded
+
+
+def test_metrics_carry_intervals_and_the_low_fpr_rate(tmp_path):
+    _scan(tmp_path, shift_norm=-2.0, shift_cfg=+2.0)
+    m = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=100)
+    sn = m["scores"]["repeated_vs_unique"]["score_norm"]
+    assert sn["auroc_ci"][0] <= sn["auroc"] <= sn["auroc_ci"][1] and sn["n_boot"] == 100
+    assert 0.0 <= sn["tpr_at_0_1pct_fpr"] <= sn["tpr_at_1pct_fpr"]
+    assert "95% CI" in format_metrics(m) and "@0.1%" in format_metrics(m)

@@ -149,7 +149,7 @@ def test_flags_as_written(paths):
 # what each command promises (interfaces.md)
 
 SCORE_COLUMNS = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap",
-                 "p_laplace_1", "p_laplace_2", "score_norm", "cfg_norm", "mem_class", "verdict", "error"]
+                 "lid_gap_rel", "p_laplace_1", "p_laplace_2", "score_norm", "cfg_norm", "mem_class", "verdict", "error"]
 
 
 def check_scan(out: Path, conditional: bool = False) -> None:

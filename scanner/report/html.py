@@ -59,7 +59,9 @@ DESCRIBE = {
     "lid_flipd": "LID<sub>θ</sub> by FLIPD: dimension of the model's manifold at the image",
     "lid_nb": "LID<sub>θ</sub> by the normal bundle (reference estimator)",
     "lid_lpca": "LID<sub>*</sub> by local PCA: dimension of the data manifold around the image",
-    "lid_gap": "LID<sub>*</sub> − LID<sub>θ</sub>: how far the model's manifold drops below the data's",
+    "lid_gap": "LID<sub>*</sub> − LID<sub>θ</sub> in raw dimensions (two estimators on different scales)",
+    "lid_gap_rel": "LID<sub>*</sub> − LID<sub>θ</sub>, each over its corpus median: how far the model's manifold "
+                   "drops below the data's (OD-Mem)",
     "score_norm": "‖ε<sub>θ</sub>(x, t)‖ near the clean image: small on a sharp peak of the density",
     "score_norm_cal": "‖ε<sub>θ</sub>(x, t)‖ ÷ the same at the mirrored image: ≈ 1 for images that are only "
                       "simple, well below 1 on a memorized one",
@@ -71,7 +73,7 @@ MEM_COLORS = {"none": "#8c96a3", "dd": "#1f77b4", "od": "#d62728", "error": "#7f
 REASONS = {
     "duplicate": "a member of a duplicate group that is not the kept one",
     "dd_mem": "DD-Mem (flagged, low LID<sub>*</sub>) and in no duplicate group",
-    "od_mem": "OD-Mem (flagged, the data manifold is not low-dimensional there)",
+    "od_mem": "OD-Mem (flagged, the data manifold is not low-dimensional there, the model's is lower)",
     "replicated": "a generation of the model reproduces it",
 }
 
@@ -397,6 +399,8 @@ def histograms(run: Run) -> str | None:
 
 @_styled
 def manifold_scatter(run: Run) -> str | None:
+    """LID_theta against LID_*, each over its corpus median (the axes the OD rule compares on: the two estimators
+    have different scales), with the OD line y = x - gap_margin and the DD line x = lpca_low / median."""
     df = run.ok
     if df.empty or not {"lid_flipd", "lid_lpca"} <= set(df.columns):
         return None
@@ -405,12 +409,18 @@ def manifold_scatter(run: Run) -> str | None:
     fin = np.isfinite(x) & np.isfinite(y)
     if fin.sum() < 2:
         return None
+    med = run.thresholds.get("lid_medians") or {}
+    ml = med.get("lid_lpca") or float(np.median(x[fin]))
+    mf = med.get("lid_flipd") or float(np.median(y[fin]))
+    if not (ml > 0 and mf > 0):
+        return None
+    x, y = x / ml, y / mf
     panels = [("mem_class", df["mem_class"].fillna("error").to_numpy() if "mem_class" in df else
                np.full(len(df), "none"), MEM_COLORS)]
     if run.truth is not None and {"key", "planted"} <= set(run.truth.columns):
         planted = df[["key"]].merge(run.truth[["key", "planted"]], on="key", how="left")["planted"]
         panels.append(("planted class", planted.fillna("not in truth").to_numpy(), PLANTED_COLORS))
-    lpca_low = run.thresholds.get("lpca_low")
+    lpca_low, margin = run.thresholds.get("lpca_low"), run.thresholds.get("gap_margin") or 0.0
     fig = _figure((5.6 * len(panels), 4.3))
     axes = fig.subplots(1, len(panels), squeeze=False)
     lo, hi = min(x[fin].min(), y[fin].min()), max(x[fin].max(), y[fin].max())
@@ -422,13 +432,15 @@ def manifold_scatter(run: Run) -> str | None:
             bg = g in ("none", "unique")
             ax.scatter(x[m], y[m], s=8 if bg else 22, alpha=0.35 if bg else 0.9, color=colors.get(g, f"C{i}"),
                        label=f"{g} ({int(m.sum())})", edgecolors="none" if bg else "white", linewidths=0.4)
-        ax.plot([lo, hi], [lo, hi], color="#999", ls=":", lw=1)
+        ax.plot([lo, hi], [lo - margin, hi - margin], color="#d62728", ls=":", lw=1.1)
+        ax.annotate("below: LID$_\\theta$ under LID$_*$ (OD side)", xy=(hi, hi - margin), xytext=(-4, -14),
+                    textcoords="offset points", ha="right", fontsize=8, color="#d62728")
         if lpca_low is not None:
-            ax.axvline(lpca_low, color="#1f77b4", ls="--", lw=1.1)
-            ax.annotate(f"lpca_low = {lpca_low:g}", xy=(lpca_low, 1), xycoords=("data", "axes fraction"),
+            ax.axvline(lpca_low / ml, color="#1f77b4", ls="--", lw=1.1)
+            ax.annotate(f"lpca_low = {lpca_low:g}", xy=(lpca_low / ml, 1), xycoords=("data", "axes fraction"),
                         xytext=(4, -12), textcoords="offset points", fontsize=8, color="#1f77b4")
-        ax.set_xlabel("lid_lpca  (LID$_*$, data manifold)")
-        ax.set_ylabel("lid_flipd  (LID$_\\theta$, model manifold)")
+        ax.set_xlabel(f"lid_lpca / {ml:.3g}  (LID$_*$ over its corpus median)")
+        ax.set_ylabel(f"lid_flipd / {mf:.3g}  (LID$_\\theta$ over its corpus median)")
         ax.set_title(f"coloured by {title}")
         ax.legend(fontsize=8, loc="best", markerscale=1.2)
     fig.tight_layout()
@@ -572,20 +584,24 @@ def section_metrics(run: Run) -> str:
         for comp in comps:
             r = m["scores"][comp].get(col)
             if r is None:
-                row += [None, None, None]
+                row += [None, None, None, None]
                 continue
             auc = r.get("auroc")
             cls = "hi" if auc is not None and auc >= 0.9 else ("mid" if auc is not None and auc >= 0.7 else "")
-            row += [("html", f'<span class="{cls}">{_fmt(auc)}</span>'), r.get("tpr_at_1pct_fpr"),
-                    r.get("direction", "?")]
+            ci = r.get("auroc_ci")
+            ci_s = f' <span class="muted">({_fmt(ci[0])}–{_fmt(ci[1])})</span>' if ci else ""
+            row += [("html", f'<span class="{cls}">{_fmt(auc)}</span>{ci_s}'), r.get("tpr_at_1pct_fpr"),
+                    r.get("tpr_at_0_1pct_fpr"), r.get("direction", "?")]
         rows.append(row)
     top = '<th rowspan="2">column</th>' + "".join(
-        f'<th colspan="3" class="grp">{escape(c.replace("_vs_", " vs "))}</th>' for c in comps)
-    sub = "".join('<th class="grp">AUROC</th><th>TPR@1%FPR</th><th>flags</th>' for _ in comps)
+        f'<th colspan="4" class="grp">{escape(c.replace("_vs_", " vs "))}</th>' for c in comps)
+    sub = "".join('<th class="grp">AUROC (95% CI)</th><th>TPR@1%FPR</th><th>@0.1%</th><th>flags</th>' for _ in comps)
     body = ("<p>Each score column against planted truth: positives are the planted class, negatives the unique "
             "images. <i>flags</i> is the tail in which the column flags memorization, fixed by the method "
             "(scanner/columns.py), not chosen on this data: an AUROC below 0.5 means the column flags the wrong tail "
-            "here. TPR@1%FPR is the share of positives caught when 1 % of unique images are flagged.</p>")
+            "here. TPR@1%FPR is the share of positives caught when 1 % of unique images are flagged (@0.1%: when 0.1 % "
+            "are). The intervals are a bootstrap over independent units: a planted group of copies counts once, so 480 "
+            "repeated copies are 20 positives, not 480.</p>")
     body += (_table([], rows, "metrics", thead=f"<tr>{top}</tr><tr>{sub}</tr>") if rows
              else _na("metrics.json has no score columns"))
     d = m.get("duplicates")
@@ -654,13 +670,17 @@ def section_manifolds(run: Run) -> str:
     if uri is None:
         return _section("manifolds", expl + _na("lid_flipd and lid_lpca both need values (local PCA needs "
                                                 "model-space vectors; a run without a model has none)"))
-    lpca_low = run.thresholds.get("lpca_low")
-    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}) a flagged sample is DD-Mem, right of it "
-            "OD-Mem; "
+    lpca_low, margin = run.thresholds.get("lpca_low"), run.thresholds.get("gap_margin") or 0.0
+    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}) a flagged sample is DD-Mem; right of it, "
+            f"below the dotted line (<code>lid_gap_rel</code> &gt; {_fmt(margin)}) it is OD-Mem, above it it stays "
+            "flagged without a class. "
             if lpca_low is not None else "")
     return _section("manifolds", expl + f'<img class="plot" src="{uri}" alt="LID scatter">'
-                    f"<p>{note}only samples the detector flags get a class at all, so the colours are not a partition "
-                    f"of the plane. The dotted diagonal is LID<sub>θ</sub> = LID<sub>*</sub>.</p>")
+                    "<p>Both axes are a LID over its corpus median: local PCA counts at most <code>lpca_k</code> − 1 "
+                    "directions and FLIPD every direction the noise at t<sub>0</sub> does not swamp, so their raw "
+                    "values are not on one scale; in units of the typical image's they are. "
+                    f"{note}Only samples the detector flags get a class at all, so the colours are not a partition "
+                    "of the plane.</p>")
 
 
 def _at_risk(run: Run) -> tuple[pd.DataFrame, str | None, str]:
@@ -850,8 +870,10 @@ def section_thresholds(run: Run) -> str:
         lpca_low, gap = t.get("lpca_low"), t.get("gap_margin")
         parts.append(f"<p><b>Class.</b> A flagged sample with LID<sub>*</sub> (<code>lid_lpca</code>) below "
                      f"<b>{_fmt(lpca_low)}</b> is <b>dd</b> (DD-Mem: the data is low-dimensional there); otherwise, "
-                     f"when <code>lid_gap</code> &gt; {_fmt(gap)} (or unknown), it is <b>od</b> (OD-Mem: the model's "
-                     "manifold dropped below the data's). Unflagged samples are <b>none</b>.</p>")
+                     f"when <code>lid_gap_rel</code> (LID<sub>*</sub> ÷ its corpus median − LID<sub>θ</sub> ÷ its "
+                     f"corpus median) &gt; {_fmt(gap)}, it is <b>od</b> (OD-Mem: the model's manifold dropped below "
+                     "the data's); a flagged sample that neither LID explains stays <b>none</b> (its verdict is still "
+                     "suspected). Unflagged samples are <b>none</b>.</p>")
     nb = run.summary.get("neighbours") or {}
     nbt = nb.get("thresholds") or (t if "dup_threshold" in t else {})  # memscan dedup: its own summary
     ncfg = (run.summary.get("config") or {}).get("neighbours") or {}
