@@ -21,6 +21,7 @@ scanner.evaluate.bootstrap_metrics). "Low flags memorization" for every LID (sca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -169,6 +170,28 @@ def main(argv: list[str] | None = None) -> int:
                     (f"noised 8x8 t0={a.t0:g}", curves[("variant", 8, 8)])):
         res["nb"]["spearman"][name] = float(spearmanr(v[sub], nb)[0])
     print(f"  NB: {res['nb']}", flush=True)
+
+    # 5. what the noised estimator costs in a scan: compute_scores with the demo config, lid_flipd at the clean
+    # point (shares the p-Laplace pass) against noised points, same images, same run, best of 3
+    from scanner.config import load_config, shipped_config
+    from scanner.geometry.scores import compute_scores
+
+    geo = load_config(shipped_config("demo"), [f"model.path={a.demo / 'model'}"]).geometry
+    xb = x[:128]
+    cost = {}
+    for at in ("clean", "noised"):
+        cfg = dataclasses.replace(geo, flipd_at=at, t0=geo.t_laplace if at == "clean" else geo.t0)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(0, 128, 32):
+                compute_scores(model, xb[i:i + 32], cfg)
+            times.append(time.perf_counter() - t)
+        cost[at] = min(times)
+    res["cost"] = {"images": 128, "clean_s": round(cost["clean"], 2), "noised_s": round(cost["noised"], 2),
+                   "ratio": round(cost["noised"] / cost["clean"], 2), "flipd_noises": geo.flipd_noises,
+                   "flipd_probes": geo.flipd_probes}
+    print(f"  cost: {res['cost']}", flush=True)
     res["seconds"] = round(time.time() - t_start, 1)
     res["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "threads": a.threads}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +236,13 @@ def render(allres: dict) -> str:
                 f"{nb['seconds']} s): medians unique / repeated / oversampled {nb['median']['unique']:.0f} / "
                 f"{nb['median']['repeated']:.0f} / {nb['median']['oversampled']:.0f}, in [0, D] {nb['in_range']:.2f}. "
                 "Spearman with NB: " + ", ".join(f"{k} {v:.2f}" for k, v in nb["spearman"].items()) + ".",
-                "", f"{r['seconds']} s on {r['machine']['threads']} threads.", ""]
+                ""]
+        if "cost" in r:
+            c = r["cost"]
+            out += [(f"Cost in a scan (compute_scores with the demo config, {c['images']} images, best of 3, one run): "
+                    f"lid_flipd at noised points ({c['flipd_noises']} x {c['flipd_probes']}) {c['noised_s']} s against "
+                    f"{c['clean_s']} s at the clean point: {c['ratio']}x for all the geometry columns together."), ""]
+        out += [f"{r['seconds']} s on {r['machine']['threads']} threads.", ""]
     return "\n".join(out)
 
 
