@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "on 2 cores; fixed steps, so every machine trains the same model)")
     p.add_argument("--minutes", type=float,
                    help="optional training time cap, first run only: stops early with a warning (a different model)")
+    p.add_argument("--dose", action="store_true",
+                   help="plant 4 more groups at each of 2, 4, 8, 16 and 32 copies: metrics.json and the report then "
+                        "show the flagged share against the number of copies (dose-response; use a fresh --out)")
     p.add_argument("--quick", action="store_true",
                    help="a 140-sample corpus and a few training steps: every command and output in a few minutes, "
                         "metrics meaningless (use a fresh --out: a cached full-size corpus or model is reused)")
@@ -239,7 +242,7 @@ def cmd_demo(args) -> int:
     from scanner.demo import run_demo
 
     return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress,
-                    quick=args.quick, seed=args.seed, steps=args.steps)
+                    quick=args.quick, seed=args.seed, steps=args.steps, dose=args.dose)
 
 
 def cmd_evaluate(args) -> int:

@@ -15,25 +15,33 @@ log = logging.getLogger("memscan")
 QUICK_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 10, "n_oversampled": 2, "n_exact_dup_groups": 3,
                 "n_near_dup_groups": 3, "n_corrupt": 2, "n_no_caption": 3, "samples_per_shard": 40}
 QUICK_STEPS = 30  # demo-model optimizer steps
+# `memscan demo --dose`: 4 more groups at each of these copy counts (planted "dose"), for the dose-response
+DOSE_COPIES = (2, 4, 8, 16, 32)
 QUICK_OVERRIDES = ["neighbours.train_steps=30", "neighbours.generations=4", "neighbours.gen_steps=4",
                    "geometry.probes=2", "geometry.lpca_k=5"]
 
 
-def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False) -> Path:
+def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool = False) -> Path:
     from scanner.data.demo import build_demo_corpus
 
     corpus = out / "corpus"
     if (corpus / "truth.parquet").exists():
+        params = json.loads((corpus / "demo_corpus.json").read_text()).get("params", {})
+        want = {"seed": seed, "dose_copies": list(DOSE_COPIES) if dose else None}
+        have = {"seed": params.get("seed", 0), "dose_copies": params.get("dose_copies")}
+        if want != have:
+            raise ValueError(f"{corpus} holds a demo corpus built with {have}, not {want}: use another --out")
         log.info("demo corpus: cached at %s", corpus)
         return corpus
     t0 = time.time()
-    build_demo_corpus(corpus, seed=seed, **(QUICK_CORPUS if quick else {}))
+    build_demo_corpus(corpus, seed=seed, **(QUICK_CORPUS if quick else {}),
+                      **({"dose_copies": DOSE_COPIES} if dose else {}))
     log.info("demo corpus: built in %.1f s at %s", time.time() - t0, corpus)
     return corpus
 
 
 def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, progress: bool = True,
-                      steps: int | None = None, quick: bool = False) -> Path:
+                      steps: int | None = None, quick: bool = False, dose: bool = False) -> Path:
     """out/model, trained on out/corpus (built first with `seed` if missing) unless a finished model is there.
 
     Training runs `steps` seeded optimizer steps (None: DEMO_STEPS, or QUICK_STEPS with `quick`), so every
@@ -41,7 +49,7 @@ def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, pr
     """
     from scanner.demo_train import DEMO_STEPS, train_demo
 
-    corpus = ensure_demo_corpus(out, seed, quick=quick)
+    corpus = ensure_demo_corpus(out, seed, quick=quick, dose=dose)
     model = out / "model"
     if (model / "train_info.json").exists():  # written last: its presence means the model is complete
         log.info("demo model: cached at %s", model)
@@ -55,14 +63,14 @@ def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, pr
 
 
 def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | None = None, progress: bool = True,
-             quick: bool = False, seed: int = 0, steps: int | None = None) -> int:
+             quick: bool = False, seed: int = 0, steps: int | None = None, dose: bool = False) -> int:
     from scanner.config import load_config, shipped_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick)
+    model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick, dose=dose)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
     base = [f"data.shards={out / 'corpus' / 'shards'}", f"model.path={model}"]
     if "resolution" in info:

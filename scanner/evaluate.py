@@ -112,6 +112,28 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
     return out
 
 
+def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
+    """Detection against the number of copies (a corpus built with dose_copies): per copy count, the share of
+    images flagged at the run's threshold (verdict confirmed or suspected), classed dd / od, and the groups.
+    Unique images are the one-copy row (their flagged share is the false-positive rate); the repeated class
+    adds its own copy count. Empty without planted "dose" groups."""
+    if "copies" not in truth or not (truth["planted"] == "dose").any():
+        return []
+    df = scores[scores["error"].isna()].merge(truth[["key", "planted", "copies", "group_id"]], on="key")
+    df = df[df["planted"].isin(["unique", "dose", "repeated"])]
+    out = []
+    for k, g in df.groupby("copies"):
+        flagged = g["verdict"].isin(["confirmed", "suspected"])
+        units = g["group_id"].astype("string").fillna(g["key"])
+        per_unit = flagged.groupby(units.to_numpy()).mean()  # a group counts once in the spread
+        out.append({"copies": int(k), "planted": sorted(set(g["planted"])), "images": len(g),
+                    "units": int(units.nunique()), "flagged": float(flagged.mean()),
+                    "flagged_units_min_max": [float(per_unit.min()), float(per_unit.max())],
+                    "dd": float((g["mem_class"] == "dd").mean()), "od": float((g["mem_class"] == "od").mean()),
+                    **({"median_score_norm_cal": float(g["score_norm_cal"].median())} if "score_norm_cal" in g else {})})
+    return out
+
+
 def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
     """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
     replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json)."""
@@ -138,6 +160,9 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         planted = planted[planted["key"].isin(present)]
         metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
                                                       dict(zip(planted["key"], planted["group_id"])))
+    dose = dose_response(scores, truth)
+    if dose:
+        metrics["dose_response"] = dose
     ct = scores.merge(truth[["key", "planted"]], on="key")
     metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
     if write:
@@ -158,5 +183,8 @@ def format_metrics(metrics: dict) -> str:
         d = metrics["duplicates"]
         lines.append(f"duplicate pairs: precision {d.get('pair_precision', float('nan')):.4f}, "
                      f"recall {d.get('pair_recall', float('nan')):.4f}")
+    if metrics.get("dose_response"):
+        lines.append("dose-response (flagged share at the run's threshold, by copies in the corpus): " + ", ".join(
+            f"{d['copies']}: {d['flagged']:.2f}" for d in metrics["dose_response"]))
     lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)

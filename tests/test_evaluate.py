@@ -107,3 +107,27 @@ def test_metrics_carry_intervals_and_the_low_fpr_rate(tmp_path):
     assert sn["auroc_ci"][0] <= sn["auroc"] <= sn["auroc_ci"][1] and sn["n_boot"] == 100
     assert 0.0 <= sn["tpr_at_0_1pct_fpr"] <= sn["tpr_at_1pct_fpr"]
     assert "95% CI" in format_metrics(m) and "@0.1%" in format_metrics(m)
+
+
+def test_dose_response_reads_flags_per_copy_count(tmp_path):
+    from scanner.evaluate import dose_response
+
+    rows, truth = [], []
+    for k, flag_share in ((2, 0.0), (8, 0.5), (32, 1.0)):
+        for g in range(2):
+            gid = f"{k}-{g}"
+            for c in range(k):
+                key = f"d{k}-{g}-{c}"
+                flagged = (g + 0.5) / 2 <= flag_share  # group 0 flagged at 0.5, both at 1.0
+                rows.append({"key": key, "error": None, "verdict": "suspected" if flagged else "clear",
+                             "mem_class": "dd" if flagged else "none", "score_norm_cal": 0.5 if flagged else 1.0})
+                truth.append({"key": key, "planted": "dose", "copies": k, "group_id": gid})
+    for i in range(10):
+        rows.append({"key": f"u{i}", "error": None, "verdict": "suspected" if i == 0 else "clear",
+                     "mem_class": "none", "score_norm_cal": 1.0})
+        truth.append({"key": f"u{i}", "planted": "unique", "copies": 1, "group_id": None})
+    d = dose_response(pd.DataFrame(rows), pd.DataFrame(truth))
+    assert [r["copies"] for r in d] == [1, 2, 8, 32]
+    assert [r["flagged"] for r in d] == [0.1, 0.0, 0.5, 1.0] and [r["units"] for r in d] == [10, 2, 2, 2]
+    assert d[2]["flagged_units_min_max"] == [0.0, 1.0] and d[3]["dd"] == 1.0
+    assert dose_response(pd.DataFrame(rows), pd.DataFrame(truth).assign(planted="unique")) == []

@@ -280,3 +280,17 @@ def test_at_risk_shows_each_duplicate_group_once(scan):
     assert groups, "no at-risk card is a duplicate group: the fixture must flag one"
     assert len(groups) == len(set(groups)), groups
     assert "copies, one card" in text
+
+
+def test_dose_response_plotted_when_metrics_have_it(scan, tmp_path):
+    out = tmp_path / "scan"
+    shutil.copytree(scan[0], out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert "Dose-response" not in scan[1]  # no dose groups, no section
+    m["dose_response"] = [{"copies": k, "planted": ["dose"], "images": 4 * k, "units": 4, "flagged": f,
+                           "flagged_units_min_max": [max(0.0, f - 0.2), min(1.0, f + 0.2)], "dd": f, "od": 0.0}
+                          for k, f in ((1, 0.01), (2, 0.1), (8, 0.6), (32, 0.95))]
+    (out / "metrics.json").write_text(json.dumps(m))
+    text = write_report(out).read_text()
+    assert "<h3>Dose-response</h3>" in text and 'alt="dose-response"' in text and "failed to render" not in text
+    assert n_images(text) == n_images(scan[1]) + 1

@@ -33,7 +33,7 @@ from PIL import Image
 
 from scanner.files import atomic_write_parquet, write_json
 
-PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption")
+PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption", "dose")
 
 # Photos shipped with scikit-image / scikit-learn that load offline, and what they show (for captions).
 _PHOTOS = {
@@ -248,7 +248,8 @@ def _check_args(**kw: int) -> None:
 def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int = 20, repeat_copies: int = 24,
                       n_oversampled: int = 20, n_exact_dup_groups: int = 30, n_near_dup_groups: int = 30,
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
-                      truncate_last_shard: bool = True, seed: int = 0) -> DemoCorpus:
+                      truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
+                      dose_groups: int = 4) -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -256,20 +257,27 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     members of a group land in different shards. With `truncate_last_shard` the last shard is cut in
     the middle of an image member near its end; only `unique` samples are placed where the cut falls,
     so every planted group stays whole, and their truth rows get readable=False.
+
+    dose_copies (dose-response): for each k, `dose_groups` more groups of k copies each, planted "dose" (made like
+    the repeated groups), so detection can be read against the number of copies. Empty: none, and the corpus is
+    byte-identical to one built without the option.
     """
     _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
                 n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
-                n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed)
+                n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed,
+                dose_groups=dose_groups)
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in dose_copies):
+        raise ValueError(f"dose_copies must be ints >= 2 (copies per group), got {list(dose_copies)!r}")
     if samples_per_shard > 9999:
         raise ValueError(f"samples_per_shard must be <= 9999 (9-digit img2dataset keys), got {samples_per_shard}")
     params = {"n_unique": n_unique, "n_repeated": n_repeated, "repeat_copies": repeat_copies,
               "n_oversampled": n_oversampled, "n_exact_dup_groups": n_exact_dup_groups,
               "n_near_dup_groups": n_near_dup_groups, "n_corrupt": n_corrupt, "n_no_caption": n_no_caption,
               "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
-              "seed": seed}
+              "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {})}
     rng = np.random.default_rng(seed)
     n_base = (n_unique + n_repeated + n_oversampled + n_exact_dup_groups + n_near_dup_groups + n_corrupt
-              + n_no_caption)
+              + n_no_caption + len(dose_copies) * dose_groups)
     pool = iter(_image_pool(n_base, size, rng))
 
     # One record per sample: planted, group_id, copies, image bytes, caption (None = no .txt), base.
@@ -295,18 +303,24 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
         for _ in range(k - 1):
             add("near_dup", group, k, _variant(b.image, rng), b, _caption(b, rng))
         group += 1
-    for _ in range(n_repeated):
+    def copies(planted: str, k: int) -> None:
+        nonlocal group
         b = next(pool)
         data = _jpeg(b.image)
-        for c in range(repeat_copies):
+        for c in range(k):
             # Two thirds exact copies, one third light variants: how LAION's repeated images look. Heavier
             # variants spread the copies into a cluster the small demo model memorizes far more slowly.
-            add("repeated", group, repeat_copies, data if c % 3 else _variant(b.image, rng, light=True), b,
-                _caption(b, rng))
+            add(planted, group, k, data if c % 3 else _variant(b.image, rng, light=True), b, _caption(b, rng))
         group += 1
+
+    for _ in range(n_repeated):
+        copies("repeated", repeat_copies)
     for _ in range(n_oversampled):
         b = next(pool)
         add("oversampled", None, 1, _jpeg(b.image), b, _caption(b, rng))
+    for k in dose_copies:
+        for _ in range(dose_groups):
+            copies("dose", k)
     for i in range(n_corrupt):
         b = next(pool)
         add("corrupt", None, 1, _corrupt(b.image, i, rng), b, _caption(b, rng))

@@ -398,6 +398,32 @@ def histograms(run: Run) -> str | None:
 
 
 @_styled
+def dose_plot(dose: list[dict]) -> str | None:
+    """Flagged share against the number of copies in the corpus (metrics.json dose_response), with the range
+    over groups; the one-copy point is the unique images (the false-positive rate)."""
+    if len(dose) < 2:
+        return None
+    k = np.array([d["copies"] for d in dose], float)
+    f = np.array([d["flagged"] for d in dose])
+    lo = np.array([d["flagged_units_min_max"][0] for d in dose])
+    hi = np.array([d["flagged_units_min_max"][1] for d in dose])
+    dd = np.array([d.get("dd", np.nan) for d in dose])
+    fig = _figure((5.6, 3.6))
+    ax = fig.subplots()
+    ax.fill_between(k, lo, hi, color="#d62728", alpha=0.12, lw=0, label="range over groups")
+    ax.plot(k, f, "o-", color="#d62728", label="flagged")
+    ax.plot(k, dd, "s--", color="#1f77b4", ms=4, label="classed dd")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(k, [str(int(v)) for v in k])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("copies of the image in the corpus (1 = unique images)")
+    ax.set_ylabel("share of images")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _fig_uri(fig)
+
+
+@_styled
 def manifold_scatter(run: Run) -> str | None:
     """LID_theta against LID_*, each over its corpus median (the axes the OD rule compares on: the two estimators
     have different scales), with the OD line y = x - gap_margin and the DD line x = lpca_low / median."""
@@ -609,6 +635,15 @@ def section_metrics(run: Run) -> str:
         body += ("<h3>Duplicate groups against planted groups</h3>"
                  + _table(["", ""], [["pair precision", d.get("pair_precision")],
                                      ["pair recall", d.get("pair_recall")]], "kv"))
+    dose = m.get("dose_response") or []
+    uri = dose_plot(dose)
+    if uri:
+        body += ("<h3>Dose-response</h3><p>The share of images flagged at this run's threshold against how many copies "
+                 "of the image the corpus holds (planted dose groups, the repeated class, and unique images as one "
+                 "copy): memorization should rise with copies.</p>"
+                 f'<img class="plot" src="{uri}" alt="dose-response">'
+                 + _table(["copies", "images", "groups", "flagged", "dd", "od"],
+                          [[d["copies"], d["images"], d["units"], d["flagged"], d["dd"], d["od"]] for d in dose]))
     ct = m.get("mem_class_by_planted")
     if ct:
         classes = list(ct.keys())

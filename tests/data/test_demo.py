@@ -117,3 +117,17 @@ def test_bad_arguments_name_the_value(tmp_path):
         build_demo_corpus(tmp_path, repeat_copies=1)
     with pytest.raises(ValueError, match="samples_per_shard"):
         build_demo_corpus(tmp_path, samples_per_shard=0)
+
+
+def test_dose_groups_planted_per_copy_count_and_off_by_default(corpus, tmp_path):
+    dose = build_demo_corpus(tmp_path / "dose", **{**TINY, "dose_copies": (2, 4, 8), "dose_groups": 2})
+    truth = pd.read_parquet(dose.truth)
+    d = truth[truth.planted == "dose"]
+    per_group = d.groupby("group_id").agg(n=("key", "size"), copies=("copies", "first"))
+    assert sorted(per_group["copies"]) == [2, 2, 4, 4, 8, 8] and (per_group["n"] == per_group["copies"]).all()
+    assert json.loads((dose.out_dir / "demo_corpus.json").read_text())["params"]["dose_copies"] == [2, 4, 8]
+    # without the option nothing moves: the fixture corpus has no dose rows and no dose params
+    assert "dose" not in set(pd.read_parquet(corpus.truth).planted)
+    assert "dose_copies" not in json.loads((corpus.out_dir / "demo_corpus.json").read_text())["params"]
+    with pytest.raises(ValueError, match=r"dose_copies must be ints >= 2 \(copies per group\), got \[2, 1\]"):
+        build_demo_corpus(tmp_path / "bad", dose_copies=(2, 1))
