@@ -82,3 +82,15 @@ def test_checks_run_on_the_saved_model(trained, corpus):
     check = sample_check(trained, corpus.out_dir, n=8, num_inference_steps=2)
     shares = [check[c]["nearest"] for c in ("repeated", "oversampled", "unique")]
     assert 0 <= sum(shares) <= 1 and check["oversampled"]["share_of_draws"] > check["oversampled"]["share_of_corpus"]
+
+
+def test_a_cached_demo_corpus_of_another_seed_or_design_is_refused(tmp_path):
+    from scanner.demo import ensure_demo_corpus
+
+    out = tmp_path / "demo"
+    corpus = ensure_demo_corpus(out, seed=1, quick=True)
+    assert ensure_demo_corpus(out, seed=1, quick=True) == corpus  # cached
+    with pytest.raises(ValueError, match=r"built with \{'seed': 1, 'dose_copies': None\}, not \{'seed': 0"):
+        ensure_demo_corpus(out, seed=0, quick=True)
+    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\]\}: use another --out"):
+        ensure_demo_corpus(out, seed=1, quick=True, dose=True)

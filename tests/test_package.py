@@ -122,7 +122,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     r = _run([memscan, "--help"], elsewhere, env)
     assert r.returncode == 0 and "memscan demo --out runs/demo" in r.stdout, r.stderr
     r = _run([memscan, "demo", "--help"], elsewhere, env)
-    assert r.returncode == 0 and "--steps" in r.stdout and "--seed" in r.stdout, r.stderr
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--steps", "--seed", "--dose")), r.stderr
 
     # a real step: the demo's first one (its corpus), then the shipped config found by name through the CLI;
     # without --out the scan stops at its first check, after loading and validating the config, before Ray

@@ -61,7 +61,9 @@ def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("readme") / "demo"
     proc = run(["memscan", "demo", "--out", str(out), "--quick"])
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert re.search(r"^score_norm_cal +repeated +\d\.\d{3} +\d\.\d{3} +(low|high)$", proc.stdout, re.MULTILINE), proc.stdout
+    # column, vs, AUROC, its 95 % interval, TPR at 1 % and at 0.1 % FPR, direction
+    assert re.search(r"^score_norm_cal +repeated +\d\.\d{3} +\d\.\d{3}-\d\.\d{3} +\d\.\d{3} +\d\.\d{3} +(low|high)$",
+                     proc.stdout, re.MULTILINE), proc.stdout
     assert re.search(r"memscan demo: done in \d+ s; scan results in .*report: .*report\.html", proc.stdout)
     return out
 
@@ -212,6 +214,7 @@ def check_metrics(out: Path) -> None:
     m = json.loads((out / "metrics.json").read_text())
     for col in m["scores"]["repeated_vs_unique"].values():
         assert 0 <= col["auroc"] <= 1 and 0 <= col["tpr_at_1pct_fpr"] <= 1
+        assert 0 <= col["auroc_ci"][0] <= col["auroc_ci"][1] <= 1 and col["ci_units"]["positive"] >= 1
     assert 0 <= m["duplicates"]["pair_precision"] <= 1 and 0 <= m["duplicates"]["pair_recall"] <= 1
 
 
