@@ -112,6 +112,23 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
     return out
 
 
+def duplicates_by_edit(dups: pd.DataFrame, planted: pd.DataFrame) -> list[dict]:
+    """Recall per planted kind and edit (truth's `edit`: "copy" = the base image's own bytes, else jpeg, shift,
+    color, resize): the share of members found in one duplicate group with another member of their planted
+    group. The edited rows are the non-identical pairs byte hashes cannot find. Empty without `edit`."""
+    if "edit" not in planted or planted["edit"].isna().all():
+        return []
+    pred = dict(zip(dups["key"], dups["group_id"]))
+    df = planted.assign(pred=planted["key"].map(pred))
+    linked = df.groupby(["group_id", "pred"])["key"].transform("size") > 1  # shares its group and a prediction
+    df = df.assign(found=linked & df["pred"].notna())
+    out = []
+    for (kind, edit), g in df.groupby(["planted", "edit"]):
+        out.append({"planted": kind, "edit": edit, "members": len(g), "groups": int(g["group_id"].nunique()),
+                    "recall": float(g["found"].mean())})
+    return out
+
+
 def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     """Detection against the number of copies (a corpus built with dose_copies): per copy count, the share of
     images flagged at the run's threshold (verdict confirmed or suspected), classed dd / od, and the groups.
@@ -160,6 +177,9 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         planted = planted[planted["key"].isin(present)]
         metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
                                                       dict(zip(planted["key"], planted["group_id"])))
+        by_edit = duplicates_by_edit(dups, planted)
+        if by_edit:
+            metrics["duplicates"]["recall_by_edit"] = by_edit
     dose = dose_response(scores, truth)
     if dose:
         metrics["dose_response"] = dose
@@ -183,6 +203,8 @@ def format_metrics(metrics: dict) -> str:
         d = metrics["duplicates"]
         lines.append(f"duplicate pairs: precision {d.get('pair_precision', float('nan')):.4f}, "
                      f"recall {d.get('pair_recall', float('nan')):.4f}")
+    for r in (metrics.get("duplicates") or {}).get("recall_by_edit", []):
+        lines.append(f"duplicate recall, {r['planted']} / {r['edit']}: {r['recall']:.3f} ({r['members']} members)")
     if metrics.get("dose_response"):
         lines.append("dose-response (flagged share at the run's threshold, by copies in the corpus): " + ", ".join(
             f"{d['copies']}: {d['flagged']:.2f}" for d in metrics["dose_response"]))

@@ -131,3 +131,17 @@ def test_dose_response_reads_flags_per_copy_count(tmp_path):
     assert [r["flagged"] for r in d] == [0.1, 0.0, 0.5, 1.0] and [r["units"] for r in d] == [10, 2, 2, 2]
     assert d[2]["flagged_units_min_max"] == [0.0, 1.0] and d[3]["dd"] == 1.0
     assert dose_response(pd.DataFrame(rows), pd.DataFrame(truth).assign(planted="unique")) == []
+
+
+def test_duplicate_recall_per_planted_kind_and_edit():
+    from scanner.evaluate import duplicates_by_edit
+
+    planted = pd.DataFrame({"key": list("abcdefg"), "group_id": [0, 0, 0, 1, 1, 2, 2],
+                            "planted": ["near_dup"] * 3 + ["exact_dup"] * 2 + ["near_dup"] * 2,
+                            "edit": ["copy", "shift", "jpeg", "copy", "copy", "copy", "shift"]})
+    # found: a-c (one predicted group), d-e; missed: b (alone), g (grouped with a stranger, not with f)
+    dups = pd.DataFrame({"key": ["a", "c", "d", "e", "g", "x"], "group_id": [10, 10, 11, 11, 12, 12]})
+    r = {(x["planted"], x["edit"]): (x["recall"], x["members"]) for x in duplicates_by_edit(dups, planted)}
+    assert r == {("near_dup", "copy"): (0.5, 2), ("near_dup", "shift"): (0.0, 2), ("near_dup", "jpeg"): (1.0, 1),
+                 ("exact_dup", "copy"): (1.0, 2)}
+    assert duplicates_by_edit(dups, planted.drop(columns="edit")) == []

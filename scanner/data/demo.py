@@ -13,7 +13,8 @@ the builder plants what memscan must find (interfaces.md, method.md §8):
 - no_caption: a good image without a .txt member,
 
 and truncates the last shard mid-member. `truth.parquet` has one row per written sample:
-key, group_id (nullable), planted, copies, readable (False when the truncation cut it off), shard.
+key, group_id (nullable), planted, copies, readable (False when the truncation cut it off), shard, edit (group
+members: "copy" for the base image's own bytes, else the near-duplicate edit: jpeg, shift, color, resize).
 The same seed gives byte-identical shards.
 """
 
@@ -203,9 +204,14 @@ def _jpeg(img: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False) -> bytes:
-    """A near-duplicate of img as JPEG bytes. light: only a faint (1-2 %) colour change or a q85-92 re-encode."""
-    kind = rng.choice(["jpeg", "color"] if light else ["jpeg", "shift", "color", "resize"])
+def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False) -> tuple[bytes, str]:
+    """A near-duplicate of img as JPEG bytes, and the edit that made it (truth's `edit`). light: only a faint
+    (1-2 %) colour change or a q85-92 re-encode."""
+    kind = str(rng.choice(["jpeg", "color"] if light else ["jpeg", "shift", "color", "resize"]))
+    return _edit(img, rng, kind, light), kind
+
+
+def _edit(img: np.ndarray, rng: np.random.Generator, kind: str, light: bool) -> bytes:
     if kind == "jpeg":
         return _jpeg(img, int(rng.integers(85, 93)) if light else int(rng.integers(30, 61)))
     if kind == "shift":
@@ -284,9 +290,10 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     recs: list[dict] = []
     group = 0
 
-    def add(planted: str, gid: int | None, copies: int, data: bytes, base: _Base, caption: str | None) -> None:
+    def add(planted: str, gid: int | None, copies: int, data: bytes, base: _Base, caption: str | None,
+            edit: str | None = None) -> None:
         recs.append({"planted": planted, "group_id": gid, "copies": copies, "jpg": data, "base": base,
-                     "caption": caption})
+                     "caption": caption, "edit": edit})
 
     for _ in range(n_unique):
         b = next(pool)
@@ -295,13 +302,14 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
         b, k = next(pool), int(rng.integers(2, 4))
         data = _jpeg(b.image)
         for _ in range(k):
-            add("exact_dup", group, k, data, b, _caption(b, rng))
+            add("exact_dup", group, k, data, b, _caption(b, rng), "copy")
         group += 1
     for _ in range(n_near_dup_groups):
         b, k = next(pool), int(rng.integers(2, 5))
-        add("near_dup", group, k, _jpeg(b.image), b, _caption(b, rng))
+        add("near_dup", group, k, _jpeg(b.image), b, _caption(b, rng), "copy")
         for _ in range(k - 1):
-            add("near_dup", group, k, _variant(b.image, rng), b, _caption(b, rng))
+            data, edit = _variant(b.image, rng)
+            add("near_dup", group, k, data, b, _caption(b, rng), edit)
         group += 1
     def copies(planted: str, k: int) -> None:
         nonlocal group
@@ -310,7 +318,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
         for c in range(k):
             # Two thirds exact copies, one third light variants: how LAION's repeated images look. Heavier
             # variants spread the copies into a cluster the small demo model memorizes far more slowly.
-            add(planted, group, k, data if c % 3 else _variant(b.image, rng, light=True), b, _caption(b, rng))
+            member, edit = (data, "copy") if c % 3 else _variant(b.image, rng, light=True)
+            add(planted, group, k, member, b, _caption(b, rng), edit)
         group += 1
 
     for _ in range(n_repeated):
@@ -363,7 +372,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                     _add_member(tf, f"{key}.txt", r["caption"].encode())
                 _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 rows.append({"key": key, "group_id": r["group_id"], "planted": r["planted"], "copies": r["copies"],
-                             "readable": p < cut_at, "shard": name})
+                             "readable": p < cut_at, "shard": name, "edit": r["edit"]})
         if truncate_last_shard and s == n_shards - 1:
             _truncate_in_member(tmp, f"{s:05d}{cut_at - s * samples_per_shard:04d}.jpg")
         os.replace(tmp, path)
@@ -398,7 +407,7 @@ def _truncate_in_member(path: Path, member: str) -> None:
 def _write_truth(rows: list[dict], path: Path) -> Path:
     import pandas as pd
 
-    df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard"])
+    df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard", "edit"])
     df["group_id"] = df["group_id"].astype("Int64")
     df["copies"] = df["copies"].astype("int64")
     atomic_write_parquet(df, path)
