@@ -83,6 +83,19 @@ def render(runs: list[dict]) -> str:
                    f"{r['lid_flipd_in_range']:.3f} | {c['repeated_dd']:.3f} | {c['oversampled_od']:.3f} | "
                    f"{c['oversampled_dd']:.3f} | {c['unique_any']:.4f} | "
                    f"{d.get('pair_precision', float('nan')):.4f} / {d.get('pair_recall', float('nan')):.4f} |")
+    edits = sorted({(e["planted"], e["edit"]) for r in runs for e in (r["duplicates"] or {}).get("recall_by_edit", [])})
+    if edits:
+        out += ["", "## Duplicate recall per planted kind and edit", "",
+                ("Share of members found in one group with another member of their planted group; every edit but "
+                "`copy` is a non-identical pair that byte and perceptual hashes may miss."), "",
+                "| kind / edit | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |",
+                "|---|" + "---|" * len(runs)]
+        for kind, edit in edits:
+            cells = []
+            for r in runs:
+                e = [x for x in (r["duplicates"] or {}).get("recall_by_edit", []) if (x["planted"], x["edit"]) == (kind, edit)]
+                cells.append(f"{e[0]['recall']:.3f} ({e[0]['members']})" if e else "–")
+            out.append(f"| {kind} / {edit} | " + " | ".join(cells) + " |")
     if tuned and held:
         out += ["", "Held-out minus tuning seed, AUROC: " + ", ".join(
             f"{col} {np.mean([r['scores']['repeated_vs_unique'][col]['auroc'] for r in held]) - tuned[0]['scores']['repeated_vs_unique'][col]['auroc']:+.3f}"
