@@ -88,7 +88,7 @@ class GeometryConfig:
     # mirrored x, which cancels "simple images have a small score norm". [] turns the column off; a model
     # trained with random horizontal flips has seen hflip(x): use [vflip] or [rot180] for it.
     cal_refs: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
-    t_cal: float = 0.1  # time of score_norm_cal (0.06-0.15 all within 0.01 AUROC on the demo)
+    t_cal: float = 0.1  # time of score_norm_cal (0.06-0.15 within 0.006 AUROC on demo seed 0: results/calibration.md)
     nb: bool = False  # normal-bundle LID: K score calls per image, small D only
     nb_samples: int = 0  # K; 0 = D + 16
     nb_t: float = 0.01

@@ -2,8 +2,8 @@
 
 A low score norm at the clean image flags a sharp peak of the learned density, but it also flags
 images that are merely *simple* (flat sky, plain backgrounds): their noise is easy to predict whatever
-the model memorized. Measured on the demo (README), the raw norm at t = 0.1 gives AUROC 0.80 for
-planted repeated images and the mirror-calibrated one 0.995.
+the model memorized. Measured on the demo (benchmarks/results/calibration.md, seed 0), the raw norm at t = 0.1
+gives AUROC 0.79 for planted repeated images and the mirror-calibrated one 0.995.
 
 A mirrored image keeps every statistic that makes an image simple (its spectrum, its histogram, its
 edges) but is not the image the model saw, so it sits off the memorized peak. The ratio
