@@ -170,7 +170,8 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
     dup_path = out / "duplicates.parquet"
     if dup_path.exists():
         dups = pd.read_parquet(dup_path)
-        planted = truth[truth["group_id"].notna() & truth["planted"].isin(["exact_dup", "near_dup", "repeated"])]
+        grouped = ["exact_dup", "near_dup", "repeated", "dose"]
+        planted = truth[truth["group_id"].notna() & truth["planted"].isin(grouped)]
         if "readable" in planted:
             planted = planted[planted["readable"]]
         present = set(scores.loc[scores["error"].isna(), "key"])

@@ -145,3 +145,19 @@ def test_duplicate_recall_per_planted_kind_and_edit():
     assert r == {("near_dup", "copy"): (0.5, 2), ("near_dup", "shift"): (0.0, 2), ("near_dup", "jpeg"): (1.0, 1),
                  ("exact_dup", "copy"): (1.0, 2)}
     assert duplicates_by_edit(dups, planted.drop(columns="edit")) == []
+
+
+def test_dose_groups_are_planted_duplicates(tmp_path):
+    """A dose corpus' groups are true duplicate groups: finding them must not cost precision."""
+    keys = ["a", "b", "c", "d", "u"]
+    scores = pd.DataFrame({"key": keys, "shard": "00000", "error": None, "score_norm": [1.0, 1.0, 1.0, 1.0, 2.0],
+                           "mem_class": "none", "verdict": "clear"})
+    (tmp_path / "scores").mkdir()
+    scores.to_parquet(tmp_path / "scores" / "00000.parquet")
+    pd.DataFrame({"key": ["a", "b", "c", "d"], "group_id": [0, 0, 1, 1], "similarity": 1.0,
+                  "keep": [True, False, True, False]}).to_parquet(tmp_path / "duplicates.parquet")
+    truth = pd.DataFrame({"key": keys, "planted": ["repeated", "repeated", "dose", "dose", "unique"],
+                          "group_id": pd.array([0, 0, 1, 1, None], dtype="Int64"), "copies": [2, 2, 2, 2, 1]})
+    truth.to_parquet(tmp_path / "truth.parquet")
+    d = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["duplicates"]
+    assert d["pair_precision"] == 1.0 and d["pair_recall"] == 1.0
