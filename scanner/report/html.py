@@ -405,8 +405,9 @@ def dose_plot(dose: list[dict]) -> str | None:
         return None
     k = np.array([d["copies"] for d in dose], float)
     f = np.array([d["flagged"] for d in dose])
-    lo = np.array([d["flagged_units_min_max"][0] for d in dose])
-    hi = np.array([d["flagged_units_min_max"][1] for d in dose])
+    single = np.array([d["units"] == d["images"] for d in dose])  # one image per unit (unique): no group range
+    lo = np.where(single, f, [d["flagged_units_min_max"][0] for d in dose])
+    hi = np.where(single, f, [d["flagged_units_min_max"][1] for d in dose])
     dd = np.array([d.get("dd", np.nan) for d in dose])
     fig = _figure((5.6, 3.6))
     ax = fig.subplots()
