@@ -3,6 +3,8 @@
     memscan demo --out runs/demo-seed0 --seed 0     # the seed every shipped threshold was chosen on
     memscan demo --out runs/demo-seed1 --seed 1     # held out: other base images, a model trained on them
     python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1   # writes results/detection.{md,json}
+    memscan demo --out runs/demo-dose --dose                               # + dose groups (2-32 copies)
+    python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --dose runs/demo-dose
 
 Each directory is a finished `memscan demo` (corpus/truth.parquet, model/train_info.json, scan/). Per seed:
 AUROC with its 95 % bootstrap interval over independent units (a planted group counts once) and TPR at 1 %
@@ -48,7 +50,21 @@ def one(demo: Path) -> dict:
             "lid_flipd_in_range": float(((d >= 0) & (d <= dim)).mean()), "dim": dim}
 
 
-def render(runs: list[dict]) -> str:
+def render_dose(dose: dict) -> list[str]:
+    out = ["", (f"## Dose-response ({dose['demo']}: a seed-{dose['seed']} corpus with 4 groups at each dose added, "
+           f"whose larger pool draws other base images, and its own model, {dose['model_steps']} steps)"), "",
+           ("Share of images flagged at the shipped cut, by copies of the image in the corpus (1 = unique images; "
+           "the range is over groups)."), "",
+           "| copies | images | groups | flagged | range over groups | dd | od | median score_norm_cal |",
+           "|---|---|---|---|---|---|---|---|"]
+    for d in dose["dose_response"]:
+        rng = "–" if d["units"] == d["images"] else f"{d['flagged_units_min_max'][0]:.2f}-{d['flagged_units_min_max'][1]:.2f}"
+        out.append(f"| {d['copies']} | {d['images']} | {d['units']} | {d['flagged']:.3f} | {rng} | {d['dd']:.3f} | "
+                   f"{d['od']:.3f} | {d.get('median_score_norm_cal', float('nan')):.3f} |")
+    return out
+
+
+def render(runs: list[dict], dose: dict | None = None) -> str:
     tuned = [r for r in runs if r["seed"] == 0]
     held = [r for r in runs if r["seed"] != 0]
     out = ["# Detection on the tuning seed and held-out seeds (benchmarks/bench_detection.py)", "",
@@ -100,19 +116,27 @@ def render(runs: list[dict]) -> str:
         out += ["", "Held-out minus tuning seed, AUROC: " + ", ".join(
             f"{col} {np.mean([r['scores']['repeated_vs_unique'][col]['auroc'] for r in held]) - tuned[0]['scores']['repeated_vs_unique'][col]['auroc']:+.3f}"
             for col in COLUMNS if col in tuned[0]["scores"]["repeated_vs_unique"]) + " (repeated).", ""]
+    if dose:
+        out += render_dose(dose)
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demos", nargs="+", type=Path)
+    ap.add_argument("--dose", type=Path, help="a `memscan demo --dose` directory: adds the dose-response table")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     runs = sorted((one(d) for d in a.demos), key=lambda r: r["seed"])
+    dose = None
+    if a.dose:
+        d = one(a.dose)
+        dose = {**d, "dose_response": evaluate(a.dose / "scan", a.dose / "corpus" / "truth.parquet", write=False,
+                                               n_boot=0).get("dose_response", [])}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "detection.json").write_text(json.dumps(runs, indent=1))
-    (a.out / "detection.md").write_text(render(runs))
-    print(render(runs))
+    (a.out / "detection.json").write_text(json.dumps({"runs": runs, "dose": dose}, indent=1))
+    (a.out / "detection.md").write_text(render(runs, dose))
+    print(render(runs, dose))
     return 0
 
 
