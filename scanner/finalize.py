@@ -156,6 +156,10 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
     v = {k: np.concatenate(x) if x else np.zeros(0) for k, x in vals.items()}
     medians = {k: float(np.nanmedian(v[k])) if np.isfinite(v[k]).any() else None for k in ("lid_flipd", "lid_lpca")
                if k in v}
+    if medians.get("lid_flipd") is not None and medians["lid_flipd"] <= 0:
+        log.warning("classify: the corpus median of lid_flipd is %.4g, not a dimension (geometry.flipd_at: clean on "
+                    "a trained UNet?): OD-Mem compares dimensions, so no image is classed od in this run",
+                    medians["lid_flipd"])
     vals = v[col]
     if not np.isfinite(vals).any() and c.detector_threshold is None:
         return {"detector": col, "note": "detector column has no values", "threshold": None}

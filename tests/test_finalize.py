@@ -132,3 +132,24 @@ def test_searched_rows_skip_unreadable_and_every_copy_of_a_repeated_key(tmp_path
     searched = np.concatenate([masks.get("searched", i) for i in range(2)])
     assert rep.tolist() == [1, 2] and searched.tolist() == [True, False, False, False, True, False]
     assert masks.counts == {"has_key": 6, "ok": 3, "searched": 2}  # ok: a, d, e (no error in the part)
+
+
+def test_a_lid_theta_that_is_not_a_dimension_gives_no_od_and_says_so(tmp_path, caplog):
+    """flipd_at: clean on a trained UNet gives lid_flipd far below 0: relative gaps would be meaningless."""
+    from corpus_parts import write_parts
+
+    from scanner.corpus.store import PartStore
+    from scanner.finalize import Masks, detector_threshold
+
+    frames = [pd.DataFrame({"key": ["a", "b", "c"], "error": [None] * 3, "error_stage": [None] * 3,
+                            "embed_error": [None] * 3, "score_norm": [1.0, 2.0, 3.0],
+                            "lid_flipd": [-500.0, -600.0, -700.0]})]
+    store = PartStore(tmp_path, write_parts(tmp_path, frames, {}))
+    cfg = load_config(None, ["model.kind=pixel", "model.path=/m", "classify.detector=score_norm",
+                             "classify.detector_quantile=0.5"])
+    with caplog.at_level("WARNING", logger="memscan"):
+        t = detector_threshold(store, Masks(store, np.zeros(0, np.int64)), cfg)
+    assert t["lid_medians"]["lid_flipd"] == -600.0 and "not a dimension" in caplog.text
+    df = frames[0].assign(lid_lpca=[10.0, 10.0, 10.0], shard="00000")
+    classify(df, cfg, t)
+    assert df["lid_gap_rel"].isna().all() and "od" not in set(df["mem_class"])
