@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from scanner.geometry.cfg_norm import cfg_noises
 from scanner.geometry.trace import (
     Linearization,
     bview,
@@ -65,12 +66,10 @@ def flipd_noise(shape: tuple[int, ...], noises: int, seed: int | torch.Tensor) -
     """(noises, B, *sample_shape) float64 standard normal z_j for `flipd_noised` (shape = (B, *sample_shape)).
     seed: an int for the batch, or (B,) per-row seeds (`trace.row_seeds`): a row's noises then do not depend
     on its batch. Drawn on the CPU with a private generator, so a GPU run sees the same numbers."""
-    if isinstance(seed, torch.Tensor):
-        if seed.shape != (shape[0],):
-            raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
-        return torch.stack([flipd_noise((1, *shape[1:]), noises, int(s))[:, 0] for s in seed.tolist()], dim=1)
-    g = torch.Generator().manual_seed(int(seed) ^ 0x5EED_F11D)  # not the probes' stream for the same seed
-    return torch.randn(noises, *shape, generator=g, dtype=torch.float64)
+    if isinstance(seed, torch.Tensor) and seed.shape != (shape[0],):
+        raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
+    # the CFG norm's seeded noises, on another stream than the probes' for the same seed
+    return cfg_noises(shape, noises, seed ^ 0x5EED_F11D, torch.float64)
 
 
 def flipd_noised_from_parts(dim: int, sigma: torch.Tensor, traces: torch.Tensor) -> torch.Tensor:
