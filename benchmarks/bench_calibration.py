@@ -24,9 +24,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sklearn.metrics import roc_auc_score
+from bench_lid_theta import classes, load, separation, units_of
 
-from scanner.evaluate import bootstrap_metrics
 from scanner.geometry.mirror import mirror
 from scanner.geometry.trace import bview, time_vector
 
@@ -49,16 +48,6 @@ def norms(model, x: torch.Tensor, t: float, ref: str | None = None, batch: int =
     return torch.cat(out).double().numpy()
 
 
-def separation(v: np.ndarray, cls: np.ndarray, units: np.ndarray) -> dict:
-    out = {}
-    for pos in ("repeated", "oversampled"):
-        sel = np.isin(cls, [pos, "unique"])
-        y = cls[sel] == pos
-        b = bootstrap_metrics(y, -v[sel], units[sel], n_boot=400)
-        out[pos] = {"auroc": float(roc_auc_score(y, -v[sel])), "auroc_ci": b["auroc_ci"]}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, required=True)
@@ -67,15 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from bench_lid_theta import load
-
     t_start = time.time()
     model, keys, x, truth, info = load(a.demo)
-    planted = truth.reindex(keys)["planted"].to_numpy()
-    groups = truth.reindex(keys)["group_id"].astype("string").fillna("").to_numpy().astype(str)
+    planted, groups = classes(keys, truth)
     keep = np.isin(planted, ["repeated", "oversampled", "unique"])
-    x, cls = x[keep], planted[keep]
-    units = np.where(cls == "repeated", groups[keep], np.array(keys, dtype=object)[keep]).astype(str)
+    rows = np.flatnonzero(keep)
+    x, cls, units = x[keep], planted[keep], units_of(rows, keys, planted, groups)
     res: dict = {"tag": a.tag, "demo": str(a.demo), "model_steps": info.get("steps"), "images": int(keep.sum()),
                  "sweep": [], "refs": []}
     for t in T_GRID:

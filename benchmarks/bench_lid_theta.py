@@ -58,23 +58,35 @@ def load(demo: Path):
     return model, imgs.keys, to_model_space(imgs.images), truth, info
 
 
+def classes(keys: list[str], truth) -> tuple[np.ndarray, np.ndarray]:
+    """Per key: its planted class and its group id ("" outside groups)."""
+    planted = truth.reindex(keys)["planted"].to_numpy()
+    groups = truth.reindex(keys)["group_id"].astype("string").fillna("").to_numpy().astype(str)
+    return planted, groups
+
+
+def units_of(rows: np.ndarray, keys: list[str], planted: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The independent unit of each row: its group for repeated copies, else its key."""
+    return np.array([str(g) if p == "repeated" else keys[i] for i, g, p in
+                     zip(rows, groups[rows], planted[rows])], dtype=object)
+
+
 def pick(keys: list[str], truth, unique: int, copies: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices, their class and their unit (group id, else key)."""
     rng = np.random.default_rng(seed)
-    planted = truth.reindex(keys)["planted"].to_numpy()
-    groups = truth.reindex(keys)["group_id"].astype("string").fillna("").to_numpy().astype(str)
+    planted, groups = classes(keys, truth)
     rows: list[int] = list(np.flatnonzero(planted == "oversampled"))
     for g in sorted({g for g, p in zip(groups, planted) if p == "repeated"}):
         members = np.flatnonzero((groups == g) & (planted == "repeated"))
         rows += list(rng.choice(members, min(copies, members.size), replace=False))
     rows += list(rng.choice(np.flatnonzero(planted == "unique"), unique, replace=False))
     rows = np.array(sorted(rows))
-    units = np.array([str(g) if p == "repeated" else keys[i] for i, g, p in
-                      zip(rows, groups[rows], planted[rows])], dtype=object)
-    return rows, planted[rows], units
+    return rows, planted[rows], units_of(rows, keys, planted, groups)
 
 
-def separation(values: np.ndarray, cls: np.ndarray, units: np.ndarray, seed: int) -> dict:
+def separation(values: np.ndarray, cls: np.ndarray, units: np.ndarray, seed: int = 0) -> dict:
+    """AUROC ("low flags") of repeated and of oversampled rows against unique ones, with the 95 % bootstrap
+    interval over `units`."""
     out = {}
     for pos in ("repeated", "oversampled"):
         sel = np.isin(cls, [pos, "unique"])
