@@ -68,6 +68,11 @@ def bootstrap_metrics(y: np.ndarray, s: np.ndarray, units: np.ndarray, n_boot: i
         "n_boot": n_boot}
 
 
+def planted_units(df: pd.DataFrame) -> pd.Series:
+    """The independent unit of each row: its planted group (truth's group_id), else its own key."""
+    return df["group_id"].astype("string").fillna(df["key"]) if "group_id" in df else df["key"]
+
+
 def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, negative: str = "unique",
                    warnings: list | None = None, n_boot: int = 400) -> dict:
     """Per numeric column: auroc and TPR at 1 % and 0.1 % FPR in the column's registered direction, with
@@ -103,7 +108,7 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
                     "direction": direction, "direction_source": source,
                     "n_pos": int(y[keep].sum()), "n_neg": int((~y[keep]).sum())}
         if n_boot:
-            units = (df["group_id"].astype("string").fillna(df["key"]) if "group_id" in df else df["key"]).to_numpy()
+            units = planted_units(df).to_numpy()
             out[col] |= bootstrap_metrics(y[keep], sign * s[keep], units[keep], n_boot=n_boot)
         if auroc < 0.5 and warnings is not None:
             warnings.append(f"{col} vs {positive}: AUROC {auroc:.3f} in its registered direction ({direction}); "
@@ -141,7 +146,7 @@ def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     out = []
     for k, g in df.groupby("copies"):
         flagged = g["verdict"].isin(["confirmed", "suspected"])
-        units = g["group_id"].astype("string").fillna(g["key"])
+        units = planted_units(g)
         per_unit = flagged.groupby(units.to_numpy()).mean()  # a group counts once in the spread
         out.append({"copies": int(k), "planted": sorted(set(g["planted"])), "images": len(g),
                     "units": int(units.nunique()), "flagged": float(flagged.mean()),
