@@ -14,7 +14,9 @@ the builder plants what memscan must find (interfaces.md, method.md §8):
 
 and truncates the last shard mid-member. `truth.parquet` has one row per written sample:
 key, group_id (nullable), planted, copies, readable (False when the truncation cut it off), shard, edit (group
-members: "copy" for the base image's own bytes, else the near-duplicate edit: jpeg, shift, color, resize).
+members: "copy" for the base image's own bytes, else the near-duplicate edit: jpeg, shift, color, resize),
+caption_kind (repeated groups of a captions="unique" corpus: "verbatim" = one caption for every copy, "varied";
+else null).
 The same seed gives byte-identical shards.
 """
 
@@ -194,6 +196,24 @@ def _caption(base: _Base, rng: np.random.Generator) -> str:
     return str(rng.choice(_CAPTIONS[base.kind])).format(base.label)
 
 
+# captions="unique": each caption gets a seeded tag (two words and a 3-digit number), so that captions identify
+# images as LAION's mostly do; only a verbatim group's copies share one. 32 x 32 x 1000 tags.
+_TAG_ADJ = ("red", "blue", "green", "golden", "silver", "dark", "bright", "old", "new", "small", "large", "quiet",
+            "wild", "soft", "sharp", "warm", "cold", "misty", "sunny", "rainy", "vintage", "modern", "rustic",
+            "faded", "vivid", "pale", "deep", "calm", "bold", "gentle", "rough", "smooth")
+_TAG_NOUN = ("river", "garden", "city", "forest", "harbor", "valley", "window", "street", "market", "island",
+             "mountain", "desert", "meadow", "bridge", "tower", "castle", "village", "beach", "canyon", "lake",
+             "station", "library", "studio", "museum", "temple", "palace", "orchard", "field", "cliff", "park",
+             "road", "shore")
+
+
+def _tag(rng: np.random.Generator) -> str:
+    return f"{rng.choice(_TAG_ADJ)} {rng.choice(_TAG_NOUN)} {int(rng.integers(0, 1000)):03d}"
+
+
+CAPTION_MODES = ("template", "unique")
+
+
 # ------------------------------------------------------------------------------------------------
 # variants and corruption
 
@@ -255,7 +275,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_oversampled: int = 20, n_exact_dup_groups: int = 30, n_near_dup_groups: int = 30,
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
                       truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
-                      dose_groups: int = 4) -> DemoCorpus:
+                      dose_groups: int = 4, captions: str = "template") -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -267,7 +287,15 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     dose_copies (dose-response): for each k, `dose_groups` more groups of k copies each, planted "dose" (made like
     the repeated groups), so detection can be read against the number of copies. Empty: none, and the corpus is
     byte-identical to one built without the option.
+
+    captions (text-conditional memorization): "template" (a few captions per kind of image, shared by many
+    images) or "unique": every caption gets a seeded tag that makes it unique, except that the even-numbered
+    repeated groups share one caption over all their copies (truth `caption_kind` "verbatim", as Wen et al.'s
+    memorized prompts) while the odd ones keep one caption per copy ("varied"). The images are the same as with
+    "template" for the same seed (the tags draw from their own generator).
     """
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {list(CAPTION_MODES)}, got {captions!r}")
     _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
                 n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
                 n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed,
@@ -280,8 +308,15 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
               "n_oversampled": n_oversampled, "n_exact_dup_groups": n_exact_dup_groups,
               "n_near_dup_groups": n_near_dup_groups, "n_corrupt": n_corrupt, "n_no_caption": n_no_caption,
               "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
-              "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {})}
+              "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {}),
+              **({"captions": captions} if captions != "template" else {})}
     rng = np.random.default_rng(seed)
+    tag_rng = np.random.default_rng([seed, 0xCA97])
+
+    def caption(b: _Base) -> str:
+        text = _caption(b, rng)  # drawn in both modes, so the images stay those of "template"
+        return f"{text}, {_tag(tag_rng)}" if captions == "unique" else text
+
     n_base = (n_unique + n_repeated + n_oversampled + n_exact_dup_groups + n_near_dup_groups + n_corrupt
               + n_no_caption + len(dose_copies) * dose_groups)
     pool = iter(_image_pool(n_base, size, rng))
@@ -290,49 +325,52 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     recs: list[dict] = []
     group = 0
 
-    def add(planted: str, gid: int | None, copies: int, data: bytes, base: _Base, caption: str | None,
-            edit: str | None = None) -> None:
+    def add(planted: str, gid: int | None, copies: int, data: bytes, base: _Base, text: str | None,
+            edit: str | None = None, caption_kind: str | None = None) -> None:
         recs.append({"planted": planted, "group_id": gid, "copies": copies, "jpg": data, "base": base,
-                     "caption": caption, "edit": edit})
+                     "caption": text, "edit": edit, "caption_kind": caption_kind})
 
     for _ in range(n_unique):
         b = next(pool)
-        add("unique", None, 1, _jpeg(b.image), b, _caption(b, rng))
+        add("unique", None, 1, _jpeg(b.image), b, caption(b))
     for _ in range(n_exact_dup_groups):
         b, k = next(pool), int(rng.integers(2, 4))
         data = _jpeg(b.image)
         for _ in range(k):
-            add("exact_dup", group, k, data, b, _caption(b, rng), "copy")
+            add("exact_dup", group, k, data, b, caption(b), "copy")
         group += 1
     for _ in range(n_near_dup_groups):
         b, k = next(pool), int(rng.integers(2, 5))
-        add("near_dup", group, k, _jpeg(b.image), b, _caption(b, rng), "copy")
+        add("near_dup", group, k, _jpeg(b.image), b, caption(b), "copy")
         for _ in range(k - 1):
             data, edit = _variant(b.image, rng)
-            add("near_dup", group, k, data, b, _caption(b, rng), edit)
+            add("near_dup", group, k, data, b, caption(b), edit)
         group += 1
-    def copies(planted: str, k: int) -> None:
+    def copies(planted: str, k: int, kind: str | None = None) -> None:
         nonlocal group
         b = next(pool)
         data = _jpeg(b.image)
+        shared = None
         for c in range(k):
             # Two thirds exact copies, one third light variants: how LAION's repeated images look. Heavier
             # variants spread the copies into a cluster the small demo model memorizes far more slowly.
             member, edit = (data, "copy") if c % 3 else _variant(b.image, rng, light=True)
-            add(planted, group, k, member, b, _caption(b, rng), edit)
+            text = caption(b)
+            shared = shared or text
+            add(planted, group, k, member, b, shared if kind == "verbatim" else text, edit, kind)
         group += 1
 
-    for _ in range(n_repeated):
-        copies("repeated", repeat_copies)
+    for i in range(n_repeated):
+        copies("repeated", repeat_copies, ("verbatim" if i % 2 == 0 else "varied") if captions == "unique" else None)
     for _ in range(n_oversampled):
         b = next(pool)
-        add("oversampled", None, 1, _jpeg(b.image), b, _caption(b, rng))
+        add("oversampled", None, 1, _jpeg(b.image), b, caption(b))
     for k in dose_copies:
         for _ in range(dose_groups):
             copies("dose", k)
     for i in range(n_corrupt):
         b = next(pool)
-        add("corrupt", None, 1, _corrupt(b.image, i, rng), b, _caption(b, rng))
+        add("corrupt", None, 1, _corrupt(b.image, i, rng), b, caption(b))
     for _ in range(n_no_caption):
         b = next(pool)
         add("no_caption", None, 1, _jpeg(b.image), b, None)
@@ -372,7 +410,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                     _add_member(tf, f"{key}.txt", r["caption"].encode())
                 _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 rows.append({"key": key, "group_id": r["group_id"], "planted": r["planted"], "copies": r["copies"],
-                             "readable": p < cut_at, "shard": name, "edit": r["edit"]})
+                             "readable": p < cut_at, "shard": name, "edit": r["edit"],
+                             "caption_kind": r["caption_kind"]})
         if truncate_last_shard and s == n_shards - 1:
             _truncate_in_member(tmp, f"{s:05d}{cut_at - s * samples_per_shard:04d}.jpg")
         os.replace(tmp, path)
@@ -407,7 +446,8 @@ def _truncate_in_member(path: Path, member: str) -> None:
 def _write_truth(rows: list[dict], path: Path) -> Path:
     import pandas as pd
 
-    df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard", "edit"])
+    df = pd.DataFrame(rows, columns=["key", "group_id", "planted", "copies", "readable", "shard", "edit",
+                                     "caption_kind"])
     df["group_id"] = df["group_id"].astype("Int64")
     df["copies"] = df["copies"].astype("int64")
     atomic_write_parquet(df, path)
