@@ -47,13 +47,27 @@ def mirror(x: torch.Tensor, ref: str) -> torch.Tensor:
     return x.flip(MIRRORS[ref])
 
 
+# images (B, H, W, C): the spatial axes of each mirror
+PIXEL_AXES = dict(zip(CAL_MIRRORS, [(2,), (1,), (1, 2)]))
+
+
+@torch.no_grad()
+def pixel_mirrors(model: Any, images: torch.Tensor, refs: list[str]) -> dict[str, torch.Tensor]:
+    """{ref: model.encode_images(the images mirrored)}: the mirror images of a latent model's points, mirrored
+    where the image lives (pixels) and encoded, since a VAE's latent of a flipped image is not the flipped
+    latent. images: (B, H, W, C) uint8, as encode_images takes them."""
+    return {r: model.encode_images(images.flip(PIXEL_AXES[r])) for r in check_refs(refs)}
+
+
 @torch.no_grad()
 def mirror_calibrated_norm(model: Any, x: torch.Tensor, t: float, refs: list[str], cond: Any = None,
-                           norm_x: torch.Tensor | None = None) -> torch.Tensor:
+                           norm_x: torch.Tensor | None = None,
+                           x_refs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """(B,) |eps(psi x, t)| / geometric mean over refs of |eps(psi g(x), t)|. x: clean points in model space.
 
-    norm_x: |eps(psi x, t)| when the caller already has it (one forward saved). Cost: len(refs) forwards
-    (+ 1 without norm_x).
+    norm_x: |eps(psi x, t)| when the caller already has it (one forward saved). x_refs: the mirrored points
+    g(x) per ref when they are not x mirrored in model space (a latent model: `pixel_mirrors`). Cost:
+    len(refs) forwards (+ 1 without norm_x).
     """
     refs = check_refs(refs, tuple(model.sample_shape))
     tv = time_vector(t, x)
@@ -61,5 +75,8 @@ def mirror_calibrated_norm(model: Any, x: torch.Tensor, t: float, refs: list[str
     scale = bview(psi, x)
     if norm_x is None:
         norm_x = model.eps(scale * x, tv, cond).flatten(1).norm(dim=1)
-    log_ref = torch.stack([model.eps(scale * mirror(x, r), tv, cond).flatten(1).norm(dim=1).log() for r in refs])
+    if x_refs is not None and set(x_refs) != set(refs):
+        raise ValueError(f"x_refs has mirrors {sorted(x_refs)}, cal_refs asks for {sorted(refs)}")
+    log_ref = torch.stack([model.eps(scale * (mirror(x, r) if x_refs is None else x_refs[r].to(x)), tv, cond)
+                           .flatten(1).norm(dim=1).log() for r in refs])
     return norm_x / log_ref.mean(dim=0).exp()

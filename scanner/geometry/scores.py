@@ -45,7 +45,8 @@ def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
 
 def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any = None, *,
                    chunk: int | None = None, jvp: str | None = None,
-                   fd_scheme: str | None = None, seeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   fd_scheme: str | None = None, seeds: torch.Tensor | None = None,
+                   x_refs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """x: (B, *sample_shape) clean points in model space; cond: `model.encode_text(captions)` or None.
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
@@ -55,6 +56,8 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
     or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
     seeds: (B,) per-row seeds (trace.row_seeds(keys, cfg.seed)) for the Hutchinson probes and CFG noises, so that
     an image's scores do not depend on its batch; None: cfg.seed for the whole batch.
+    x_refs: score_norm_cal's mirrored points per cal_refs entry when they are not x mirrored in model space
+    (a latent model: the images mirrored and encoded, `mirror.pixel_mirrors`); None: x mirrored.
     """
     cfg.validate("geometry")  # ConfigError is a ValueError naming the key, the value and the range
     check_batch(model, x)
@@ -94,7 +97,7 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
         if cfg.cal_refs:
             out["score_norm_cal"] = mirror_calibrated_norm(
                 model, x, cfg.t_cal, cfg.cal_refs, geo_cond,
-                norm_x=out["score_norm"] if cfg.t_cal == cfg.t_laplace else None)
+                norm_x=out["score_norm"] if cfg.t_cal == cfg.t_laplace else None, x_refs=x_refs)
         if cfg.nb:
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
                                    rank=cfg.nb_rank, rel_threshold=cfg.nb_rel_threshold, chunk=chunk)

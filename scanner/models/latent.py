@@ -47,6 +47,7 @@ class LatentSDScoreModel(ScoreModel):
     """
 
     conditional = True
+    mirrors_in_pixels = True  # score_norm_cal mirrors the image and encodes it: a flipped latent is not its encoding
 
     def __init__(self, vae: Any, unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32):

@@ -34,6 +34,7 @@ class ScoreStage(Stage):
     def process(self, batch: dict) -> dict:
         import torch
 
+        from scanner.geometry.mirror import pixel_mirrors
         from scanner.geometry.scores import compute_scores
         from scanner.geometry.trace import row_seeds
 
@@ -49,10 +50,13 @@ class ScoreStage(Stage):
         for start in range(0, len(idx), cfg.model.batch_size):
             sel = idx[start:start + cfg.model.batch_size]
             try:
-                x = self.model.encode_images(torch.from_numpy(batch["image_model"][sel]))
+                images = torch.from_numpy(batch["image_model"][sel])
+                x = self.model.encode_images(images)
                 cond = self.model.encode_text(list(batch["caption"][sel])) if self.use_cond else None
                 seeds = row_seeds(batch["key"][sel], cfg.geometry.seed)
-                scores = compute_scores(self.model, x, cfg.geometry, cond, seeds=seeds)
+                x_refs = (pixel_mirrors(self.model, images, cfg.geometry.cal_refs)
+                          if cfg.geometry.cal_refs and getattr(self.model, "mirrors_in_pixels", False) else None)
+                scores = compute_scores(self.model, x, cfg.geometry, cond, seeds=seeds, x_refs=x_refs)
                 for c in columns:
                     out[c][sel] = scores[c].numpy()
                 vec[sel] = x.detach().reshape(len(sel), -1).cpu().numpy().astype(np.float16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -85,3 +86,29 @@ def test_half_precision_jvp_stays_finite_on_small_latents(sd_dir, sd_model):
         _, jv = torch.func.jvp(lambda x: sd_model.eps(x, t, cond), (x,), (v,))
     assert jv_half.dtype == torch.float32 and torch.isfinite(jv_half).all()
     assert ((jv_half - jv).norm() / jv.norm()).item() < 3e-2
+
+
+def test_score_norm_cal_mirrors_the_image_then_encodes_it(sd_model):
+    # A VAE's latent of a flipped image is not the flipped latent, so a latent model's mirror images are made in
+    # pixels and encoded (pixel_mirrors), and score_norm_cal uses them instead of flipping x.
+    from scanner.geometry.mirror import mirror, mirror_calibrated_norm, pixel_mirrors
+
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    x = sd_model.encode_images(images)
+    refs = pixel_mirrors(sd_model, images, ["hflip", "vflip"])
+    torch.testing.assert_close(refs["hflip"], sd_model.encode_images(images.flip(2)))
+    torch.testing.assert_close(refs["vflip"], sd_model.encode_images(images.flip(1)))
+    assert (refs["hflip"] - mirror(x, "hflip")).abs().max() > 1e-3  # the tiny VAE is not flip-equivariant
+    cond = sd_model.encode_text(["a cat", "a dog", "a cow"])
+    cal = mirror_calibrated_norm(sd_model, x, 0.1, ["hflip", "vflip"], cond, x_refs=refs)
+    psi, _ = sd_model.psi_sigma(torch.tensor([0.1]))
+    t = torch.full((3,), 0.1)
+
+    def norm(z):
+        return sd_model.eps(psi * z, t, cond).flatten(1).norm(dim=1)
+
+    want = norm(x) / (norm(refs["hflip"]) * norm(refs["vflip"])).sqrt()
+    torch.testing.assert_close(cal, want)
+    assert not torch.allclose(cal, mirror_calibrated_norm(sd_model, x, 0.1, ["hflip", "vflip"], cond))
+    with pytest.raises(ValueError, match="x_refs has mirrors"):
+        mirror_calibrated_norm(sd_model, x, 0.1, ["hflip", "rot180"], cond, x_refs=refs)
