@@ -156,6 +156,33 @@ def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     return out
 
 
+def by_caption_kind(truth: pd.DataFrame) -> pd.DataFrame | None:
+    """truth with each repeated row's `planted` replaced by its caption kind ("verbatim": every copy has the same
+    caption, "varied"), for the text-conditional comparisons; None when truth has no caption kinds."""
+    if "caption_kind" not in truth or not truth["caption_kind"].notna().any():
+        return None
+    kinds = truth["caption_kind"].astype(object)
+    return truth.assign(planted=kinds.where(truth["planted"].eq("repeated") & kinds.notna(), truth["planted"]))
+
+
+def replication_by_caption(reps: pd.DataFrame, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
+    """For generations from training captions: per kind of the caption's training images (verbatim / varied
+    repeated groups, oversampled, unique, ...), how many generations, the share that replicated a training image,
+    and the share that replicated one of the images trained with that very caption. Empty without captions."""
+    if reps.empty or reps["caption"].isna().all():
+        return []
+    t = by_caption_kind(truth)
+    t = truth if t is None else t
+    rows = scores.loc[scores["caption"].notna(), ["key", "caption"]].merge(t[["key", "planted"]], on="key")
+    kind_of = rows.groupby("caption")["planted"].agg(lambda v: v.mode().iloc[0])
+    keys_of = rows.groupby("caption")["key"].agg(set)
+    df = reps.assign(kind=reps["caption"].map(kind_of).fillna("unknown"))
+    own = [bool(r.replicated) and r.matched_key in keys_of.get(r.caption, ()) for r in df.itertuples()]
+    df = df.assign(own=own)
+    return [{"caption_kind": k, "generations": len(g), "replicated": float(g["replicated"].mean()),
+             "replicated_own_image": float(g["own"].mean())} for k, g in df.groupby("kind")]
+
+
 def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
     """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
     replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json)."""
@@ -169,6 +196,11 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
     metrics: dict = {"scores": {}, "warnings": []}
     for positive in ("repeated", "oversampled"):
         metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive,
+                                                                    warnings=metrics["warnings"], n_boot=n_boot)
+    captioned = by_caption_kind(truth)  # a text-conditional corpus: repeated groups by how their captions repeat
+    for kind in ("verbatim", "varied"):
+        if captioned is not None and (captioned["planted"] == kind).any():
+            metrics["scores"][f"{kind}_vs_unique"] = column_metrics(scores, captioned, kind,
                                                                     warnings=metrics["warnings"], n_boot=n_boot)
     for w in metrics["warnings"]:
         log.warning("evaluate: %s", w)
@@ -186,6 +218,11 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         by_edit = duplicates_by_edit(dups, planted)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
+    rep_path = out / "replications.parquet"
+    if rep_path.exists():
+        by_cap = replication_by_caption(pd.read_parquet(rep_path), scores, truth)
+        if by_cap:
+            metrics["replications_by_caption"] = by_cap
     dose = dose_response(scores, truth)
     if dose:
         metrics["dose_response"] = dose
@@ -214,5 +251,8 @@ def format_metrics(metrics: dict) -> str:
     if metrics.get("dose_response"):
         lines.append("dose-response (flagged share at the run's threshold, by copies in the corpus): " + ", ".join(
             f"{d['copies']}: {d['flagged']:.2f}" for d in metrics["dose_response"]))
+    for r in metrics.get("replications_by_caption", []):
+        lines.append(f"generations from {r['caption_kind']} captions: {r['generations']}, replicated "
+                     f"{r['replicated']:.2f}, of their own training image {r['replicated_own_image']:.2f}")
     lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)

@@ -161,3 +161,37 @@ def test_dose_groups_are_planted_duplicates(tmp_path):
     truth.to_parquet(tmp_path / "truth.parquet")
     d = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["duplicates"]
     assert d["pair_precision"] == 1.0 and d["pair_recall"] == 1.0
+
+
+def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_path):
+    # cfg_norm flags the verbatim-caption group (shared caption) and not the varied one: reported separately
+    keys = [f"k{i:02d}" for i in range(30)]
+    planted = ["repeated"] * 10 + ["unique"] * 20
+    kind = ["verbatim"] * 5 + ["varied"] * 5 + [None] * 20
+    cfg = np.r_[np.full(5, 5.0), np.linspace(0, 1, 5), np.linspace(0, 1, 20)]
+    captions = ["same caption"] * 5 + [f"copy {i}" for i in range(5)] + [f"img {i}" for i in range(20)]
+    scores = pd.DataFrame({"key": keys, "shard": "00000", "caption": captions, "error": None, "cfg_norm": cfg,
+                           "mem_class": "none"})
+    (tmp_path / "scores").mkdir()
+    scores.to_parquet(tmp_path / "scores" / "00000.parquet")
+    truth = pd.DataFrame({"key": keys, "planted": planted, "group_id": [0] * 5 + [1] * 5 + [None] * 20,
+                          "caption_kind": kind})
+    truth.to_parquet(tmp_path / "truth.parquet")
+    reps = pd.DataFrame({"gen_id": [0, 1, 2, 3], "caption": ["same caption", "img 3", "img 4", "copy 1"],
+                         "seed": [0, 1, 2, 3], "matched_key": ["k02", "k23", "k00", "k06"],
+                         "similarity": [0.99, 0.99, 0.5, 0.2], "replicated": [True, True, False, False]})
+    reps.to_parquet(tmp_path / "replications.parquet")
+    m = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)
+    assert m["scores"]["verbatim_vs_unique"]["cfg_norm"]["auroc"] == 1.0
+    assert m["scores"]["verbatim_vs_unique"]["cfg_norm"]["n_pos"] == 5
+    assert m["scores"]["varied_vs_unique"]["cfg_norm"]["auroc"] < 0.7
+    assert m["scores"]["repeated_vs_unique"]["cfg_norm"]["n_pos"] == 10
+    by = {r["caption_kind"]: r for r in m["replications_by_caption"]}
+    assert by["verbatim"] == {"caption_kind": "verbatim", "generations": 1, "replicated": 1.0,
+                              "replicated_own_image": 1.0}
+    # "img 3" replicated k23, another image than the one trained with that caption (k13)
+    assert by["unique"]["generations"] == 2 and by["unique"]["replicated"] == 0.5
+    assert by["unique"]["replicated_own_image"] == 0.0 and by["varied"]["replicated"] == 0.0
+    assert "generations from verbatim captions: 1" in format_metrics(m)
+    truth.drop(columns="caption_kind").to_parquet(tmp_path / "truth.parquet")
+    assert "verbatim_vs_unique" not in evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["scores"]
