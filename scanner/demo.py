@@ -19,41 +19,64 @@ QUICK_STEPS = 30  # demo-model optimizer steps
 DOSE_COPIES = (2, 4, 8, 16, 32)
 QUICK_OVERRIDES = ["neighbours.train_steps=30", "neighbours.generations=4", "neighbours.gen_steps=4",
                    "geometry.probes=2", "geometry.lpca_k=5"]
+QUICK_LATENT_STEPS = (20, 30)  # (VAE, UNet) steps of `memscan demo --model latent --quick`
+# model kind -> (the corpus's caption mode, the shipped config the scan runs with)
+DEMO_MODELS = {"pixel": ("template", "demo"), "latent": ("unique", "demo-latent")}
 
 
-def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool = False) -> Path:
+def _check_kind(kind: str) -> None:
+    if kind not in DEMO_MODELS:
+        raise ValueError(f"the demo model must be one of {sorted(DEMO_MODELS)}, got {kind!r}")
+
+
+def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool = False,
+                       captions: str = "template") -> Path:
     from scanner.data.demo import build_demo_corpus
 
     corpus = out / "corpus"
     if (corpus / "truth.parquet").exists():
         params = json.loads((corpus / "demo_corpus.json").read_text()).get("params", {})
-        want = {"seed": seed, "dose_copies": list(DOSE_COPIES) if dose else None}
-        have = {"seed": params.get("seed", 0), "dose_copies": params.get("dose_copies")}
+        want = {"seed": seed, "dose_copies": list(DOSE_COPIES) if dose else None, "captions": captions}
+        have = {"seed": params.get("seed", 0), "dose_copies": params.get("dose_copies"),
+                "captions": params.get("captions", "template")}
         if want != have:
             raise ValueError(f"{corpus} holds a demo corpus built with {have}, not {want}: use another --out")
         log.info("demo corpus: cached at %s", corpus)
         return corpus
     t0 = time.time()
-    build_demo_corpus(corpus, seed=seed, **(QUICK_CORPUS if quick else {}),
+    build_demo_corpus(corpus, seed=seed, captions=captions, **(QUICK_CORPUS if quick else {}),
                       **({"dose_copies": DOSE_COPIES} if dose else {}))
     log.info("demo corpus: built in %.1f s at %s", time.time() - t0, corpus)
     return corpus
 
 
 def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, progress: bool = True,
-                      steps: int | None = None, quick: bool = False, dose: bool = False) -> Path:
+                      steps: int | None = None, quick: bool = False, dose: bool = False, kind: str = "pixel") -> Path:
     """out/model, trained on out/corpus (built first with `seed` if missing) unless a finished model is there.
 
     Training runs `steps` seeded optimizer steps (None: DEMO_STEPS, or QUICK_STEPS with `quick`), so every
     machine trains the same model; `minutes` (None: no cap) may stop it earlier, with a warning.
+    kind "latent": a tiny text-to-image Stable Diffusion (scanner.demo_latent) on a corpus with unique captions.
     """
     from scanner.demo_train import DEMO_STEPS, train_demo
 
-    corpus = ensure_demo_corpus(out, seed, quick=quick, dose=dose)
+    _check_kind(kind)
+    corpus = ensure_demo_corpus(out, seed, quick=quick, dose=dose, captions=DEMO_MODELS[kind][0])
     model = out / "model"
     if (model / "train_info.json").exists():  # written last: its presence means the model is complete
+        have = json.loads((model / "train_info.json").read_text()).get("kind", "pixel")
+        if have != kind:
+            raise ValueError(f"{model} holds a {have} demo model, not {kind}: use another --out")
         log.info("demo model: cached at %s", model)
         return model
+    if kind == "latent":
+        from scanner.demo_latent import LATENT_STEPS, LATENT_VAE_STEPS, train_latent_demo
+
+        vae_steps, steps = (QUICK_LATENT_STEPS if quick else (LATENT_VAE_STEPS, steps or LATENT_STEPS))
+        log.info("demo model (latent): training a %d-step VAE and a %d-step text-conditional UNet on this machine%s "
+                 "(cached afterwards)", vae_steps, steps, f", stopping early after {minutes:g} minutes" if minutes else "")
+        return train_latent_demo(corpus, model, steps=steps, vae_steps=vae_steps, seed=seed, progress=progress,
+                                 time_budget_s=minutes * 60 if minutes else None)
     steps = (QUICK_STEPS if quick else DEMO_STEPS) if steps is None else steps
     log.info("demo model: training %d seeded steps on this machine%s (cached afterwards)", steps,
              f", stopping early after {minutes:g} minutes" if minutes else "")
@@ -63,21 +86,24 @@ def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, pr
 
 
 def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | None = None, progress: bool = True,
-             quick: bool = False, seed: int = 0, steps: int | None = None, dose: bool = False) -> int:
+             quick: bool = False, seed: int = 0, steps: int | None = None, dose: bool = False,
+             kind: str = "pixel") -> int:
     from scanner.config import load_config, shipped_config
     from scanner.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick, dose=dose)
+    _check_kind(kind)
+    model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick, dose=dose,
+                              kind=kind)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
     base = [f"data.shards={out / 'corpus' / 'shards'}", f"model.path={model}"]
     if "resolution" in info:
         base.append(f"data.resolution={info['resolution']}")
     if "channels" in info:
         base.append(f"data.channels={info['channels']}")
-    cfg = load_config(shipped_config("demo"), base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
+    cfg = load_config(shipped_config(DEMO_MODELS[kind][1]), base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     scan_dir = out / "scan"
     if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:
         # Trained here, before the scan starts Ray, so it has the CPU to itself (measured: about 2 min alone,

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class DemoImages:
     images: np.ndarray  # (N, H, W, C) uint8 at the model resolution
     planted: list[str]  # per key, from truth.parquet ("unknown" without it)
     skipped: int  # samples whose image could not be decoded, or that a damaged shard cut off
+    captions: list[str | None] = field(default_factory=list)  # per key, None without a .txt member
 
 
 def load_images(corpus_dir: str | Path, resolution: int = 16, channels: int = 3) -> DemoImages:
@@ -63,7 +64,7 @@ def load_images(corpus_dir: str | Path, resolution: int = 16, channels: int = 3)
     if not shards:
         raise FileNotFoundError(f"no shards in {corpus_dir / 'shards'}; build one with build_demo_corpus()")
     stats: dict = {}
-    keys, images, _, _ = load_corpus([str(p) for p in shards], resolution, channels, stats=stats)
+    keys, images, captions, _ = load_corpus([str(p) for p in shards], resolution, channels, stats=stats)
     first = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)  # a key in two shards: train on it once
@@ -75,7 +76,8 @@ def load_images(corpus_dir: str | Path, resolution: int = 16, channels: int = 3)
 
         by_key = pd.read_parquet(truth, columns=["key", "planted"]).set_index("key").planted
         planted = [str(by_key.get(k, "unknown")) for k in keys]
-    return DemoImages(keys, images[[first[k] for k in keys]], planted, stats["skipped"])
+    return DemoImages(keys, images[[first[k] for k in keys]], planted, stats["skipped"],
+                      [captions[first[k]] for k in keys])
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:

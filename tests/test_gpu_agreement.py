@@ -82,3 +82,34 @@ def test_latent_encodings_eps_and_jvp_agree_with_cpu(tiny_dirs, dtype):
     uncond_cpu, _ = _eps_and_jvp(cpu, x_cpu, t, None)
     uncond_gpu, _ = _eps_and_jvp(gpu, x_cpu.cuda(), t.cuda(), None)
     assert _rel(uncond_gpu, uncond_cpu) < TOLERANCE[dtype]
+
+
+def test_latent_demo_model_scores_agree_with_cpu(tmp_path_factory):
+    """The latent demo's own kind of model (trained here for a few steps: SD layout, locally written tokenizer),
+    every score column from compute_scores on cuda against the CPU, float32 forward (issue 17, item 5)."""
+    from scanner.config import GeometryConfig
+    from scanner.data.demo import build_demo_corpus
+    from scanner.demo_latent import RESOLUTION, train_latent_demo
+    from scanner.demo_train import load_images
+    from scanner.geometry.mirror import pixel_mirrors
+    from scanner.geometry.scores import compute_scores
+    from scanner.geometry.trace import row_seeds
+
+    corpus = build_demo_corpus(tmp_path_factory.mktemp("lc"), n_unique=30, n_repeated=2, repeat_copies=4,
+                               n_oversampled=1, n_exact_dup_groups=1, n_near_dup_groups=1, n_corrupt=0,
+                               n_no_caption=0, captions="unique", truncate_last_shard=False, seed=5)
+    model_dir = train_latent_demo(corpus.out_dir, tmp_path_factory.mktemp("lm") / "m", steps=20, vae_steps=20,
+                                  batch_size=16, progress=False)
+    data = load_images(corpus.out_dir, RESOLUTION, 3)
+    images, captions, keys = torch.from_numpy(data.images[:8]), data.captions[:8], data.keys[:8]
+    cfg = GeometryConfig(probes=2, flipd_noises=2, p_values=[1.0, 2.0])
+    cols = {}
+    for device in ("cpu", "cuda"):
+        model = LatentSDScoreModel.from_pretrained(model_dir, device=device)
+        x = model.encode_images(images.to(device))
+        refs = pixel_mirrors(model, images.to(device), cfg.cal_refs)
+        cols[device] = compute_scores(model, x, cfg, model.encode_text(captions), seeds=row_seeds(keys, cfg.seed),
+                                      x_refs=refs)
+    assert cols["cpu"].keys() == cols["cuda"].keys() and "cfg_norm" in cols["cpu"]
+    for name, ref in cols["cpu"].items():
+        assert _rel(cols["cuda"][name], ref) < TOLERANCE["float32"], name

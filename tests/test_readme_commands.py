@@ -108,7 +108,8 @@ SD_SIZES = ["--set", "data.resolution=16", "--set", "neighbours.image_size=32", 
 SIZES = {"scan": ["--set", "geometry.probes=1", "--set", "neighbours.train_steps=10", "--set",
                   "neighbours.generations=2", "--set", "neighbours.gen_steps=2", "--no-progress"],
          "dedup": ["--train-steps", "10", "--no-progress"],
-         "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20"]}
+         "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20"],
+         "demo": ["--quick", "--no-progress"]}
 
 
 def sized(argv: list[str], paths: dict[str, str]) -> list[str]:
@@ -193,6 +194,26 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"] and len(reps) == 4
 
 
+def check_demo_latent(out: Path) -> None:
+    """`memscan demo --model latent`: an SD-layout model trained here, scanned text-conditionally."""
+    check_scan(out / "scan", conditional=True)
+    model = out / "model"
+    for f in ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json",
+              "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+        assert (model / f).is_file(), f
+    assert json.loads((model / "train_info.json").read_text())["kind"] == "latent"
+    truth = pd.read_parquet(out / "corpus" / "truth.parquet")
+    assert set(truth["caption_kind"].dropna()) == {"verbatim", "varied"}
+    metrics = json.loads((out / "scan" / "metrics.json").read_text())
+    for comp in ("verbatim_vs_unique", "varied_vs_unique", "oversampled_vs_unique"):
+        assert 0 <= metrics["scores"][comp]["cfg_norm"]["auroc"] <= 1, comp
+    reps = pd.read_parquet(out / "scan" / "replications.parquet")
+    assert len(reps) == 4 and reps["caption"].notna().all()  # generated from training captions
+    assert metrics["replications_by_caption"]
+    summary = json.loads((out / "scan" / "summary.json").read_text())
+    assert summary["config"]["model"]["kind"] == "latent"
+
+
 def check_corpus(out: Path) -> None:
     truth = pd.read_parquet(out / "truth.parquet")
     assert {"key", "group_id", "planted", "copies"} <= set(truth.columns)
@@ -226,6 +247,7 @@ def check_report(out: Path) -> None:
 # README command -> (what it writes to check, how to prepare): `out` is the --out the test passes
 CASES = {
     "memscan demo --out runs/demo": "demo",
+    "memscan demo --model latent --out runs/demo-latent": "demo-latent",
     "memscan build-demo-corpus --out runs/corpus": "corpus",
     "memscan train-demo --out runs/demo": "train-demo",
     "memscan train-embedder --shards runs/demo/corpus/shards --out runs/embedder": "embedder",
@@ -256,6 +278,8 @@ def test_shown_command_runs_as_typed(cmd, demo, paths):
     if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
         out = out.parent / f"{out.name}-{sorted(CASES).index(cmd)}"
         argv[argv.index("--out") + 1] = str(out)
+    if kind == "demo-latent":  # its own corpus and model: the quick sizes (SIZES["demo"]) from scratch
+        out.parent.mkdir(parents=True, exist_ok=True)
     if kind == "demo":  # the module fixture ran it; check everything it wrote
         return check_demo(demo, out, None)
     if kind == "train-demo":  # its own --out, with the quick corpus (train-demo builds the full one if missing)
@@ -275,7 +299,7 @@ def test_shown_command_runs_as_typed(cmd, demo, paths):
     assert proc.returncode == 0, (argv, proc.stdout[-4000:])
     assert "Traceback" not in proc.stdout, proc.stdout[-4000:]
     {"corpus": check_corpus, "train-demo": check_train_demo, "embedder": check_embedder, "scan": check_scan,
-     "metrics": check_metrics, "report": check_report, "dedup": check_dedup,
+     "metrics": check_metrics, "report": check_report, "dedup": check_dedup, "demo-latent": check_demo_latent,
      "scan-sd": lambda o: check_scan(o, conditional=True)}[kind](out)
 
 
