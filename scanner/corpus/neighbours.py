@@ -190,7 +190,8 @@ def replications(store: PartStore, searched, model_dir, embedder, cfg, out_dir: 
         if len(captions) >= n_cfg.generations or "caption" not in store.columns:
             break
         df = store.read(i, ["caption"])
-        captions += [c for c in df["caption"][searched(i)].tolist() if c]
+        # a sample without a .txt reads back as None or NaN: neither is a prompt
+        captions += [c for c in df["caption"][searched(i)].tolist() if isinstance(c, str) and c]
     captions = captions or None
     LOG.info(f"replications: generating {n_cfg.generations} images with {model_dir} ({n_cfg.gen_steps} steps each)")
     images, meta = generate_samples(model_dir, n_cfg.generations, seed=cfg.seed, steps=n_cfg.gen_steps,

@@ -69,7 +69,8 @@ def generate_samples(model_dir: str | Path, n: int, seed: int = 0, steps: int = 
                      device: str = "auto", allow_pickle: bool = False) -> tuple[np.ndarray, list[dict]]:
     """n generations -> (images (n, H, W, 3) uint8, meta: n dicts of gen_id, caption, seed).
 
-    captions: prompts for a text-conditional model (the i-th generation uses captions[i % len]);
+    captions: prompts for a text-conditional model (the i-th generation uses captions[i % len]; None or NaN, a
+    sample without a caption, is the empty prompt);
     ignored (caption None) for an unconditional pixel model. steps: sampler steps.
     """
     import torch
@@ -89,7 +90,7 @@ def generate_samples(model_dir: str | Path, n: int, seed: int = 0, steps: int = 
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in ids]
         with torch.inference_mode():
             if text:
-                prompts = [captions[i % len(captions)] or "" for i in ids]
+                prompts = [c if isinstance(c, str) else "" for c in (captions[i % len(captions)] for i in ids)]
                 out = pipe(prompt=prompts, num_inference_steps=steps, generator=gens, guidance_scale=guidance_scale,
                            output_type="np")
             else:

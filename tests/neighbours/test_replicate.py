@@ -56,3 +56,12 @@ def test_find_replications_matches_training_neighbour():
     assert reps.gen_id.tolist() == [0] and reps.matched_key.tolist() == ["t042"] and reps.similarity[0] > 0.99
     everything = find_replications(gen, meta, index, keys, threshold=0.9, keep_all=True)
     assert everything.replicated.tolist() == [True, False]
+
+
+def test_text_conditional_generation_takes_missing_captions_as_the_empty_prompt(tiny_sd_dir):
+    # A sample without a .txt reads back from parquet as None or NaN; the tokenizer refused NaN and the whole
+    # replication check failed on the latent demo (40 such samples) until both became the empty prompt.
+    imgs, meta = generate_samples(tiny_sd_dir, n=3, seed=0, steps=2, captions=["a cat", float("nan"), None])
+    assert imgs.shape[0] == 3 and [m["caption"] for m in meta] == ["a cat", "", ""]
+    alone, _ = generate_samples(tiny_sd_dir, n=1, seed=1, steps=2, captions=[""])
+    np.testing.assert_array_equal(imgs[1], alone[0])  # NaN generated exactly as the empty prompt
