@@ -168,16 +168,19 @@ def by_caption_kind(truth: pd.DataFrame) -> pd.DataFrame | None:
 def replication_by_caption(reps: pd.DataFrame, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     """For generations from training captions: per kind of the caption's training images (verbatim / varied
     repeated groups, oversampled, unique, ...), how many generations, the share that replicated a training image,
-    and the share that replicated one of the images trained with that very caption. Empty without captions."""
+    and the share that replicated the image trained with that very caption (any copy of it: its planted group).
+    Empty without captions."""
     if reps.empty or reps["caption"].isna().all():
         return []
     t = by_caption_kind(truth)
     t = truth if t is None else t
     rows = scores.loc[scores["caption"].notna(), ["key", "caption"]].merge(t[["key", "planted"]], on="key")
+    unit = dict(zip(t["key"], planted_units(t)))
     kind_of = rows.groupby("caption")["planted"].agg(lambda v: v.mode().iloc[0])
-    keys_of = rows.groupby("caption")["key"].agg(set)
+    units_of = rows.groupby("caption")["key"].agg(lambda keys: {unit.get(k, k) for k in keys})
     df = reps.assign(kind=reps["caption"].map(kind_of).fillna("unknown"))
-    own = [bool(r.replicated) and r.matched_key in keys_of.get(r.caption, ()) for r in df.itertuples()]
+    own = [bool(r.replicated) and unit.get(r.matched_key, r.matched_key) in units_of.get(r.caption, ())
+           for r in df.itertuples()]
     df = df.assign(own=own)
     return [{"caption_kind": k, "generations": len(g), "replicated": float(g["replicated"].mean()),
              "replicated_own_image": float(g["own"].mean())} for k, g in df.groupby("kind")]

@@ -177,9 +177,9 @@ def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_pa
     truth = pd.DataFrame({"key": keys, "planted": planted, "group_id": [0] * 5 + [1] * 5 + [None] * 20,
                           "caption_kind": kind})
     truth.to_parquet(tmp_path / "truth.parquet")
-    reps = pd.DataFrame({"gen_id": [0, 1, 2, 3], "caption": ["same caption", "img 3", "img 4", "copy 1"],
-                         "seed": [0, 1, 2, 3], "matched_key": ["k02", "k23", "k00", "k06"],
-                         "similarity": [0.99, 0.99, 0.5, 0.2], "replicated": [True, True, False, False]})
+    reps = pd.DataFrame({"gen_id": [0, 1, 2, 3, 4], "caption": ["same caption", "img 3", "img 4", "copy 1", "copy 2"],
+                         "seed": [0, 1, 2, 3, 4], "matched_key": ["k02", "k23", "k00", "k06", "k08"],
+                         "similarity": [0.99, 0.99, 0.5, 0.2, 0.97], "replicated": [True, True, False, False, True]})
     reps.to_parquet(tmp_path / "replications.parquet")
     m = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)
     assert m["scores"]["verbatim_vs_unique"]["cfg_norm"]["auroc"] == 1.0
@@ -191,7 +191,9 @@ def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_pa
                               "replicated_own_image": 1.0}
     # "img 3" replicated k23, another image than the one trained with that caption (k13)
     assert by["unique"]["generations"] == 2 and by["unique"]["replicated"] == 0.5
-    assert by["unique"]["replicated_own_image"] == 0.0 and by["varied"]["replicated"] == 0.0
+    assert by["unique"]["replicated_own_image"] == 0.0
+    # "copy 2" (k07's caption) replicated k08, another copy of the same varied group: its own image
+    assert by["varied"] == {"caption_kind": "varied", "generations": 2, "replicated": 0.5, "replicated_own_image": 0.5}
     assert "generations from verbatim captions: 1" in format_metrics(m)
     truth.drop(columns="caption_kind").to_parquet(tmp_path / "truth.parquet")
     assert "verbatim_vs_unique" not in evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["scores"]
