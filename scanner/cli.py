@@ -19,7 +19,7 @@ examples:
       replications generated from training captions (about 20 minutes from scratch on 2 CPU cores)
   memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --out runs/rescan
       geometry scores + neighbours for every image; resumes where a killed run stopped (--config: a YAML
-      file, or the name of one shipped with memscan: demo, laion-sd15; copies to edit in configs/)
+      file, or the name of one shipped with memscan: demo, demo-latent, laion-sd15; copies to edit in configs/)
   memscan scan --config demo --set model.path=runs/demo/model --set geometry.probes=8 --shards runs/demo/corpus/shards --out runs/probes8
       override any config key on the command line (section.key=value)
   memscan dedup --shards runs/demo/corpus/shards --out runs/dedup --threshold 0.95
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  memscan scan --config demo --shards 'd/{00000..00009}.tar' "
                               "--set geometry.probes=16 --out runs/x")
     p.add_argument("--config", required=True,
-                   help="YAML config file, or a config shipped with memscan by name (demo, laion-sd15; "
+                   help="YAML config file, or a config shipped with memscan by name (demo, demo-latent, laion-sd15; "
                         "configs/ in the repository has them with every key commented)")
     p.add_argument("--shards", nargs="+", help="directory, glob or brace pattern; overrides data.shards")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

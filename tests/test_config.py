@@ -76,7 +76,7 @@ def test_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_shipped_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"'nosuch' does not exist; .*shipped with memscan: demo, laion-sd15"):
+    with pytest.raises(ConfigError, match=r"'nosuch' does not exist; .*shipped with memscan: demo, demo-latent, laion-sd15"):
         load_config("nosuch")
     with pytest.raises(ConfigError, match="does not exist"):  # a path is never replaced by a shipped name
         load_config("elsewhere/demo.yaml")

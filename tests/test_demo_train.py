@@ -90,7 +90,7 @@ def test_a_cached_demo_corpus_of_another_seed_or_design_is_refused(tmp_path):
     out = tmp_path / "demo"
     corpus = ensure_demo_corpus(out, seed=1, quick=True)
     assert ensure_demo_corpus(out, seed=1, quick=True) == corpus  # cached
-    with pytest.raises(ValueError, match=r"built with \{'seed': 1, 'dose_copies': None\}, not \{'seed': 0"):
+    with pytest.raises(ValueError, match=r"built with \{'seed': 1, 'dose_copies': None, 'captions': 'template'\}, not \{'seed': 0"):
         ensure_demo_corpus(out, seed=0, quick=True)
-    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\]\}: use another --out"):
+    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\], 'captions': 'template'\}: use another --out"):
         ensure_demo_corpus(out, seed=1, quick=True, dose=True)

@@ -49,7 +49,8 @@ def test_version_is_written_once_and_reported(capsys):
 def test_configs_dir_is_the_package_data():
     """configs/ is what users read and copy, scanner/configs what the wheel ships: one set of files."""
     assert (ROOT / "configs").resolve() == (ROOT / "scanner" / "configs").resolve()
-    assert {p.name for p in (ROOT / "scanner" / "configs").glob("*.yaml")} == {"demo.yaml", "laion-sd15.yaml"}
+    assert {p.name for p in (ROOT / "scanner" / "configs").glob("*.yaml")} == {"demo.yaml", "demo-latent.yaml",
+                                                                          "laion-sd15.yaml"}
 
 
 def _copy_checkout(dst: Path) -> None:
@@ -133,7 +134,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     r = _run([memscan, "scan", *scan_args], elsewhere, env)
     assert r.returncode == 2 and "no output directory" in r.stderr, r.stdout + r.stderr
     r = _run([memscan, "scan", "--config", "nosuch", "--out", "x"], elsewhere, env)
-    assert r.returncode == 2 and "shipped with memscan: demo, laion-sd15" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "shipped with memscan: demo, demo-latent, laion-sd15" in r.stderr, r.stdout + r.stderr
 
     # jobs/scan.py: beside a checkout it runs the checkout's scanner; alone it runs the installed one
     lone = elsewhere / "job" / "jobs" / "scan.py"
