@@ -224,10 +224,17 @@ def _jpeg(img: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False) -> tuple[bytes, str]:
+# The near-duplicate edits: the default four, and the common copy edits `near_dup_edits` may add (SSCD-style:
+# a 5-20 % crop resized back, a horizontal flip, a 3-10 degree rotation, a text overlay).
+COPY_EDITS = ("jpeg", "shift", "color", "resize")
+MORE_EDITS = ("crop", "hflip", "rotate", "overlay")
+
+
+def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False,
+             kinds: tuple[str, ...] = COPY_EDITS) -> tuple[bytes, str]:
     """A near-duplicate of img as JPEG bytes, and the edit that made it (truth's `edit`). light: only a faint
     (1-2 %) colour change or a q85-92 re-encode."""
-    kind = str(rng.choice(["jpeg", "color"] if light else ["jpeg", "shift", "color", "resize"]))
+    kind = str(rng.choice(["jpeg", "color"] if light else list(kinds)))
     return _edit(img, rng, kind, light), kind
 
 
@@ -244,7 +251,34 @@ def _edit(img: np.ndarray, rng: np.random.Generator, kind: str, light: bool) -> 
         lo, hi = (0.01, 0.02) if light else (0.05, 0.15)
         gain = 1 + rng.uniform(lo, hi, size=3) * rng.choice([-1, 1], size=3)
         return _jpeg(np.clip(img * gain, 0, 255).round().astype(np.uint8))
-    h, w = img.shape[:2]  # down-up resize
+    h, w = img.shape[:2]
+    if kind == "crop":  # 5-20 % of the area cut away, the rest resized back to the full side
+        side = math.sqrt(1 - rng.uniform(0.05, 0.20))
+        ch, cw = max(1, round(h * side)), max(1, round(w * side))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = Image.fromarray(img[y:y + ch, x:x + cw])
+        return _jpeg(np.asarray(crop.resize((w, h), Image.Resampling.LANCZOS)))
+    if kind == "hflip":
+        return _jpeg(np.ascontiguousarray(img[:, ::-1]))
+    if kind == "rotate":
+        angle = float(rng.uniform(3, 10) * rng.choice([-1, 1]))
+        fill = tuple(int(v) for v in img.reshape(-1, img.shape[-1]).mean(0))
+        return _jpeg(np.asarray(Image.fromarray(img).rotate(angle, Image.Resampling.BICUBIC, fillcolor=fill)))
+    if kind == "overlay":  # three characters of text in a corner, as a watermark or a caption burnt in
+        from PIL import ImageDraw
+
+        text = "".join(str(c) for c in rng.choice(list("ABCDEFGHJKLMNPRSTUVWXYZ0123456789"), size=3))
+        pil = Image.fromarray(img)
+        draw = ImageDraw.Draw(pil)
+        box = draw.textbbox((0, 0), text)
+        tw, th = box[2] - box[0], box[3] - box[1]
+        x = 1 if rng.random() < 0.5 else max(1, w - tw - 2)
+        y = 1 if rng.random() < 0.5 else max(1, h - th - 3)
+        ink = (255, 255, 255) if img.mean() < 128 else (0, 0, 0)
+        draw.text((x - box[0], y - box[1]), text, fill=ink)
+        return _jpeg(np.asarray(pil))
+    if kind != "resize":
+        raise ValueError(f"unknown edit {kind!r}; accepted: {list(COPY_EDITS + MORE_EDITS)}")
     small = Image.fromarray(img).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BILINEAR)
     return _jpeg(np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)))
 
@@ -275,7 +309,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_oversampled: int = 20, n_exact_dup_groups: int = 30, n_near_dup_groups: int = 30,
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
                       truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
-                      dose_groups: int = 4, captions: str = "template") -> DemoCorpus:
+                      dose_groups: int = 4, captions: str = "template",
+                      near_dup_edits: tuple[str, ...] = COPY_EDITS) -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -293,9 +328,16 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     repeated groups share one caption over all their copies (truth `caption_kind` "verbatim", as Wen et al.'s
     memorized prompts) while the odd ones keep one caption per copy ("varied"). The images are the same as with
     "template" for the same seed (the tags draw from their own generator).
+
+    near_dup_edits: the edits near-duplicate variants draw from (default: jpeg, shift, color, resize); adding
+    MORE_EDITS (crop, hflip, rotate, overlay) plants the common copy edits the embedder must also catch.
     """
     if captions not in CAPTION_MODES:
         raise ValueError(f"captions must be one of {list(CAPTION_MODES)}, got {captions!r}")
+    near_dup_edits = tuple(near_dup_edits)
+    if not near_dup_edits or any(e not in COPY_EDITS + MORE_EDITS for e in near_dup_edits):
+        raise ValueError(f"near_dup_edits must be a non-empty list of {list(COPY_EDITS + MORE_EDITS)}, "
+                         f"got {list(near_dup_edits)!r}")
     _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
                 n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
                 n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed,
@@ -309,7 +351,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
               "n_near_dup_groups": n_near_dup_groups, "n_corrupt": n_corrupt, "n_no_caption": n_no_caption,
               "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
               "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {}),
-              **({"captions": captions} if captions != "template" else {})}
+              **({"captions": captions} if captions != "template" else {}),
+              **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != COPY_EDITS else {})}
     rng = np.random.default_rng(seed)
     tag_rng = np.random.default_rng([seed, 0xCA97])
 
@@ -343,7 +386,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
         b, k = next(pool), int(rng.integers(2, 5))
         add("near_dup", group, k, _jpeg(b.image), b, caption(b), "copy")
         for _ in range(k - 1):
-            data, edit = _variant(b.image, rng)
+            data, edit = _variant(b.image, rng, kinds=near_dup_edits)
             add("near_dup", group, k, data, b, caption(b), edit)
         group += 1
     def copies(planted: str, k: int, kind: str | None = None) -> None:

@@ -131,3 +131,33 @@ def test_dose_groups_planted_per_copy_count_and_off_by_default(corpus, tmp_path)
     assert "dose_copies" not in json.loads((corpus.out_dir / "demo_corpus.json").read_text())["params"]
     with pytest.raises(ValueError, match=r"dose_copies must be ints >= 2 \(copies per group\), got \[2, 1\]"):
         build_demo_corpus(tmp_path / "bad", dose_copies=(2, 1))
+
+
+def test_more_copy_edits_are_planted_when_asked(tmp_path):
+    import numpy as np
+
+    from scanner.data.demo import COPY_EDITS, MORE_EDITS
+
+    c = build_demo_corpus(tmp_path / "edits", **{**TINY, "n_near_dup_groups": 30, "truncate_last_shard": False},
+                          near_dup_edits=COPY_EDITS + MORE_EDITS)
+    truth = pd.read_parquet(c.truth)
+    near = truth[truth.planted == "near_dup"]
+    assert set(near["edit"]) == {"copy", *COPY_EDITS, *MORE_EDITS}
+    assert json.loads(c.manifest.read_text())["params"]["near_dup_edits"] == list(COPY_EDITS + MORE_EDITS)
+    images = {}
+    for shard in c.shards:
+        samples, err = read_shard(shard)
+        assert err is None
+        images |= {k: np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), dtype=float)
+                   for k, m in samples.items() if k in set(near["key"])}
+    for gid, g in near.groupby("group_id"):
+        base = images[g.loc[g.edit == "copy", "key"].iloc[0]]
+        for key, edit in zip(g.key, g.edit):
+            if edit == "hflip":  # the mirror of the original, up to JPEG
+                assert np.abs(images[key] - base[:, ::-1]).mean() < 4, gid
+            elif edit in MORE_EDITS:  # an edit that changes the pixels, on an image of the same size
+                assert images[key].shape == base.shape and np.abs(images[key] - base).mean() > 1, (gid, edit)
+    default = pd.read_parquet(build_demo_corpus(tmp_path / "default", **TINY).truth)
+    assert set(default["edit"].dropna()) <= {"copy", *COPY_EDITS}
+    with pytest.raises(ValueError, match="near_dup_edits must be a non-empty list of"):
+        build_demo_corpus(tmp_path / "bad", **TINY, near_dup_edits=("blur",))
