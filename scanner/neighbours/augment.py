@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _affine_crop(x: torch.Tensor, g: torch.Generator, min_scale: float, max_shift: float, flip_p: float):
-    """Per-image random crop (area in [min_scale, 1]), shift (fraction of the side) and flip; same output size."""
+def _affine_crop(x: torch.Tensor, g: torch.Generator, min_scale: float, max_shift: float, flip_p: float,
+                 max_rotate_deg: float = 0.0):
+    """Per-image random crop (area in [min_scale, 1]), shift (fraction of the side), flip and rotation (uniform in
+    +-max_rotate_deg; none drawn at 0); same output size."""
     b = x.shape[0]
     area = min_scale + (1 - min_scale) * torch.rand(b, generator=g)
     aspect = torch.exp((torch.rand(b, generator=g) - 0.5) * 0.4)  # aspect ratio in [0.82, 1.22]
@@ -28,6 +30,10 @@ def _affine_crop(x: torch.Tensor, g: torch.Generator, min_scale: float, max_shif
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
     theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+    if max_rotate_deg > 0:
+        a = torch.deg2rad(max_rotate_deg * (2 * torch.rand(b, generator=g) - 1))
+        rot = torch.stack([torch.stack([a.cos(), -a.sin()], 1), torch.stack([a.sin(), a.cos()], 1)], 1)
+        theta[:, :, :2] = rot @ theta[:, :, :2]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -82,16 +88,39 @@ def _jpeg(x: torch.Tensor, g: torch.Generator, p: float, quality: tuple[int, int
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
 
-def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0, flip_p: float = 0.0) -> torch.Tensor:
+def _overlay(x: torch.Tensor, g: torch.Generator, p: float):
+    """On a fraction p of the images, a solid block of 1-2 rows of 'text' (random dark or light strokes) in a
+    corner, covering up to ~15 % of the area: the burnt-in caption or watermark of a reposted copy."""
+    s = x.shape[-1]
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(x.shape[0], generator=g) < p).flatten().tolist():
+        h = max(2, int(s * (0.15 + 0.15 * float(torch.rand(1, generator=g)))))
+        w = max(2, int(s * (0.3 + 0.3 * float(torch.rand(1, generator=g)))))
+        y = 0 if float(torch.rand(1, generator=g)) < 0.5 else s - h
+        x0 = 0 if float(torch.rand(1, generator=g)) < 0.5 else s - w
+        ink = float(torch.rand(1, generator=g) < 0.5)
+        strokes = torch.rand(h, w, generator=g) < 0.45
+        patch = out[i, :, y:y + h, x0:x0 + w]
+        out[i, :, y:y + h, x0:x0 + w] = torch.where(strokes, torch.full_like(patch, ink), patch)
+    return out
+
+
+def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0, flip_p: float = 0.0,
+            max_rotate_deg: float = 0.0, overlay_p: float = 0.0) -> torch.Tensor:
     """images: (B, 3, S, S) float32 in [0, 1] -> one augmented view of each, same shape and range.
 
     strength scales the geometric and colour edits (1.0: crops down to 75 % of the area, shifts up
     to 8 % of the side, brightness/contrast/saturation/per-channel gain factors in [0.8, 1.2], down-up
     resize to 40 % of the side); JPEG quality is 25-95 on 70 % of views. flip_p: horizontal flips
     (SSCD uses them; off by default because a mirrored image is a different training sample for a
-    diffusion model and the small embedder has capacity to spare for nothing).
+    diffusion model and the small embedder has capacity to spare for nothing). max_rotate_deg: small rotations;
+    overlay_p: a 'text' overlay in a corner (`_overlay`). At their defaults (0) no extra random numbers are drawn,
+    so the default views are unchanged.
     """
-    x = _affine_crop(images, g, min_scale=1 - 0.25 * strength, max_shift=0.08 * strength, flip_p=flip_p)
+    x = _affine_crop(images, g, min_scale=1 - 0.25 * strength, max_shift=0.08 * strength, flip_p=flip_p,
+                     max_rotate_deg=max_rotate_deg)
+    if overlay_p > 0:
+        x = _overlay(x, g, overlay_p)
     x = _colour(x, g, strength=0.2 * strength)
     x = _down_up(x, g, p=0.5, min_factor=1 - 0.6 * strength)
     x = _blur_noise(x, g, p=0.2)

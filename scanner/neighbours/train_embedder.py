@@ -81,11 +81,12 @@ def _embed(visual, x, lowpass_factor: float):
 def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, batch_size: int = 128,
                     lr: float = 2e-3, temperature: float = 0.05, koleo_weight: float = 0.1, aug_strength: float = 1.0,
                     input_lowpass: float = INPUT_LOWPASS, seed: int = 0, time_budget_s: float | None = None,
-                    log=LOG.info):
+                    log=LOG.info, edits: dict | None = None):
     """Train a fresh `arch` CLIP's vision tower on images: (N, S, S, 3) uint8, S = the tower's input side.
 
     Returns (model, record): record holds the recipe, steps done, seconds, the last losses and a
-    calibration of cosine similarities on held-in images (see calibrate()).
+    calibration of cosine similarities on held-in images (see calibrate()). edits: extra augment() keywords
+    (flip_p, max_rotate_deg, overlay_p) for the training views; None: the shipped views.
     """
     import open_clip
     import torch
@@ -118,7 +119,8 @@ def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, ba
             order, pos = torch.randperm(n, generator=g), 0
         x = data[order[pos:pos + bs]].float() / 255.0
         pos += bs
-        z = _embed(visual, torch.cat([augment(x, g, aug_strength), augment(x, g, aug_strength)]), input_lowpass)
+        views = [augment(x, g, aug_strength, **(edits or {})) for _ in range(2)]
+        z = _embed(visual, torch.cat(views), input_lowpass)
         l_nce = info_nce(z[:bs], z[bs:], temperature)
         l_ko = koleo(z[:bs]) if koleo_weight > 0 else torch.zeros(())
         loss = l_nce + koleo_weight * l_ko
@@ -136,6 +138,7 @@ def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, ba
     record = {"steps": step, "seconds": round(time.time() - t0, 1), "batch_size": bs, "lr": lr,
               "temperature": temperature, "koleo_weight": koleo_weight, "aug_strength": aug_strength,
               "input_lowpass": input_lowpass, "seed": seed, "images": n, "final_infonce": round(loss_nce, 4),
+              **({"edits": dict(edits)} if edits else {}),
               "final_koleo": round(loss_ko, 4)}
     record["calibration"] = calibrate(visual, data, input_lowpass, aug_strength, seed)
     return model, record
@@ -235,7 +238,7 @@ def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[
 
 
 def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0, time_budget_s: float | None = None,
-                   max_images: int | None = None, arch: str | None = None, log=LOG.info) -> Path:
+                   max_images: int | None = None, arch: str | None = None, log=LOG.info, edits: dict | None = None) -> Path:
     """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
 
     cfg: a NeighboursConfig; cfg.image_size is the training and embedding side; cfg.clip_model is
@@ -250,6 +253,7 @@ def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0
     images, raw_hashes, read, total = training_sample(shards, cfg.image_size, max_images, seed)
     log(f"train-embedder: {len(images)} distinct images at {cfg.image_size}px from {read} of {total} shards, "
         f"arch {arch}, {steps} steps")
-    model, record = train_on_images(images, arch=arch, steps=steps, seed=seed, time_budget_s=time_budget_s, log=log)
+    model, record = train_on_images(images, arch=arch, steps=steps, seed=seed, time_budget_s=time_budget_s, log=log,
+                                    edits=edits)
     record["corpus_digest"] = hashlib.sha256("".join(sorted(raw_hashes)).encode()).hexdigest()[:16]
     return save_embedder(model, arch, cfg.image_size, out_dir, record)
