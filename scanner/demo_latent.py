@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scanner.demo_train import _EMA, _torch_threads, draw_batch, load_images, sample_weights, to_model_space
+from scanner.demo_train import (
+    _torch_threads,
+    draw_batch,
+    fit,
+    load_images,
+    progress_bar,
+    sample_weights,
+    to_model_space,
+)
 from scanner.files import write_json
 
 log = logging.getLogger("memscan")
@@ -126,14 +134,6 @@ def _sd_schedulers():
     return DDPMScheduler(**betas), DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", mininterval=5)
-
-
 def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = LATENT_STEPS,
                       vae_steps: int = LATENT_VAE_STEPS, batch_size: int = 64, lr: float = 1e-3,
                       oversample_factor: float = 30, caption_dropout: float = 0.1, seed: int = 0,
@@ -174,7 +174,7 @@ def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = 
 
         # 1. the autoencoder, on uniform draws of the corpus
         opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-        bar, t_vae = _bar(progress, vae_steps, "train-demo (latent: VAE)"), time.time()
+        bar, t_vae = progress_bar(progress, vae_steps, "train-demo (latent: VAE)"), time.time()
         vae.train()
         vae_losses = []
         for step in range(vae_steps):
@@ -205,13 +205,8 @@ def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = 
         ddpm, ddim = _sd_schedulers()
         alphas = ddpm.alphas_cumprod.float()
         both = torch.nn.ModuleList([unet, text])
-        opt = torch.optim.AdamW(both.parameters(), lr=lr, weight_decay=0.0)  # no decay: we want memorization
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-        ema = _EMA(both, ema_decay)
-        losses: list[float] = []
-        bar, t_train, cpu_train = _bar(progress, steps, "train-demo (latent: UNet)"), time.time(), time.process_time()
-        both.train()
-        for step in range(steps):
+
+        def batch_loss():
             idx = draw_batch(weights, batch_size, gen)
             z0 = latents[idx]
             tok = ids[idx].clone()
@@ -221,38 +216,23 @@ def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = 
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             pred = unet(zt, t, encoder_hidden_states=text(tok)[0]).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update(both)
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if time_budget_s is not None and time.time() - t_start > time_budget_s and step + 1 < steps:
-                log.warning("train-demo (latent): the time budget (%.0f s) stopped training after %d of %d UNet "
-                            "steps: this model differs from the %d-step model", time_budget_s, step + 1, steps, steps)
-                break
-        if bar is not None:
-            bar.close()
-        train_s, cpu_s = time.time() - t_train, time.process_time() - cpu_train
-        ema.copy_to(both)
+            return torch.nn.functional.mse_loss(pred, noise)
+
+        def warn(done: int) -> None:
+            log.warning("train-demo (latent): the time budget (%.0f s) stopped training after %d of %d UNet "
+                        "steps: this model differs from the %d-step model", time_budget_s, done, steps, steps)
+
+        run = fit(both, batch_loss, steps, lr, warmup_steps, ema_decay, desc="train-demo (latent: UNet)",
+                  progress=progress, deadline=None if time_budget_s is None else t_start + time_budget_s,
+                  on_deadline=warn)
         both.eval()
 
-        window = max(1, len(losses) // 20)
         info = {
-            "kind": "latent", "steps": len(losses), "steps_requested": steps,
-            "stopped_by": "steps" if len(losses) == steps else "time_budget", "vae_steps": vae_steps,
+            "kind": "latent", "steps": len(run.losses), "steps_requested": steps,
+            "stopped_by": "steps" if len(run.losses) == steps else "time_budget", "vae_steps": vae_steps,
             "vae_s": round(vae_s, 1), "vae_loss_last": float(np.mean(vae_losses[-20:])),
-            "vae_recon_rmse_median": rec_rmse, "scaling_factor": scaling,
-            "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
-            "s_per_step": round(train_s / max(1, len(losses)), 4), "cpu_s_per_step": round(cpu_s / max(1, len(losses)), 4),
-            "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
-            "loss_curve": [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)],
-            "loss_curve_window": window, "resolution": RESOLUTION, "channels": 3, "batch_size": batch_size, "lr": lr,
+            "vae_recon_rmse_median": rec_rmse, "scaling_factor": scaling, **run.record(time.time() - t_start),
+            "resolution": RESOLUTION, "channels": 3, "batch_size": batch_size, "lr": lr,
             "caption_dropout": caption_dropout, "max_tokens": MAX_TOKENS, "vocab_size": len(tokenizer),
             "captions_truncated": n_truncated, "ema_decay": ema_decay, "oversample_factor": oversample_factor,
             "seed": seed, "n_images": len(data.keys), "n_skipped": data.skipped,

@@ -141,6 +141,70 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+@dataclass
+class Fit:
+    """What `fit` ran: the loss of every step, wall and CPU seconds of the loop."""
+
+    losses: list[float]
+    train_s: float
+    cpu_s: float  # CPU seconds per step does not depend on how many other jobs share the machine; wall time does
+
+    def record(self, total_s: float) -> dict:
+        """train_info.json's timing and loss-curve keys (total_s: the whole training function's seconds)."""
+        n, losses = max(1, len(self.losses)), self.losses
+        window = max(1, len(losses) // 20)
+        return {"train_s": round(self.train_s, 1), "total_s": round(total_s, 1), "s_per_step": round(self.train_s / n, 4),
+                "cpu_s_per_step": round(self.cpu_s / n, 4),
+                "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
+                "loss_curve": [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)],
+                "loss_curve_window": window}
+
+
+def progress_bar(progress: bool, total: int, desc: str):
+    """A tqdm bar of `total` steps, or None without progress."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", mininterval=5)
+
+
+def fit(module: torch.nn.Module, batch_loss, steps: int, lr: float, warmup_steps: int, ema_decay: float, *,
+        desc: str, progress: bool, deadline: float | None = None, on_deadline=None) -> Fit:
+    """Train module for `steps` steps of `batch_loss()` (the loss of one seeded batch: it draws its own noise):
+    AdamW without weight decay (the demo wants memorization), a linear warm-up over warmup_steps, an EMA of the
+    weights (copied into module at the end), a tqdm bar. deadline: a time.time() after which training stops early,
+    first calling on_deadline(steps run)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    ema = _EMA(module, ema_decay)
+    losses: list[float] = []
+    bar = progress_bar(progress, steps, desc)
+    t_train, cpu_train = time.time(), time.process_time()
+    module.train()
+    for step in range(steps):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update(module)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if deadline is not None and time.time() > deadline and step + 1 < steps:
+            if on_deadline is not None:
+                on_deadline(step + 1)
+            break
+    if bar is not None:
+        bar.close()
+    done = Fit(losses, time.time() - t_train, time.process_time() - cpu_train)
+    ema.copy_to(module)
+    return done
+
+
 # The demo model trains for a fixed number of seeded steps, so every machine trains the same model (a wall-clock
 # budget would train a different one on a faster or slower CPU). 3,700 steps: what 10 minutes gave on the
 # 2-core CPU (0.16 s a step), the model every shipped threshold was chosen on (demo seed 0).
@@ -179,57 +243,26 @@ def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16
         unet = make_unet(resolution, channels, block_out_channels, layers_per_block, norm_num_groups)
         scheduler = DDPMScheduler(num_train_timesteps=1000)
         alphas = scheduler.alphas_cumprod.float()
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)  # no decay: we want memorization
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-        ema = _EMA(unet, ema_decay)
 
-        losses: list[float] = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc="train-demo", unit="step", mininterval=5)
-        t_train, cpu_train = time.time(), time.process_time()
-        unet.train()
-        for step in range(steps):
+        def batch_loss():
             idx = draw_batch(weights, batch_size, gen)
             x0 = x_all[idx]
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, 1000, (batch_size,), generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update(unet)
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if time_budget_s is not None and time.time() - t_start > time_budget_s and step + 1 < steps:
-                log.warning("train-demo: the time budget (%.0f s) stopped training after %d of %d steps: this model "
-                            "differs from the %d-step model the shipped thresholds were chosen on", time_budget_s,
-                            step + 1, steps, steps)
-                break
-        if bar is not None:
-            bar.close()
-        train_s = time.time() - t_train
-        # CPU seconds per step does not depend on how many other jobs share the machine; wall time does.
-        cpu_s = time.process_time() - cpu_train
+            return torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
 
-        ema.copy_to(unet)
-        window = max(1, len(losses) // 20)
+        def warn(done: int) -> None:
+            log.warning("train-demo: the time budget (%.0f s) stopped training after %d of %d steps: this model "
+                        "differs from the %d-step model the shipped thresholds were chosen on", time_budget_s,
+                        done, steps, steps)
+
+        run = fit(unet, batch_loss, steps, lr, warmup_steps, ema_decay, desc="train-demo", progress=progress,
+                  deadline=None if time_budget_s is None else t_start + time_budget_s, on_deadline=warn)
         info = {
-            "steps": len(losses), "steps_requested": steps,
-            "stopped_by": "steps" if len(losses) == steps else "time_budget", "train_s": round(train_s, 1),
-            "total_s": round(time.time() - t_start, 1), "s_per_step": round(train_s / max(1, len(losses)), 4),
-            "cpu_s_per_step": round(cpu_s / max(1, len(losses)), 4),
-            "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
-            "loss_curve": [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)],
-            "loss_curve_window": window,
+            "steps": len(run.losses), "steps_requested": steps,
+            "stopped_by": "steps" if len(run.losses) == steps else "time_budget", **run.record(time.time() - t_start),
             "resolution": resolution, "channels": channels, "batch_size": batch_size, "lr": lr,
             "block_out_channels": list(block_out_channels), "layers_per_block": layers_per_block,
             "ema_decay": ema_decay, "oversample_factor": oversample_factor, "seed": seed,
