@@ -29,7 +29,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from scanner.evaluate import evaluate
+from scanner.evaluate import by_caption_kind, evaluate
 
 COLUMNS = ["score_norm_cal", "cfg_norm", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca",
            "lid_gap_rel"]
@@ -65,8 +65,7 @@ def cfg_sweep(demo: Path) -> list[dict]:
 
     model = LatentSDScoreModel.from_pretrained(demo / "model")
     data = load_images(demo / "corpus", model.resolution, 3)
-    truth = pd.read_parquet(demo / "corpus" / "truth.parquet").set_index("key")
-    kinds = truth["caption_kind"].astype(object).where(truth["caption_kind"].notna(), truth["planted"])
+    kinds = by_caption_kind(pd.read_parquet(demo / "corpus" / "truth.parquet")).set_index("key")["planted"]
     kind = np.array([kinds.get(k) for k in data.keys], dtype=object)
     rng = np.random.default_rng(0)
     sel = np.r_[np.flatnonzero(np.isin(kind, ["verbatim", "varied", "oversampled"])),
@@ -95,9 +94,8 @@ def one(demo: Path, seed: int) -> dict:
     info = json.loads((demo / "model" / "train_info.json").read_text())
     m = evaluate(demo / "scan", demo / "corpus" / "truth.parquet", write=False)
     scores = pd.read_parquet(demo / "scan" / "scores")
-    truth = pd.read_parquet(demo / "corpus" / "truth.parquet")
-    kinds = truth["caption_kind"].astype(object).where(truth["caption_kind"].notna(), truth["planted"])
-    df = scores[scores["error"].isna()].merge(truth[["key"]].assign(kind=kinds), on="key")
+    kinds = by_caption_kind(pd.read_parquet(demo / "corpus" / "truth.parquet"))[["key", "planted"]]
+    df = scores[scores["error"].isna()].merge(kinds.rename(columns={"planted": "kind"}), on="key")
     flagged = {k: {"flagged": float(g["verdict"].isin(["confirmed", "suspected"]).mean()), "images": len(g),
                    "dd": float((g["mem_class"] == "dd").mean()), "od": float((g["mem_class"] == "od").mean())}
                for k, g in df.groupby("kind") if k in ("verbatim", "varied", "oversampled", "unique")}

@@ -94,7 +94,6 @@ def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | Non
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    _check_kind(kind)
     model = ensure_demo_model(out, minutes, seed=seed, progress=progress, steps=steps, quick=quick, dose=dose,
                               kind=kind)
     info = json.loads((model / "train_info.json").read_text()) if (model / "train_info.json").exists() else {}
