@@ -34,6 +34,7 @@ from scanner.demo_train import (
     draw_batch,
     fit,
     load_images,
+    noised,
     progress_bar,
     sample_weights,
     to_model_space,
@@ -208,13 +209,9 @@ def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = 
 
         def batch_loss():
             idx = draw_batch(weights, batch_size, gen)
-            z0 = latents[idx]
             tok = ids[idx].clone()
             tok[torch.rand(batch_size, generator=gen) < caption_dropout] = empty[0]
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, 1000, (batch_size,), generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            zt, t, noise = noised(latents[idx], alphas, gen)
             pred = unet(zt, t, encoder_hidden_states=text(tok)[0]).sample
             return torch.nn.functional.mse_loss(pred, noise)
 

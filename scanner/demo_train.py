@@ -141,6 +141,14 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def noised(x0: torch.Tensor, alphas: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The epsilon objective's seeded input: (x_t = sqrt(a) x0 + sqrt(1 - a) eps at a uniform timestep t, t, eps)."""
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, len(alphas), (x0.shape[0],), generator=gen)
+    a = alphas[t].view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
 @dataclass
 class Fit:
     """What `fit` ran: the loss of every step, wall and CPU seconds of the loop."""
@@ -245,12 +253,7 @@ def train_demo(corpus_dir: str | Path, out_dir: str | Path, resolution: int = 16
         alphas = scheduler.alphas_cumprod.float()
 
         def batch_loss():
-            idx = draw_batch(weights, batch_size, gen)
-            x0 = x_all[idx]
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, 1000, (batch_size,), generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            xt, t, noise = noised(x_all[draw_batch(weights, batch_size, gen)], alphas, gen)
             return torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
 
         def warn(done: int) -> None:
