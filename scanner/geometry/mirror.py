@@ -47,16 +47,13 @@ def mirror(x: torch.Tensor, ref: str) -> torch.Tensor:
     return x.flip(MIRRORS[ref])
 
 
-# images (B, H, W, C): the spatial axes of each mirror
-PIXEL_AXES = dict(zip(CAL_MIRRORS, [(2,), (1,), (1, 2)]))
-
-
 @torch.no_grad()
 def pixel_mirrors(model: Any, images: torch.Tensor, refs: list[str]) -> dict[str, torch.Tensor]:
     """{ref: model.encode_images(the images mirrored)}: the mirror images of a latent model's points, mirrored
     where the image lives (pixels) and encoded, since a VAE's latent of a flipped image is not the flipped
     latent. images: (B, H, W, C) uint8, as encode_images takes them."""
-    return {r: model.encode_images(images.flip(PIXEL_AXES[r])) for r in check_refs(refs)}
+    # channels last: each of MIRRORS' spatial axes (counted from the end) sits one further left
+    return {r: model.encode_images(images.flip([a - 1 for a in MIRRORS[r]])) for r in check_refs(refs)}
 
 
 @torch.no_grad()
