@@ -52,10 +52,12 @@ def register_architectures() -> None:
     todo = {k: v for k, v in ARCHITECTURES.items() if k not in _registered}
     if not todo:
         return
-    d = Path(tempfile.mkdtemp(prefix="memscan_open_clip_cfg_"))
-    for name, cfg in todo.items():
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d)
+    # open_clip reads the files into its registry at once, so the folder goes away after (one was left in
+    # /tmp by every process before)
+    with tempfile.TemporaryDirectory(prefix="memscan_open_clip_cfg_") as d:
+        for name, cfg in todo.items():
+            (Path(d) / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(d)
     _registered.update(todo)
 
 

@@ -111,3 +111,27 @@ def test_safetensors_file_roundtrip_with_matching_arch(tiny_checkpoint, tmp_path
         assert emb.embed(x).shape == ref.embed(x).shape
     finally:
         ARCHITECTURES.pop(name)
+
+
+def test_registration_leaves_no_folder_and_survives_a_rescan(tmp_path, monkeypatch):
+    """register_architectures writes open_clip's json files to a temporary folder that is removed at once; the
+    architectures stay known even when open_clip rescans its config paths later (another add_model_config)."""
+    import tempfile
+
+    import open_clip
+
+    from scanner.neighbours.embed import ARCHITECTURES, register_architectures
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    name = "memscan-test-arch-rescan"
+    ARCHITECTURES[name] = ARCHITECTURES[DEFAULT_ARCH]
+    try:
+        register_architectures()
+        assert name in open_clip.list_models()
+        assert list(tmp_path.iterdir()) == []
+        other = tmp_path / "other"
+        other.mkdir()
+        open_clip.add_model_config(other)  # rescans every path, ours included (gone)
+        assert name in open_clip.list_models()
+    finally:
+        ARCHITECTURES.pop(name)
