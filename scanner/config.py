@@ -200,6 +200,12 @@ class ClassifyConfig:
     detector_direction: Literal["low", "high"] | None = None
     detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set
     detector_threshold: float | None = None
+    # held-out images the model never trained on (webdataset shards: a directory, glob or list): when set, the cut
+    # is the detector's calibration_fpr quantile over them (a false-positive rate on non-members, so the cut means
+    # the same for every model), and detector_threshold / detector_quantile are not used
+    calibration_shards: str | list[str] | None = None
+    calibration_fpr: float = 0.01
+    calibration_max_images: int = 5000  # the first this many readable held-out images are scored
     lpca_low: float = 2.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem)
     gap_margin: float = 0.0  # OD-Mem additionally needs lid_lpca - lid_flipd > gap_margin (when both exist)
 
@@ -219,6 +225,14 @@ class ClassifyConfig:
         _check(0.0 < self.detector_quantile < 1.0, f"{p}.detector_quantile", self.detector_quantile,
                "a float in (0, 1)")
         _check(self.lpca_low >= 0, f"{p}.lpca_low", self.lpca_low, ">= 0")
+        _check(0.0 < self.calibration_fpr < 0.5, f"{p}.calibration_fpr", self.calibration_fpr,
+               "a float in (0, 0.5): the share of held-out images the cut flags")
+        _check(isinstance(self.calibration_max_images, int) and self.calibration_max_images >= 100,
+               f"{p}.calibration_max_images", self.calibration_max_images, "an int >= 100")
+        _check(self.calibration_shards is None or (isinstance(self.calibration_shards, (str, list))
+                                                   and len(self.calibration_shards) > 0),
+               f"{p}.calibration_shards", self.calibration_shards,
+               "null, or a directory, glob or list of held-out .tar shards")
 
 
 @dataclass
@@ -257,6 +271,9 @@ class ScanConfig:
             getattr(self, name).validate(name)
         if sections is not None and not {"classify", "geometry"} <= set(sections):
             return self
+        if self.classify.calibration_shards and self.model.kind == "none":
+            raise ConfigError("classify.calibration_shards is set but model.kind is none: there is no detector "
+                              "to calibrate; set model.kind (pixel, latent) or classify.calibration_shards: null")
         if self.classify.detector == "score_norm_cal" and not self.geometry.cal_refs:
             raise ConfigError("classify.detector is score_norm_cal but geometry.cal_refs is [], so that column is "
                               "not computed: set geometry.cal_refs (e.g. [hflip, vflip]) or another "

@@ -161,18 +161,33 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
                     "a trained UNet?): OD-Mem compares dimensions, so no image is classed od in this run",
                     medians["lid_flipd"])
     vals = v[col]
-    if not np.isfinite(vals).any() and c.detector_threshold is None:
+    calibration = None
+    if c.calibration_shards:
+        from scanner.calibrate import calibrated_cut, heldout_scores
+
+        held = heldout_scores(cfg)
+        thr = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
+        calibration = {"fpr": c.calibration_fpr, "images": held["images"], "errors": held["errors"],
+                       "shards": held["shards"], "seconds": held["seconds"],
+                       "median": float(np.median(held["values"])),
+                       "flagged_share_of_corpus": float(np.mean(vals <= thr if c.direction == "low" else vals >= thr))
+                       if len(vals) else None}
+        how = f" (the {c.calibration_fpr:g} quantile of {held['images']} held-out images)"
+    elif not np.isfinite(vals).any() and c.detector_threshold is None:
         return {"detector": col, "note": "detector column has no values", "threshold": None}
-    if c.detector_threshold is not None:
-        thr = float(c.detector_threshold)
+    elif c.detector_threshold is not None:
+        thr, how = float(c.detector_threshold), ""
     else:
         q = c.detector_quantile if c.direction == "low" else 1.0 - c.detector_quantile
-        thr = float(np.nanquantile(vals, q))
+        thr, how = float(np.nanquantile(vals, q)), f" (the {c.detector_quantile:g} quantile of the corpus)"
+    fixed = calibration is not None or c.detector_threshold is not None
     return {"detector": col, "direction": c.direction, "threshold": thr,
-            "quantile": None if c.detector_threshold is not None else c.detector_quantile,
-            "quantile_from": "all scored rows" if rate >= 1.0 else f"a seeded sample of {len(vals)} scored rows",
+            "quantile": None if fixed else c.detector_quantile,
+            "quantile_from": None if fixed else "all scored rows" if rate >= 1.0
+            else f"a seeded sample of {len(vals)} scored rows",
+            **({"calibration": calibration} if calibration else {}),
             "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians,
-            "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}; "
+            "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}{how}; "
                      f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
                      f"flagged and lid_gap_rel > {c.gap_margin} -> od (overfitting-driven: regularize), lid_gap_rel = "
                      f"lid_lpca / {medians.get('lid_lpca') or float('nan'):.4g} - lid_flipd / "

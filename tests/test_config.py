@@ -33,6 +33,8 @@ def test_unknown_section(tmp_path):
     ("geometry.p_values=[1, -2]", r"geometry.p_values must be a non-empty list of numbers > 0"),
     ("neighbours.dup_threshold=1.5", r"neighbours.dup_threshold must be a cosine in \[-1, 1\]"),
     ("model.kind=pixel", r"model.path must be a local model directory"),
+    ("classify.calibration_fpr=0.7", r"classify.calibration_fpr must be a float in \(0, 0.5\)"),
+    ("classify.calibration_max_images=10", r"classify.calibration_max_images must be an int >= 100, got 10"),
 ])
 def test_bad_values_name_value_and_accepted(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,3 +82,8 @@ def test_unknown_name_lists_shipped_configs(tmp_path, monkeypatch):
         load_config("nosuch")
     with pytest.raises(ConfigError, match="does not exist"):  # a path is never replaced by a shipped name
         load_config("elsewhere/demo.yaml")
+
+
+def test_calibration_shards_need_a_model():
+    with pytest.raises(ConfigError, match="classify.calibration_shards is set but model.kind is none"):
+        load_config(DEMO, ["model.kind=none", "classify.calibration_shards=/h"])

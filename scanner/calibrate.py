@@ -1,0 +1,73 @@
+"""The detector's cut from held-out images: a false-positive rate on non-members, the same for every model.
+
+A fixed cut on a memorization score (score_norm_cal <= 0.8) means different things under different models: a
+model that memorized less, or whose ratios sit lower everywhere, flags far fewer or far more images at the same
+number (benchmarks/results/detection.md: 171 vs 477 of 480 repeated images over two demo models). Membership
+inference sets its threshold where it flags a chosen share of images the model never trained on; memscan does
+the same when `classify.calibration_shards` names such images: they go through the scan's own read and score
+stages (in this process: a held-out set is small), and the cut is the detector's `calibration_fpr` quantile over
+them (its `calibration_fpr` lowest values for a low-flags column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+log = logging.getLogger("memscan")
+
+
+def calibrated_cut(values: np.ndarray, fpr: float, direction: str) -> float:
+    """The cut that flags a share `fpr` of `values` (the detector on held-out images) in `direction`."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        raise ValueError("no finite detector value on the held-out images")
+    if direction not in ("low", "high"):
+        raise ValueError(f"direction must be 'low' or 'high', got {direction!r}")
+    return float(np.quantile(v, fpr if direction == "low" else 1.0 - fpr))
+
+
+def heldout_scores(cfg) -> dict:
+    """Score cfg.classify.calibration_shards with the scan's model, through the scan's read and score stages.
+
+    Returns {"values": the detector on each readable, finitely scored image (at most
+    classify.calibration_max_images), "images", "errors" (rows that failed to read or score), "shards",
+    "seconds"}.
+    """
+    from scanner.data.shards import expand_shards
+    from scanner.stages.read import ReadSpec, read_shard
+    from scanner.stages.score import ScoreStage
+
+    c = cfg.classify
+    shards = expand_shards(c.calibration_shards)
+    if not shards:
+        raise ValueError(f"classify.calibration_shards={c.calibration_shards!r} matches no .tar shard")
+    t0 = time.time()
+    stage = ScoreStage(dataclasses.asdict(cfg))
+    if c.detector not in stage.writes:
+        raise ValueError(f"classify.detector {c.detector!r} is not a score column of this model "
+                         f"({', '.join(stage.writes[:-1])}): it cannot be calibrated")
+    spec = ReadSpec(model_side=cfg.data.resolution, model_channels=cfg.data.channels,
+                    max_pixels=cfg.data.max_image_pixels)
+    values, errors = [], 0
+    for path in shards:
+        for batch in read_shard(path, spec, rows_per_batch=cfg.data.batch_size):
+            out = stage.process(batch)
+            rows = ~np.asarray(out["marker"], dtype=bool)
+            ok = rows & np.array([e is None for e in out["error"]], dtype=bool)
+            errors += int(rows.sum() - ok.sum())
+            values.append(np.asarray(out[c.detector], dtype=float)[ok])
+            if sum(len(v) for v in values) >= c.calibration_max_images:
+                break
+        if sum(len(v) for v in values) >= c.calibration_max_images:
+            break
+    vals = np.concatenate(values)[:c.calibration_max_images] if values else np.zeros(0)
+    seconds = round(time.time() - t0, 1)
+    log.info("classify: scored %d held-out images for the detector's cut in %.1f s (%d unreadable or unscored)",
+             len(vals), seconds, errors)
+    return {"values": vals, "images": len(vals), "errors": errors, "shards": [str(s) for s in shards],
+            "seconds": seconds}

@@ -1,0 +1,61 @@
+"""The detector's cut from held-out images (scanner/calibrate.py): a false-positive rate on non-members."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from scanner.calibrate import calibrated_cut, heldout_scores
+
+
+def test_cut_is_the_fpr_quantile_in_the_flagging_direction():
+    v = np.r_[np.arange(1000) / 1000.0, np.nan]  # the NaN is ignored
+    low, high = calibrated_cut(v, 0.01, "low"), calibrated_cut(v, 0.01, "high")
+    assert np.mean(v[:1000] <= low) == pytest.approx(0.01, abs=1e-3)
+    assert np.mean(v[:1000] >= high) == pytest.approx(0.01, abs=1e-3)
+    with pytest.raises(ValueError, match="no finite detector value"):
+        calibrated_cut(np.array([np.nan]), 0.01, "low")
+    with pytest.raises(ValueError, match="direction must be 'low' or 'high'"):
+        calibrated_cut(v, 0.01, "up")
+
+
+def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_corpus):
+    """The stage path (read, decode, score) gives the detector the geometry gives on the held-out images decoded
+    by hand: a calibration that scored images differently from the scan would set a meaningless cut."""
+    from scanner.data.load import load_images
+    from scanner.geometry.mirror import mirror_calibrated_norm
+    from scanner.models.loading import load_score_model
+
+    held = tiny_corpus.out_dir / "heldout"
+    cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_max_images=100")
+    out = heldout_scores(cfg)
+    assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == [str(held / "00000.tar")]
+    _, images, _, _ = load_images(str(held), cfg.data.resolution)
+    model = load_score_model(cfg.model)
+    x = model.encode_images(torch.from_numpy(images[:100]))
+    direct = mirror_calibrated_norm(model, x, cfg.geometry.t_cal, cfg.geometry.cal_refs).numpy()
+    np.testing.assert_allclose(out["values"], direct, rtol=1e-4)
+
+
+def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tiny_corpus, tmp_path):
+    from scanner.finalize import detector_threshold
+
+    held = tiny_corpus.out_dir / "heldout"
+    cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_fpr=0.05",
+                      "classify.detector_threshold=0.123")
+
+    class Store:  # a corpus of no rows: the cut must come from the held-out images alone
+        columns = ("score_norm_cal", "lid_flipd")
+
+        def __len__(self):
+            return 0
+
+    class Masks:
+        counts = types.MappingProxyType({"ok": 0})
+
+    t = detector_threshold(Store(), Masks(), cfg)
+    vals = heldout_scores(cfg)["values"]
+    assert t["threshold"] == pytest.approx(np.quantile(vals, 0.05)) and t["threshold"] != 0.123
+    assert t["calibration"]["images"] == 120 and t["calibration"]["fpr"] == 0.05
+    assert "0.05 quantile of 120 held-out images" in t["rule"]
