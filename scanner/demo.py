@@ -13,7 +13,7 @@ log = logging.getLogger("memscan")
 # `memscan demo --quick`: the same commands on a corpus and training budget small enough to finish in a few
 # minutes on a laptop CPU (and in the tests); the scan, tables and report are real, the metrics mean little.
 QUICK_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 10, "n_oversampled": 2, "n_exact_dup_groups": 3,
-                "n_near_dup_groups": 3, "n_corrupt": 2, "n_no_caption": 3, "samples_per_shard": 40}
+                "n_near_dup_groups": 3, "n_corrupt": 2, "n_no_caption": 3, "samples_per_shard": 40, "n_heldout": 100}
 QUICK_STEPS = 30  # demo-model optimizer steps
 # `memscan demo --dose`: 4 more groups at each of these copy counts (planted "dose"), for the dose-response
 DOSE_COPIES = (2, 4, 8, 16, 32)
@@ -102,6 +102,12 @@ def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | Non
         base.append(f"data.resolution={info['resolution']}")
     if "channels" in info:
         base.append(f"data.channels={info['channels']}")
+    heldout = out / "corpus" / "heldout"
+    if sorted(heldout.glob("*.tar")):  # images the model never saw: the detector's cut is a 1 % FPR on them
+        base.append(f"classify.calibration_shards={heldout}")
+    else:
+        log.info("demo: %s has no held-out shard (a corpus cached by an older memscan): the detector keeps the "
+                 "config's fixed cut", out / "corpus")
     cfg = load_config(shipped_config(DEMO_MODELS[kind][1]), base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     scan_dir = out / "scan"
     if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:

@@ -119,6 +119,7 @@ class _Distinct:
     def __init__(self, capacity: int, min_rmse: float = 0.05):
         self.feats = np.zeros((capacity, 8 * 8 * 3), dtype=np.float32)
         self.n, self.min_rmse = 0, min_rmse
+        self.boxes: dict[str, list[tuple[int, int, int]]] = {}  # photo crops taken so far (_photo_crops)
 
     def accept(self, img: np.ndarray) -> bool:
         f = np.asarray(Image.fromarray(img).resize((8, 8), Image.Resampling.BOX), dtype=np.float32).ravel() / 255
@@ -134,7 +135,9 @@ def _photo_crops(n: int, size: int, rng: np.random.Generator, distinct: _Distinc
     photos = _load_photos()
     names = sorted(photos)
     areas = np.array([photos[k].shape[0] * photos[k].shape[1] for k in names], dtype=float)
-    boxes: dict[str, list[tuple[int, int, int]]] = {k: [] for k in names}
+    boxes = distinct.boxes
+    for k in names:
+        boxes.setdefault(k, [])
     out: list[_Base] = []
     tries = 0
     while len(out) < n:
@@ -165,12 +168,13 @@ def _iou(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return inter / (sa * sa + sb * sb - inter)
 
 
-def _image_pool(n: int, size: int, rng: np.random.Generator) -> list[_Base]:
-    """n distinct base images, shuffled: ~30 % digits, up to 10 % faces, the rest photo crops."""
+def _image_pool(n: int, size: int, rng: np.random.Generator, distinct: _Distinct | None = None) -> list[_Base]:
+    """n distinct base images, shuffled: ~30 % digits, up to 10 % faces, the rest photo crops. distinct: a filter
+    that already holds other images (and photo boxes) the new ones must differ from (None: a fresh one)."""
     from skimage.data import lfw_subset
     from sklearn.datasets import load_digits
 
-    distinct = _Distinct(n)
+    distinct = distinct or _Distinct(n)
     digits, faces = load_digits(), lfw_subset()
     pool: list[_Base] = []
     n_digit = min(len(digits.images), round(0.3 * n))
@@ -310,7 +314,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
                       truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
                       dose_groups: int = 4, captions: str = "template",
-                      near_dup_edits: tuple[str, ...] = COPY_EDITS) -> DemoCorpus:
+                      near_dup_edits: tuple[str, ...] = COPY_EDITS, n_heldout: int = 500) -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -331,6 +335,10 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
 
     near_dup_edits: the edits near-duplicate variants draw from (default: jpeg, shift, color, resize); adding
     MORE_EDITS (crop, hflip, rotate, overlay) plants the common copy edits the embedder must also catch.
+
+    n_heldout: images of the same kinds, distinct from every corpus image (and no photo crop overlapping a corpus
+    crop by more than _MAX_CROP_IOU), written to `out_dir/heldout/00000.tar`, outside the corpus: non-members for
+    classify.calibration_shards. They draw from their own generator, so the corpus is the same for any n_heldout.
     """
     if captions not in CAPTION_MODES:
         raise ValueError(f"captions must be one of {list(CAPTION_MODES)}, got {captions!r}")
@@ -341,7 +349,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
                 n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
                 n_no_caption=n_no_caption, size=size, samples_per_shard=samples_per_shard, seed=seed,
-                dose_groups=dose_groups)
+                dose_groups=dose_groups, n_heldout=n_heldout)
     if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in dose_copies):
         raise ValueError(f"dose_copies must be ints >= 2 (copies per group), got {list(dose_copies)!r}")
     if samples_per_shard > 9999:
@@ -352,7 +360,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
               "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
               "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {}),
               **({"captions": captions} if captions != "template" else {}),
-              **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != COPY_EDITS else {})}
+              **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != COPY_EDITS else {}),
+              **({"n_heldout": n_heldout} if n_heldout != 500 else {})}
     rng = np.random.default_rng(seed)
     tag_rng = np.random.default_rng([seed, 0xCA97])
 
@@ -362,7 +371,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
 
     n_base = (n_unique + n_repeated + n_oversampled + n_exact_dup_groups + n_near_dup_groups + n_corrupt
               + n_no_caption + len(dose_copies) * dose_groups)
-    pool = iter(_image_pool(n_base, size, rng))
+    distinct = _Distinct(n_base + n_heldout)  # kept for the held-out images, which must differ from these
+    pool = iter(_image_pool(n_base, size, rng, distinct))
 
     # One record per sample: planted, group_id, copies, image bytes, caption (None = no .txt), base.
     recs: list[dict] = []
@@ -460,15 +470,40 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
         os.replace(tmp, path)
         shards.append(path)
 
+    heldout = _write_heldout(out_dir / "heldout", n_heldout, size, seed, distinct, captions)
     truth = _write_truth(rows, out_dir / "truth.parquet")
     counts = {c: sum(r["planted"] == c for r in rows) for c in PLANTED}
     truncated = f"{n_shards - 1:05d}" if truncate_last_shard else None
     manifest = out_dir / "demo_corpus.json"
     info = {"n_samples": n, "n_readable": cut_at, "n_shards": n_shards, "counts": counts,
-            "truncated_shard": truncated, "n_groups": group, "params": params}
+            "truncated_shard": truncated, "n_groups": group, "params": params,
+            "heldout": {"shards": [str(heldout.relative_to(out_dir))] if heldout else [], "n_images": n_heldout}}
     write_json(info, manifest)
     return DemoCorpus(out_dir=out_dir, shards=shards, truth=truth, manifest=manifest, counts=counts, n_samples=n,
                       n_readable=cut_at, truncated_shard=truncated, params=params)
+
+
+def _write_heldout(out: Path, n: int, size: int, seed: int, distinct: _Distinct, captions: str) -> Path | None:
+    """n held-out images (see build_demo_corpus) in out/00000.tar, with a caption and a .json each."""
+    for old in out.glob("*.tar") if out.exists() else []:
+        old.unlink()
+    if n == 0:
+        return None
+    rng = np.random.default_rng([seed, 0x4E1D])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "00000.tar"
+    tmp = path.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, b in enumerate(_image_pool(n, size, rng, distinct)):
+            key = f"{i:09d}"
+            text = _caption(b, rng) + (f", {_tag(rng)}" if captions == "unique" else "")
+            _add_member(tf, f"{key}.jpg", _jpeg(b.image))
+            _add_member(tf, f"{key}.txt", text.encode())
+            _add_member(tf, f"{key}.json", json.dumps({"key": key, "caption": text, "width": size, "height": size,
+                                                       "source": b.source, "status": "success"},
+                                                      sort_keys=True).encode())
+    os.replace(tmp, path)
+    return path
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:

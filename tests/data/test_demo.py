@@ -161,3 +161,35 @@ def test_more_copy_edits_are_planted_when_asked(tmp_path):
     assert set(default["edit"].dropna()) <= {"copy", *COPY_EDITS}
     with pytest.raises(ValueError, match="near_dup_edits must be a non-empty list of"):
         build_demo_corpus(tmp_path / "bad", **TINY, near_dup_edits=("blur",))
+
+
+def test_heldout_images_lie_outside_the_corpus_and_leave_it_unchanged(corpus, tmp_path):
+    """heldout/00000.tar: n_heldout samples (jpg + txt + json) none of which is a corpus image, not even after a
+    JPEG round trip (8x8 RMSE >= the builder's 0.05); the corpus itself is the same with or without them."""
+    import numpy as np
+
+    held, err = read_shard(corpus.out_dir / "heldout" / "00000.tar")
+    assert err is None and len(held) == 500
+    assert all(set(m) == {"jpg", "txt", "json"} for m in held.values())
+    manifest = json.loads(corpus.manifest.read_text())
+    assert manifest["heldout"] == {"shards": ["heldout/00000.tar"], "n_images": 500}
+
+    def small(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((8, 8), Image.Resampling.BOX),
+                          dtype=np.float32).ravel() / 255
+
+    truth = pd.read_parquet(corpus.truth).set_index("key")
+    members = {k: m for p in corpus.shards for k, m in read_shard(p)[0].items() if "jpg" in m and decodes(m["jpg"])}
+    assert not {m["jpg"] for m in members.values()} & {m["jpg"] for m in held.values()}
+    # the bases themselves (an edited variant may sit nearer to anything than its base does)
+    a = np.stack([small(m["jpg"]) for k, m in members.items() if truth.loc[k, "edit"] in (None, "copy")
+                  or pd.isna(truth.loc[k, "edit"])])
+    b = np.stack([small(m["jpg"]) for m in held.values()])
+    rmse = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1))
+    assert rmse.min() > 0.04  # 0.05 on the uncompressed images; JPEG moves 8x8 means by well under 0.01
+
+    none = build_demo_corpus(tmp_path / "none", **{**TINY, "n_heldout": 0})
+    for x, y in zip(corpus.shards, none.shards):
+        assert x.read_bytes() == y.read_bytes(), x.name
+    pd.testing.assert_frame_equal(pd.read_parquet(corpus.truth), pd.read_parquet(none.truth))
+    assert not list((none.out_dir / "heldout").glob("*.tar"))
