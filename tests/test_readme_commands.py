@@ -192,6 +192,9 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     assert 0 <= metrics["scores"]["repeated_vs_unique"]["score_norm_cal"]["auroc"] <= 1
     reps = pd.read_parquet(demo / "scan" / "replications.parquet")
     assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"] and len(reps) == 4
+    # the detector's cut: a 1 % false-positive rate on the corpus' held-out shard (100 images with --quick)
+    cal = json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["calibration"]
+    assert cal["images"] == 100 and cal["fpr"] == 0.01 and cal["shards"][0].endswith("heldout/00000.tar")
 
 
 def check_demo_latent(out: Path) -> None:
@@ -211,7 +214,7 @@ def check_demo_latent(out: Path) -> None:
     assert len(reps) == 4 and reps["caption"].notna().all()  # generated from training captions
     assert metrics["replications_by_caption"]
     summary = json.loads((out / "scan" / "summary.json").read_text())
-    assert summary["config"]["model"]["kind"] == "latent"
+    assert summary["config"]["model"]["kind"] == "latent" and summary["thresholds"]["calibration"]["images"] == 100
 
 
 def check_corpus(out: Path) -> None:
