@@ -294,3 +294,21 @@ def test_dose_response_plotted_when_metrics_have_it(scan, tmp_path):
     text = write_report(out).read_text()
     assert "<h3>Dose-response</h3>" in text and 'alt="dose-response"' in text and "failed to render" not in text
     assert n_images(text) == n_images(scan[1]) + 1
+
+
+def test_a_calibrated_cut_is_explained_as_a_false_positive_rate(scan, tmp_path):
+    """A run whose cut came from held-out images says so: the FPR, how many images, where, what it flags here."""
+    import shutil
+
+    out, _, facts = scan
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["thresholds"].update({"quantile": None, "calibration": {
+        "fpr": 0.01, "images": 500, "errors": 0, "shards": ["/data/heldout/00000.tar"], "seconds": 9.5,
+        "median": 0.9941, "flagged_share_of_corpus": 0.0397}})
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "the cut that flags 1 % of 500 held-out images the model never trained on" in text
+    assert "/data/heldout/00000.tar" in text and "It flags 3.97 % of this corpus" in text
+    assert f"{facts['threshold']:.4g}" in text and "a fixed threshold from the config" not in text

@@ -883,6 +883,16 @@ def section_replications(run: Run) -> str:
     return _section("replications", head + _thumb_note(run) + f'<div class="reps">{"".join(rows)}</div>')
 
 
+def _calibrated_cut(t: dict, detector: str, direction: str, thr: float) -> str:
+    c = t["calibration"]
+    share = c.get("flagged_share_of_corpus")
+    return (f"every sample with <code>{escape(detector)}</code> {'≤' if direction == 'low' else '≥'} <b>{_fmt(thr)}</b>, "
+            f"the cut that flags {_fmt(c['fpr'] * 100)} % of {c['images']} held-out images the model never trained on "
+            f"(<code>classify.calibration_shards</code>: {escape(', '.join(c.get('shards') or []))}; their median "
+            f"{_fmt(c.get('median'))}): a false-positive rate on non-members, so the cut means the same under any "
+            "model" + (f". It flags {_fmt(share * 100)} % of this corpus" if share is not None else ""))
+
+
 def section_thresholds(run: Run) -> str:
     t = run.thresholds
     detector, direction = run.detector
@@ -899,7 +909,7 @@ def section_thresholds(run: Run) -> str:
         how = (f"the {_fmt(q * 100)} % of scored samples with the {side} <code>{escape(detector)}</code>, i.e. "
                f"every sample at {'or below' if direction == 'low' else 'or above'} <b>{_fmt(thr)}</b> on this run "
                "(the quantile is recomputed on each run, so the value moves with the corpus)"
-               if q is not None else
+               if q is not None else _calibrated_cut(t, detector, direction, thr) if t.get("calibration") else
                f"every sample with <code>{escape(detector)}</code> {'≤' if direction == 'low' else '≥'} "
                f"<b>{_fmt(thr)}</b> (a fixed threshold from the config)")
         parts.append(f"<p><b>Detector.</b> One model column flags a sample as memorized: {how}.</p>")
