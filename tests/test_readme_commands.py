@@ -255,7 +255,8 @@ CASES = {
     "memscan train-demo --out runs/demo": "train-demo",
     "memscan train-embedder --shards runs/demo/corpus/shards --out runs/embedder": "embedder",
     "memscan scan --config configs/demo.yaml --shards 'runs/demo/corpus/shards/{00000..00005}.tar' "
-    "--set model.path=runs/demo/model --out runs/rescan": "scan",
+    "--set model.path=runs/demo/model --set classify.calibration_shards=runs/demo/corpus/heldout --out runs/rescan":
+    "scan",
     "memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' "
     "--set model.path=runs/demo/model --out runs/rescan": "scan",
     "memscan scan --config demo --set model.path=runs/demo/model --set geometry.probes=8 "
@@ -304,6 +305,8 @@ def test_shown_command_runs_as_typed(cmd, demo, paths):
     {"corpus": check_corpus, "train-demo": check_train_demo, "embedder": check_embedder, "scan": check_scan,
      "metrics": check_metrics, "report": check_report, "dedup": check_dedup, "demo-latent": check_demo_latent,
      "scan-sd": lambda o: check_scan(o, conditional=True)}[kind](out)
+    if "calibration_shards" in cmd:  # the cut came from the quick corpus' 100 held-out images
+        assert json.loads((out / "summary.json").read_text())["thresholds"]["calibration"]["images"] == 100
 
 
 @pytest.mark.slow
