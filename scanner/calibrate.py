@@ -66,6 +66,12 @@ def heldout_scores(cfg) -> dict:
         if sum(len(v) for v in values) >= c.calibration_max_images:
             break
     vals = np.concatenate(values)[:c.calibration_max_images] if values else np.zeros(0)
+    if not len(vals):
+        from scanner.errors import ConfigError
+
+        raise ConfigError(f"classify.calibration_shards: none of the held-out images in {', '.join(shards)} could be "
+                          f"read and scored ({errors} error rows), so there is no cut; fix or unset it and rerun into "
+                          "the same --out (the scored shards are kept and skipped)")
     seconds = round(time.time() - t0, 1)
     log.info("classify: scored %d held-out images for the detector's cut in %.1f s (%d unreadable or unscored)",
              len(vals), seconds, errors)

@@ -32,7 +32,8 @@ def check_scan(cfg: ScanConfig) -> ScanConfig:
     """A copy of `cfg` with every path checked and absolute; raises before any model or Ray is loaded.
 
     Model: the directory exists, is of `model.kind`, holds safetensors weights (or pickles with
-    allow_pickle), and takes `data.resolution`-sided images. Neighbours: see check_neighbours.
+    allow_pickle), and takes `data.resolution`-sided images. classify.calibration_shards (when set): every entry
+    matches a shard, and comes back as absolute shard paths. Neighbours: see check_neighbours.
     """
     model = cfg.model
     if model.kind != "none":
@@ -43,4 +44,13 @@ def check_scan(cfg: ScanConfig) -> ScanConfig:
             raise ConfigError(f"data.resolution is {cfg.data.resolution} but the model at {str(path)!r} takes "
                               f"{side}x{side} images: set data.resolution: {side}")
         model = dataclasses.replace(model, path=str(path))
-    return dataclasses.replace(cfg, model=model, neighbours=check_neighbours(cfg.neighbours))
+    classify = cfg.classify
+    if classify.calibration_shards:  # held-out images for the detector's cut: scored at the end, checked now
+        from scanner.data.shards import expand_shards
+        from scanner.errors import ShardSpecError
+
+        try:
+            classify = dataclasses.replace(classify, calibration_shards=expand_shards(classify.calibration_shards))
+        except ShardSpecError as e:
+            raise ConfigError(f"classify.calibration_shards: {e}") from None
+    return dataclasses.replace(cfg, model=model, classify=classify, neighbours=check_neighbours(cfg.neighbours))

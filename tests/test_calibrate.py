@@ -59,3 +59,22 @@ def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tin
     assert t["threshold"] == pytest.approx(np.quantile(vals, 0.05)) and t["threshold"] != 0.123
     assert t["calibration"]["images"] == 120 and t["calibration"]["fpr"] == 0.05
     assert "0.05 quantile of 120 held-out images" in t["rule"]
+
+
+def test_heldout_shards_without_a_readable_image_name_the_key(scan_config, tmp_path):
+    """Held-out shards with nothing scoreable: a user error naming the key (the scored corpus is kept)."""
+    import io
+    import tarfile
+
+    from scanner.errors import ConfigError
+
+    bad = tmp_path / "held" / "00000.tar"
+    bad.parent.mkdir()
+    with tarfile.open(bad, "w") as tf:  # one member that is not an image
+        info = tarfile.TarInfo("000000000.jpg")
+        data = b"not a jpeg"
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    cfg = scan_config(f"classify.calibration_shards={bad.parent}")
+    with pytest.raises(ConfigError, match=r"classify.calibration_shards: none of the held-out images .* \(1 error rows\)"):
+        heldout_scores(cfg)

@@ -97,6 +97,15 @@ def test_shards_that_match_nothing_and_bad_keys_fail_at_once(tiny_model_dir, tmp
     assert_user_error(proc, "scan", "unknown config key 'geometry.prbes'", "did you mean 'probes'")
 
 
+def test_heldout_shards_that_match_nothing_fail_before_ray(tiny_corpus, tiny_model_dir, tmp_path):
+    """The held-out images are scored only after the corpus: a wrong path must fail at once, not hours later."""
+    out = tmp_path / "o"
+    proc = memscan(*scan_args(tiny_corpus.shards[0], tiny_model_dir, out,
+                              f"classify.calibration_shards={tmp_path / 'heldout'}"))
+    assert_user_error(proc, "scan", "classify.calibration_shards", "heldout", "does not exist")
+    assert not (out / "parts").exists()
+
+
 def test_relative_paths_are_made_absolute_on_the_driver(tiny_model_dir, tiny_embedder_dir, tmp_path, monkeypatch):
     """A cluster job resolves paths where its driver runs; the actors get absolute ones, never a relative path
     to resolve against their own working directory."""
@@ -106,11 +115,15 @@ def test_relative_paths_are_made_absolute_on_the_driver(tiny_model_dir, tiny_emb
     shutil.copytree(tiny_model_dir, tmp_path / "runs" / "model")
     shutil.copytree(tiny_embedder_dir, tmp_path / "emb")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "00000.tar").write_bytes(b"")
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["model.path=runs/model", "data.resolution=8",
-                                                       "neighbours.clip_checkpoint=emb"])
+                                                       "neighbours.clip_checkpoint=emb",
+                                                       "classify.calibration_shards=held"])
     checked = check_scan(cfg)
     assert checked.model.path == str(tmp_path / "runs" / "model")
     assert checked.neighbours.clip_checkpoint == str(tmp_path / "emb")
+    assert checked.classify.calibration_shards == [str(tmp_path / "held" / "00000.tar")]
     assert cfg.model.path == "runs/model"  # the caller's config is not changed
 
 
