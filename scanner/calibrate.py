@@ -5,7 +5,8 @@ model that memorized less, or whose ratios sit lower everywhere, flags far fewer
 number (benchmarks/results/detection.md: 171 vs 477 of 480 repeated images over two demo models). Membership
 inference sets its threshold where it flags a chosen share of images the model never trained on; memscan does
 the same when `classify.calibration_shards` names such images: they go through the scan's own read and score
-stages (in this process: a held-out set is small), and the cut is the detector's `calibration_fpr` quantile over
+stages (in this process: a held-out set is small; the score stage computes the detector alone, the value it gives
+in a full scan), and the cut is the detector's `calibration_fpr` quantile over
 them (its `calibration_fpr` lowest values for a low-flags column).
 """
 
@@ -51,6 +52,7 @@ def heldout_scores(cfg) -> dict:
     if c.detector not in stage.writes:
         raise ValueError(f"classify.detector {c.detector!r} is not a score column of this model "
                          f"({', '.join(stage.writes[:-1])}): it cannot be calibrated")
+    stage.only = c.detector  # the same values the scan computes for it, without the other columns' forwards
     spec = ReadSpec(model_side=cfg.data.resolution, model_channels=cfg.data.channels,
                     max_pixels=cfg.data.max_image_pixels)
     values, errors = [], 0

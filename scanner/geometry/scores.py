@@ -46,7 +46,7 @@ def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
 def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any = None, *,
                    chunk: int | None = None, jvp: str | None = None,
                    fd_scheme: str | None = None, seeds: torch.Tensor | None = None,
-                   x_refs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   x_refs: dict[str, torch.Tensor] | None = None, only: str | None = None) -> dict[str, torch.Tensor]:
     """x: (B, *sample_shape) clean points in model space; cond: `model.encode_text(captions)` or None.
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
@@ -58,9 +58,22 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
     an image's scores do not depend on its batch; None: cfg.seed for the whole batch.
     x_refs: score_norm_cal's mirrored points per cal_refs entry when they are not x mirrored in model space
     (a latent model: the images mirrored and encoded, `mirror.pixel_mirrors`); None: x mirrored.
+    only: one column of score_columns, returned alone ({only: (B,)}): score_norm, score_norm_cal and cfg_norm
+    then cost only their own forwards (the same values as in the full call); any other column computes them all.
     """
     cfg.validate("geometry")  # ConfigError is a ValueError naming the key, the value and the range
     check_batch(model, x)
+    if only is not None:
+        conditional = bool(getattr(model, "conditional", False)) and cond is not None
+        if only not in score_columns(cfg, conditional):
+            raise ValueError(f"only={only!r} is not a column of this model and config; columns: "
+                             f"{score_columns(cfg, conditional)}")
+        fast = _one_column(model, x, cfg, cond if conditional else None, only, seeds, x_refs)
+        if fast is not None:
+            return {only: fast.detach().to(device="cpu", dtype=torch.float32)}
+        full = compute_scores(model, x, cfg, cond, chunk=chunk, jvp=jvp, fd_scheme=fd_scheme, seeds=seeds,
+                              x_refs=x_refs)
+        return {only: full[only]}
     mode = check_choice("jvp", cfg.jvp if jvp is None else jvp, QUAD_MODES)
     fd_scheme = check_choice("fd_scheme", cfg.fd_scheme if fd_scheme is None else fd_scheme, FD_SCHEMES)
     conditional = bool(getattr(model, "conditional", False)) and cond is not None
@@ -105,3 +118,24 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
             out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
                                        seed=cfg.seed + 2 if seeds is None else seeds + 2)
     return {k: out[k].detach().to(device="cpu", dtype=torch.float32) for k in score_columns(cfg, conditional)}
+
+
+@torch.no_grad()
+def _one_column(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, only: str,
+                seeds: torch.Tensor | None, x_refs: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """compute_scores' value of `only` from that column's own forwards, or None when it needs the trace."""
+    def norm_at(t: float) -> torch.Tensor:
+        tv = time_vector(t, x)
+        psi, _ = model.psi_sigma(tv)
+        return model.eps(bview(psi, x) * x, tv, cond).flatten(1).norm(dim=1)
+
+    if only == "score_norm":
+        return norm_at(cfg.t_laplace)
+    if only == "score_norm_cal":
+        return mirror_calibrated_norm(model, x, cfg.t_cal, cfg.cal_refs, cond,
+                                      norm_x=norm_at(cfg.t_laplace) if cfg.t_cal == cfg.t_laplace else None,
+                                      x_refs=x_refs)
+    if only == "cfg_norm":
+        return cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
+                        seed=cfg.seed + 2 if seeds is None else seeds + 2)
+    return None

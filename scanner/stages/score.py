@@ -30,6 +30,7 @@ class ScoreStage(Stage):
                              f"{res}x{res} images: set data.resolution: {res}")
         self.use_cond = bool(self.model.conditional)
         self.writes = (*score_columns(cfg.geometry, self.use_cond), "vector")
+        self.only: str | None = None  # one column alone (the held-out images of calibrate.py need the detector only)
 
     def process(self, batch: dict) -> dict:
         import torch
@@ -39,7 +40,7 @@ class ScoreStage(Stage):
         from scanner.geometry.trace import row_seeds
 
         cfg = self.config
-        columns = self.writes[:-1]
+        columns = (self.only,) if self.only else self.writes[:-1]
         n = len(batch["key"])
         ok = np.array([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])], dtype=bool)
         out = {c: np.full(n, np.nan, np.float32) for c in columns}
@@ -56,7 +57,7 @@ class ScoreStage(Stage):
                 seeds = row_seeds(batch["key"][sel], cfg.geometry.seed)
                 x_refs = (pixel_mirrors(self.model, images, cfg.geometry.cal_refs)
                           if cfg.geometry.cal_refs and getattr(self.model, "mirrors_in_pixels", False) else None)
-                scores = compute_scores(self.model, x, cfg.geometry, cond, seeds=seeds, x_refs=x_refs)
+                scores = compute_scores(self.model, x, cfg.geometry, cond, seeds=seeds, x_refs=x_refs, only=self.only)
                 for c in columns:
                     out[c][sel] = scores[c].numpy()
                 vec[sel] = x.detach().reshape(len(sel), -1).cpu().numpy().astype(np.float16)

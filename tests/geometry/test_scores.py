@@ -155,3 +155,30 @@ def test_per_row_seeds_make_an_images_scores_independent_of_its_batch():
     batchwise = compute_scores(m, x[order], cfg, cond=labels[order])
     assert not torch.allclose(batchwise["p_laplace_1"], compute_scores(m, x, cfg, cond=labels)["p_laplace_1"][order])
     assert not torch.equal(row_seeds(keys, 0), row_seeds(keys, 1))
+
+
+@pytest.mark.parametrize("t_cal", [0.1, 0.4])
+def test_one_column_alone_is_the_full_calls_value_at_its_own_cost(t_cal):
+    """only=...: the held-out images of a calibrated cut need the detector alone; the value must be the one the full
+    call gives, from that column's own forwards (score_norm 1, score_norm_cal 1 + one per mirror)."""
+    m = _counting(seed=3)
+    x, _ = m.sample(5, seed=1)
+    cfg = GeometryConfig(cal_refs=["hflip"], t_laplace=0.4, t_cal=t_cal)
+    full = compute_scores(m, x, cfg)
+    for col, calls in (("score_norm", 1), ("score_norm_cal", 2), ("lid_flipd", None)):
+        m.calls = 0
+        one = compute_scores(m, x, cfg, only=col)
+        assert list(one) == [col]
+        torch.testing.assert_close(one[col], full[col])
+        if calls is not None:
+            assert m.calls == calls, col
+    with pytest.raises(ValueError, match="only='cfg_norm' is not a column"):
+        compute_scores(m, x, cfg, only="cfg_norm")  # an unconditional call has no cfg_norm
+
+    b = random_gmm(6, 3, seed=2)
+    cm = ClassConditionalGMM(b.log_weights.exp(), b.means, eig=(b.lam, b.evecs))
+    x, labels = cm.sample(4, seed=0)
+    seeds = torch.arange(4) * 7
+    full = compute_scores(cm, x, cfg, cond=labels, seeds=seeds)
+    torch.testing.assert_close(compute_scores(cm, x, cfg, cond=labels, seeds=seeds, only="cfg_norm")["cfg_norm"],
+                               full["cfg_norm"])

@@ -112,3 +112,23 @@ def test_score_norm_cal_mirrors_the_image_then_encodes_it(sd_model):
     assert not torch.allclose(cal, mirror_calibrated_norm(sd_model, x, 0.1, ["hflip", "vflip"], cond))
     with pytest.raises(ValueError, match="x_refs has mirrors"):
         mirror_calibrated_norm(sd_model, x, 0.1, ["hflip", "rot180"], cond, x_refs=refs)
+
+
+def test_one_column_alone_matches_the_full_scores(sd_model):
+    """compute_scores(only=...) on a text-conditional latent model: cfg_norm with per-row seeds and score_norm_cal with
+    pixel mirrors are the values of the full call (what calibrate.py relies on for held-out images)."""
+    from scanner.config import GeometryConfig
+    from scanner.geometry.mirror import pixel_mirrors
+    from scanner.geometry.scores import compute_scores
+    from scanner.geometry.trace import row_seeds
+
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    x = sd_model.encode_images(images)
+    cond = sd_model.encode_text(["a cat", "a dog", "a cow"])
+    cfg = GeometryConfig(cal_refs=["hflip", "vflip"], t_laplace=0.4, t_cal=0.1, probes=1, flipd_noises=1)
+    seeds = row_seeds(["a", "b", "c"], cfg.seed)
+    refs = pixel_mirrors(sd_model, images, cfg.cal_refs)
+    full = compute_scores(sd_model, x, cfg, cond, seeds=seeds, x_refs=refs)
+    for col in ("cfg_norm", "score_norm_cal", "score_norm"):
+        one = compute_scores(sd_model, x, cfg, cond, seeds=seeds, x_refs=refs, only=col)
+        torch.testing.assert_close(one[col], full[col], rtol=1e-5, atol=1e-6)
