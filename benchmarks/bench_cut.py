@@ -27,6 +27,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from results_file import write_results
+
 from scanner.calibrate import calibrated_cut, heldout_scores
 from scanner.config import config_from_dict
 from scanner.data.demo import build_demo_corpus
@@ -120,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     runs = [one(r, a.fpr) for r in a.runs]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "cut.json").write_text(json.dumps({"fpr": a.fpr, "runs": runs}, indent=1))
-    (a.out / "cut.md").write_text(render(runs, a.fpr))
-    print(render(runs, a.fpr))
+    write_results(a.out, "cut", {"fpr": a.fpr, "runs": runs}, render(runs, a.fpr))
     return 0
 
 

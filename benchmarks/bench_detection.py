@@ -27,6 +27,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from results_file import write_results
+
 from scanner.evaluate import evaluate
 
 COLUMNS = ["score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]
@@ -133,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         d = one(a.dose)
         dose = {**d, "dose_response": evaluate(a.dose / "scan", a.dose / "corpus" / "truth.parquet", write=False,
                                                n_boot=0).get("dose_response", [])}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "detection.json").write_text(json.dumps({"runs": runs, "dose": dose}, indent=1))
-    (a.out / "detection.md").write_text(render(runs, dose))
-    print(render(runs, dose))
+    write_results(a.out, "detection", {"runs": runs, "dose": dose}, render(runs, dose))
     return 0
 
 

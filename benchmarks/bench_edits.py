@@ -17,7 +17,6 @@ otherwise, and passes it to dedup as --clip-checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from results_file import write_results
 
 from scanner.data.demo import COPY_EDITS, MORE_EDITS, build_demo_corpus
 from scanner.evaluate import duplicates_by_edit
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     runs = [one(a.work, s, v) for v in a.variants for s in a.seeds]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "edits.json").write_text(json.dumps({"runs": runs}, indent=1))
-    (a.out / "edits.md").write_text(render(runs))
-    print(render(runs))
+    write_results(a.out, "edits", {"runs": runs}, render(runs))
     return 0
 
 

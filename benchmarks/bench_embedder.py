@@ -24,6 +24,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from results_file import write_results
+
 from scanner.data.demo import COPY_EDITS, MORE_EDITS, build_demo_corpus
 from scanner.evaluate import duplicates_by_edit
 from scanner.neighbours.dedup import find_duplicate_groups, pair_precision_recall
@@ -112,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['pair_recall']:.4f} | " + " | ".join(f"{row['near_dup_recall'].get(e, float('nan')):.2f}"
                                                                   for e in edits) + " |")
     md += ["", "Recipes: " + "; ".join(f"`{r['recipe']}` {json.dumps(r['train'])}" for r in runs) + "."]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "embedder.json").write_text(json.dumps({"runs": runs}, indent=1))
-    (a.out / "embedder.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "embedder", {"runs": runs}, "\n".join(md) + "\n")
     return 0
 
 

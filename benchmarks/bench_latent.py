@@ -29,6 +29,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from results_file import write_results
+
 from scanner.evaluate import by_caption_kind, evaluate
 
 COLUMNS = ["score_norm_cal", "cfg_norm", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca",
@@ -173,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     seeds = a.seeds or list(range(len(a.demos)))
     runs = [one(d, s) for d, s in zip(a.demos, seeds)]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "latent.json").write_text(json.dumps({"runs": runs}, indent=1))
-    (a.out / "latent.md").write_text(render(runs))
-    print(render(runs))
+    write_results(a.out, "latent", {"runs": runs}, render(runs))
     return 0
 
 
