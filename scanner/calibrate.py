@@ -44,9 +44,7 @@ def heldout_scores(cfg) -> dict:
     from scanner.stages.score import ScoreStage
 
     c = cfg.classify
-    shards = expand_shards(c.calibration_shards)
-    if not shards:
-        raise ValueError(f"classify.calibration_shards={c.calibration_shards!r} matches no .tar shard")
+    shards = expand_shards(c.calibration_shards)  # raises when a pattern matches nothing (preflight said so first)
     t0 = time.time()
     stage = ScoreStage(dataclasses.asdict(cfg))
     if c.detector not in stage.writes:
@@ -55,17 +53,16 @@ def heldout_scores(cfg) -> dict:
     stage.only = c.detector  # the same values the scan computes for it, without the other columns' forwards
     spec = ReadSpec(model_side=cfg.data.resolution, model_channels=cfg.data.channels,
                     max_pixels=cfg.data.max_image_pixels)
-    values, errors = [], 0
-    for path in shards:
-        for batch in read_shard(path, spec, rows_per_batch=cfg.data.batch_size):
-            out = stage.process(batch)
-            rows = ~np.asarray(out["marker"], dtype=bool)
-            ok = rows & np.array([e is None for e in out["error"]], dtype=bool)
-            errors += int(rows.sum() - ok.sum())
-            values.append(np.asarray(out[c.detector], dtype=float)[ok])
-            if sum(len(v) for v in values) >= c.calibration_max_images:
-                break
-        if sum(len(v) for v in values) >= c.calibration_max_images:
+    values, n, errors = [], 0, 0
+    batches = (b for path in shards for b in read_shard(path, spec, rows_per_batch=cfg.data.batch_size))
+    for batch in batches:
+        out = stage.process(batch)
+        rows = ~np.asarray(out["marker"], dtype=bool)
+        ok = rows & np.array([e is None for e in out["error"]], dtype=bool)
+        errors += int(rows.sum() - ok.sum())
+        values.append(np.asarray(out[c.detector], dtype=float)[ok])
+        n += int(ok.sum())
+        if n >= c.calibration_max_images:
             break
     vals = np.concatenate(values)[:c.calibration_max_images] if values else np.zeros(0)
     if not len(vals):
