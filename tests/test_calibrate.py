@@ -78,3 +78,29 @@ def test_heldout_shards_without_a_readable_image_name_the_key(scan_config, tmp_p
     cfg = scan_config(f"classify.calibration_shards={bad.parent}")
     with pytest.raises(ConfigError, match=r"classify.calibration_shards: none of the held-out images .* \(1 error rows\)"):
         heldout_scores(cfg)
+
+
+def test_a_cfg_norm_detector_encodes_no_mirror_images(tiny_sd_dir, monkeypatch):
+    """Held-out images scored for cfg_norm alone skip the latent model's mirror images (a VAE encode each): the
+    column does not use them. score_norm_cal does."""
+    import dataclasses
+
+    from scanner.config import load_config, shipped_config
+    from scanner.geometry import mirror
+    from scanner.stages.score import ScoreStage
+
+    calls = []
+    real = mirror.pixel_mirrors
+    monkeypatch.setattr(mirror, "pixel_mirrors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = load_config(shipped_config("demo-latent"), [f"model.path={tiny_sd_dir}", "data.resolution=16"])
+    stage = ScoreStage(dataclasses.asdict(cfg))
+    n = 3
+    batch = {"key": np.array(list("abc"), dtype=object), "caption": np.array(["a cat"] * n, dtype=object),
+             "marker": np.zeros(n, bool), "error": np.array([None] * n, dtype=object),
+             "error_stage": np.array([None] * n, dtype=object),
+             "image_model": np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)}
+    for only, encodes in (("cfg_norm", 0), ("score_norm_cal", 1)):
+        calls.clear()
+        stage.only = only
+        out = stage.process(dict(batch))
+        assert len(calls) == encodes and np.isfinite(out[only]).all() and out["error"].tolist() == [None] * n, only

@@ -55,8 +55,10 @@ class ScoreStage(Stage):
                 x = self.model.encode_images(images)
                 cond = self.model.encode_text(list(batch["caption"][sel])) if self.use_cond else None
                 seeds = row_seeds(batch["key"][sel], cfg.geometry.seed)
+                # a latent model's mirror images (one VAE encode each), unless the one column asked for has no use
                 x_refs = (pixel_mirrors(self.model, images, cfg.geometry.cal_refs)
-                          if cfg.geometry.cal_refs and getattr(self.model, "mirrors_in_pixels", False) else None)
+                          if cfg.geometry.cal_refs and getattr(self.model, "mirrors_in_pixels", False)
+                          and self.only not in ("score_norm", "cfg_norm") else None)
                 scores = compute_scores(self.model, x, cfg.geometry, cond, seeds=seeds, x_refs=x_refs, only=self.only)
                 for c in columns:
                     out[c][sel] = scores[c].numpy()
