@@ -456,12 +456,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
             for j, p in enumerate(positions):
                 r = recs[order[p]]
                 key = f"{s:05d}{j:04d}"
-                meta = {"key": key, "caption": r["caption"], "width": size, "height": size, "source": r["base"].source,
-                        "status": "success"}
-                _add_member(tf, f"{key}.jpg", r["jpg"])
-                if r["caption"] is not None:
-                    _add_member(tf, f"{key}.txt", r["caption"].encode())
-                _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                _add_sample(tf, key, r["jpg"], r["caption"], size, r["base"].source)
                 rows.append({"key": key, "group_id": r["group_id"], "planted": r["planted"], "copies": r["copies"],
                              "readable": p < cut_at, "shard": name, "edit": r["edit"],
                              "caption_kind": r["caption_kind"]})
@@ -485,7 +480,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
 
 def _write_heldout(out: Path, n: int, size: int, seed: int, distinct: _Distinct, captions: str) -> Path | None:
     """n held-out images (see build_demo_corpus) in out/00000.tar, with a caption and a .json each."""
-    for old in out.glob("*.tar") if out.exists() else []:
+    for old in out.glob("*.tar"):
         old.unlink()
     if n == 0:
         return None
@@ -497,13 +492,18 @@ def _write_heldout(out: Path, n: int, size: int, seed: int, distinct: _Distinct,
         for i, b in enumerate(_image_pool(n, size, rng, distinct)):
             key = f"{i:09d}"
             text = _caption(b, rng) + (f", {_tag(rng)}" if captions == "unique" else "")
-            _add_member(tf, f"{key}.jpg", _jpeg(b.image))
-            _add_member(tf, f"{key}.txt", text.encode())
-            _add_member(tf, f"{key}.json", json.dumps({"key": key, "caption": text, "width": size, "height": size,
-                                                       "source": b.source, "status": "success"},
-                                                      sort_keys=True).encode())
+            _add_sample(tf, key, _jpeg(b.image), text, size, b.source)
     os.replace(tmp, path)
     return path
+
+
+def _add_sample(tf: tarfile.TarFile, key: str, jpg: bytes, caption: str | None, size: int, source: str) -> None:
+    """One img2dataset sample: KEY.jpg, KEY.txt (only with a caption) and KEY.json."""
+    meta = {"key": key, "caption": caption, "width": size, "height": size, "source": source, "status": "success"}
+    _add_member(tf, f"{key}.jpg", jpg)
+    if caption is not None:
+        _add_member(tf, f"{key}.txt", caption.encode())
+    _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
