@@ -7,7 +7,7 @@ import os
 import pytest
 
 TINY_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversampled": 3, "n_exact_dup_groups": 3,
-                   "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "size": 16, "samples_per_shard": 25, "seed": 0,
+               "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "size": 16, "samples_per_shard": 25, "seed": 0,
                "n_heldout": 120}
 
 
