@@ -5,6 +5,7 @@
     python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1   # writes results/detection.{md,json}
     memscan demo --out runs/demo-dose --dose                               # + dose groups (2-32 copies)
     python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --dose runs/demo-dose
+    python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --scan rescan  # DIR/rescan: another scan
 
 Each directory is a finished `memscan demo` (corpus/truth.parquet, model/train_info.json, scan/). Per seed:
 AUROC with its 95 % bootstrap interval over independent units (a planted group counts once) and TPR at 1 %
@@ -31,20 +32,23 @@ from results_file import write_results
 
 from scanner.evaluate import evaluate
 
-COLUMNS = ["score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]
+COLUMNS = ["loss_cal", "score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]
 
 
-def one(demo: Path) -> dict:
+def one(demo: Path, scan: str = "scan") -> dict:
     info = json.loads((demo / "model" / "train_info.json").read_text())
     corpus = json.loads((demo / "corpus" / "demo_corpus.json").read_text())
-    m = evaluate(demo / "scan", demo / "corpus" / "truth.parquet", write=False)
-    scores = pd.read_parquet(demo / "scan" / "scores")
+    m = evaluate(demo / scan, demo / "corpus" / "truth.parquet", write=False)
+    scores = pd.read_parquet(demo / scan / "scores")
     truth = pd.read_parquet(demo / "corpus" / "truth.parquet")
     df = scores[scores["error"].isna()].merge(truth[["key", "planted"]], on="key")
     rate = lambda p, cls: float((df.loc[df.planted == p, "mem_class"].isin(cls)).mean())
     d = df["lid_flipd"].astype(float)
     dim = info.get("channels", 3) * info.get("resolution", 16) ** 2
-    return {"demo": str(demo), "seed": corpus["params"]["seed"], "model_steps": info["steps"],
+    summary = json.loads((demo / scan / "summary.json").read_text())
+    return {"demo": str(demo), "scan": scan, "seed": corpus["params"]["seed"], "model_steps": info["steps"],
+            "detector": summary["thresholds"].get("detector"), "cut": summary["thresholds"].get("threshold"),
+            "cut_from": "held-out FPR" if summary["thresholds"].get("calibration") else "fixed",
             "stopped_by": info.get("stopped_by", "steps"), "scores": m["scores"], "duplicates": m.get("duplicates"),
             "classes": {"repeated_dd": rate("repeated", ["dd"]), "oversampled_od": rate("oversampled", ["od"]),
                         "oversampled_dd": rate("oversampled", ["dd"]), "unique_any": rate("unique", ["dd", "od"]),
@@ -57,12 +61,13 @@ def render_dose(dose: dict) -> list[str]:
            f"whose larger pool draws other base images, and its own model, {dose['model_steps']} steps)"), "",
            ("Share of images flagged at the shipped cut, by copies of the image in the corpus (1 = unique images; "
            "the range is over groups)."), "",
-           "| copies | images | groups | flagged | range over groups | dd | od | median score_norm_cal |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| copies | images | groups | flagged | range over groups | dd | od | median loss_cal | median score_norm_cal |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for d in dose["dose_response"]:
         rng = "–" if d["units"] == d["images"] else f"{d['flagged_units_min_max'][0]:.2f}-{d['flagged_units_min_max'][1]:.2f}"
         out.append(f"| {d['copies']} | {d['images']} | {d['units']} | {d['flagged']:.3f} | {rng} | {d['dd']:.3f} | "
-                   f"{d['od']:.3f} | {d.get('median_score_norm_cal', float('nan')):.3f} |")
+                   f"{d['od']:.3f} | {d.get('median_loss_cal', float('nan')):.3f} | "
+                   f"{d.get('median_score_norm_cal', float('nan')):.3f} |")
     return out
 
 
@@ -93,11 +98,12 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
             out.append(row + " |")
         out += ["", "Cells: AUROC (95 % interval); TPR at 1 % / 0.1 % FPR.", ""]
     out += ["## Classes (the manifold memorization hypothesis, classify.* defaults)", "",
-            ("| seed | steps | lid_flipd in [0, D] | repeated -> dd | oversampled -> od | oversampled -> dd | "
-            "unique given any class | duplicate pairs P / R |"), "|---|---|---|---|---|---|---|---|"]
+            ("| seed | steps | detector, cut | lid_flipd in [0, D] | repeated -> dd | oversampled -> od | oversampled -> dd | "
+            "unique given any class | duplicate pairs P / R |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, d = r["classes"], r["duplicates"] or {}
-        out.append(f"| {r['seed']}{' (tuning)' if r['seed'] == 0 else ''} | {r['model_steps']} | "
+        cut = f"{r.get('detector')} <= {r['cut']:.3f} ({r.get('cut_from')})" if r.get("cut") is not None else "–"
+        out.append(f"| {r['seed']}{' (tuning)' if r['seed'] == 0 else ''} | {r['model_steps']} | {cut} | "
                    f"{r['lid_flipd_in_range']:.3f} | {c['repeated_dd']:.3f} | {c['oversampled_od']:.3f} | "
                    f"{c['oversampled_dd']:.3f} | {c['unique_any']:.4f} | "
                    f"{d.get('pair_precision', float('nan')):.4f} / {d.get('pair_recall', float('nan')):.4f} |")
@@ -127,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demos", nargs="+", type=Path)
     ap.add_argument("--dose", type=Path, help="a `memscan demo --dose` directory: adds the dose-response table")
+    ap.add_argument("--scan", default="scan", help="the scan folder inside each demo (default: the demo's own)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
-    runs = sorted((one(d) for d in a.demos), key=lambda r: r["seed"])
+    runs = sorted((one(d, a.scan) for d in a.demos), key=lambda r: r["seed"])
     dose = None
     if a.dose:
-        d = one(a.dose)
-        dose = {**d, "dose_response": evaluate(a.dose / "scan", a.dose / "corpus" / "truth.parquet", write=False,
+        d = one(a.dose, a.scan)
+        dose = {**d, "dose_response": evaluate(a.dose / a.scan, a.dose / "corpus" / "truth.parquet", write=False,
                                                n_boot=0).get("dose_response", [])}
     write_results(a.out, "detection", {"runs": runs, "dose": dose}, render(runs, dose))
     return 0

@@ -35,6 +35,9 @@ REGISTRY = {c.name: c for c in (
                 "||eps(x, t)|| near the clean image: small on a sharp peak of the density"),
     ScoreColumn("score_norm_cal", "ratio", "low",
                 "score_norm / the same at the mirrored images: ~1 unless memorized, well below 1 when memorized"),
+    ScoreColumn("loss_cal", "ratio", "low",
+                "the denoising loss at noised copies of the image / the same at its mirrored images: ~1 unless "
+                "memorized, well below 1 when the model denoises this very image almost exactly"),
     ScoreColumn("cfg_norm", "noise-prediction norm", "high",
                 "||eps(x_t, c) - eps(x_t, empty)||: large for memorized captions (Wen et al.)"),
 )}

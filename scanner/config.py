@@ -89,6 +89,11 @@ class GeometryConfig:
     # trained with random horizontal flips has seen hflip(x): use [vflip] or [rot180] for it.
     cal_refs: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
     t_cal: float = 0.1  # time of score_norm_cal (0.06-0.15 within 0.006 AUROC on demo seed 0: results/calibration.md)
+    # loss_cal (scanner/geometry/mirror.py): the denoising loss at loss_noises seeded noised points of x over the
+    # same at its mirrors (cal_refs), where the network was trained: loss_noises x (1 + len(cal_refs)) forwards
+    # per image; 0 (or cal_refs []) turns the column off
+    t_loss: float = 0.05
+    loss_noises: int = 8
     nb: bool = False  # normal-bundle LID: K score calls per image, small D only
     nb_samples: int = 0  # K; 0 = D + 16
     nb_t: float = 0.01
@@ -105,7 +110,7 @@ class GeometryConfig:
     seed: int = 0
 
     def validate(self, p: str = "geometry") -> None:
-        for k in ("t0", "t_laplace", "t_cfg", "nb_t", "t_cal"):
+        for k in ("t0", "t_laplace", "t_cfg", "nb_t", "t_cal", "t_loss"):
             v = getattr(self, k)
             _check(0.0 < v < 1.0, f"{p}.{k}", v, "a float in (0, 1)")
         _check(len(self.p_values) > 0 and all(v > 0 for v in self.p_values), f"{p}.p_values", self.p_values,
@@ -113,6 +118,7 @@ class GeometryConfig:
         _check(self.probes >= 1, f"{p}.probes", self.probes, "an int >= 1")
         _check(self.fd_eps > 0, f"{p}.fd_eps", self.fd_eps, "> 0")
         _check(self.cfg_noises >= 1, f"{p}.cfg_noises", self.cfg_noises, "an int >= 1")
+        _check(self.loss_noises >= 0, f"{p}.loss_noises", self.loss_noises, "an int >= 0 (0 = no loss_cal)")
         _check(self.flipd_at in ("noised", "clean"), f"{p}.flipd_at", self.flipd_at, "noised or clean")
         _check(self.nb_rank in ("threshold", "gap"), f"{p}.nb_rank", self.nb_rank, "threshold or gap")
         _check(0.0 < self.nb_rel_threshold < 1.0, f"{p}.nb_rel_threshold", self.nb_rel_threshold, "a float in (0, 1)")
@@ -120,7 +126,7 @@ class GeometryConfig:
         _check(self.flipd_probes >= 1, f"{p}.flipd_probes", self.flipd_probes, "an int >= 1")
         _check(self.nb_samples >= 0, f"{p}.nb_samples", self.nb_samples, "an int >= 0 (0 = D + 16)")
         _check(isinstance(self.cal_refs, list) and all(r in CAL_MIRRORS for r in self.cal_refs), f"{p}.cal_refs",
-               self.cal_refs, f"a list of {', '.join(CAL_MIRRORS)} ([] = no score_norm_cal)")
+               self.cal_refs, f"a list of {', '.join(CAL_MIRRORS)} ([] = no score_norm_cal, loss_cal)")
         _check(self.lpca_k >= 2, f"{p}.lpca_k", self.lpca_k, "an int >= 2")
         _check(0.0 < self.lpca_alpha < 1.0, f"{p}.lpca_alpha", self.lpca_alpha, "a float in (0, 1)")
 
@@ -274,10 +280,14 @@ class ScanConfig:
         if self.classify.calibration_shards and self.model.kind == "none":
             raise ConfigError("classify.calibration_shards is set but model.kind is none: there is no detector "
                               "to calibrate; set model.kind (pixel, latent) or classify.calibration_shards: null")
-        if self.classify.detector == "score_norm_cal" and not self.geometry.cal_refs:
-            raise ConfigError("classify.detector is score_norm_cal but geometry.cal_refs is [], so that column is "
-                              "not computed: set geometry.cal_refs (e.g. [hflip, vflip]) or another "
+        if self.classify.detector in ("score_norm_cal", "loss_cal") and not self.geometry.cal_refs:
+            raise ConfigError(f"classify.detector is {self.classify.detector} but geometry.cal_refs is [], so that "
+                              "column is not computed: set geometry.cal_refs (e.g. [hflip, vflip]) or another "
                               "classify.detector (score_norm, p_laplace_1, lid_flipd, cfg_norm)")
+        if self.classify.detector == "loss_cal" and not self.geometry.loss_noises:
+            raise ConfigError("classify.detector is loss_cal but geometry.loss_noises is 0, so that column is not "
+                              "computed: set geometry.loss_noises (e.g. 8) or another classify.detector "
+                              "(score_norm_cal, score_norm, p_laplace_1, lid_flipd, cfg_norm)")
         return self
 
     def to_dict(self) -> dict:

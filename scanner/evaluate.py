@@ -152,7 +152,7 @@ def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
                     "units": int(units.nunique()), "flagged": float(flagged.mean()),
                     "flagged_units_min_max": [float(per_unit.min()), float(per_unit.max())],
                     "dd": float((g["mem_class"] == "dd").mean()), "od": float((g["mem_class"] == "od").mean()),
-                    **({"median_score_norm_cal": float(g["score_norm_cal"].median())} if "score_norm_cal" in g else {})})
+                    **{f"median_{c}": float(g[c].median()) for c in ("score_norm_cal", "loss_cal") if c in g}})
     return out
 
 

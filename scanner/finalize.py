@@ -388,7 +388,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         dropped = member(dropped_gids, gids)
         rep = df["key"].isin(replicated).to_numpy()
         verdicts(df, in_group, dropped, rep)
-        for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "cfg_norm"):
+        for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "loss_cal", "cfg_norm"):
             if col not in df:
                 df[col] = np.nan
         atomic_write_parquet(df, out / "scores" / f"{name}.parquet", schema)

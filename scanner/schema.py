@@ -45,7 +45,7 @@ def p_of_column(name: str) -> float:
 SCORES_FIRST = [("key", STR), ("shard", STR), ("caption", STR), ("width", I64), ("height", I64),
                 ("lid_flipd", F32), ("lid_nb", F32), ("lid_lpca", F32), ("lid_gap", F32),
                 ("lid_gap_rel", F32)]
-SCORES_LAST = [("score_norm", F32), ("score_norm_cal", F32), ("cfg_norm", F32), ("mem_class", STR),
+SCORES_LAST = [("score_norm", F32), ("score_norm_cal", F32), ("loss_cal", F32), ("cfg_norm", F32), ("mem_class", STR),
                ("verdict", STR), ("error", STR)]
 # columns of scores/ that are not scores (everything else numeric is a score column)
 SCORES_META = frozenset({"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error"})

@@ -1,4 +1,6 @@
-"""Mirror-calibrated score norm: |eps(psi x, t)| divided by the same norm at mirrored copies of x.
+"""Mirror-calibrated detectors: a quantity at x divided by the same quantity at mirrored copies of x.
+
+score_norm_cal: |eps(psi x, t)| at the clean point. loss_cal: the denoising loss at noised points (below).
 
 A low score norm at the clean image flags a sharp peak of the learned density, but it also flags
 images that are merely *simple* (flat sky, plain backgrounds): their noise is easy to predict whatever
@@ -15,6 +17,15 @@ difficulty calibration of membership-inference attacks (a per-sample reference i
 threshold) with a reference that costs one forward per mirror instead of a second model. A model trained
 with random horizontal flips has seen hflip(x): use vflip / rot180 for it. On latents (Stable Diffusion)
 the latent is mirrored, which matches the latent of the mirrored image up to the VAE's equivariance.
+
+loss_cal asks the same question where the network was trained: at noised points psi x + sigma z, not at the
+clean point psi x (where its outputs are off its training distribution, method.md §10). The denoising loss
+|eps(psi x + sigma z, t) - z|^2, averaged over seeded z, is the loss attack of membership inference (small on
+a memorized image, which the network denoises almost exactly); dividing by the same loss at each mirror g(x),
+noised by the mirrored noise g(z), calibrates it like score_norm_cal. The pairing makes the ratio exactly 1 for
+a model whose density is mirror-symmetric, whatever the noises: psi g(x) + sigma g(z) = g(psi x + sigma z).
+Closed form on a Gaussian N(mu, S), with C = psi^2 S + sigma^2 I:
+E_z |eps - z|^2 = sigma^2 psi^2 |C^-1 (x - mu)|^2 + tr((sigma^2 C^-1 - I)^2).
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from typing import Any
 import torch
 
 from scanner.config import CAL_MIRRORS
-from scanner.geometry.trace import bview, time_vector
+from scanner.geometry.cfg_norm import cfg_noises
+from scanner.geometry.trace import bview, check_int, check_time, time_vector
 
 MIRRORS = dict(zip(CAL_MIRRORS, [(-1,), (-2,), (-2, -1)]))  # name -> spatial axes flipped
 
@@ -77,3 +89,41 @@ def mirror_calibrated_norm(model: Any, x: torch.Tensor, t: float, refs: list[str
     log_ref = torch.stack([model.eps(scale * (mirror(x, r) if x_refs is None else x_refs[r].to(x)), tv, cond)
                            .flatten(1).norm(dim=1).log() for r in refs])
     return norm_x / log_ref.mean(dim=0).exp()
+
+
+def loss_noise(shape: tuple[int, ...], noises: int, seed: int | torch.Tensor) -> torch.Tensor:
+    """(noises, B, *sample_shape) float64 standard normal z_j for `mirror_calibrated_loss`: seed an int or (B,)
+    per-row seeds (`trace.row_seeds`), on a stream of their own (not FLIPD's, the CFG norm's or the probes')."""
+    if isinstance(seed, torch.Tensor) and seed.shape != (shape[0],):
+        raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
+    return cfg_noises(shape, noises, seed ^ 0x1055_CA1, torch.float64)
+
+
+@torch.no_grad()
+def denoising_loss(model: Any, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    """(B,) mean_j |eps(psi x + sigma z_j, t) - z_j|^2. x: (B, *sample_shape) clean points; t: (B,);
+    z: (noises, B, *sample_shape)."""
+    psi, sigma = model.psi_sigma(t)
+    a, b = bview(psi, x), bview(sigma, x)
+    z = z.to(device=x.device, dtype=x.dtype)
+    return torch.stack([(model.eps(a * x + b * zj, t, cond) - zj).flatten(1).pow(2).sum(1) for zj in z]).mean(0)
+
+
+@torch.no_grad()
+def mirror_calibrated_loss(model: Any, x: torch.Tensor, t: float, refs: list[str], cond: Any = None, *,
+                           noises: int = 8, seed: int | torch.Tensor = 0,
+                           x_refs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B,) loss_cal: the denoising loss at x over its geometric mean at the mirrors g(x), each noised by g(z_j)
+    (see the module docstring). x: clean points in model space; seed: an int or (B,) per-row seeds; x_refs as in
+    `mirror_calibrated_norm`. Cost: noises * (1 + len(refs)) forwards."""
+    refs = check_refs(refs, tuple(model.sample_shape))
+    check_time("t_loss", t)
+    check_int("loss_noises", noises, 1)
+    if x_refs is not None and set(x_refs) != set(refs):
+        raise ValueError(f"x_refs has mirrors {sorted(x_refs)}, cal_refs asks for {sorted(refs)}")
+    tv = time_vector(t, x)
+    z = loss_noise(tuple(x.shape), noises, seed)
+    loss_x = denoising_loss(model, x, tv, z, cond)
+    log_ref = torch.stack([denoising_loss(model, mirror(x, r) if x_refs is None else x_refs[r].to(x), tv,
+                                          z.flip(MIRRORS[r]), cond).log() for r in refs])
+    return loss_x / log_ref.mean(dim=0).exp()

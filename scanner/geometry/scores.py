@@ -7,7 +7,8 @@ t0 == t_laplace, FLIPD (method.md §2, §5). flipd_at "noised" (the default) cos
 each with flipd_probes directions, at psi(t0) x + sigma z_j (method.md §10); "clean" with another t0 one
 more forward and trace pass. NB (cfg.nb) and
 the CFG norm (conditional model + cond) are extra plain forwards, and so is score_norm_cal (one per mirror in
-cfg.cal_refs, plus one at psi(t_cal) x when t_cal != t_laplace; scanner/geometry/mirror.py).
+cfg.cal_refs, plus one at psi(t_cal) x when t_cal != t_laplace), and so is loss_cal (loss_noises x
+(1 + len(cal_refs)) forwards at noised points; scanner/geometry/mirror.py).
 
 Cost per image with P probes, in forward-equivalents of batch B (measured: benchmarks/results/geometry.md):
 autograd 1 + (P + 1) JVPs (a CPU JVP ~4-5 forwards); vjp 1 + (P + 1) backwards; fd central 1 + 2 (P + 1);
@@ -24,7 +25,7 @@ import torch
 from scanner.config import GeometryConfig
 from scanner.geometry.cfg_norm import cfg_norm
 from scanner.geometry.flipd import flipd_from_parts, flipd_noised_from_parts, noised_traces
-from scanner.geometry.mirror import mirror_calibrated_norm
+from scanner.geometry.mirror import mirror_calibrated_loss, mirror_calibrated_norm
 from scanner.geometry.normal_bundle import nb_lid
 from scanner.geometry.p_laplace import check_p_values, p_column, p_laplace_from_parts, unit_eps
 from scanner.geometry.trace import FD_SCHEMES, QUAD_MODES, Linearization, bview, check_batch, check_choice, time_vector
@@ -35,7 +36,7 @@ def score_columns(cfg: GeometryConfig, conditional: bool) -> list[str]:
     text-conditional *and* a cond will be passed)."""
     cols = ["lid_flipd", "score_norm"] + [p_column(p) for p in check_p_values(cfg.p_values)]
     if cfg.cal_refs:
-        cols.append("score_norm_cal")
+        cols += ["score_norm_cal"] + (["loss_cal"] if cfg.loss_noises else [])
     if cfg.nb:
         cols.append("lid_nb")
     if conditional:
@@ -51,14 +52,15 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
 
     Returns {column: (B,) float32 on the CPU} for `score_columns(cfg, model.conditional and cond is not
     None)`: lid_flipd (dimensions; at noised points unless cfg.flipd_at is "clean"), score_norm (|eps(psi x, t_laplace)|, eps units), p_laplace_* (Delta_p
-    log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units), score_norm_cal (a ratio, ~1 unless memorized).
+    log p_t at psi x), lid_nb (dimensions), cfg_norm (eps units), score_norm_cal and loss_cal (ratios, ~1 unless
+    memorized).
     chunk: (direction, image) pairs per model call, default 2B. jvp: overrides cfg.jvp ("autograd", "fd",
     or "vjp", reverse mode). fd_scheme: overrides cfg.fd_scheme ("central" or "forward").
     seeds: (B,) per-row seeds (trace.row_seeds(keys, cfg.seed)) for the Hutchinson probes and CFG noises, so that
     an image's scores do not depend on its batch; None: cfg.seed for the whole batch.
-    x_refs: score_norm_cal's mirrored points per cal_refs entry when they are not x mirrored in model space
+    x_refs: score_norm_cal's and loss_cal's mirrored points per cal_refs entry when they are not x mirrored in model space
     (a latent model: the images mirrored and encoded, `mirror.pixel_mirrors`); None: x mirrored.
-    only: one column of score_columns, returned alone ({only: (B,)}): score_norm, score_norm_cal and cfg_norm
+    only: one column of score_columns, returned alone ({only: (B,)}): score_norm, score_norm_cal, loss_cal and cfg_norm
     then cost only their own forwards (the same values as in the full call); any other column computes them all.
     """
     cfg.validate("geometry")  # ConfigError is a ValueError naming the key, the value and the range
@@ -111,6 +113,8 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
             out["score_norm_cal"] = mirror_calibrated_norm(
                 model, x, cfg.t_cal, cfg.cal_refs, geo_cond,
                 norm_x=out["score_norm"] if cfg.t_cal == cfg.t_laplace else None, x_refs=x_refs)
+            if cfg.loss_noises:
+                out["loss_cal"] = _loss_cal(model, x, cfg, geo_cond, seeds, x_refs)
         if cfg.nb:
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
                                    rank=cfg.nb_rank, rel_threshold=cfg.nb_rel_threshold, chunk=chunk)
@@ -135,7 +139,16 @@ def _one_column(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, onl
         return mirror_calibrated_norm(model, x, cfg.t_cal, cfg.cal_refs, cond,
                                       norm_x=norm_at(cfg.t_laplace) if cfg.t_cal == cfg.t_laplace else None,
                                       x_refs=x_refs)
+    if only == "loss_cal":
+        return _loss_cal(model, x, cfg, cond, seeds, x_refs)
     if only == "cfg_norm":
         return cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
                         seed=cfg.seed + 2 if seeds is None else seeds + 2)
     return None
+
+
+def _loss_cal(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, seeds: torch.Tensor | None,
+              x_refs: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """loss_cal with its own noise stream per row (seeds + 3, like the CFG norm's seeds + 2)."""
+    return mirror_calibrated_loss(model, x, cfg.t_loss, cfg.cal_refs, cond, noises=cfg.loss_noises,
+                                  seed=cfg.seed + 3 if seeds is None else seeds + 3, x_refs=x_refs)

@@ -65,6 +65,8 @@ DESCRIBE = {
     "score_norm": "‖ε<sub>θ</sub>(x, t)‖ near the clean image: small on a sharp peak of the density",
     "score_norm_cal": "‖ε<sub>θ</sub>(x, t)‖ ÷ the same at the mirrored image: ≈ 1 for images that are only "
                       "simple, well below 1 on a memorized one",
+    "loss_cal": "the denoising loss ‖ε<sub>θ</sub>(x<sub>t</sub>, t) − z‖² at noised copies of the image ÷ the same at "
+                "its mirrored images: ≈ 1 unless the model denoises this very image almost exactly (memorized)",
     "cfg_norm": "‖ε(x<sub>t</sub>, c) − ε(x<sub>t</sub>, ∅)‖: large for memorized captions",
 }
 PLANTED_COLORS = {"unique": "#8c96a3", "no_caption": "#2ca02c", "exact_dup": "#1f77b4", "near_dup": "#17becf",

@@ -33,7 +33,8 @@ def test_columns_shapes_and_dtypes():
     cfg = GeometryConfig(p_values=[1.0, 1.5, 2.0, 3.0], nb=True, cal_refs=["hflip"])
     out = compute_scores(m, x, cfg)
     assert list(out) == score_columns(cfg, False) == ["lid_flipd", "score_norm", "p_laplace_1", "p_laplace_1_5",
-                                                      "p_laplace_2", "p_laplace_3", "score_norm_cal", "lid_nb"]
+                                                      "p_laplace_2", "p_laplace_3", "score_norm_cal", "loss_cal",
+                                                      "lid_nb"]
     assert all(v.shape == (5,) and v.dtype == torch.float32 and v.device.type == "cpu" for v in out.values())
 
 
@@ -160,12 +161,13 @@ def test_per_row_seeds_make_an_images_scores_independent_of_its_batch():
 @pytest.mark.parametrize("t_cal", [0.1, 0.4])
 def test_one_column_alone_is_the_full_calls_value_at_its_own_cost(t_cal):
     """only=...: the held-out images of a calibrated cut need the detector alone; the value must be the one the full
-    call gives, from that column's own forwards (score_norm 1, score_norm_cal 1 + one per mirror)."""
+    call gives, from that column's own forwards (score_norm 1, score_norm_cal 1 + one per mirror, loss_cal
+    loss_noises x (1 + mirrors))."""
     m = _counting(seed=3)
     x, _ = m.sample(5, seed=1)
-    cfg = GeometryConfig(cal_refs=["hflip"], t_laplace=0.4, t_cal=t_cal)
+    cfg = GeometryConfig(cal_refs=["hflip"], t_laplace=0.4, t_cal=t_cal, loss_noises=3)
     full = compute_scores(m, x, cfg)
-    for col, calls in (("score_norm", 1), ("score_norm_cal", 2), ("lid_flipd", None)):
+    for col, calls in (("score_norm", 1), ("score_norm_cal", 2), ("loss_cal", 6), ("lid_flipd", None)):
         m.calls = 0
         one = compute_scores(m, x, cfg, only=col)
         assert list(one) == [col]

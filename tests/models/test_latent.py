@@ -125,10 +125,11 @@ def test_one_column_alone_matches_the_full_scores(sd_model):
     images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     x = sd_model.encode_images(images)
     cond = sd_model.encode_text(["a cat", "a dog", "a cow"])
-    cfg = GeometryConfig(cal_refs=["hflip", "vflip"], t_laplace=0.4, t_cal=0.1, probes=1, flipd_noises=1)
+    cfg = GeometryConfig(cal_refs=["hflip", "vflip"], t_laplace=0.4, t_cal=0.1, probes=1, flipd_noises=1,
+                         loss_noises=2)
     seeds = row_seeds(["a", "b", "c"], cfg.seed)
     refs = pixel_mirrors(sd_model, images, cfg.cal_refs)
     full = compute_scores(sd_model, x, cfg, cond, seeds=seeds, x_refs=refs)
-    for col in ("cfg_norm", "score_norm_cal", "score_norm"):
+    for col in ("cfg_norm", "score_norm_cal", "loss_cal", "score_norm"):
         one = compute_scores(sd_model, x, cfg, cond, seeds=seeds, x_refs=refs, only=col)
         torch.testing.assert_close(one[col], full[col], rtol=1e-5, atol=1e-6)
