@@ -83,7 +83,7 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
            "seed": json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]["seed"],
            "model_kind": raw["model"]["kind"],
            "oversampled_low_lid_star": float((over["lid_lpca"] < raw["classify"]["lpca_low"]).mean()),
-           "detectors": {}}
+           "detectors": {}, "cost": scoring_cost(run, raw)}
     with tempfile.TemporaryDirectory() as tmp:
         held_dir = heldout_for(run, Path(tmp) / "corpus")
         for col in detectors:
@@ -105,6 +105,43 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
                 r[name] = {"threshold": float(thr), "by_kind": shares(d)}
             res["detectors"][col] = r
     return res
+
+
+def scoring_cost(run: Path, raw: dict, images: int = 128, batch: int = 32) -> dict:
+    """Seconds for compute_scores on the run's first `images` corpus images with the run's geometry config, without
+    loss_cal (loss_noises 0) and with it: best of 3 each, same images, same run (a ratio, not a speed)."""
+    import dataclasses
+
+    import torch
+
+    from scanner.config import ModelConfig
+    from scanner.demo_train import load_images
+    from scanner.geometry.mirror import pixel_mirrors
+    from scanner.geometry.scores import compute_scores
+    from scanner.models.loading import load_score_model
+
+    cfg = config_from_dict(raw)
+    model = load_score_model(ModelConfig(kind=cfg.model.kind, path=str(run / "model"), device="cpu"))
+    pix = torch.from_numpy(load_images(run / "corpus", cfg.data.resolution, cfg.data.channels).images[:images])
+    batches = []
+    for i in range(0, len(pix), batch):
+        x = model.encode_images(pix[i:i + batch])
+        refs = pixel_mirrors(model, pix[i:i + batch], cfg.geometry.cal_refs) if getattr(
+            model, "mirrors_in_pixels", False) else None
+        cond = model.encode_text([""] * len(x)) if model.conditional else None
+        batches.append((x, refs, cond))
+    out = {}
+    for name, geo in (("without", dataclasses.replace(cfg.geometry, loss_noises=0)), ("with", cfg.geometry)):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for x, refs, cond in batches:
+                compute_scores(model, x, geo, cond, x_refs=refs)
+            times.append(time.perf_counter() - t)
+        out[name] = min(times)
+    return {"images": len(pix), "without_loss_cal_s": round(out["without"], 2), "with_loss_cal_s": round(out["with"], 2),
+            "ratio": round(out["with"] / out["without"], 2), "loss_noises": cfg.geometry.loss_noises,
+            "cal_refs": cfg.geometry.cal_refs}
 
 
 def render(runs: list[dict], fpr: float) -> str:
@@ -133,6 +170,13 @@ def render(runs: list[dict], fpr: float) -> str:
             out.append(f"| {Path(r['run']).name} | {col} | {d['heldout_images']} | {d['heldout_seconds']:.1f} | "
                        f"{d['heldout_median']:.3f} / {d['unique_member_median']:.3f} | "
                        f"{r['oversampled_low_lid_star']:.2f} |")
+    out += ["", ("Scoring cost of loss_cal (scanner.geometry.scores.compute_scores with the run's geometry config, "
+                 "every column, the run's first corpus images, best of 3, same run):"), "",
+            "| run | images | without loss_cal s | with loss_cal s | ratio |", "|---|---|---|---|---|"]
+    for r in runs:
+        c = r["cost"]
+        out.append(f"| {Path(r['run']).name} | {c['images']} | {c['without_loss_cal_s']:.2f} | "
+                   f"{c['with_loss_cal_s']:.2f} | {c['ratio']:.2f} |")
     return "\n".join(out) + "\n"
 
 

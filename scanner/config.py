@@ -201,7 +201,7 @@ class CorpusConfig:
 
 @dataclass
 class ClassifyConfig:
-    detector: str = "score_norm_cal"  # score column that flags memorization (any column of scores/)
+    detector: str = "loss_cal"  # score column that flags memorization (any column of scores/)
     # which tail flags it; null = the direction registered for the column (scanner/columns.py)
     detector_direction: Literal["low", "high"] | None = None
     detector_quantile: float = 0.05  # flag the most extreme fraction, unless detector_threshold is set

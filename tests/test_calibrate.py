@@ -46,7 +46,7 @@ def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tin
                       "classify.detector_threshold=0.123")
 
     class Store:  # a corpus of no rows: the cut must come from the held-out images alone
-        columns = ("score_norm_cal", "lid_flipd")
+        columns = ("loss_cal", "score_norm_cal", "lid_flipd")
 
         def __len__(self):
             return 0
@@ -99,7 +99,7 @@ def test_a_cfg_norm_detector_encodes_no_mirror_images(tiny_sd_dir, monkeypatch):
              "marker": np.zeros(n, bool), "error": np.array([None] * n, dtype=object),
              "error_stage": np.array([None] * n, dtype=object),
              "image_model": np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)}
-    for only, encodes in (("cfg_norm", 0), ("score_norm_cal", 1)):
+    for only, encodes in (("cfg_norm", 0), ("score_norm_cal", 1), ("loss_cal", 1)):
         calls.clear()
         stage.only = only
         out = stage.process(dict(batch))

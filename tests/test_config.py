@@ -7,7 +7,7 @@ DEMO = "configs/demo.yaml"
 
 def test_demo_config_loads_with_every_section():
     cfg = load_config(DEMO, ["model.path=/m"])
-    assert cfg.geometry.jvp == "vjp" and cfg.classify.detector == "score_norm_cal" and cfg.model.path == "/m"
+    assert cfg.geometry.jvp == "vjp" and cfg.classify.detector == "loss_cal" and cfg.model.path == "/m"
 
 
 def test_unknown_key_names_key_and_closest(tmp_path):

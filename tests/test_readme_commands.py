@@ -62,7 +62,7 @@ def demo(tmp_path_factory) -> Path:
     proc = run(["memscan", "demo", "--out", str(out), "--quick"])
     assert proc.returncode == 0, proc.stdout[-4000:]
     # column, vs, AUROC, its 95 % interval, TPR at 1 % and at 0.1 % FPR, direction
-    assert re.search(r"^score_norm_cal +repeated +\d\.\d{3} +\d\.\d{3}-\d\.\d{3} +\d\.\d{3} +\d\.\d{3} +(low|high)$",
+    assert re.search(r"^loss_cal +repeated +\d\.\d{3} +\d\.\d{3}-\d\.\d{3} +\d\.\d{3} +\d\.\d{3} +(low|high)$",
                      proc.stdout, re.MULTILINE), proc.stdout
     assert re.search(r"memscan demo: done in \d+ s; scan results in .*report: .*report\.html", proc.stdout)
     return out
@@ -152,7 +152,8 @@ def test_flags_as_written(paths):
 # what each command promises (interfaces.md)
 
 SCORE_COLUMNS = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap",
-                 "lid_gap_rel", "p_laplace_1", "p_laplace_2", "score_norm", "cfg_norm", "mem_class", "verdict", "error"]
+                 "lid_gap_rel", "p_laplace_1", "p_laplace_2", "score_norm", "score_norm_cal", "loss_cal", "cfg_norm",
+                 "mem_class", "verdict", "error"]
 
 
 def check_scan(out: Path, conditional: bool = False) -> None:
@@ -190,11 +191,15 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     assert {"key", "group_id", "planted", "copies"} <= set(truth.columns)
     metrics = json.loads((demo / "scan" / "metrics.json").read_text())
     assert 0 <= metrics["scores"]["repeated_vs_unique"]["score_norm_cal"]["auroc"] <= 1
+    assert 0 <= metrics["scores"]["repeated_vs_unique"]["loss_cal"]["auroc"] <= 1
+    scores = pd.read_parquet(demo / "scan" / "scores")
+    assert scores.loc[scores["error"].isna(), "loss_cal"].notna().all()  # the README sorts by it
     reps = pd.read_parquet(demo / "scan" / "replications.parquet")
     assert list(reps.columns[:5]) == ["gen_id", "caption", "seed", "matched_key", "similarity"] and len(reps) == 4
     # the detector's cut: a 1 % false-positive rate on the corpus' held-out shard (100 images with --quick)
     cal = json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["calibration"]
     assert cal["images"] == 100 and cal["fpr"] == 0.01 and cal["shards"][0].endswith("heldout/00000.tar")
+    assert json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["detector"] == "loss_cal"
 
 
 def check_demo_latent(out: Path) -> None:
