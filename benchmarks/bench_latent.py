@@ -1,6 +1,7 @@
 """The latent demo (a tiny text-to-image Stable Diffusion trained here) on the tuning seed and a held-out seed.
 
     python benchmarks/bench_latent.py runs/latent-seed0 runs/latent-seed1   # writes results/latent.{md,json}
+    python benchmarks/bench_latent.py runs/latent-seed0 runs/latent-seed1 --scan rescan  # scores of DIR/rescan
 
 Each directory is `memscan demo --model latent --seed S --out DIR`; the script runs it there when DIR has no
 finished scan (from scratch, timed), then once more into the same DIR (the cached rerun, timed), and reads
@@ -33,7 +34,7 @@ from results_file import write_results
 
 from scanner.evaluate import by_caption_kind, evaluate
 
-COLUMNS = ["score_norm_cal", "cfg_norm", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca",
+COLUMNS = ["loss_cal", "score_norm_cal", "cfg_norm", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca",
            "lid_gap_rel"]
 COMPARISONS = ["verbatim_vs_unique", "varied_vs_unique", "oversampled_vs_unique", "repeated_vs_unique"]
 T_CFG = [0.02, 0.05, 0.1, 0.2, 0.4, 0.7]
@@ -90,22 +91,23 @@ def cfg_sweep(demo: Path) -> list[dict]:
     return out
 
 
-def one(demo: Path, seed: int) -> dict:
+def one(demo: Path, seed: int, scan: str = "scan") -> dict:
     scratch = run_demo(demo, seed, "demo.log")
     rerun = run_demo(demo, seed, "demo-rerun.log")
     info = json.loads((demo / "model" / "train_info.json").read_text())
-    m = evaluate(demo / "scan", demo / "corpus" / "truth.parquet", write=False)
-    scores = pd.read_parquet(demo / "scan" / "scores")
+    m = evaluate(demo / scan, demo / "corpus" / "truth.parquet", write=False)
+    scores = pd.read_parquet(demo / scan / "scores")
     kinds = by_caption_kind(pd.read_parquet(demo / "corpus" / "truth.parquet"))[["key", "planted"]]
     df = scores[scores["error"].isna()].merge(kinds.rename(columns={"planted": "kind"}), on="key")
     flagged = {k: {"flagged": float(g["verdict"].isin(["confirmed", "suspected"]).mean()), "images": len(g),
                    "dd": float((g["mem_class"] == "dd").mean()), "od": float((g["mem_class"] == "od").mean())}
                for k, g in df.groupby("kind") if k in ("verbatim", "varied", "oversampled", "unique")}
-    summary = json.loads((demo / "scan" / "summary.json").read_text())
+    summary = json.loads((demo / scan / "summary.json").read_text())
     dim = 4 * (info["resolution"] // 4) ** 2  # the latent's entries: LID_theta and LID_* live in [0, dim]
     lid = df["lid_flipd"].astype(float)
     return {"dim": dim, "lid_flipd_in_range": float(((lid >= 0) & (lid <= dim)).mean()),
-            "lid_medians": {k: float(g.median()) for k, g in lid.groupby(df["kind"])},"demo": str(demo), "seed": seed, "from_scratch_s": scratch, "cached_rerun_s": rerun,
+            "lid_medians": {k: float(g.median()) for k, g in lid.groupby(df["kind"])}, "demo": str(demo), "scan": scan,
+            "seed": seed, "from_scratch_s": scratch, "cached_rerun_s": rerun,
             "train": {k: info[k] for k in ("steps", "vae_steps", "vae_s", "train_s", "s_per_step",
                                            "vae_recon_rmse_median", "scaling_factor", "n_params", "loss_last")},
             "scores": m["scores"], "replications_by_caption": m.get("replications_by_caption", []),
@@ -143,8 +145,14 @@ def render(runs: list[dict]) -> str:
                              f" TPR {c['tpr_at_1pct_fpr']:.2f} / {c['tpr_at_0_1pct_fpr']:.2f}")
             out.append(f"| {col} | " + " | ".join(cells) + " |")
     out += ["", "Cells: AUROC in the registered direction (95 % interval over groups / images); TPR at 1 % / 0.1 % FPR.",
-            "", "## Flagged at the shipped cut (score_norm_cal <= 0.8) and the classes", "",
-            "| seed | kind | images | flagged | dd | od |", "|---|---|---|---|---|---|"]
+            "", "## Flagged at the scan's cut and the classes", ""]
+    for r in runs:
+        t = r["thresholds"] or {}
+        if t.get("threshold") is not None:
+            how = (f"{t['calibration']['fpr']:g} of {t['calibration']['images']} held-out images"
+                   if t.get("calibration") else "fixed")
+            out.append(f"Seed {r['seed']}: {t.get('detector')} <= {t['threshold']:.3f} ({how}).")
+    out += ["", "| seed | kind | images | flagged | dd | od |", "|---|---|---|---|---|---|"]
     for r in runs:
         for k, f in r["flagged"].items():
             out.append(f"| {r['seed']} | {k} | {f['images']} | {f['flagged']:.3f} | {f['dd']:.3f} | {f['od']:.3f} |")
@@ -171,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demos", nargs="+", type=Path, help="one directory per seed: latent-seed0, latent-seed1, ...")
     ap.add_argument("--seeds", type=int, nargs="+", help="the seeds of the directories (default 0, 1, ...)")
+    ap.add_argument("--scan", default="scan", help="the scan folder inside each demo whose scores are read (default: "
+                    "the demo's own; e.g. a rescan with newer columns; the times stay the demo's)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     seeds = a.seeds or list(range(len(a.demos)))
-    runs = [one(d, s) for d, s in zip(a.demos, seeds)]
+    runs = [one(d, s, a.scan) for d, s in zip(a.demos, seeds)]
     write_results(a.out, "latent", {"runs": runs}, render(runs))
     return 0
 

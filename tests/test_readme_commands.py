@@ -220,6 +220,9 @@ def check_demo_latent(out: Path) -> None:
     assert metrics["replications_by_caption"]
     summary = json.loads((out / "scan" / "summary.json").read_text())
     assert summary["config"]["model"]["kind"] == "latent" and summary["thresholds"]["calibration"]["images"] == 100
+    assert summary["thresholds"]["detector"] == "loss_cal"
+    scores = pd.read_parquet(out / "scan" / "scores")
+    assert scores.loc[scores["error"].isna(), "loss_cal"].notna().all()  # mirrors encoded from pixels, latent noises
 
 
 def check_corpus(out: Path) -> None:
