@@ -24,18 +24,25 @@ def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_
     """The stage path (read, decode, score) gives the detector the geometry gives on the held-out images decoded
     by hand: a calibration that scored images differently from the scan would set a meaningless cut."""
     from scanner.data.load import load_images
-    from scanner.geometry.mirror import mirror_calibrated_norm
+    from scanner.geometry.mirror import mirror_calibrated_loss, mirror_calibrated_norm
+    from scanner.geometry.trace import row_seeds
     from scanner.models.loading import load_score_model
 
     held = tiny_corpus.out_dir / "heldout"
-    cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_max_images=100")
-    out = heldout_scores(cfg)
-    assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == [str(held / "00000.tar")]
-    _, images, _, _ = load_images(str(held), cfg.data.resolution)
-    model = load_score_model(cfg.model)
-    x = model.encode_images(torch.from_numpy(images[:100]))
-    direct = mirror_calibrated_norm(model, x, cfg.geometry.t_cal, cfg.geometry.cal_refs).numpy()
-    np.testing.assert_allclose(out["values"], direct, rtol=1e-4)
+    model = None
+    for detector in ("loss_cal", "score_norm_cal"):
+        cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_max_images=100",
+                          f"classify.detector={detector}")
+        out = heldout_scores(cfg)
+        assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == [str(held / "00000.tar")]
+        keys, images, _, _ = load_images(str(held), cfg.data.resolution)
+        model = model or load_score_model(cfg.model)
+        x = model.encode_images(torch.from_numpy(images[:100]))
+        g = cfg.geometry
+        direct = (mirror_calibrated_loss(model, x, g.t_loss, g.cal_refs, noises=g.loss_noises,
+                                         seed=row_seeds(list(keys[:100]), g.seed) + 3)
+                  if detector == "loss_cal" else mirror_calibrated_norm(model, x, g.t_cal, g.cal_refs))
+        np.testing.assert_allclose(out["values"], direct.numpy(), rtol=1e-4, err_msg=detector)
 
 
 def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tiny_corpus, tmp_path):

@@ -92,10 +92,11 @@ def test_bad_refs_name_the_key_and_the_accepted_values():
         compute_scores(random_gmm(6, 2), torch.zeros(2, 6, dtype=torch.float64), GeometryConfig(cal_refs=["vflip"]))
     with pytest.raises(ConfigError, match=r"geometry.cal_refs must be a list of hflip, vflip, rot180"):
         GeometryConfig(cal_refs=["diagonal"]).validate()
-    cfg = ScanConfig()
-    cfg.model.kind, cfg.geometry.cal_refs = "none", []
-    with pytest.raises(ConfigError, match=r"classify.detector is score_norm_cal but geometry.cal_refs is \[\]"):
-        cfg.validate()
+    for detector in ("score_norm_cal", "loss_cal"):
+        cfg = ScanConfig()
+        cfg.model.kind, cfg.geometry.cal_refs, cfg.classify.detector = "none", [], detector
+        with pytest.raises(ConfigError, match=rf"classify.detector is {detector} but geometry.cal_refs is \[\]"):
+            cfg.validate()
 
 
 def test_denoising_loss_is_the_gaussian_closed_form():
