@@ -20,6 +20,8 @@ def cfg_noises(shape: tuple[int, ...], n: int, seed: int | torch.Tensor, dtype: 
     """(n, *shape) standard normal noises from a seeded CPU generator (shape includes the batch). seed: an int,
     or (B,) per-row seeds (scanner.geometry.trace.row_seeds) so a row's noises do not depend on its batch."""
     if isinstance(seed, torch.Tensor):
+        if seed.shape != (shape[0],):
+            raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
         return torch.stack([cfg_noises(tuple(shape[1:]), n, int(s), dtype) for s in seed.tolist()], dim=1)
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)

@@ -59,6 +59,17 @@ def mirror(x: torch.Tensor, ref: str) -> torch.Tensor:
     return x.flip(MIRRORS[ref])
 
 
+def mirrored_points(x: torch.Tensor, refs: list[str], x_refs: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """{ref: g(x)} for each mirror in refs: x mirrored in model space, or the caller's x_refs (a latent model:
+    `pixel_mirrors`) once they are checked to be the mirrors asked for."""
+    if x_refs is None:
+        return {r: mirror(x, r) for r in refs}
+    if set(x_refs) != set(refs):
+        raise ValueError(f"x_refs has mirrors {sorted(x_refs)}, cal_refs asks for {sorted(refs)}")
+    return {r: x_refs[r].to(x) for r in refs}
+
+
 @torch.no_grad()
 def pixel_mirrors(model: Any, images: torch.Tensor, refs: list[str]) -> dict[str, torch.Tensor]:
     """{ref: model.encode_images(the images mirrored)}: the mirror images of a latent model's points, mirrored
@@ -79,23 +90,19 @@ def mirror_calibrated_norm(model: Any, x: torch.Tensor, t: float, refs: list[str
     len(refs) forwards (+ 1 without norm_x).
     """
     refs = check_refs(refs, tuple(model.sample_shape))
+    points = mirrored_points(x, refs, x_refs)
     tv = time_vector(t, x)
     psi, _ = model.psi_sigma(tv)
     scale = bview(psi, x)
     if norm_x is None:
         norm_x = model.eps(scale * x, tv, cond).flatten(1).norm(dim=1)
-    if x_refs is not None and set(x_refs) != set(refs):
-        raise ValueError(f"x_refs has mirrors {sorted(x_refs)}, cal_refs asks for {sorted(refs)}")
-    log_ref = torch.stack([model.eps(scale * (mirror(x, r) if x_refs is None else x_refs[r].to(x)), tv, cond)
-                           .flatten(1).norm(dim=1).log() for r in refs])
+    log_ref = torch.stack([model.eps(scale * points[r], tv, cond).flatten(1).norm(dim=1).log() for r in refs])
     return norm_x / log_ref.mean(dim=0).exp()
 
 
 def loss_noise(shape: tuple[int, ...], noises: int, seed: int | torch.Tensor) -> torch.Tensor:
     """(noises, B, *sample_shape) float64 standard normal z_j for `mirror_calibrated_loss`: seed an int or (B,)
     per-row seeds (`trace.row_seeds`), on a stream of their own (not FLIPD's, the CFG norm's or the probes')."""
-    if isinstance(seed, torch.Tensor) and seed.shape != (shape[0],):
-        raise ValueError(f"per-row seeds must be ({shape[0]},), got {tuple(seed.shape)}")
     return cfg_noises(shape, noises, seed ^ 0x1055_CA1, torch.float64)
 
 
@@ -119,11 +126,9 @@ def mirror_calibrated_loss(model: Any, x: torch.Tensor, t: float, refs: list[str
     refs = check_refs(refs, tuple(model.sample_shape))
     check_time("t_loss", t)
     check_int("loss_noises", noises, 1)
-    if x_refs is not None and set(x_refs) != set(refs):
-        raise ValueError(f"x_refs has mirrors {sorted(x_refs)}, cal_refs asks for {sorted(refs)}")
+    points = mirrored_points(x, refs, x_refs)
     tv = time_vector(t, x)
     z = loss_noise(tuple(x.shape), noises, seed)
     loss_x = denoising_loss(model, x, tv, z, cond)
-    log_ref = torch.stack([denoising_loss(model, mirror(x, r) if x_refs is None else x_refs[r].to(x), tv,
-                                          z.flip(MIRRORS[r]), cond).log() for r in refs])
+    log_ref = torch.stack([denoising_loss(model, points[r], tv, z.flip(MIRRORS[r]), cond).log() for r in refs])
     return loss_x / log_ref.mean(dim=0).exp()
