@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench_cut import heldout_for
+from bench_lid_theta import pick
 from results_file import write_results
 from sklearn.metrics import roc_auc_score
 
@@ -42,17 +43,12 @@ KINDS = ("repeated", "oversampled", "unique")
 
 
 def sample(demo: Path, res: int, seed: int = 0) -> tuple[list[str], torch.Tensor, np.ndarray]:
+    """The sampled corpus images (bench_lid_theta's pick: every oversampled image, 3 copies per repeated group,
+    400 unique): their keys, model-space images and planted kinds."""
     mem = load_images(demo / "corpus", res, 3)
     truth = pd.read_parquet(demo / "corpus" / "truth.parquet").set_index("key")
-    planted = np.array(mem.planted)
-    groups = truth.reindex(mem.keys)["group_id"].astype("string").fillna("").to_numpy().astype(str)
-    rng = np.random.default_rng(seed)
-    rows = list(np.flatnonzero(planted == "oversampled"))
-    for g in sorted(set(groups[planted == "repeated"])):
-        rows += list(rng.choice(np.flatnonzero((groups == g) & (planted == "repeated")), 3, replace=False))
-    rows += list(rng.choice(np.flatnonzero(planted == "unique"), 400, replace=False))
-    rows = np.array(rows)
-    return [mem.keys[i] for i in rows], to_model_space(mem.images[rows]), planted[rows]
+    rows, kind, _ = pick(mem.keys, truth, unique=400, copies=3, seed=seed)
+    return [mem.keys[i] for i in rows], to_model_space(mem.images[rows]), kind
 
 
 def batched(fn, x: torch.Tensor, seeds: torch.Tensor, bs: int = 256) -> np.ndarray:
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     keys, x, kind = sample(a.demo, res)
     with tempfile.TemporaryDirectory() as tmp:
         held = heldout_for(a.demo, Path(tmp) / "corpus")
-        hk, hx, _ = load_images_from(held, res)
+        hk, hx = load_images_from(held, res)
     keys, x = keys + hk, torch.cat([x, hx])
     kind = np.concatenate([kind, np.array(["heldout"] * len(hk))])
     seeds = row_seeds(keys, 0) + 3  # the scan's per-row noise seeds for loss_cal
@@ -121,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_images_from(held_dir: Path, res: int) -> tuple[list[str], torch.Tensor, int]:
+def load_images_from(held_dir: Path, res: int) -> tuple[list[str], torch.Tensor]:
     """The held-out shard's images, decoded as the scan decodes them."""
     from scanner.data.load import load_images as load_corpus
 
     keys, images, _, _ = load_corpus([str(p) for p in sorted(held_dir.glob("*.tar"))], res, 3, stats={})
-    return list(keys), to_model_space(images), len(keys)
+    return list(keys), to_model_space(images)
 
 
 if __name__ == "__main__":
