@@ -119,8 +119,7 @@ def compute_scores(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any =
             out["lid_nb"] = nb_lid(model, x, cfg.nb_t, geo_cond, samples=cfg.nb_samples, seed=cfg.seed + 1,
                                    rank=cfg.nb_rank, rel_threshold=cfg.nb_rel_threshold, chunk=chunk)
         if conditional:
-            out["cfg_norm"] = cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
-                                       seed=cfg.seed + 2 if seeds is None else seeds + 2)
+            out["cfg_norm"] = _cfg_norm(model, x, cfg, cond, seeds)
     return {k: out[k].detach().to(device="cpu", dtype=torch.float32) for k in score_columns(cfg, conditional)}
 
 
@@ -142,9 +141,14 @@ def _one_column(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, onl
     if only == "loss_cal":
         return _loss_cal(model, x, cfg, cond, seeds, x_refs)
     if only == "cfg_norm":
-        return cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises,
-                        seed=cfg.seed + 2 if seeds is None else seeds + 2)
+        return _cfg_norm(model, x, cfg, cond, seeds)
     return None
+
+
+def _cfg_norm(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, seeds: torch.Tensor | None
+              ) -> torch.Tensor:
+    """The CFG norm with its own noise stream per row (seeds + 2; the config seed + 2 for a batch-wide seed)."""
+    return cfg_norm(model, x, cfg.t_cfg, cond, noises=cfg.cfg_noises, seed=cfg.seed + 2 if seeds is None else seeds + 2)
 
 
 def _loss_cal(model: Any, x: torch.Tensor, cfg: GeometryConfig, cond: Any, seeds: torch.Tensor | None,
