@@ -202,12 +202,15 @@ def _sample(store, folder, select, counts, size, seed) -> tuple[np.ndarray, np.n
 
 
 def search_list(recs: np.ndarray, kk: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One inverted list: its queries (the rows whose nearest list it is) against all its rows, exactly.
-    Returns (query gids, neighbour gids (Q, kk), similarities (Q, kk))."""
+    """One inverted list: its queries (the rows whose nearest list it is) against all its indexed rows, exactly
+    (a query-only row, `indexed` False, is never a neighbour). Returns (query gids, neighbour gids (Q, kk),
+    similarities (Q, kk))."""
     q = recs["primary"]
     x = np.ascontiguousarray(recs["x"], dtype=np.float32)
-    s, i = _knn(x[q], x, kk, metric)
-    s, i = _pad(s.astype(np.float32), np.where(i >= 0, recs["gid"][np.maximum(i, 0)], -1), kk, metric)
+    idx = recs["indexed"] if "indexed" in recs.dtype.names else np.ones(len(recs), bool)
+    s, i = _knn(x[q], x[idx], kk, metric)
+    g = recs["gid"][idx]
+    s, i = _pad(s.astype(np.float32), np.where(i >= 0, g[np.maximum(i, 0)], -1), kk, metric)
     return recs["gid"][q], i, s
 
 
@@ -248,17 +251,20 @@ def _list_results(spill: Spill, kk: int, metric: str, task=None):
 
 def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: Consumer, work: Path,
            seed: int = 0, recall_sample: int = 1000, log=None, budget_bytes: int = 4 << 30,
-           parallel: bool = True) -> dict:
+           parallel: bool = True, queries: Select | None = None) -> dict:
     """Runs `plan` over the selected rows of `folder`, feeding every query's kk = plan.k neighbours to
-    `consumer` (each selected row is a query exactly once). Returns the plan's info with timings and,
+    `consumer` (each query row is a query exactly once). Returns the plan's info with timings and,
     for ivf, recall@k measured on held-out queries. parallel: the ivf lists go out as Ray tasks when Ray is up.
+    queries: the rows that ask (None: the selected rows; else it must hold them, as the held-out recall asks
+    through them); neighbours are always selected rows, so a query row outside `select` finds them without being
+    found. The rows consumer gets with an ivf list are its indexed rows.
     """
     t0 = time.time()
     kk = plan.k
     info = plan.info()
     counts = count_rows(store, folder, select)
     if plan.kind == "exact":
-        for g, x in _iter_blocks(store, folder, select, plan.block):
+        for g, x in _iter_blocks(store, folder, queries or select, plan.block):
             s, i = exact_neighbours(store, folder, select, (g, x), kk, plan.metric, plan.block)
             consumer(g, i, s, None)
         info.update(recall_at_k=1.0, seconds=round(time.time() - t0, 2))
@@ -285,27 +291,33 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     src_dtype = None
     spill = None
     for i in range(len(store)):
-        mask = np.asarray(select(i), dtype=bool)
+        indexed = np.asarray(select(i), dtype=bool)
+        asks = indexed if queries is None else np.asarray(queries(i), dtype=bool)
+        mask = indexed | asks
         if not mask.any() or not store.has_array(folder, i):
             continue
         raw = store.array(folder, i)[mask]
+        indexed, asks = indexed[mask], asks[mask]
         if spill is None:
             src_dtype = raw.dtype
-            rec = np.dtype([("gid", "<i8"), ("primary", "?"), ("x", src_dtype, (d,))])
+            rec = np.dtype([("gid", "<i8"), ("primary", "?"), ("indexed", "?"), ("x", src_dtype, (d,))])
             spill = Spill(work / f"ivf-{folder}", plan.nlist, rec, buffer_bytes=buffer_bytes(budget_bytes))
         gids = store.offsets[i] + np.flatnonzero(mask)
         _, lists = _knn(np.ascontiguousarray(raw, dtype=np.float32), centroids, plan.spill, plan.metric)
         for j in range(lists.shape[1]):
-            recs = np.empty(len(gids), dtype=spill.dtype)
-            recs["gid"], recs["primary"], recs["x"] = gids, j == 0, raw
-            spill.add(lists[:, j], recs)
+            keep = indexed | (asks & (j == 0))  # a query-only row goes to its nearest list alone
+            recs = np.empty(int(keep.sum()), dtype=spill.dtype)
+            recs["gid"], recs["primary"], recs["indexed"], recs["x"] = gids[keep], (asks & (j == 0))[keep], \
+                indexed[keep], raw[keep]
+            spill.add(lists[keep, j], recs)
     spill.flush()
     t_assign = time.time() - t0 - t_train
     mem["assign"] = memory_mb()
     sizes = spill.counts
     tasks = _ray_tasks(plan) if parallel else None
     for recs, (qg, i, s) in _list_results(spill, kk, plan.metric, tasks):
-        consumer(qg, i, s, (recs["gid"], np.ascontiguousarray(recs["x"], dtype=np.float32)))
+        ix = recs["indexed"]
+        consumer(qg, i, s, (recs["gid"][ix], np.ascontiguousarray(recs["x"][ix], dtype=np.float32)))
         for r in np.flatnonzero(np.isin(qg, held_g)):
             held_res[held_pos[int(qg[r])]] = s[r].copy()  # a copy: a view would keep the list's whole result alive
     spill.close()

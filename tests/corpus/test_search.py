@@ -139,3 +139,31 @@ def test_ivf_lists_as_ray_tasks_give_the_same_neighbours(tmp_path, ray_session):
     assert sorted(runs[0]) == sorted(runs[1]) == list(range(2000))
     for g in range(2000):
         np.testing.assert_array_equal(runs[0][g][0], runs[1][g][0])
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_query_only_rows_find_neighbours_and_are_never_found(tmp_path, kind):
+    """queries= adds rows that ask without being indexed (the pHash copies of duplicate search): each asks once,
+    its neighbours are indexed rows only, and the indexed rows' answers do not change."""
+    x = _clustered(n=3000)
+    store = _store(tmp_path, x, [1000, 1000, 1000])
+    outside = np.zeros(3000, bool)
+    outside[::7] = True
+
+    def part(mask):
+        return lambda i: mask[store.offsets[i]:store.offsets[i + 1]]
+
+    knobs = types.SimpleNamespace(**{**vars(KNOBS), "flat_max": 10**6 if kind == "exact" else 100})
+    plan = make_plan(int((~outside).sum()), x.shape[1], 11, "ip", knobs, 1 << 30)
+    assert plan.kind == kind
+    got, consume = _collect()
+    search(store, "embeddings", part(~outside), plan, consume, tmp_path / "w", recall_sample=200,
+           queries=part(np.ones(3000, bool)))
+    assert sorted(got) == list(range(3000))  # every row asked once, indexed or not
+    nbrs = np.stack([got[g][0] for g in range(3000)])
+    assert not np.isin(nbrs, np.flatnonzero(outside)).any()
+    inside = np.flatnonzero(~outside)
+    truth = np.sort(x @ x[inside].T, axis=1)[:, ::-1][:, :11]
+    mine = np.stack([got[g][1] for g in range(3000)])
+    hit = (mine >= truth[:, -1:] - 1e-4).mean()
+    assert hit == 1.0 if kind == "exact" else hit >= 0.9, hit
