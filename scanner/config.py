@@ -147,6 +147,14 @@ class NeighboursConfig:
     dup_threshold: float = 0.93
     rep_threshold: float = 0.93  # cosine at or above which a generation replicates a training image
     phash_max_dist: int = 2  # pHash Hamming radius of the near-exact pass (6 bits merges distinct images)
+    # pixel check of near-misses (scanner/neighbours/align.py): neighbours at cosine in [align_min_cosine,
+    # dup_threshold) are duplicates when their align_size thumbnails (stored per row: align_size^2 x channels
+    # bytes) differ by RMSE <= align_max_rmse at some shift of <= align_max_shift px. Chosen on demo seed 0
+    # (benchmarks/bench_align.py). align_size 0 turns it off.
+    align_size: int = 32
+    align_min_cosine: float = 0.8
+    align_max_rmse: float = 0.015
+    align_max_shift: int = 2
     train_steps: int = 600  # copy-detection embedder steps when no checkpoint is given (~2 min on 2 cores)
     embedder_max_images: int = 50_000  # the embedder trains on at most this many distinct images
     k: int = 20  # neighbours searched per image for duplicate links
@@ -172,6 +180,14 @@ class NeighboursConfig:
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
         _check(self.image_size >= 16, f"{p}.image_size", self.image_size, ">= 16")
         _check(0 <= self.phash_max_dist <= 64, f"{p}.phash_max_dist", self.phash_max_dist, "an int in [0, 64]")
+        _check(self.align_size == 0 or 8 <= self.align_size <= 256, f"{p}.align_size", self.align_size,
+               "0 (off) or an int in [8, 256]")
+        _check(-1.0 <= self.align_min_cosine <= 1.0, f"{p}.align_min_cosine", self.align_min_cosine,
+               "a cosine in [-1, 1]")
+        _check(0.0 <= self.align_max_rmse <= 1.0, f"{p}.align_max_rmse", self.align_max_rmse,
+               "an RMSE in [0, 1] (pixels scaled to [0, 1])")
+        _check(self.align_max_shift >= 0 and (self.align_size == 0 or self.align_max_shift < self.align_size // 2),
+               f"{p}.align_max_shift", self.align_max_shift, "an int >= 0 and below half of align_size")
         _check(self.train_steps >= 1, f"{p}.train_steps", self.train_steps, ">= 1")
         _check(self.embedder_max_images >= 2, f"{p}.embedder_max_images", self.embedder_max_images, ">= 2")
 

@@ -45,7 +45,8 @@ def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
     m = {"data": {k: getattr(cfg.data, k) for k in ("resolution", "channels", "max_image_pixels")},
          "model": None, "geometry": None,
          # the embedder by its bytes, not its path: a checkpoint moved elsewhere is still the same embedder
-         "embedder": {"digest": checkpoint_digest(embedder), "image_size": cfg.neighbours.image_size}
+         "embedder": {"digest": checkpoint_digest(embedder), "image_size": cfg.neighbours.image_size,
+                      "align_size": cfg.neighbours.align_size}
          if embedder else None}
     if cfg.model.kind != "none":
         m["model"] = {"kind": cfg.model.kind, "path": cfg.model.path, "dtype": cfg.model.dtype}

@@ -200,6 +200,12 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     cal = json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["calibration"]
     assert cal["images"] == 100 and cal["fpr"] == 0.01 and cal["shards"][0].endswith("heldout/00000.tar")
     assert json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["detector"] == "loss_cal"
+    # near-misses below the cosine threshold are checked on the thumbnails the embed stage stored
+    nb = json.loads((demo / "scan" / "summary.json").read_text())["neighbours"]
+    assert nb["thresholds"]["aligned"]["align_size"] == 32
+    assert nb["aligned_candidates"]["checked"] >= nb["aligned_candidates"]["linked"] == nb["links"]["aligned"]
+    assert len(list((demo / "scan" / "thumbs").glob("*.npy"))) == len(list((demo / "scan" / "parts").glob("*.parquet")))
+    assert "link <code>aligned</code>" in (demo / "scan" / "report.html").read_text()
 
 
 def check_demo_latent(out: Path) -> None:

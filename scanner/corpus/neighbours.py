@@ -2,8 +2,9 @@
 
 1. copies: byte hashes, then pHash near-copies among one row per byte hash (scanner.corpus.groups);
    their connected components are units, each represented by its kept member;
-2. embedding links: k nearest neighbours of every unit representative (scanner.corpus.search), cosine >=
-   neighbours.dup_threshold;
+2. embedding links: k nearest unit representatives of every row of distinct bytes (scanner.corpus.search), cosine >=
+   neighbours.dup_threshold; neighbours just below it (>= align_min_cosine) are linked when their stored
+   thumbnails agree at a small shift (scanner.neighbours.align: link "aligned");
 3. groups that do not chain (scanner.neighbours.dedup.leader_groups) over the rows that have a link;
 4. with a model: generations from training captions, each matched exactly against every embedded row.
 """
@@ -37,9 +38,9 @@ SIM_BATCH = 65536  # group members whose similarity to the kept image is compute
 
 
 def _node_rank(store: PartStore, nodes: np.ndarray):
-    """(keys as a pyarrow string array, keep-rule rank) of the sorted gids `nodes`."""
+    """(keys as a pyarrow string array, keep-rule rank, pixel counts) of the sorted gids `nodes`."""
     keys, pixels = store.gather_keys(nodes)
-    return keys, keep_rank(keys, pixels)
+    return keys, keep_rank(keys, pixels), pixels
 
 
 def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained: bool, out: Path, work: Path,
@@ -58,41 +59,69 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
         phash_e = phash_links(store, _minus(store, searched, copies), n_cfg.phash_max_dist, work, budget)
     copy_e = np.concatenate([bytes_e, phash_e])
     nodes = np.unique(copy_e)
-    _, rank = _node_rank(store, nodes)
+    _, rank, _ = _node_rank(store, nodes)
     unit, kept = copy_units(len(nodes), np.searchsorted(nodes, copy_e), rank)
     not_kept = np.ones(len(nodes), bool)
     not_kept[kept] = False
-    excluded = nodes[not_kept]  # copies of a unit's kept member: searched through it
+    excluded = nodes[not_kept]  # copies of a unit's kept member: not in the index, found through it
     t_copies = time.time() - t0
     mem = {"copies": memory_mb()}
 
-    # embedding links between unit representatives
+    # embedding links: every row of distinct bytes asks for its neighbours among the units' kept members. A
+    # byte copy has its original's embedding; a pHash copy has its own, and its own neighbours (a shifted copy
+    # may be near the original and not near the re-encode the keep rule keeps), but is not itself in the index,
+    # so a unit of many copies does not fill its members' k neighbours with each other
     select = _minus(store, searched, excluded)
+    askers = _minus(store, searched, copies)
     n = int(count_rows(store, "embeddings", select).sum())
     dim = store.dim("embeddings")
     edges: list[np.ndarray] = []
     sims: list[np.ndarray] = []
+    want_align = n_cfg.align_size > 0 and n_cfg.align_min_cosine < n_cfg.dup_threshold
+    thumbs = np.array([want_align and store.has_array("thumbs", i) for i in range(len(store))], bool)
+    align = bool(thumbs.any())
+    if want_align and not thumbs.all():
+        LOG.warning(f"neighbours: {int((~thumbs).sum())} of {len(thumbs)} shards have no thumbs/ file: their rows' "
+                    "candidates below dup_threshold are not checked on pixels")
+    cand: list[np.ndarray] = []
+    cand_s: list[np.ndarray] = []
 
     def consume(qg, nbr, s, _rows):
         q = np.broadcast_to(qg[:, None], nbr.shape)
-        ok = (s >= n_cfg.dup_threshold) & (nbr >= 0) & (nbr != q)
+        real = (nbr >= 0) & (nbr != q)
+        ok = (s >= n_cfg.dup_threshold) & real
         if ok.any():
             edges.append(np.stack([q[ok], nbr[ok]], axis=1))
             sims.append(s[ok].astype(np.float32))
+        near = (s >= n_cfg.align_min_cosine) & ~ok & real if align else None
+        if near is not None and near.any():
+            cand.append(np.stack([q[near], nbr[near]], axis=1))
+            cand_s.append(s[near].astype(np.float32))
 
     plan = make_plan(n, dim, min(n_cfg.k + 1, max(n, 1)), "ip", search_knobs(cfg), budget)
     index_info = search(store, "embeddings", select, plan, consume, work, seed=cfg.seed,
-                        recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget)
+                        recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget, queries=askers)
     emb_e = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     emb_s = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+    align_e, align_info = np.zeros((0, 2), np.int64), None
+    if align:
+        align_e, align_s, align_info = _aligned_links(store, cand, cand_s, n_cfg, thumbs)
+        emb_e, emb_s = np.concatenate([emb_e, align_e]), np.concatenate([emb_s, align_s])
     t_search = time.time() - t0 - t_copies
     mem["search"] = memory_mb()
 
     # groups over every row with a link
     nodes = np.unique(np.concatenate([copy_e.ravel(), emb_e.ravel()]))
-    keys, rank = _node_rank(store, nodes)
+    keys, rank, pixels = _node_rank(store, nodes)
     unit, kept = copy_units(len(nodes), np.searchsorted(nodes, copy_e), rank)
-    group = leader_groups(unit, kept, rank, np.searchsorted(nodes, emb_e), emb_s)
+    ei = np.searchsorted(nodes, emb_e)
+    cross = unit[ei[:, 0]] != unit[ei[:, 1]]  # a pHash copy finding its own unit's kept member is no link
+    n_align = int(cross[len(emb_e) - len(align_e):].sum())
+    emb_e, emb_s, ei = emb_e[cross], emb_s[cross], ei[cross]
+    n_emb = len(emb_e) - n_align
+    if align_info:
+        align_info["linked"] = n_align
+    group = leader_groups(unit, kept, rank, ei, emb_s, pixels)
     sim = np.ones(len(nodes), np.float32)
     members = np.flatnonzero(group >= 0)
     for s in range(0, len(members), SIM_BATCH):
@@ -101,7 +130,8 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
         a = store.gather("embeddings", nodes[m])
         b = store.gather("embeddings", nodes[k])
         sim[m] = np.einsum("ij,ij->i", a, b)
-    link = link_names(len(nodes), np.searchsorted(nodes, bytes_e), np.searchsorted(nodes, phash_e))
+    link = link_names(len(nodes), np.searchsorted(nodes, bytes_e), np.searchsorted(nodes, phash_e),
+                      ei[:n_emb])
     dups = group_table(keys, group, kept, sim, link, ids=nodes)
     emb_members = dups[~dups["keep"] & (dups["link"] == "embedding")]
     t_groups = time.time() - t0 - t_copies - t_search
@@ -120,12 +150,16 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
                       "summary.json says so", rep_error)
     summary = {
         "thresholds": {"dup_threshold": n_cfg.dup_threshold, "phash_max_dist": n_cfg.phash_max_dist,
-                       "keep_rule": KEEP_RULE, "group_rule": GROUP_RULE},
+                       "keep_rule": KEEP_RULE, "group_rule": GROUP_RULE,
+                       "aligned": {k: getattr(n_cfg, k) for k in ("align_size", "align_min_cosine",
+                                                                   "align_max_rmse", "align_max_shift")}
+                       if align else None},
         "embedder": {"checkpoint": checkpoint, "architecture": embedder.name if embedder else n_cfg.clip_model,
                      "dim": dim, "image_size": n_cfg.image_size,
                      "trained_on_this_corpus": trained or checkpoint == str(Path(out) / "embedder")},
         "index": index_info,
-        "links": {"bytes": len(bytes_e), "phash": len(phash_e), "embedding": len(emb_e)},
+        "links": {"bytes": len(bytes_e), "phash": len(phash_e), "embedding": n_emb, "aligned": n_align},
+        "aligned_candidates": align_info,
         "members_by_link": dups["link"].value_counts().to_dict(),
         "groups": {
             "count": int(dups["group_id"].nunique()) if len(dups) else 0,
@@ -142,8 +176,33 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
                       "replications": round(time.time() - t0 - t_copies - t_search - t_groups, 1)},
     }
     LOG.info(f"neighbours: {summary['groups']['count']} duplicate groups over {n} searched images "
-             f"({len(bytes_e)} byte, {len(phash_e)} pHash, {len(emb_e)} embedding links)")
+             f"({len(bytes_e)} byte, {len(phash_e)} pHash, {n_emb} embedding, {n_align} aligned links)")
     return summary, dups, reps
+
+
+ALIGN_BATCH = 65536  # candidate pairs whose thumbnails are gathered and compared at once
+
+
+def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
+    """The candidate pairs (cosine in [align_min_cosine, dup_threshold)) whose thumbnails agree within
+    align_max_rmse at some shift: (E, 2) gids, (E,) cosines, and counts for the summary. thumbs: which shards
+    have a thumbs/ file (pairs with an end elsewhere are not checked)."""
+    from scanner.neighbours.align import aligned_rmse
+
+    e = np.concatenate(cand) if cand else np.zeros((0, 2), np.int64)
+    s = np.concatenate(cand_s) if cand_s else np.zeros(0, np.float32)
+    e = np.sort(e, axis=1)  # each pair once, whichever end found the other
+    e, first = np.unique(e, axis=0, return_index=True)
+    s = s[first]
+    have = thumbs[store.shard_of(e[:, 0])] & thumbs[store.shard_of(e[:, 1])] if len(e) else np.zeros(0, bool)
+    e, s = e[have], s[have]
+    ok = np.zeros(len(e), bool)
+    for b in range(0, len(e), ALIGN_BATCH):
+        pair = e[b:b + ALIGN_BATCH]
+        ta = store.gather("thumbs", pair[:, 0], dtype=np.uint8)
+        tb = store.gather("thumbs", pair[:, 1], dtype=np.uint8)
+        ok[b:b + ALIGN_BATCH] = aligned_rmse(ta, tb, n_cfg.align_size, n_cfg.align_max_shift) <= n_cfg.align_max_rmse
+    return e[ok], s[ok], {"checked": len(e), "linked": int(ok.sum())}
 
 
 def _minus(store: PartStore, select, gids: np.ndarray):

@@ -5,28 +5,38 @@ Two kinds of link, and two rules for turning them into groups:
   perceptual hashes (phash.py) within `phash_max_dist` bits. Copies group transitively (connected
   components): a re-encode of a re-encode is still the same image. Each such component is a *unit*,
   represented by its kept member (the keep rule below).
-- **embedding neighbours** (near-duplicates): kNN between unit representatives with cosine >=
-  threshold. These do not chain: groups are formed greedily, as SemDeDup keeps one image per
-  epsilon-ball. Units are taken in keep-rule order; an ungrouped unit becomes a group's centre, and
-  every ungrouped unit linked to it joins. So every member joined by the embedding is within the
-  threshold of the group's kept image, and a run of near-identical images (flat sky tiles, a
-  slow pan) is cut into balls instead of one group of unrelated ends.
+- **embedding neighbours** (near-duplicates): each row of distinct bytes asks for its k nearest units'
+  kept members (a byte copy has its original's embedding; a pHash copy has its own) with cosine >= threshold, and the
+  pixel-checked near-misses below it (align.py); a link of any member links its unit. These do not
+  chain: groups are formed greedily, as SemDeDup keeps one image per epsilon-ball. Units are taken in
+  keep-rule order; an ungrouped unit becomes a group's centre, and every ungrouped unit linked to it
+  joins. So every member joined by the embedding is within the threshold of the group's kept image (or
+  of a pHash copy of it), and a run of near-identical images (flat sky tiles, a slow pan) is cut into
+  balls instead of one group of unrelated ends.
 
 Keep rule (one member per group survives): the largest image (width x height, when sizes are given),
-then the lowest key. `similarity` is each member's cosine to the kept member. The same functions group
+then the unit linked to the most units not yet grouped (greedy set cover), then the lowest key. The links
+break ties between images of one size because the original of a near-duplicate family is linked to each
+of its edits while two edits of it (a shifted and a resized copy) often are not linked to each other: taken
+first, the original's ball holds the whole family, where an edit taken first would leave its siblings out;
+and a chain is cut into balls that leave no image with a free neighbour alone. `similarity` is each member's
+cosine to the kept member. The same functions group
 the out-of-core corpus steps (scanner/corpus/groups.py), which only find the links differently.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 
 import numpy as np
 import pandas as pd
 
-KEEP_RULE = "keep the largest image (width x height, when known), ties broken by the lowest key"
+KEEP_RULE = ("keep the largest image (width x height, when known), then the one linked to the most images not yet "
+             "in a group, then the lowest key")
 GROUP_RULE = ("byte and pHash copies group transitively; near-duplicates join the group of the first linked "
-              "unit in keep-rule order, so every embedding-linked member is within the threshold of the kept image")
+              "unit in keep-rule order, so every embedding-linked member is within the threshold of the kept image "
+              "or of a pHash copy of it")
 
 
 def keep_rank(keys, sizes) -> np.ndarray:
@@ -61,10 +71,12 @@ def copy_units(n: int, copy_edges: np.ndarray, rank: np.ndarray) -> tuple[np.nda
 
 
 def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edges: np.ndarray,
-                  emb_sims: np.ndarray) -> np.ndarray:
+                  emb_sims: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
     """Group of every node: the unit id of its group's centre (-1: in no group of >= 2 nodes).
 
-    emb_edges: (F, 2) node pairs with cosine >= threshold (both ends units' kept nodes), emb_sims: (F,).
+    emb_edges: (F, 2) node pairs with cosine >= threshold (both ends units' kept nodes), emb_sims: (F,);
+    rank: keep_rank of every node; sizes: every node's pixel count (None: all equal). Centres are taken
+    largest first, then the unit linked to the most units not yet grouped, then by rank (the keep rule).
     """
     from scipy.sparse import csr_matrix
 
@@ -74,22 +86,41 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     ne = ua != ub
     ua, ub = ua[ne], ub[ne]
     adj = csr_matrix((np.ones(2 * len(ua), np.int8), (np.r_[ua, ub], np.r_[ub, ua])), shape=(n_units, n_units))
+    adj.sum_duplicates()  # a pair found from both ends is one link
+    degree = np.diff(adj.indptr)
+    size = np.zeros(n_units, np.int64) if sizes is None else np.asarray(sizes, np.int64)[kept]
+    r = rank[kept]
     centre = np.full(n_units, -1, np.int64)
-    for u in np.argsort(rank[kept], kind="stable"):
+    # greedy set cover with lazy updates: a unit's count of ungrouped neighbours only falls, so an entry whose
+    # count is still current when it is popped is the best unit left
+    heap = [(-int(size[u]), -int(degree[u]), int(r[u]), int(u)) for u in np.flatnonzero(degree)]
+    heapq.heapify(heap)
+    while heap:
+        neg_size, neg_free, ru, u = heapq.heappop(heap)
         if centre[u] >= 0:
             continue
-        centre[u] = u
         nb = adj.indices[adj.indptr[u]:adj.indptr[u + 1]]
         free = nb[centre[nb] < 0]
+        if len(free) != -neg_free:
+            heapq.heappush(heap, (neg_size, -len(free), ru, u))
+            continue
+        centre[u] = u
         centre[free] = u
+    alone = np.flatnonzero(centre < 0)
+    centre[alone] = alone
     group = centre[unit]
     size = np.bincount(group, minlength=n_units)
     return np.where(size[group] > 1, group, -1)
 
 
-def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray) -> np.ndarray:
-    """What first linked each node: 'bytes', else 'phash', else 'embedding'."""
-    link = np.full(n, "embedding", dtype=object)
+def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray,
+               embedding_edges: np.ndarray | None = None) -> np.ndarray:
+    """What first linked each node: 'bytes', else 'phash', else 'embedding' (cosine >= dup_threshold), else
+    'aligned' (a candidate below it whose pixels agree: scanner.neighbours.align). embedding_edges None: every
+    node without a copy link is 'embedding'."""
+    link = np.full(n, "embedding" if embedding_edges is None else "aligned", dtype=object)
+    if embedding_edges is not None:
+        link[np.unique(np.asarray(embedding_edges, dtype=np.int64).reshape(-1, 2))] = "embedding"
     for edges, name in ((phash_edges, "phash"), (bytes_edges, "bytes")):  # bytes last: it wins
         e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
         link[np.unique(e)] = name
@@ -125,18 +156,21 @@ def group_table(keys, group: np.ndarray, kept: np.ndarray, similarity: np.ndarra
 
 def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list[str] | None, threshold: float,
                           k: int = 20, index=None, phashes: np.ndarray | None = None, phash_max_dist: int = -1,
-                          sizes: list[int] | None = None) -> pd.DataFrame:
+                          sizes: list[int] | None = None, thumbs: np.ndarray | None = None,
+                          align: tuple[int, float, float, int] | None = None) -> pd.DataFrame:
     """Duplicate groups of a corpus held in memory (the corpus steps do the same out of core).
 
     keys: N unique sample keys; vectors: (N, d) float32 unit rows (row i embeds keys[i]);
     raw_hashes: N hashes of the raw bytes (None: no byte pass); threshold: cosine of the embedding
-    links; k: neighbours searched per unit; index: a faiss index over exactly these N vectors in this
+    links; k: neighbours each row of distinct bytes asks for; index: a faiss index over exactly these N vectors in this
     order (None: exact search); phashes: (N,) uint64 perceptual hashes with phash_max_dist >= 0 to
-    enable the pHash pass; sizes: N pixel counts for the keep rule.
+    enable the pHash pass; sizes: N pixel counts for the keep rule; thumbs: (N, S*S*C) uint8 rows
+    (scanner.neighbours.align.thumbnails) with align = (S, min_cosine, max_rmse, max_shift): neighbours at cosine
+    in [min_cosine, threshold) are linked when their thumbnails agree (the corpus steps' 'aligned' links).
 
     Returns one row per member of a group of >= 2: key, group_id (int, groups numbered by their
     kept key), similarity (float, cosine to the kept member), keep (bool), link (what first linked
-    the member: 'bytes', 'phash' or 'embedding').
+    the member: 'bytes', 'phash', 'embedding' or 'aligned').
     """
     n = len(keys)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -164,30 +198,45 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
         phash_edges = reps[hamming_pairs(np.asarray(phashes, dtype=np.uint64)[reps], phash_max_dist)]
     unit, kept = copy_units(n, np.concatenate([bytes_edges, phash_edges]), rank)
 
-    # embedding links between the units' kept members
+    # embedding links: every row of distinct bytes asks for its neighbours among the units' kept members (a pHash
+    # copy has its own embedding and neighbours)
     emb_edges, emb_sims = none, np.zeros(0, np.float32)
+    align_edges = none
+    askers = np.flatnonzero(rep == np.arange(n))
     if len(kept) > 1:
         kk = min(k + 1, len(kept))
         if index is None:
             from scanner.neighbours.index import exact_knn
 
-            sims, ids = exact_knn(vectors[kept], vectors[kept], kk)
+            sims, ids = exact_knn(vectors[kept], vectors[askers], kk)
             ids = np.where(ids >= 0, kept[np.maximum(ids, 0)], -1)
         else:
             from scanner.neighbours.index import knn
 
-            sims, ids = knn(index, vectors[kept], kk)
-        q = np.repeat(kept, kk).reshape(len(kept), kk)
+            sims, ids = knn(index, vectors[askers], kk)
+        q = np.repeat(askers, kk).reshape(len(askers), kk)
         is_kept = np.zeros(n, bool)
         is_kept[kept] = True
-        ok = (sims >= threshold) & (ids >= 0) & (ids != q) & is_kept[np.maximum(ids, 0)]
+        real = (ids >= 0) & (ids != q) & is_kept[np.maximum(ids, 0)]
+        ok = (sims >= threshold) & real
         emb_edges, emb_sims = np.stack([q[ok], ids[ok]], axis=1), sims[ok]
-    group = leader_groups(unit, kept, rank, emb_edges, emb_sims)
+        if thumbs is not None and align is not None:
+            from scanner.neighbours.align import aligned_rmse
+
+            size, min_cos, max_rmse, max_shift = align
+            near = (sims >= min_cos) & ~ok & real
+            cand = np.stack([q[near], ids[near]], axis=1)
+            hit = aligned_rmse(thumbs[cand[:, 0]], thumbs[cand[:, 1]], size, max_shift) <= max_rmse
+            align_edges = cand[hit]
+            emb_edges, emb_sims = np.concatenate([emb_edges, align_edges]), np.r_[emb_sims, sims[near][hit]]
+    group = leader_groups(unit, kept, rank, emb_edges, emb_sims, sizes)
     sim = np.ones(n, np.float32)
     members = np.flatnonzero(group >= 0)
     if len(members):
         sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept[group[members]]])
-    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges))
+    n_emb = len(emb_edges) - len(align_edges)
+    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges,
+                                                        emb_edges[:n_emb] if len(align_edges) else None))
     return df.astype({"key": object, "link": object})
 
 

@@ -932,7 +932,7 @@ def section_thresholds(run: Run) -> str:
                      f"transitively (they are the same picture); near-duplicates do not chain: each joins the group "
                      f"of the first linked image in keep-rule order, so every member is within the threshold of "
                      f"the kept image (smallest: {_fmt((nb.get('groups') or {}).get('min_similarity_to_kept_embedding_links'))}). "
-                     f"Kept member: {escape(str(nbt.get('keep_rule', '–')))}.</p>")
+                     f"Kept member: {escape(str(nbt.get('keep_rule', '–')))}.{_aligned_sentence(nbt, nb)}</p>")
     parts.append(
         "<h3>Verdicts</h3><dl class=\"verdicts\">"
         f"<dt>{_badge('confirmed', 'verdict')}</dt><dd>the geometry flags it <i>and</i> a neighbour confirms it: "
@@ -950,6 +950,18 @@ def section_thresholds(run: Run) -> str:
         "<li><b>replicated</b>: every training image a generation replicates.</li></ol>"
         "<p>A sample that meets several is listed once, under the first reason above.</p>")
     return _section("thresholds", "\n".join(parts))
+
+
+def _aligned_sentence(nbt: dict, nb: dict) -> str:
+    """The pixel check of near-misses, when the scan ran it (summary.json neighbours.thresholds.aligned)."""
+    a = nbt.get("aligned")
+    if not a:
+        return ""
+    c = nb.get("aligned_candidates") or {}
+    return (f" Neighbours at cosine ≥ <b>{_fmt(a.get('align_min_cosine'))}</b> but below the threshold are duplicates "
+            f"too when their {a.get('align_size')} px thumbnails differ by RMSE ≤ <b>{_fmt(a.get('align_max_rmse'))}"
+            f"</b> at some shift of at most {a.get('align_max_shift')} px (a moved copy): {c.get('linked', 0)} of "
+            f"{c.get('checked', 0)} such candidates were (link <code>aligned</code>).")
 
 
 def section_removal(run: Run) -> str:

@@ -1,8 +1,9 @@
 """The embed stage: the copy-detection embedding and the perceptual hash of every readable image.
 
 Reads `image_embed` (decoded once by the read stage at the embedder's side); writes `embedding`
-(B, d) float32 unit rows, `phash` (int64 bits of the 64-bit pHash) and `embed_error` (None, or why
-this row has no embedding: a row that failed reading or decoding has neither, and says so in
+(B, d) float32 unit rows, `phash` (int64 bits of the 64-bit pHash), `thumb` (B, S*S*3) uint8 when
+neighbours.align_size S > 0 (the pixels duplicate candidates are checked on, scanner/neighbours/align.py) and
+`embed_error` (None, or why this row has no embedding: a row that failed reading or decoding has neither, and says so in
 `error`). Embedding runs before scoring and its failure leaves `error` alone, so a row that scores
 badly is still grouped and a row that embeds badly is still scored. The embedder loads once per actor.
 """
@@ -17,13 +18,15 @@ from scanner.stages.base import Stage
 class EmbedStage(Stage):
     name = "embed"
     reads = ("image_embed",)
-    writes = ("embedding", "phash", "embed_error")
+    writes = ("embedding", "phash", "thumb", "embed_error")
 
     def setup(self) -> None:
         from scanner.config import NeighboursConfig
         from scanner.neighbours.embed import load_embedder
 
-        self.embedder = load_embedder(NeighboursConfig(**self.cfg))
+        cfg = NeighboursConfig(**self.cfg)
+        self.embedder = load_embedder(cfg)
+        self.align_size = cfg.align_size
 
     def process(self, batch: dict) -> dict:
         from scanner.neighbours.phash import phash64
@@ -33,13 +36,20 @@ class EmbedStage(Stage):
         emb = np.zeros((n, self.embedder.dim), np.float32)
         ph = np.zeros(n, np.int64)
         failed = np.full(n, None, dtype=object)
+        thumb = np.zeros((n, self.align_size ** 2 * 3), np.uint8) if self.align_size else None
         if len(ok):
             try:
                 images = batch["image_embed"][ok]
                 emb[ok] = self.embedder.embed(images)
                 ph[ok] = phash64(images).astype(np.int64)
+                if thumb is not None:
+                    from scanner.neighbours.align import thumbnails
+
+                    thumb[ok] = thumbnails(images, self.align_size)
             except Exception as e:  # noqa: BLE001 - a failed batch becomes error rows, never a dead job
                 failed[ok] = f"embedding failed: {type(e).__name__}: {e}"
         result = {k: v for k, v in batch.items() if k != "image_embed"}
         result["embedding"], result["phash"], result["embed_error"] = emb, ph, failed
+        if thumb is not None:
+            result["thumb"] = thumb
         return result

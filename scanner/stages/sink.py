@@ -4,6 +4,7 @@
                               error_stage, embed_error, every score column
     vectors/NAME.npy          (rows, D) float16: the images in model space (scoring only)
     embeddings/NAME.npy       (rows, d) float32: the copy-detection embeddings (neighbours only)
+    thumbs/NAME.npy           (rows, S*S*3) uint8: the embedder's input at neighbours.align_size (when > 0)
 
 The part file is written last: its presence means the shard is done, so a killed scan resumes by
 skipping shards that have one. Rows a retried Ray task sends twice are dropped by their row number.
@@ -21,7 +22,7 @@ from scanner.stages.base import SECONDS_PREFIX
 
 log = logging.getLogger("memscan")
 
-ARRAYS = {"vector": "vectors", "embedding": "embeddings"}  # batch column -> folder of per-shard .npy
+ARRAYS = {"vector": "vectors", "embedding": "embeddings", "thumb": "thumbs"}  # batch column -> folder of per-shard .npy
 NOT_STORED = ("image_model", "image_embed", "marker", "n_rows", "row", *ARRAYS)
 
 

@@ -103,3 +103,25 @@ def test_pair_precision_recall_counts_pairs():
 def test_duplicate_keys_are_refused():
     with pytest.raises(ValueError, match="'x'"):
         find_duplicate_groups(["x", "x"], _unit(np.ones((2, 4))), None, threshold=0.9)
+
+
+def test_an_original_linked_to_each_edit_keeps_the_whole_family():
+    """A near-duplicate family as the demo plants it: the original (k0003) linked to three edits that are not linked
+    to each other. Taken in key order the first edit (k0000) would be a centre holding only the original, and the
+    other two edits would be left alone; the most-linked unit goes first, so one group holds all four."""
+    rng = np.random.default_rng(3)
+    d = 16
+    base = _unit(rng.standard_normal((1, d)))[0]
+    orth = np.linalg.qr(np.c_[base, rng.standard_normal((d, 3))])[0][:, 1:].T  # 3 unit directions _|_ base
+    edits = _unit(0.955 * base + 0.2966 * orth)  # cosine 0.955 to the original, 0.912 to each other
+    others = _unit(rng.standard_normal((6, d)))
+    v = np.vstack([edits[0], edits[1], edits[2], base, others]).astype(np.float32)
+    keys = [f"k{i:04d}" for i in range(len(v))]
+    df = find_duplicate_groups(keys, v, None, threshold=0.93, k=5)
+    assert sorted(df.key) == ["k0000", "k0001", "k0002", "k0003"] and df.group_id.nunique() == 1
+    assert df.set_index("key").keep["k0003"]  # the original is kept, every edit within 0.93 of it
+    assert (df.similarity >= 0.93).all()
+    # the size still comes first: a larger edit is kept, and its siblings it is not linked to stay out
+    sizes = [64 * 64] + [32 * 32] * (len(v) - 1)
+    big = find_duplicate_groups(keys, v, None, threshold=0.93, k=5, sizes=sizes)
+    assert sorted(big.key) == ["k0000", "k0003"] and big.set_index("key").keep["k0000"]

@@ -18,6 +18,8 @@ import pytest
 from scanner.config import NeighboursConfig
 from scanner.data.demo import build_demo_corpus
 from scanner.data.load import load_images
+from scanner.evaluate import duplicates_by_edit
+from scanner.neighbours.align import thumbnails
 from scanner.neighbours.dedup import duplicate_removals, find_duplicate_groups, pair_precision_recall
 from scanner.neighbours.embed import load_embedder
 from scanner.neighbours.phash import phash64
@@ -65,6 +67,33 @@ def test_planted_groups_found_with_precision_and_recall_099(demo):
     assert m_bytes["pair_recall"] < 0.6
     near = pair_precision_recall(pred, _truth_groups(truth, keys, "near_dup"))
     assert near["pair_recall"] >= 0.85, near
+
+
+@pytest.mark.slow
+def test_shifted_copies_are_found_once_their_pixels_are_checked(demo):
+    """The 1-2 px shifts the embedder scores below the threshold: with the scan's pixel check of near-misses
+    (neighbours.align_*: thumbnails at 32 px, RMSE <= 0.015 at a shift <= 2 px, cosine >= 0.8) every planted edit
+    is found, and no pair of distinct images is added."""
+    keys, images, raw_hashes, vectors, truth = demo
+    cfg = NeighboursConfig()
+    ph = phash64(images)
+    kw = {"k": 20, "phashes": ph, "phash_max_dist": 2}
+    plain = find_duplicate_groups(keys, vectors, raw_hashes, THRESHOLD, **kw)
+    checked = find_duplicate_groups(keys, vectors, raw_hashes, THRESHOLD, thumbs=thumbnails(images, 32),
+                                    align=(32, cfg.align_min_cosine, cfg.align_max_rmse, cfg.align_max_shift), **kw)
+    planted = truth.loc[keys].reset_index()
+    planted = planted[planted.group_id.notna()]
+
+    def recall(d):
+        return {(r["planted"], r["edit"]): r["recall"] for r in duplicates_by_edit(d, planted)}
+
+    before, after = recall(plain), recall(checked)
+    assert before[("near_dup", "shift")] < 1.0  # the case the check exists for
+    assert after[("near_dup", "shift")] == 1.0 and min(after.values()) == 1.0, after
+    m0 = pair_precision_recall(dict(zip(plain.key, plain.group_id)), _truth_groups(truth, keys))
+    m1 = pair_precision_recall(dict(zip(checked.key, checked.group_id)), _truth_groups(truth, keys))
+    assert m1["predicted_pairs"] - m1["correct_pairs"] <= m0["predicted_pairs"] - m0["correct_pairs"], (m0, m1)
+    assert (checked.link == "aligned").any()
 
 
 @pytest.mark.slow
