@@ -79,6 +79,7 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     largest first, then the unit linked to the most units not yet grouped, then by rank (the keep rule).
     """
     from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
 
     n_units = len(kept)
     e = np.asarray(emb_edges, dtype=np.int64).reshape(-1, 2)
@@ -92,20 +93,26 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     r = rank[kept]
     centre = np.full(n_units, -1, np.int64)
     # greedy set cover with lazy updates: a unit's count of ungrouped neighbours only falls, so an entry whose
-    # count is still current when it is popped is the best unit left
-    heap = [(-int(size[u]), -int(degree[u]), int(r[u]), int(u)) for u in np.flatnonzero(degree)]
-    heapq.heapify(heap)
-    while heap:
-        neg_size, neg_free, ru, u = heapq.heappop(heap)
-        if centre[u] >= 0:
-            continue
-        nb = adj.indices[adj.indptr[u]:adj.indptr[u + 1]]
-        free = nb[centre[nb] < 0]
-        if len(free) != -neg_free:
-            heapq.heappush(heap, (neg_size, -len(free), ru, u))
-            continue
-        centre[u] = u
-        centre[free] = u
+    # count is still current when it is popped is the best unit left. Connected components do not interact:
+    # one heap per component, so the heap's memory is bounded by the largest component, not the corpus.
+    linked = np.flatnonzero(degree)
+    _, comp = connected_components(adj, directed=False)
+    linked = linked[np.argsort(comp[linked], kind="stable")]
+    bounds = np.flatnonzero(np.diff(comp[linked])) + 1
+    for part in np.split(linked, bounds):
+        heap = [(-int(size[u]), -int(degree[u]), int(r[u]), int(u)) for u in part]
+        heapq.heapify(heap)
+        while heap:
+            neg_size, neg_free, ru, u = heapq.heappop(heap)
+            if centre[u] >= 0:
+                continue
+            nb = adj.indices[adj.indptr[u]:adj.indptr[u + 1]]
+            free = nb[centre[nb] < 0]
+            if len(free) != -neg_free:
+                heapq.heappush(heap, (neg_size, -len(free), ru, u))
+                continue
+            centre[u] = u
+            centre[free] = u
     alone = np.flatnonzero(centre < 0)
     centre[alone] = alone
     group = centre[unit]
