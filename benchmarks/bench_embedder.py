@@ -5,8 +5,8 @@
 A demo corpus of seed 0 (the tuning seed) whose near-duplicate groups draw from every edit (the default four and
 crop, hflip, rotate, overlay; 120 groups), then per recipe: the embedder trained on that corpus
 (train_on_images, seed 0), every readable image embedded, duplicate groups as memscan forms them
-(find_duplicate_groups: byte hashes, pHash radius 2, cosine links over k = 20 neighbours) at several cosine
-thresholds, and the pair precision / recall and recall per near-duplicate edit (evaluate.duplicates_by_edit).
+(find_duplicate_groups: byte hashes, pHash radius 2, cosine links over k = 20 neighbours, the shipped pixel check
+of near-misses) at several cosine thresholds, and the pair precision / recall and recall per near-duplicate edit (evaluate.duplicates_by_edit).
 Embedders are cached in WORK/emb_<recipe>; nothing here is measured on a held-out seed (bench_edits.py does
 that for the shipped recipe and one other).
 """
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scanner.config import NEIGHBOUR_SECTIONS, load_config, shipped_config
     from scanner.data.load import load_images
+    from scanner.neighbours.align import thumbnails
     from scanner.neighbours.embed import load_embedder
     from scanner.neighbours.phash import phash64
 
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         build_demo_corpus(corpus, seed=0, n_near_dup_groups=120, near_dup_edits=COPY_EDITS + MORE_EDITS)
     keys, images, _, hashes = load_images(str(corpus / "shards"), 32)
     phashes = phash64(images)
+    shipped = load_config(shipped_config("demo"), sections=NEIGHBOUR_SECTIONS).neighbours
+    thumbs = thumbnails(images, shipped.align_size)  # the scan's pixel check of near-misses, as shipped
+    align = (shipped.align_size, shipped.align_min_cosine, shipped.align_max_rmse, shipped.align_max_shift)
     truth = pd.read_parquet(corpus / "truth.parquet")
     planted = truth[truth["group_id"].notna() & truth["readable"] & truth["key"].isin(set(keys))
                     & truth["planted"].isin(["exact_dup", "near_dup", "repeated"])]
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         vectors = load_embedder(cfg, "cpu").embed(images)
         rows = []
         for thr in THRESHOLDS:
-            dups = find_duplicate_groups(keys, vectors, hashes, thr, k=20, phashes=phashes, phash_max_dist=2)
+            dups = find_duplicate_groups(keys, vectors, hashes, thr, k=20, phashes=phashes, phash_max_dist=2,
+                                         thumbs=thumbs, align=align)
             pr = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
                                        dict(zip(planted["key"], planted["group_id"])))
             edits = {e["edit"]: e["recall"] for e in duplicates_by_edit(dups, planted) if e["planted"] == "near_dup"}

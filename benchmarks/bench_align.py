@@ -1,0 +1,133 @@
+"""How the pixel check of near-duplicate candidates (neighbours.align_*) was set, and what it does per seed.
+
+    python benchmarks/bench_align.py --runs runs/demo-seed0 runs/demo-seed1 runs/demo-seed2 --scan scan
+        # writes results/align.{md,json}; the first run is the tuning seed
+
+Each run is a finished `memscan demo` folder (corpus/ and a scan folder made with neighbours.align_size 32, so
+that thumbs/ sits beside embeddings/). Every pair of embedded rows at cosine >= 0.6 is scored once with
+`scanner.neighbours.align.aligned_rmse` (max shift 2 px). A pair is a true pair when both rows belong to one
+planted group. For each (align_min_cosine, align_max_rmse) on the grid: the distinct pairs the check would
+add to those the embedding already links (cosine >= neighbours.dup_threshold), and the share of planted
+`shift` members linked to a group-mate by either. The setting is read off the tuning seed alone (the fewest
+added distinct pairs, then the most shifts, then the highest floor and the lowest RMSE); the held-out seeds
+get that one setting. The scan's own duplicate groups (per-edit recall) are in results/detection.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from results_file import write_results
+
+from scanner.corpus.store import PartStore
+from scanner.neighbours.align import aligned_rmse
+
+FLOORS = (0.7, 0.8, 0.85, 0.9)
+RMSES = (0.01, 0.015, 0.02, 0.03)
+SHIFT, SIZE, MIN_COS = 2, 32, 0.6
+
+
+def pairs(run: Path, scan: str) -> tuple[pd.DataFrame, dict]:
+    """Every embedded pair at cosine >= MIN_COS with its aligned RMSE and truth; the scan's settings."""
+    out = run / scan
+    store = PartStore(out, sorted(str(p.with_suffix(".tar")) for p in (out / "parts").glob("*.parquet")))
+    keys, emb, thumbs = [], [], []
+    for i in range(len(store)):
+        if not (store.has_array("embeddings", i) and store.has_array("thumbs", i)):
+            continue
+        df = store.read(i, ["key", "embed_error", "error"])
+        ok = (df["embed_error"].isna() & df["error"].isna()).to_numpy()
+        keys += df["key"][ok].tolist()
+        emb.append(np.load(store.array_path("embeddings", i))[ok])
+        thumbs.append(np.load(store.array_path("thumbs", i))[ok])
+    v, t = np.concatenate(emb), np.concatenate(thumbs)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    sim = v @ v.T
+    a, b = np.triu_indices(len(v), 1)
+    s = sim[a, b]
+    m = s >= MIN_COS
+    a, b, s = a[m], b[m], s[m]
+    truth = pd.read_parquet(run / "corpus" / "truth.parquet").set_index("key").loc[keys]
+    g = truth["group_id"].fillna(-1).astype(int).to_numpy()
+    edit = truth["edit"].to_numpy(dtype=object)
+    df = pd.DataFrame({"a": a, "b": b, "cos": s, "same": (g[a] >= 0) & (g[a] == g[b]),
+                       "edit_a": edit[a], "edit_b": edit[b], "rmse": aligned_rmse(t[a], t[b], SIZE, SHIFT)})
+    summary = json.loads((out / "summary.json").read_text())
+    return df, summary
+
+
+def outcome(df: pd.DataFrame, floor: float, max_rmse: float, threshold: float) -> dict:
+    emb = df["cos"] >= threshold
+    linked = emb | ((df["cos"] >= floor) & (df["rmse"] <= max_rmse))
+    members = pd.concat([pd.DataFrame({"m": df[s], "edit": df[f"edit_{s}"], "hit": linked & df["same"],
+                                       "hit_emb": emb & df["same"]}) for s in ("a", "b")])
+    shift = members[members["edit"] == "shift"].groupby("m")[["hit", "hit_emb"]].any()
+    return {"floor": floor, "max_rmse": max_rmse, "distinct_pairs_embedding": int((emb & ~df["same"]).sum()),
+            "distinct_pairs_added": int((linked & ~emb & ~df["same"]).sum()),
+            "true_pairs_added": int((linked & ~emb & df["same"]).sum()),
+            "shift_members": len(shift), "shift_linked_embedding": int(shift["hit_emb"].sum()),
+            "shift_linked": int(shift["hit"].sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="demo folders; the first is the tuning seed")
+    ap.add_argument("--scan", default="scan", help="the scan folder inside each run (made with align_size 32)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    runs = [Path(r) for r in args.runs]
+    rows, per_run, chosen = [], [], {}
+    for i, run in enumerate(runs):
+        df, summary = pairs(run, args.scan)
+        thr = summary["neighbours"]["thresholds"]["dup_threshold"]
+        seed = json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]["seed"]
+        nb = summary["neighbours"]
+        per_run.append({"run": str(run), "seed": seed, "tuning": i == 0, "pairs_scored": len(df),
+                        "scan_links": nb["links"], "scan_candidates": nb.get("aligned_candidates"),
+                        "scan_settings": nb["thresholds"].get("aligned"),
+                        "neighbours_s": nb["timings_s"]})
+        grid = [(f, r) for f in FLOORS for r in RMSES] if i == 0 else [(chosen["floor"], chosen["max_rmse"])]
+        res = [dict(outcome(df, f, r, thr), seed=seed, tuning=i == 0) for f, r in grid]
+        if i == 0:
+            chosen = min(res, key=lambda o: (o["distinct_pairs_added"], -o["shift_linked"], -o["floor"],
+                                             o["max_rmse"]))
+        rows += res
+    out = ["# The pixel check of near-duplicate candidates (benchmarks/bench_align.py)", "",
+           (f"Pairs of embedded rows at cosine >= {MIN_COS}, each scored by its thumbnails' RMSE at the best shift of "
+            f"at most {SHIFT} px ({SIZE} px thumbnails). A candidate (cosine in [floor, dup_threshold)) is linked when "
+            "its RMSE <= max RMSE. `distinct added`: pairs of images from different planted groups (or none) the "
+            "check links on top of the embedding; `shift linked`: planted shifted copies linked to a group-mate "
+            "(embedding alone -> with the check). The first seed is the tuning seed: the setting in bold was read "
+            "off it (fewest distinct pairs added, then most shifts, then the highest floor, the lowest RMSE) and is "
+            "the only one applied to the others."), "",
+           ("| seed | floor | max RMSE | distinct pairs (embedding) | distinct added | true pairs added | "
+            "shift linked |"), "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bold = r["floor"] == chosen["floor"] and r["max_rmse"] == chosen["max_rmse"]
+        cell = (f"{r['seed']}{' (tuning)' if r['tuning'] else ' (held out)'} | "
+                f"{'**' if bold else ''}{r['floor']}{'**' if bold else ''} | "
+                f"{'**' if bold else ''}{r['max_rmse']}{'**' if bold else ''}")
+        out.append(f"| {cell} | {r['distinct_pairs_embedding']} | {r['distinct_pairs_added']} | "
+                   f"{r['true_pairs_added']} | {r['shift_linked_embedding']} -> {r['shift_linked']} of "
+                   f"{r['shift_members']} |")
+    out += ["", "What each scan did (summary.json): candidates checked and linked, and the neighbours step's time.", "",
+            "| seed | settings | candidates checked | aligned links | embedding links | search + check (s) |",
+            "|---|---|---|---|---|---|"]
+    for p in per_run:
+        c = p["scan_candidates"] or {}
+        out.append(f"| {p['seed']} | {p['scan_settings']} | {c.get('checked')} | {c.get('linked')} | "
+                   f"{p['scan_links'].get('embedding')} | {p['neighbours_s'].get('search')} |")
+    write_results(Path(args.out), "align", {"chosen": chosen, "grid": rows, "runs": per_run}, "\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
