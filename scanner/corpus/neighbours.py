@@ -180,7 +180,7 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
     return summary, dups, reps
 
 
-ALIGN_BATCH = 65536  # candidate pairs whose thumbnails are gathered and compared at once
+ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 3 KB thumbnails = 50 MB at 32 px
 
 
 def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
