@@ -113,6 +113,7 @@ def _embed_into_parts(corpus, out: Path) -> None:
     """read -> embed (a random projection) -> sink for every shard, in this process: the pipeline's parts."""
     stage = EmbedStage.__new__(EmbedStage)  # the stage's code with a stand-in embedder (no checkpoint to load)
     stage.embedder = RandomEmbedder()
+    stage.align_size = 32  # the thumbnails the pixel check of near-duplicates reads
     from ray.data.block import BlockAccessor
 
     sink = ShardCollector(out)
@@ -206,6 +207,8 @@ def test_embedded_parts_give_one_row_per_planted_sample_and_flag_repeats_corpus_
     assert set(df["shard"]) <= {shard_name(str(p)) for p in corpus.shards}  # names, never paths
     ok = df["error"].isna().to_numpy()
     assert (np.abs(embeddings[ok]).sum(1) > 0).all() and (embeddings[~ok] == 0).all()
+    thumbs = np.concatenate([store.array("thumbs", i) for i in range(len(store))])  # row-aligned with the parts
+    assert thumbs.shape == (len(df), 32 * 32 * 3) and thumbs.dtype == np.uint8 and (thumbs[~ok] == 0).all()
     # corpus-wide: every occurrence of a repeated key is an error naming every shard that holds the key
     keyed = df[df["key"].notna()]
     errs = pd.Series(repeated_key_errors(keyed["key"].tolist(), keyed["shard"].tolist()), index=keyed.index)
