@@ -1,10 +1,11 @@
 """The planted duplicate groups of the demo corpus, found end to end with the embedder memscan trains.
 
-Embedding: `train_embedder` (open_clip ModifiedResNet 'memscan-copydet-rn16', 32 px, 300 steps here
-to keep the test near a minute; the CLI default is 600) on a small demo corpus (300 unique images +
+Embedding: `train_embedder` (open_clip ModifiedResNet 'memscan-copydet-rn16', 32 px, 200 steps here
+to keep the test under a minute; the CLI default is 600) on a small demo corpus (300 unique images +
 the planted groups). Groups: byte hash + pHash (<= 2 bits) + cosine >= 0.93 (the recommended
-neighbours.dup_threshold for this embedder), connected components. Target: pair precision and
-recall >= 0.99 over all planted groups (exact_dup, near_dup, repeated).
+neighbours.dup_threshold for this embedder), groups that do not chain. Target: pair precision and
+recall >= 0.99 over all planted groups (exact_dup, near_dup, repeated); measured at 200 steps: 0.9998 /
+0.9993, and 0.9998 / 1.0000 with the pixel check of near-misses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scanner.neighbours.phash import phash64
 from scanner.neighbours.train_embedder import train_embedder
 
 THRESHOLD = 0.93
+STEPS = 200
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     corpus = build_demo_corpus(root, n_unique=300, seed=0)
     cfg = NeighboursConfig(image_size=32, dup_threshold=THRESHOLD)
-    ckpt = train_embedder(str(root / "shards"), root / "embedder", cfg, steps=300, seed=0, log=lambda s: None)
+    ckpt = train_embedder(str(root / "shards"), root / "embedder", cfg, steps=STEPS, seed=0, log=lambda s: None)
     keys, images, _, raw_hashes = load_images(str(root / "shards"), 32, channels=3)
     vectors = load_embedder(dataclasses.replace(cfg, clip_checkpoint=str(ckpt))).embed(images)
     truth = pd.read_parquet(corpus.truth).set_index("key")
