@@ -93,19 +93,20 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
         if ok.any():
             edges.append(np.stack([q[ok], nbr[ok]], axis=1))
             sims.append(s[ok].astype(np.float32))
-        near = (s >= n_cfg.align_min_cosine) & ~ok & real if align else None
-        if near is not None and near.any():
-            cand.append(np.stack([q[near], nbr[near]], axis=1))
-            cand_s.append(s[near].astype(np.float32))
+        if align:
+            near = (s >= n_cfg.align_min_cosine) & ~ok & real
+            if near.any():
+                cand.append(np.stack([q[near], nbr[near]], axis=1))
+                cand_s.append(s[near].astype(np.float32))
 
     plan = make_plan(n, dim, min(n_cfg.k + 1, max(n, 1)), "ip", search_knobs(cfg), budget)
     index_info = search(store, "embeddings", select, plan, consume, work, seed=cfg.seed,
                         recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget, queries=askers)
     emb_e = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     emb_s = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-    align_e, align_info = np.zeros((0, 2), np.int64), None
+    align_e, checked = np.zeros((0, 2), np.int64), 0
     if align:
-        align_e, align_s, align_info = _aligned_links(store, cand, cand_s, n_cfg, thumbs)
+        align_e, align_s, checked = _aligned_links(store, cand, cand_s, n_cfg, thumbs)
         emb_e, emb_s = np.concatenate([emb_e, align_e]), np.concatenate([emb_s, align_s])
     t_search = time.time() - t0 - t_copies
     mem["search"] = memory_mb()
@@ -119,8 +120,6 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
     n_align = int(cross[len(emb_e) - len(align_e):].sum())
     emb_e, emb_s, ei = emb_e[cross], emb_s[cross], ei[cross]
     n_emb = len(emb_e) - n_align
-    if align_info:
-        align_info["linked"] = n_align
     group = leader_groups(unit, kept, rank, ei, emb_s, pixels)
     sim = np.ones(len(nodes), np.float32)
     members = np.flatnonzero(group >= 0)
@@ -159,7 +158,7 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
                      "trained_on_this_corpus": trained or checkpoint == str(Path(out) / "embedder")},
         "index": index_info,
         "links": {"bytes": len(bytes_e), "phash": len(phash_e), "embedding": n_emb, "aligned": n_align},
-        "aligned_candidates": align_info,
+        "aligned_candidates": {"checked": checked, "linked": n_align} if align else None,
         "members_by_link": dups["link"].value_counts().to_dict(),
         "groups": {
             "count": int(dups["group_id"].nunique()) if len(dups) else 0,
@@ -185,8 +184,8 @@ ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 
 
 def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
     """The candidate pairs (cosine in [align_min_cosine, dup_threshold)) whose thumbnails agree within
-    align_max_rmse at some shift: (E, 2) gids, (E,) cosines, and counts for the summary. thumbs: which shards
-    have a thumbs/ file (pairs with an end elsewhere are not checked)."""
+    align_max_rmse at some shift: (E, 2) gids, (E,) cosines, and how many pairs were checked. thumbs: which
+    shards have a thumbs/ file (pairs with an end elsewhere are not checked)."""
     from scanner.neighbours.align import aligned_rmse
 
     e = np.concatenate(cand) if cand else np.zeros((0, 2), np.int64)
@@ -202,7 +201,7 @@ def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.nda
         ta = store.gather("thumbs", pair[:, 0], dtype=np.uint8)
         tb = store.gather("thumbs", pair[:, 1], dtype=np.uint8)
         ok[b:b + ALIGN_BATCH] = aligned_rmse(ta, tb, n_cfg.align_size, n_cfg.align_max_shift) <= n_cfg.align_max_rmse
-    return e[ok], s[ok], {"checked": len(e), "linked": int(ok.sum())}
+    return e[ok], s[ok], len(e)
 
 
 def _minus(store: PartStore, select, gids: np.ndarray):

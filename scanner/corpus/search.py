@@ -305,10 +305,11 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
         gids = store.offsets[i] + np.flatnonzero(mask)
         _, lists = _knn(np.ascontiguousarray(raw, dtype=np.float32), centroids, plan.spill, plan.metric)
         for j in range(lists.shape[1]):
-            keep = indexed | (asks & (j == 0))  # a query-only row goes to its nearest list alone
+            primary = asks & (j == 0)  # a row asks in its nearest list only
+            keep = indexed | primary  # so a query-only row goes there alone
             recs = np.empty(int(keep.sum()), dtype=spill.dtype)
-            recs["gid"], recs["primary"], recs["indexed"], recs["x"] = gids[keep], (asks & (j == 0))[keep], \
-                indexed[keep], raw[keep]
+            recs["gid"], recs["primary"], recs["indexed"], recs["x"] = gids[keep], primary[keep], indexed[keep], \
+                raw[keep]
             spill.add(lists[keep, j], recs)
     spill.flush()
     t_assign = time.time() - t0 - t_train

@@ -89,7 +89,7 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     adj = csr_matrix((np.ones(2 * len(ua), np.int8), (np.r_[ua, ub], np.r_[ub, ua])), shape=(n_units, n_units))
     adj.sum_duplicates()  # a pair found from both ends is one link
     degree = np.diff(adj.indptr)
-    size = np.zeros(n_units, np.int64) if sizes is None else np.asarray(sizes, np.int64)[kept]
+    pixels = np.zeros(n_units, np.int64) if sizes is None else np.asarray(sizes, np.int64)[kept]
     r = rank[kept]
     centre = np.full(n_units, -1, np.int64)
     # greedy set cover with lazy updates: a unit's count of ungrouped neighbours only falls, so an entry whose
@@ -100,7 +100,7 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     linked = linked[np.argsort(comp[linked], kind="stable")]
     bounds = np.flatnonzero(np.diff(comp[linked])) + 1
     for part in np.split(linked, bounds):
-        heap = [(-int(size[u]), -int(degree[u]), int(r[u]), int(u)) for u in part]
+        heap = [(-int(pixels[u]), -int(degree[u]), int(r[u]), int(u)) for u in part]
         heapq.heapify(heap)
         while heap:
             neg_size, neg_free, ru, u = heapq.heappop(heap)
