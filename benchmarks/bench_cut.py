@@ -8,7 +8,7 @@ Each run is a finished `memscan demo --out DIR` (DIR/corpus, DIR/model, DIR/<--s
 scores hold every detector asked for). Per run and detector: the held-out images the demo corpus builder writes
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
 run's), scored by the run's model through the scan's own stages (scanner.calibrate.heldout_scores), then the
-run's scores classified (scanner.finalize.classify, the run's LID medians) under (a) the detector's fixed cut
+run's scores classified (scanner.finalize.classify, the run's LID medians and typical lid_flipd per LID_*) under (a) the detector's fixed cut
 (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
 classify.lpca_low (the rule calls those dd whatever the detector says: a ceiling on oversampled -> od).
@@ -43,6 +43,9 @@ KINDS = ("repeated", "oversampled", "unique")
 # the fixed cuts, chosen on demo seed 0: score_norm_cal's by eye (85 % of repeated, 1.1 % of unique flagged);
 # loss_cal's is seed 0's calibrated cut (1 % of its held-out images) rounded to two decimals
 FIXED = {"score_norm_cal": 0.8, "loss_cal": 0.81}
+# what the scan's corpus steps measured for the class rule: LID medians, local PCA's level, lid_flipd's typical value
+# per LID_* (scanner.finalize.detector_threshold); reused as they are, only the detector's cut changes
+LID_KEYS = ("lid_medians", "lid_flipd_typical", "lpca_scale", "lpca_alpha", "lpca_reference")
 
 
 def heldout_for(run: Path, tmp: Path) -> Path:
@@ -77,7 +80,7 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
     truth = pd.read_parquet(run / "corpus" / "truth.parquet")[["key", "planted"]]
     df = scores.merge(truth, on="key")
     df = df[df["error"].isna()].reset_index(drop=True)
-    base = {k: v for k, v in summary["thresholds"].items() if k == "lid_medians"}
+    base = {k: v for k, v in summary["thresholds"].items() if k in LID_KEYS}
     over = df[df["planted"] == "oversampled"]
     res = {"run": str(run), "scan": scan,
            "seed": json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]["seed"],
@@ -149,8 +152,8 @@ def render(runs: list[dict], fpr: float) -> str:
            (f"Held-out images: the demo corpus builder's `heldout/` shard for the run's seed (never trained on), "
             f"scored by the run's model through the scan's stages. Calibrated cut: the {fpr:g} quantile of the "
             "detector over them (classify.calibration_fpr). Fixed cut: chosen on seed 0 (score_norm_cal 0.8 by eye; "
-            "loss_cal 0.81, seed 0's calibrated cut rounded). Classes by the shipped rule (classify.*, the run's LID "
-            "medians). Seed 0 is where the FPR, the detectors' times and noises were fixed; other seeds are held "
+            "loss_cal 0.81, seed 0's calibrated cut rounded). Classes by the shipped rule (classify.*, the scan's LID "
+            "medians and typical lid_flipd per LID_*). Seed 0 is where the FPR, the detectors' times and noises were fixed; other seeds are held "
             "out."), "",
            ("| run | model | seed | detector | cut | threshold | repeated flagged / dd | oversampled flagged / od | "
             "unique flagged / any class |"), "|---|---|---|---|---|---|---|---|---|"]

@@ -29,8 +29,9 @@ REGISTRY = {c.name: c for c in (
     ScoreColumn("lid_gap", "dimensions", "high",
                 "lid_lpca - lid_flipd: the raw difference of two estimators with different scales"),
     ScoreColumn("lid_gap_rel", "typical-image units", "high",
-                "lid_lpca / its corpus median - lid_flipd / its corpus median: how far the model's manifold drops "
-                "below the data's (OD-Mem when flagged and above classify.gap_margin)"),
+                "(the corpus's median lid_flipd among images of the same lid_lpca - lid_flipd) / the median lid_flipd: "
+                "how far the model's manifold drops below what it is at images whose data has the same dimension "
+                "(OD-Mem when flagged and above classify.gap_margin)"),
     ScoreColumn("score_norm", "noise-prediction norm", "low",
                 "||eps(x, t)|| near the clean image: small on a sharp peak of the density"),
     ScoreColumn("score_norm_cal", "ratio", "low",

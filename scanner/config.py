@@ -103,7 +103,11 @@ class GeometryConfig:
     nb_rank: Literal["threshold", "gap"] = "threshold"
     nb_rel_threshold: float = 0.01
     lpca_k: int = 20  # neighbours for local PCA (LID of the data manifold)
-    lpca_alpha: float = 0.05  # eigenvalues above alpha * lambda_max count
+    lpca_alpha: float = 0.05  # eigenvalues above alpha * the level (lpca_scale) count
+    # the level: "corpus" = the corpus median of the largest neighbourhood eigenvalue, one number for every image, so
+    # a neighbourhood of near-copies counts 0 directions; "local" = the image's own largest eigenvalue (Fukunaga-Olsen,
+    # scale-free: 20 near-copies count as many directions as 20 distinct images)
+    lpca_scale: Literal["corpus", "local"] = "corpus"
     # where LID_*'s neighbours are searched: model space, the embedding (clip), or auto: model space up to
     # LPCA_MODEL_MAX_DIM dimensions (the demo's 768 pixels), the embedding above (SD latents: 16,384)
     lpca_space: Literal["auto", "model", "clip"] = "auto"
@@ -129,6 +133,7 @@ class GeometryConfig:
                self.cal_refs, f"a list of {', '.join(CAL_MIRRORS)} ([] = no score_norm_cal, loss_cal)")
         _check(self.lpca_k >= 2, f"{p}.lpca_k", self.lpca_k, "an int >= 2")
         _check(0.0 < self.lpca_alpha < 1.0, f"{p}.lpca_alpha", self.lpca_alpha, "a float in (0, 1)")
+        _check(self.lpca_scale in ("corpus", "local"), f"{p}.lpca_scale", self.lpca_scale, "corpus or local")
 
 
 @dataclass
@@ -228,8 +233,10 @@ class ClassifyConfig:
     calibration_shards: str | list[str] | None = None
     calibration_fpr: float = 0.01
     calibration_max_images: int = 5000  # the first this many readable held-out images are scored
-    lpca_low: float = 2.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem)
-    gap_margin: float = 0.0  # OD-Mem additionally needs lid_lpca - lid_flipd > gap_margin (when both exist)
+    lpca_low: float = 1.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem); 1: LID_* = 0
+    # OD-Mem needs lid_gap_rel > gap_margin: lid_flipd below the corpus's typical lid_flipd for images of the same
+    # LID_*, in units of the median lid_flipd (finalize.relative_gap)
+    gap_margin: float = 0.0
 
     @property
     def direction(self) -> str:

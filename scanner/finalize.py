@@ -38,6 +38,7 @@ log = logging.getLogger("memscan")
 REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
 LIGHT = ["key", "error", "error_stage", "embed_error"]
 PCA_CHUNK = 512  # queries per batched local PCA
+TYPICAL_MIN_ROWS = 30  # rows behind each LID_* value's typical lid_flipd (typical_flipd)
 
 
 def member(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -83,14 +84,15 @@ class Masks:
 
 
 def lid_lpca(store: PartStore, masks: Masks, cfg: ScanConfig, work: Path) -> tuple[dict, object]:
-    """LID_* of every ok row from its lpca_k nearest ok rows (itself included), spilled by shard. Returns
-    (summary info, a Spill of (gid, lid) records partitioned by shard index, or None)."""
+    """The local-PCA spectrum of every ok row's lpca_k nearest ok rows (itself included), spilled by shard: the
+    eigenvalues, largest first (scanner.geometry.local_pca.local_spectra). LID_* is counted from them once the corpus
+    level is known (`lpca_count`). Returns (summary info, a Spill of (gid, spec) records by shard index, or None)."""
     import torch
 
     from scanner.corpus.groups import buffer_bytes
     from scanner.corpus.search import count_rows, make_plan, search, search_knobs
     from scanner.corpus.spill import Spill
-    from scanner.geometry.local_pca import local_pca
+    from scanner.geometry.local_pca import local_spectra
 
     g = cfg.geometry
     want = g.lpca_space
@@ -104,8 +106,9 @@ def lid_lpca(store: PartStore, masks: Masks, cfg: ScanConfig, work: Path) -> tup
     if n < 2:
         return {"n": n, "space": space}, None
     dim = store.dim(space)
-    plan = make_plan(n, dim, min(g.lpca_k + 1, n), "l2", search_knobs(cfg), cfg.corpus.budget_bytes)
-    rec = np.dtype([("gid", "<i8"), ("lid", "<f4")])
+    k = min(g.lpca_k + 1, n)
+    plan = make_plan(n, dim, k, "l2", search_knobs(cfg), cfg.corpus.budget_bytes)
+    rec = np.dtype([("gid", "<i8"), ("spec", "<f4", (min(k, store.dim("vectors")),))])
     out = Spill(work / "lid", len(store), rec, buffer_bytes=buffer_bytes(cfg.corpus.budget_bytes))
 
     def consume(qg, nbr, _sims, rows):
@@ -117,9 +120,8 @@ def lid_lpca(store: PartStore, masks: Masks, cfg: ScanConfig, work: Path) -> tup
                 x = rows[1][pos]
             else:
                 x = store.gather("vectors", ids.ravel()).reshape(*ids.shape, -1)
-            lid = local_pca(torch.from_numpy(x), g.lpca_alpha).numpy()
             r = np.empty(len(ids), rec)
-            r["gid"], r["lid"] = qg[s:s + PCA_CHUNK], lid
+            r["gid"], r["spec"] = qg[s:s + PCA_CHUNK], local_spectra(torch.from_numpy(x)).numpy()
             out.add(store.shard_of(r["gid"]), r)
 
     info = search(store, space, select, plan, consume, work, seed=cfg.seed,
@@ -129,31 +131,78 @@ def lid_lpca(store: PartStore, masks: Masks, cfg: ScanConfig, work: Path) -> tup
     return info, out
 
 
+def lpca_count(spec: np.ndarray, thresholds: dict, cfg: ScanConfig) -> np.ndarray:
+    """LID_* (float32) from local-PCA spectra: eigenvalues above lpca_alpha x the level (geometry.lpca_scale: the
+    corpus reference in `thresholds`, or each row's own largest eigenvalue)."""
+    import torch
+
+    from scanner.geometry.local_pca import lid_from_spectra
+
+    ref = thresholds.get("lpca_reference") if cfg.geometry.lpca_scale == "corpus" else None
+    if cfg.geometry.lpca_scale == "corpus" and not ref:  # no neighbourhood has any spread: every LID_* is 0
+        return np.zeros(len(spec), np.float32)
+    return lid_from_spectra(torch.from_numpy(np.asarray(spec, np.float64)), cfg.geometry.lpca_alpha, ref).numpy()
+
+
+def typical_flipd(lid_lpca: np.ndarray, lid_flipd: np.ndarray, top: int) -> list[float | None]:
+    """The corpus's typical lid_flipd for each LID_* value 0..top: the median lid_flipd of the rows with that LID_*,
+    pooled with the nearest values until TYPICAL_MIN_ROWS rows (all rows when fewer). What OD-Mem compares to:
+    the model's LID at an image against what the model gives images whose data neighbourhood has the same
+    dimension, so a simple image (low LID_* and low LID_theta alike) is not called overfitted for being simple."""
+    v = np.asarray(lid_lpca, float)
+    f = np.asarray(lid_flipd, float)
+    keep = np.isfinite(v) & np.isfinite(f)
+    v, f = np.rint(v[keep]).astype(np.int64), f[keep]
+    if not len(v):
+        return [None] * (top + 1)
+    out = []
+    for u in range(top + 1):
+        w = 0
+        while (np.abs(v - u) <= w).sum() < min(TYPICAL_MIN_ROWS, len(v)):
+            w += 1
+        out.append(float(np.median(f[np.abs(v - u) <= w])))
+    return out
+
+
 def _both(a, b):
     return lambda i: a(i) & b(i)
 
 
 def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=None) -> dict:
-    """The classify thresholds: the detector's (given, or its detector_quantile over the ok rows) and the corpus
-    medians of lid_flipd and lid_lpca (`lids`: lid_lpca's spill) that put the two LIDs on one axis. Exact up to
-    corpus.detector_sample rows, else from a seeded Bernoulli sample of about that many."""
+    """The classify thresholds: the detector's (given, or its detector_quantile over the ok rows), the corpus level
+    of local PCA (`lids`: lid_lpca's spill of spectra), the medians of lid_flipd and lid_lpca and lid_flipd's
+    typical value per LID_* (what OD-Mem compares to). Exact up to corpus.detector_sample rows, else from a seeded
+    Bernoulli sample of about that many (the same rows for every column)."""
     c = cfg.classify
     col = c.detector
     if cfg.model.kind == "none" or col not in store.columns:
         return {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
     rate = min(1.0, cfg.corpus.detector_sample / max(masks.counts["ok"], 1))
     want = [col] + [x for x in ("lid_flipd",) if x in store.columns and x != col]
-    vals: dict[str, list] = {k: [] for k in [*want, "lid_lpca"]}
+    vals: dict[str, list] = {k: [] for k in want}
+    spectra: list[np.ndarray] = []
     for i in range(len(store)):
         ok = masks.get("ok", i)
         keep = np.random.default_rng([cfg.seed, i]).random(int(ok.sum())) < rate if rate < 1.0 else slice(None)
         df = store.read(i, want)
         for k in want:
             vals[k].append(df[k].astype(float).to_numpy()[ok][keep])
-        if lids is not None:
-            r = lids.read(i)["lid"].astype(float)  # one record per ok row of the shard
-            vals["lid_lpca"].append(r[np.random.default_rng([cfg.seed, i, 1]).random(len(r)) < rate])
+        if lids is not None:  # one record per ok row the search asked for, in any order: align them to the ok rows
+            r = lids.read(i)
+            spec = np.full((int(ok.sum()), lids.dtype["spec"].shape[0]), np.nan, np.float32)
+            spec[np.searchsorted(store.offsets[i] + np.flatnonzero(ok), r["gid"])] = r["spec"]
+            spectra.append(spec[keep])
     v = {k: np.concatenate(x) if x else np.zeros(0) for k, x in vals.items()}
+    lpca: dict = {}
+    if spectra:
+        spec = np.concatenate(spectra)
+        top = spec[:, 0][np.isfinite(spec[:, 0])]
+        lpca = {"lpca_scale": cfg.geometry.lpca_scale, "lpca_alpha": cfg.geometry.lpca_alpha,
+                "lpca_reference": float(np.median(top[top > 0]))
+                if cfg.geometry.lpca_scale == "corpus" and (top > 0).any() else None}
+        v["lid_lpca"] = np.where(np.isfinite(spec[:, 0]), lpca_count(np.nan_to_num(spec), lpca, cfg), np.nan)
+        if "lid_flipd" in v:
+            lpca["lid_flipd_typical"] = typical_flipd(v["lid_lpca"], v["lid_flipd"], spec.shape[1])
     medians = {k: float(np.nanmedian(v[k])) if np.isfinite(v[k]).any() else None for k in ("lid_flipd", "lid_lpca")
                if k in v}
     if medians.get("lid_flipd") is not None and medians["lid_flipd"] <= 0:
@@ -186,25 +235,33 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
             "quantile_from": None if fixed else "all scored rows" if rate >= 1.0
             else f"a seeded sample of {len(vals)} scored rows",
             **({"calibration": calibration} if calibration else {}),
-            "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians,
+            "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians, **lpca,
             "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}{how}; "
                      f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
                      f"flagged and lid_gap_rel > {c.gap_margin} -> od (overfitting-driven: regularize), lid_gap_rel = "
-                     f"lid_lpca / {medians.get('lid_lpca') or float('nan'):.4g} - lid_flipd / "
-                     f"{medians.get('lid_flipd') or float('nan'):.4g} (each LID over its corpus median); "
+                     "(the corpus's median lid_flipd among images of the same lid_lpca - lid_flipd) / "
+                     f"{medians.get('lid_flipd') or float('nan'):.4g} (the median lid_flipd); "
                      "flagged otherwise -> none (suspected, no class)")}
 
 
 def relative_gap(df: pd.DataFrame, thresholds: dict) -> pd.Series:
-    """lid_gap_rel = lid_lpca / its corpus median - lid_flipd / its corpus median: how far the model's manifold drops below the
-    data's, each LID in units of the typical image's (the two estimators have different scales: local PCA
-    counts at most lpca_k - 1 directions, FLIPD counts every direction the noise at t0 does not swamp).
-    NaN where either LID or median is missing."""
-    med = (thresholds or {}).get("lid_medians") or {}
-    mf, ml = med.get("lid_flipd"), med.get("lid_lpca")
-    if "lid_flipd" not in df or not mf or not ml or mf <= 0 or ml <= 0:
+    """lid_gap_rel = (the typical lid_flipd for this image's LID_* - its lid_flipd) / the median lid_flipd: how far the
+    model's manifold at the image drops below what the model gives images whose data neighbourhood has the same
+    dimension (`typical_flipd`), in units of the typical image's LID_theta. The two estimators do not share a scale
+    (local PCA counts at most lpca_k directions, FLIPD every direction the noise at t0 does not swamp), so LID_*
+    enters through the images that share it rather than as a number of its own. NaN where a LID, the table or the
+    median is missing, and for every row when the median lid_flipd is not a positive dimension."""
+    t = thresholds or {}
+    mf = (t.get("lid_medians") or {}).get("lid_flipd")
+    typical = t.get("lid_flipd_typical")
+    if "lid_flipd" not in df or "lid_lpca" not in df or not mf or mf <= 0 or not typical:
         return pd.Series(np.nan, index=df.index, dtype="float32")
-    return (df["lid_lpca"].astype(float) / ml - df["lid_flipd"].astype(float) / mf).astype("float32")
+    table = np.array([np.nan if x is None else x for x in typical], float)
+    lid = df["lid_lpca"].astype(float).to_numpy()
+    expected = np.full(len(df), np.nan)
+    have = np.isfinite(lid)
+    expected[have] = table[np.clip(np.rint(lid[have]).astype(np.int64), 0, len(table) - 1)]
+    return pd.Series((expected - df["lid_flipd"].astype(float).to_numpy()) / mf, index=df.index, dtype="float32")
 
 
 def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) -> dict:
@@ -212,8 +269,8 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
     detector_threshold (None: the quantile and LID medians of this frame's rows). Returns the thresholds used.
 
     The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low -> dd (the data
-    is low-dimensional there: duplicates, templates); else lid_gap above gap_margin -> od (the model's manifold
-    is lower than the data's, lid_gap_rel from `relative_gap`); else none (flagged, but neither LID explains it)."""
+    is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
+    is lower than at images of the same LID_*, `relative_gap`); else none (flagged, but neither LID explains it)."""
     c = cfg.classify
     col = c.detector
     ok = df["error"].isna()
@@ -230,6 +287,9 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
         if "lid_flipd" in df and "lid_lpca" in df:
             thresholds["lid_medians"] = {k: float(np.nanmedian(df.loc[ok, k].astype(float)))
                                          if df.loc[ok, k].notna().any() else None for k in ("lid_flipd", "lid_lpca")}
+            lid = df.loc[ok, "lid_lpca"].astype(float)
+            if lid.notna().any():
+                thresholds["lid_flipd_typical"] = typical_flipd(lid, df.loc[ok, "lid_flipd"], int(np.nanmax(lid)))
     df["lid_gap_rel"] = relative_gap(df, thresholds)
     thr = thresholds.get("threshold")
     if thr is None or col not in df.columns:
@@ -380,7 +440,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         lid = np.full(len(df), np.nan, np.float32)
         if lids is not None:
             r = lids.read(i)
-            lid[np.searchsorted(gids, r["gid"])] = r["lid"]
+            lid[np.searchsorted(gids, r["gid"])] = lpca_count(r["spec"], thresholds, cfg)
         df["lid_lpca"] = lid
         df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
         classify(df, cfg, thresholds)

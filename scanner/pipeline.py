@@ -38,6 +38,15 @@ def init_ray(cfg: ScanConfig) -> None:
     start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
 
 
+# geometry keys only the corpus steps read (LID_* by local PCA): the part files do not depend on them, so a rerun
+# with other values redoes the corpus steps on the same parts
+CORPUS_STEP_GEOMETRY = ("lpca_k", "lpca_alpha", "lpca_space", "lpca_scale")
+
+
+def _stage_geometry(geometry: dict | None) -> dict | None:
+    return None if geometry is None else {k: v for k, v in geometry.items() if k not in CORPUS_STEP_GEOMETRY}
+
+
 def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
     """What the part files depend on: a rerun into the same --out must match it (parts/_run.json)."""
     from scanner.neighbours.embed import checkpoint_digest
@@ -50,7 +59,7 @@ def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
          if embedder else None}
     if cfg.model.kind != "none":
         m["model"] = {"kind": cfg.model.kind, "path": cfg.model.path, "dtype": cfg.model.dtype}
-        m["geometry"] = dataclasses.asdict(cfg.geometry)
+        m["geometry"] = _stage_geometry(dataclasses.asdict(cfg.geometry))
     return m
 
 
@@ -59,6 +68,7 @@ def check_manifest(out: Path, manifest: dict) -> None:
     path = out / "parts" / "_run.json"
     if path.is_file():
         before = json.loads(path.read_text())
+        before["geometry"] = _stage_geometry(before.get("geometry"))  # a manifest written before they were left out
         diff = sorted(k for k in manifest if json.dumps(before.get(k), sort_keys=True, default=str)
                       != json.dumps(manifest[k], sort_keys=True, default=str))
         if diff and any((out / "parts").glob("*.parquet")):

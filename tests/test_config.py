@@ -87,3 +87,30 @@ def test_unknown_name_lists_shipped_configs(tmp_path, monkeypatch):
 def test_calibration_shards_need_a_model():
     with pytest.raises(ConfigError, match="classify.calibration_shards is set but model.kind is none"):
         load_config(DEMO, ["model.kind=none", "classify.calibration_shards=/h"])
+
+
+def test_part_manifest_ignores_the_corpus_step_settings_and_refuses_a_stage_change(tmp_path):
+    """LID_* settings (local PCA) are read only by the corpus steps: changing them reuses the parts; a geometry key
+    the scoring stage reads does not; a manifest written when the lpca keys were still in it is accepted."""
+    import json
+
+    from scanner.pipeline import check_manifest, run_manifest
+
+    base = ["model.kind=pixel", "model.path=/m"]
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "00000.parquet").write_bytes(b"")
+    check_manifest(tmp_path, run_manifest(load_config(None, base), None))
+    old = json.loads((tmp_path / "parts" / "_run.json").read_text())
+    assert "lpca_k" not in old["geometry"] and "t0" in old["geometry"]
+    check_manifest(tmp_path, run_manifest(load_config(None, [*base, "geometry.lpca_k=7", "geometry.lpca_scale=local",
+                                                             "geometry.lpca_alpha=0.1"]), None))
+    with pytest.raises(ConfigError, match=r"part files made with another geometry"):
+        check_manifest(tmp_path, run_manifest(load_config(None, [*base, "geometry.t0=0.2"]), None))
+    old["geometry"].update(lpca_k=20, lpca_alpha=0.05, lpca_space="model")  # as older memscan wrote it
+    (tmp_path / "parts" / "_run.json").write_text(json.dumps(old))
+    check_manifest(tmp_path, run_manifest(load_config(None, base), None))
+
+
+def test_bad_lpca_scale_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"geometry.lpca_scale must be one of 'corpus', 'local', got 'global'"):
+        load_config(None, ["geometry.lpca_scale=global"])

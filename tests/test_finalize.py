@@ -14,12 +14,13 @@ def _line_and_blob(rng, n=40, dim=12, shift=10.0):
     return np.vstack([line, blob + shift]).astype(np.float32)
 
 
-def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None):
-    """lid_lpca through part files, as finalize runs it: LID_* per row (NaN where not computed)."""
+def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None, scale="local"):
+    """lid_lpca through part files, as finalize runs it: LID_* per row (NaN where not computed); scale corpus takes
+    the median largest eigenvalue of these rows as the level."""
     from corpus_parts import split, write_parts
 
     from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, lid_lpca
+    from scanner.finalize import Masks, lid_lpca, lpca_count
 
     n = len(x)
     ok = np.ones(n, bool) if ok is None else ok
@@ -31,13 +32,13 @@ def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None):
     if search is not None:
         arrays["embeddings"] = split(search.astype(np.float32), sizes)
     store = PartStore(tmp_path, write_parts(tmp_path, frames, arrays))
-    cfg = load_config(None, [f"geometry.lpca_space={space}", "geometry.lpca_k=15", "geometry.lpca_alpha=0.05"],
-                      sections=("geometry", "neighbours", "corpus"))
+    cfg = load_config(None, [f"geometry.lpca_space={space}", "geometry.lpca_k=15", "geometry.lpca_alpha=0.05",
+                             f"geometry.lpca_scale={scale}"], sections=("geometry", "neighbours", "corpus"))
     _, spill = lid_lpca(store, Masks(store, np.zeros(0, np.int64)), cfg, tmp_path / "work")
+    recs = np.concatenate([spill.read(i) for i in range(len(store))])
+    top = recs["spec"][:, 0]
     out = np.full(n, np.nan, np.float32)
-    for i in range(len(store)):
-        r = spill.read(i)
-        out[r["gid"]] = r["lid"]
+    out[recs["gid"]] = lpca_count(recs["spec"], {"lpca_reference": float(np.median(top[top > 0]))}, cfg)
     return out
 
 
@@ -52,12 +53,12 @@ def test_lid_lpca_through_an_inverted_file_on_disk(tmp_path):
     from scanner.config import load_config as lc
 
     x = _line_and_blob(np.random.default_rng(2), n=300, shift=30.0)
-    cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15"],
+    cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15", "geometry.lpca_scale=local"],
              sections=("geometry", "neighbours", "corpus"))
     from corpus_parts import split, write_parts
 
     from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, lid_lpca
+    from scanner.finalize import Masks, lid_lpca, lpca_count
 
     frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + 200)], "error": None}) for s0 in (0, 200, 400)]
     store = PartStore(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), [200] * 3)}))
@@ -66,7 +67,7 @@ def test_lid_lpca_through_an_inverted_file_on_disk(tmp_path):
     lid = np.full(600, np.nan)
     for i in range(3):
         r = spill.read(i)
-        lid[r["gid"]] = r["lid"]
+        lid[r["gid"]] = lpca_count(r["spec"], {}, cfg)
     assert not np.isnan(lid).any()
     assert np.median(lid[:300]) == 1 and np.median(lid[300:]) >= 6
 
@@ -90,12 +91,14 @@ def test_classify_dd_od_and_removal_reasons():
                              "classify.lpca_low=3"])
     df = pd.DataFrame({"key": list("abcdef"), "shard": "00000", "error": [None] * 5 + ["bad"],
                        "score_norm": [1.0, 2.0, 9.0, 8.0, 1.5, np.nan], "lid_lpca": [1.0, 10.0, 1.0, 10.0, 4.0, np.nan],
-                       "lid_flipd": [0.5, 2.0, 1.0, 9.0, 2.0, np.nan]})
+                       "lid_flipd": [0.5, 1.0, 3.0, 9.0, 2.0, np.nan]})
     info = classify(df, cfg)
     assert info["threshold"] == 2.0  # median of the five good scores, low tail flags: a, b, e
     assert info["lid_medians"] == {"lid_flipd": 2.0, "lid_lpca": 4.0}
-    # lid_gap_rel = lid_lpca / 4 - lid_flipd / 2: a 0, b 1.5, c -0.25, d -2, e 0
-    np.testing.assert_allclose(df["lid_gap_rel"][:5], [0.0, 1.5, -0.25, -2.0, 0.0])
+    # five rows (< 30): every LID_* value's typical lid_flipd pools them all, the median 2
+    assert info["lid_flipd_typical"] == [2.0] * 11
+    # lid_gap_rel = (2 - lid_flipd) / 2: a 0.75, b 0.5, c -0.5, d -3.5, e 0
+    np.testing.assert_allclose(df["lid_gap_rel"][:5], [0.75, 0.5, -0.5, -3.5, 0.0])
     # a: flagged, LID_* 1 < 3 -> dd; b: flagged, LID_* normal, the model's LID far below -> od;
     # e: flagged, but LID_* is normal and the model's LID is not below it (gap 0, margin 0) -> none
     assert df["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "none"] and pd.isna(df["mem_class"][5])
@@ -153,3 +156,71 @@ def test_a_lid_theta_that_is_not_a_dimension_gives_no_od_and_says_so(tmp_path, c
     df = frames[0].assign(lid_lpca=[10.0, 10.0, 10.0], shard="00000")
     classify(df, cfg, t)
     assert df["lid_gap_rel"].isna().all() and "od" not in set(df["mem_class"])
+
+
+def test_corpus_level_lid_and_typical_gap_class_planted_copies_overfit_and_simple_images(tmp_path):
+    """lid_lpca -> detector_threshold -> classify as finalize runs them, on planted truth in R^12: 20 near-copies
+    of one point (edits of 1e-3), a 1-dimensional line (simple images) and an 8-dimensional blob. The model's LID
+    (lid_flipd) is 10 on the copies, 5 on the line, ~50 on the blob except 6 blob points at 20 (overfitted).
+    Flagged: the copies, the 6 overfitted points and 6 line points. Expected: copies dd (LID_* 0 at the corpus
+    level, not to Fukunaga-Olsen), overfitted od (far below the blob's typical 50), line points none (5 is what
+    the model gives every line point: simple, not overfitted; the ratio rule before, LID_* / its median - lid_flipd /
+    its median, gave them 1/6 - 5/50 > 0: od)."""
+    from corpus_parts import split, write_parts
+
+    from scanner.corpus.store import PartStore
+    from scanner.finalize import Masks, detector_threshold, lid_lpca, lpca_count
+
+    rng = np.random.default_rng(5)
+    copies = rng.normal(size=12) * 3 + 1e-3 * rng.normal(size=(20, 12))
+    line = np.outer(np.linspace(-6, 6, 100), rng.normal(size=12) / 3.5) + 20.0
+    blob = np.zeros((200, 12))
+    blob[:, :8] = rng.normal(size=(200, 8))
+    blob -= 20.0
+    x = np.vstack([copies, line, blob]).astype(np.float32)
+    kind = np.array(["copy"] * 20 + ["line"] * 100 + ["blob"] * 200)
+    flipd = np.where(kind == "copy", 10.0, np.where(kind == "line", 5.0, 50.0 + rng.normal(size=len(x))))
+    overfit = np.flatnonzero(kind == "blob")[::33][:6]
+    flipd[overfit] = 20.0
+    flagged = np.zeros(len(x), bool)
+    flagged[kind == "copy"] = True
+    flagged[overfit] = True
+    flagged[np.flatnonzero(kind == "line")[::17][:6]] = True
+    score = np.where(flagged, 0.1, 1.0)
+    order = rng.permutation(len(x))  # rows in no particular order across two shards
+    x, kind, flipd, score, flagged = x[order], kind[order], flipd[order], score[order], flagged[order]
+    sizes = [160, 160]
+    frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + 160)], "error": None, "error_stage": None,
+                            "embed_error": None, "score_norm": score[s0:s0 + 160], "lid_flipd": flipd[s0:s0 + 160]})
+              for s0 in (0, 160)]
+    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), sizes)}))
+    sets = ["model.kind=pixel", "model.path=/m", "geometry.lpca_k=15", "classify.detector=score_norm",
+            "classify.detector_threshold=0.5", "classify.lpca_low=1"]
+    masks = Masks(store, np.zeros(0, np.int64))
+    lid = {}
+    for scale in ("corpus", "local"):
+        cfg = load_config(None, [*sets, f"geometry.lpca_scale={scale}"])
+        _, spill = lid_lpca(store, masks, cfg, tmp_path / f"work-{scale}")
+        t = detector_threshold(store, masks, cfg, spill)
+        recs = np.concatenate([spill.read(i) for i in range(2)])
+        lid[scale] = np.full(len(x), np.nan)
+        lid[scale][recs["gid"]] = lpca_count(recs["spec"], t, cfg)
+    assert not np.isnan(lid["corpus"]).any()
+    assert (lid["corpus"][kind == "copy"] == 0).all() and (lid["local"][kind == "copy"] >= 6).all()
+    assert t["lpca_reference"] is None  # the local rule needs no corpus level
+    cfg = load_config(None, [*sets, "geometry.lpca_scale=corpus"])
+    t = detector_threshold(store, masks, cfg, lid_lpca(store, masks, cfg, tmp_path / "w")[1])
+    assert t["lpca_scale"] == "corpus" and t["lpca_reference"] > 0 and t["lid_medians"]["lid_flipd"] > 40
+    typical = t["lid_flipd_typical"]
+    # LID_* 0..12 (D = 12 < 16 neighbours); 1 is the line's 5; 0 holds the 20 copies only, under 30 rows: pooled
+    # with the line
+    assert len(typical) == 13 and typical[1] == 5.0 and typical[0] == 5.0
+    assert set(np.unique(lid["corpus"][kind == "line"])) <= {1.0} and lid["corpus"][kind == "blob"].min() >= 4
+    df = pd.DataFrame({"key": [f"k{i:04d}" for i in range(len(x))], "shard": "00000", "error": None,
+                       "score_norm": score, "lid_flipd": flipd, "lid_lpca": lid["corpus"]})
+    classify(df, cfg, t)
+    cls = df["mem_class"].to_numpy()
+    assert (cls[kind == "copy"] == "dd").all()
+    assert (cls[np.isin(np.arange(len(x)), np.flatnonzero(np.isin(order, overfit)))] == "od").all()
+    assert (cls[flagged & (kind == "line")] == "none").all() and flagged[kind == "line"].sum() == 6
+    assert (cls[~flagged] == "none").all()

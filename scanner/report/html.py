@@ -60,8 +60,8 @@ DESCRIBE = {
     "lid_nb": "LID<sub>θ</sub> by the normal bundle (reference estimator)",
     "lid_lpca": "LID<sub>*</sub> by local PCA: dimension of the data manifold around the image",
     "lid_gap": "LID<sub>*</sub> − LID<sub>θ</sub> in raw dimensions (two estimators on different scales)",
-    "lid_gap_rel": "LID<sub>*</sub> − LID<sub>θ</sub>, each over its corpus median: how far the model's manifold "
-                   "drops below the data's (OD-Mem)",
+    "lid_gap_rel": "how far LID<sub>θ</sub> falls below the corpus's typical LID<sub>θ</sub> for images of the same "
+                   "LID<sub>*</sub>, over the median LID<sub>θ</sub> (OD-Mem)",
     "score_norm": "‖ε<sub>θ</sub>(x, t)‖ near the clean image: small on a sharp peak of the density",
     "score_norm_cal": "‖ε<sub>θ</sub>(x, t)‖ ÷ the same at the mirrored image: ≈ 1 for images that are only "
                       "simple, well below 1 on a memorized one",
@@ -428,8 +428,9 @@ def dose_plot(dose: list[dict]) -> str | None:
 
 @_styled
 def manifold_scatter(run: Run) -> str | None:
-    """LID_theta against LID_*, each over its corpus median (the axes the OD rule compares on: the two estimators
-    have different scales), with the OD line y = x - gap_margin and the DD line x = lpca_low / median."""
+    """LID_theta (lid_flipd) against LID_* (lid_lpca, a count: jittered by up to 0.3 so the columns show), with the
+    line the OD rule compares to: the corpus's typical LID_theta at each LID_*, lowered by gap_margin x the median
+    LID_theta (below it: the OD side), and the DD line x = lpca_low."""
     df = run.ok
     if df.empty or not {"lid_flipd", "lid_lpca"} <= set(df.columns):
         return None
@@ -438,38 +439,38 @@ def manifold_scatter(run: Run) -> str | None:
     fin = np.isfinite(x) & np.isfinite(y)
     if fin.sum() < 2:
         return None
-    med = run.thresholds.get("lid_medians") or {}
-    ml = med.get("lid_lpca") or float(np.median(x[fin]))
-    mf = med.get("lid_flipd") or float(np.median(y[fin]))
-    if not (ml > 0 and mf > 0):
-        return None
-    x, y = x / ml, y / mf
+    t = run.thresholds
+    mf = (t.get("lid_medians") or {}).get("lid_flipd")
+    typical = t.get("lid_flipd_typical")
     panels = [("mem_class", df["mem_class"].fillna("error").to_numpy() if "mem_class" in df else
                np.full(len(df), "none"), MEM_COLORS)]
     if run.truth is not None and {"key", "planted"} <= set(run.truth.columns):
         planted = df[["key"]].merge(run.truth[["key", "planted"]], on="key", how="left")["planted"]
         panels.append(("planted class", planted.fillna("not in truth").to_numpy(), PLANTED_COLORS))
-    lpca_low, margin = run.thresholds.get("lpca_low"), run.thresholds.get("gap_margin") or 0.0
+    lpca_low, margin = t.get("lpca_low"), t.get("gap_margin") or 0.0
+    xj = x + np.random.default_rng(0).uniform(-0.3, 0.3, len(x))
     fig = _figure((5.6 * len(panels), 4.3))
     axes = fig.subplots(1, len(panels), squeeze=False)
-    lo, hi = min(x[fin].min(), y[fin].min()), max(x[fin].max(), y[fin].max())
     for ax, (title, labels, colors) in zip(axes.flat, panels):
         groups = list(dict.fromkeys(labels[fin]))
         groups.sort(key=lambda g: 0 if g in ("none", "unique") else 1)
         for i, g in enumerate(groups):
             m = fin & (labels == g)
             bg = g in ("none", "unique")
-            ax.scatter(x[m], y[m], s=8 if bg else 22, alpha=0.35 if bg else 0.9, color=colors.get(g, f"C{i}"),
+            ax.scatter(xj[m], y[m], s=8 if bg else 22, alpha=0.35 if bg else 0.9, color=colors.get(g, f"C{i}"),
                        label=f"{g} ({int(m.sum())})", edgecolors="none" if bg else "white", linewidths=0.4)
-        ax.plot([lo, hi], [lo - margin, hi - margin], color="#d62728", ls=":", lw=1.1)
-        ax.annotate("below: LID$_\\theta$ under LID$_*$ (OD side)", xy=(hi, hi - margin), xytext=(-4, -14),
-                    textcoords="offset points", ha="right", fontsize=8, color="#d62728")
+        if typical and mf and mf > 0:
+            levels = np.arange(len(typical))
+            line = np.array([np.nan if v is None else v for v in typical], float) - margin * mf
+            ax.step(levels, line, where="mid", color="#d62728", ls=":", lw=1.3)
+            ax.annotate("typical LID$_\\theta$ at this LID$_*$; below: OD side", xy=(levels[-1], line[-1]),
+                        xytext=(-4, 6), textcoords="offset points", ha="right", fontsize=8, color="#d62728")
         if lpca_low is not None:
-            ax.axvline(lpca_low / ml, color="#1f77b4", ls="--", lw=1.1)
-            ax.annotate(f"lpca_low = {lpca_low:g}", xy=(lpca_low / ml, 1), xycoords=("data", "axes fraction"),
-                        xytext=(4, -12), textcoords="offset points", fontsize=8, color="#1f77b4")
-        ax.set_xlabel(f"lid_lpca / {ml:.3g}  (LID$_*$ over its corpus median)")
-        ax.set_ylabel(f"lid_flipd / {mf:.3g}  (LID$_\\theta$ over its corpus median)")
+            ax.axvline(lpca_low - 0.5 if float(lpca_low).is_integer() else lpca_low, color="#1f77b4", ls="--", lw=1.1)
+            ax.annotate(f"left: lid_lpca < {lpca_low:g}", xy=(lpca_low, 0), xycoords=("data", "axes fraction"),
+                        xytext=(4, 4), textcoords="offset points", fontsize=8, color="#1f77b4")
+        ax.set_xlabel("lid_lpca  (LID$_*$: directions of the data around the image)")
+        ax.set_ylabel("lid_flipd  (LID$_\\theta$: the model's dimension there)")
         ax.set_title(f"coloured by {title}")
         ax.legend(fontsize=8, loc="best", markerscale=1.2)
     fig.tight_layout()
@@ -714,9 +715,11 @@ def section_manifolds(run: Run) -> str:
             "flagged without a class. "
             if lpca_low is not None else "")
     return _section("manifolds", expl + f'<img class="plot" src="{uri}" alt="LID scatter">'
-                    "<p>Both axes are a LID over its corpus median: local PCA counts at most <code>lpca_k</code> − 1 "
-                    "directions and FLIPD every direction the noise at t<sub>0</sub> does not swamp, so their raw "
-                    "values are not on one scale; in units of the typical image's they are. "
+                    "<p>The two LIDs are not on one scale: local PCA counts at most <code>lpca_k</code> directions "
+                    "and FLIPD every direction the noise at t<sub>0</sub> does not swamp. The dotted line puts them on "
+                    "one: for each LID<sub>*</sub>, the median LID<sub>θ</sub> the model gives the corpus's images of "
+                    "that LID<sub>*</sub>. A sample below it is lower-dimensional to the model than images whose data "
+                    "neighbourhood has the same dimension. "
                     f"{note}Only samples the detector flags get a class at all, so the colours are not a partition "
                     "of the plane.</p>")
 
@@ -918,9 +921,10 @@ def section_thresholds(run: Run) -> str:
         lpca_low, gap = t.get("lpca_low"), t.get("gap_margin")
         parts.append(f"<p><b>Class.</b> A flagged sample with LID<sub>*</sub> (<code>lid_lpca</code>) below "
                      f"<b>{_fmt(lpca_low)}</b> is <b>dd</b> (DD-Mem: the data is low-dimensional there); otherwise, "
-                     f"when <code>lid_gap_rel</code> (LID<sub>*</sub> ÷ its corpus median − LID<sub>θ</sub> ÷ its "
-                     f"corpus median) &gt; {_fmt(gap)}, it is <b>od</b> (OD-Mem: the model's manifold dropped below "
-                     "the data's); a flagged sample that neither LID explains stays <b>none</b> (its verdict is still "
+                     f"when <code>lid_gap_rel</code> (the corpus's median LID<sub>θ</sub> among images of the same "
+                     f"LID<sub>*</sub> − its LID<sub>θ</sub>, ÷ the median LID<sub>θ</sub>) &gt; {_fmt(gap)}, it is "
+                     "<b>od</b> (OD-Mem: the model's manifold dropped below what the data's dimension there gets "
+                     "elsewhere); a flagged sample that neither LID explains stays <b>none</b> (its verdict is still "
                      "suspected). Unflagged samples are <b>none</b>.</p>")
     nb = run.summary.get("neighbours") or {}
     nbt = nb.get("thresholds") or (t if "dup_threshold" in t else {})  # memscan dedup: its own summary

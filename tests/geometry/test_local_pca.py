@@ -1,9 +1,10 @@
-"""Local PCA LID on linear subspaces, a curved 2-sphere and duplicate clusters; skdim's lPCA as reference."""
+"""Local PCA LID on linear subspaces, a curved 2-sphere and duplicate clusters; skdim's lPCA as reference; the
+corpus-level rule (`reference`) on known variances and on near-copies."""
 
 import pytest
 import torch
 
-from scanner.geometry.local_pca import local_pca
+from scanner.geometry.local_pca import lid_from_spectra, local_pca, local_spectra
 from scanner.models.analytic import SubspaceGaussian, random_rotation
 
 
@@ -69,6 +70,36 @@ def test_matches_skdim_lpca():
     assert ours == ref and len(set(ours)) > 2
 
 
+def test_reference_level_counts_directions_by_their_variance():
+    # Sets drawn from N(0, diag(9, 9, 0.25, 0.25, 0.25)) rotated into R^40 (k = 2,000 > D: covariance path):
+    # the sample eigenvalues sit within a few % of the variances. Fukunaga-Olsen's level is 0.05 x 9 = 0.45:
+    # 2 directions; the corpus level 0.05 x reference 1 = 0.05: all 5; 0.5 x 1 = 0.5: 2 again.
+    g = torch.Generator().manual_seed(3)
+    std = torch.tensor([3.0, 3.0, 0.5, 0.5, 0.5], dtype=torch.float64)
+    z = torch.randn(4, 2000, 5, generator=g, dtype=torch.float64) * std
+    sets = torch.cat([z, torch.zeros(4, 2000, 35, dtype=torch.float64)], dim=2) @ random_rotation(40, 7).T
+    spectra = local_spectra(sets)
+    torch.testing.assert_close(spectra[:, :5], (std ** 2).expand(4, 5), rtol=0.1, atol=0.0)
+    assert lid_from_spectra(spectra, 0.05).tolist() == [2.0] * 4 == local_pca(sets, 0.05).tolist()
+    assert local_pca(sets, 0.05, reference=1.0).tolist() == [5.0] * 4
+    assert local_pca(sets, 0.5, reference=1.0).tolist() == [2.0] * 4
+
+
+def test_near_copies_are_a_point_at_the_corpus_scale_not_to_fukunaga_olsen():
+    # 20 copies of one image, each with its own small edit (noise 1e-3): FO counts the edits' directions
+    # (scale-free: k - 1 of them), the corpus level (typical largest eigenvalue 1) counts none; a set of 20
+    # distinct images at the typical spread counts the same under both.
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(1, 1, 300, generator=g, dtype=torch.float64)
+    copies = image + 1e-3 * torch.randn(3, 20, 300, generator=g, dtype=torch.float64)
+    assert local_pca(copies, 0.05).tolist() == [19.0] * 3
+    assert local_pca(copies, 0.05, reference=1.0).tolist() == [0.0] * 3
+    distinct = torch.randn(3, 20, 300, generator=g, dtype=torch.float64) / 300 ** 0.5 * 3
+    spectra = local_spectra(distinct)
+    ref = float(spectra[:, 0].median())
+    assert local_pca(distinct, 0.05, reference=ref).tolist() == local_pca(distinct, 0.05).tolist()
+
+
 def test_bad_local_pca_parameters():
     with pytest.raises(ValueError, match=r"k \(neighbours per point\) must be an int >= 2, got 1"):
         local_pca(torch.zeros(3, 1, 5))
@@ -76,3 +107,5 @@ def test_bad_local_pca_parameters():
         local_pca(torch.zeros(3, 5))
     with pytest.raises(ValueError, match=r"alpha must be a float in \(0, 1\), got 1.5"):
         local_pca(torch.zeros(3, 4, 5), alpha=1.5)
+    with pytest.raises(ValueError, match=r"reference must be a number > 0 .*got 0.0"):
+        local_pca(torch.zeros(3, 4, 5), reference=0.0)
