@@ -8,7 +8,8 @@ Each run is a finished `memscan demo --out DIR` (DIR/corpus, DIR/model, DIR/<--s
 scores hold every detector asked for). Per run and detector: the held-out images the demo corpus builder writes
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
 run's), scored by the run's model through the scan's own stages (scanner.calibrate.heldout_scores), then the
-run's scores classified (scanner.finalize.classify, the run's LID medians and typical lid_flipd per LID_*) under (a) the detector's fixed cut
+run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_*
+and duplicate groups) under (a) the detector's fixed cut
 (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
 classify.lpca_low (the rule calls those dd whatever the detector says: a ceiling on oversampled -> od).
@@ -81,6 +82,8 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
     df = scores.merge(truth, on="key")
     df = df[df["error"].isna()].reset_index(drop=True)
     base = {k: v for k, v in summary["thresholds"].items() if k in LID_KEYS}
+    dups = run / scan / "duplicates.parquet"
+    grouped = set(pd.read_parquet(dups, columns=["key"])["key"]) if dups.exists() else set()
     over = df[df["planted"] == "oversampled"]
     res = {"run": str(run), "scan": scan,
            "seed": json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]["seed"],
@@ -104,7 +107,7 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
             for name, thr in (("fixed", FIXED[col]), ("calibrated", cut)):
                 d = df.copy()
                 classify(d, cfg, {**base, "detector": col, "direction": cfg.classify.direction,
-                                  "threshold": float(thr)})
+                                  "threshold": float(thr)}, copies=d["key"].isin(grouped).to_numpy())
                 r[name] = {"threshold": float(thr), "by_kind": shares(d)}
             res["detectors"][col] = r
     return res

@@ -237,7 +237,8 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
             **({"calibration": calibration} if calibration else {}),
             "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians, **lpca,
             "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}{how}; "
-                     f"flagged and lid_lpca < {c.lpca_low} -> dd (data-driven: deduplicate); "
+                     f"flagged and (lid_lpca < {c.lpca_low} or in a duplicate group) -> dd (data-driven: "
+                     "deduplicate); "
                      f"flagged and lid_gap_rel > {c.gap_margin} -> od (overfitting-driven: regularize), lid_gap_rel = "
                      "(the corpus's median lid_flipd among images of the same lid_lpca - lid_flipd) / "
                      f"{medians.get('lid_flipd') or float('nan'):.4g} (the median lid_flipd); "
@@ -264,12 +265,15 @@ def relative_gap(df: pd.DataFrame, thresholds: dict) -> pd.Series:
     return pd.Series((expected - df["lid_flipd"].astype(float).to_numpy()) / mf, index=df.index, dtype="float32")
 
 
-def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) -> dict:
+def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
+             copies: np.ndarray | None = None) -> dict:
     """Adds `flagged`, `lid_gap_rel` and `mem_class` to one shard's rows (or any frame); `thresholds` from
-    detector_threshold (None: the quantile and LID medians of this frame's rows). Returns the thresholds used.
+    detector_threshold (None: the quantile and LID medians of this frame's rows); `copies`: rows in a duplicate
+    group (None: no neighbours). Returns the thresholds used.
 
-    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low -> dd (the data
-    is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
+    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low, or a duplicate
+    group (copies are a point of the data at any scale; local PCA sees them only where an image has about lpca_k
+    of them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
     is lower than at images of the same LID_*, `relative_gap`); else none (flagged, but neither LID explains it)."""
     c = cfg.classify
     col = c.detector
@@ -299,6 +303,8 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None) 
     vals = df[col].astype(float)
     flagged = ok & ((vals <= thr) if c.direction == "low" else (vals >= thr))
     low_lid = df["lid_lpca"].astype(float) < c.lpca_low
+    if copies is not None:
+        low_lid = low_lid | np.asarray(copies, bool)
     gap = df["lid_gap_rel"].astype(float)
     df["flagged"] = flagged
     df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & (gap > c.gap_margin)], [None, "dd", "od"], "none")
@@ -443,8 +449,8 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
             lid[np.searchsorted(gids, r["gid"])] = lpca_count(r["spec"], thresholds, cfg)
         df["lid_lpca"] = lid
         df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
-        classify(df, cfg, thresholds)
         in_group = member(dup_gids, gids)
+        classify(df, cfg, thresholds, copies=in_group)
         dropped = member(dropped_gids, gids)
         rep = df["key"].isin(replicated).to_numpy()
         verdicts(df, in_group, dropped, rep)

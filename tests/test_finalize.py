@@ -112,6 +112,10 @@ def test_classify_dd_od_and_removal_reasons():
                                      "classify.detector_quantile=0.5", "classify.lpca_low=3",
                                      "classify.gap_margin=-0.1"]))
     assert df2["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "od"]  # a lower margin takes e in
+    # copies: a flagged row in a duplicate group is dd whatever its LID_* (e: 4, above lpca_low); unflagged d stays
+    df3 = df.drop(columns="mem_class")
+    classify(df3, cfg, copies=np.array([False, False, False, True, True, False]))
+    assert df3["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "dd"]
 
 
 def test_searched_rows_skip_unreadable_and_every_copy_of_a_repeated_key(tmp_path):
