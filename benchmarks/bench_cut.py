@@ -9,7 +9,7 @@ scores hold every detector asked for). Per run and detector: the held-out images
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
 run's), scored by the run's model through the scan's own stages (scanner.calibrate.heldout_scores), then the
 run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_*
-and duplicate groups) under (a) the detector's fixed cut
+and groups of byte copies) under (a) the detector's fixed cut
 (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
 classify.lpca_low (the rule calls those dd whatever the detector says: a ceiling on oversampled -> od).
@@ -38,7 +38,7 @@ from scanner.calibrate import calibrated_cut, heldout_scores
 from scanner.columns import direction
 from scanner.config import config_from_dict
 from scanner.data.demo import build_demo_corpus
-from scanner.finalize import classify
+from scanner.finalize import classify, copy_groups
 
 KINDS = ("repeated", "oversampled", "unique")
 # the fixed cuts, chosen on demo seed 0: score_norm_cal's by eye (85 % of repeated, 1.1 % of unique flagged);
@@ -83,7 +83,11 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
     df = df[df["error"].isna()].reset_index(drop=True)
     base = {k: v for k, v in summary["thresholds"].items() if k in LID_KEYS}
     dups = run / scan / "duplicates.parquet"
-    grouped = set(pd.read_parquet(dups, columns=["key"])["key"]) if dups.exists() else set()
+    if dups.exists():
+        dups = pd.read_parquet(dups)
+        grouped = set(dups.loc[dups["group_id"].isin(copy_groups(dups)), "key"])
+    else:
+        grouped = set()
     over = df[df["planted"] == "oversampled"]
     res = {"run": str(run), "scan": scan,
            "seed": json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]["seed"],

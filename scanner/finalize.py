@@ -237,7 +237,7 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
             **({"calibration": calibration} if calibration else {}),
             "lpca_low": c.lpca_low, "gap_margin": c.gap_margin, "lid_medians": medians, **lpca,
             "rule": (f"flagged when {col} is {'<=' if c.direction == 'low' else '>='} {thr:.4g}{how}; "
-                     f"flagged and (lid_lpca < {c.lpca_low} or in a duplicate group) -> dd (data-driven: "
+                     f"flagged and (lid_lpca < {c.lpca_low} or in a group of byte copies) -> dd (data-driven: "
                      "deduplicate); "
                      f"flagged and lid_gap_rel > {c.gap_margin} -> od (overfitting-driven: regularize), lid_gap_rel = "
                      "(the corpus's median lid_flipd among images of the same lid_lpca - lid_flipd) / "
@@ -265,15 +265,21 @@ def relative_gap(df: pd.DataFrame, thresholds: dict) -> pd.Series:
     return pd.Series((expected - df["lid_flipd"].astype(float).to_numpy()) / mf, index=df.index, dtype="float32")
 
 
+def copy_groups(dups: pd.DataFrame) -> set:
+    """The duplicate groups that hold byte-identical images (a `bytes` link): copies for certain, where an embedding
+    link may join two distinct look-alikes (on demo seed 0, 53 of 1,990 unique images sit in such groups)."""
+    return set(dups.loc[dups["link"] == "bytes", "group_id"])
+
+
 def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
              copies: np.ndarray | None = None) -> dict:
     """Adds `flagged`, `lid_gap_rel` and `mem_class` to one shard's rows (or any frame); `thresholds` from
     detector_threshold (None: the quantile and LID medians of this frame's rows); `copies`: rows in a duplicate
-    group (None: no neighbours). Returns the thresholds used.
+    group of byte-identical images (`copy_groups`; None: no neighbours). Returns the thresholds used.
 
-    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low, or a duplicate
-    group (copies are a point of the data at any scale; local PCA sees them only where an image has about lpca_k
-    of them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
+    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low, or a group of
+    copies (a point of the data at any scale; local PCA sees copies only where an image has about lpca_k of
+    them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
     is lower than at images of the same LID_*, `relative_gap`); else none (flagged, but neither LID explains it)."""
     c = cfg.classify
     col = c.detector
@@ -393,7 +399,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     mem = summary["corpus"]["memory_mb"] = {"start": start_mem, "keys": memory_mb()}
 
     dups, reps = None, None
-    dup_gids = dropped_gids = np.zeros(0, np.int64)
+    dup_gids = dropped_gids = copy_gids = np.zeros(0, np.int64)
     replicated: set[str] = set()
     if embedder is not None and masks.counts["searched"]:
         from scanner.corpus.neighbours import corpus_neighbours
@@ -404,6 +410,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
             store, masks.select("searched"), cfg, embedder, embedder_trained, out, work, model_dir=model_dir)
         dup_gids = np.sort(dups["gid"].to_numpy())
         dropped_gids = np.sort(dups.loc[~dups["keep"], "gid"].to_numpy())
+        copy_gids = np.sort(dups.loc[dups["group_id"].isin(copy_groups(dups)), "gid"].to_numpy())
         if reps is not None:
             replicated = set(reps.loc[reps["replicated"], "matched_key"])
         summary["timings_s"]["neighbours"] = round(time.time() - t1, 1)
@@ -450,7 +457,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         df["lid_lpca"] = lid
         df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
         in_group = member(dup_gids, gids)
-        classify(df, cfg, thresholds, copies=in_group)
+        classify(df, cfg, thresholds, copies=member(copy_gids, gids))
         dropped = member(dropped_gids, gids)
         rep = df["key"].isin(replicated).to_numpy()
         verdicts(df, in_group, dropped, rep)

@@ -112,7 +112,13 @@ def test_classify_dd_od_and_removal_reasons():
                                      "classify.detector_quantile=0.5", "classify.lpca_low=3",
                                      "classify.gap_margin=-0.1"]))
     assert df2["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "od"]  # a lower margin takes e in
-    # copies: a flagged row in a duplicate group is dd whatever its LID_* (e: 4, above lpca_low); unflagged d stays
+    # copies: a flagged row in a group of byte copies is dd whatever its LID_* (e: 4, above lpca_low); unflagged d
+    # stays; only groups with a byte-identical pair count (an embedding link may join two distinct look-alikes)
+    from scanner.finalize import copy_groups
+
+    groups = pd.DataFrame({"key": list("vwxyz"), "group_id": [0, 0, 1, 1, 2], "link": ["bytes", "phash", "embedding",
+                                                                                        "embedding", "phash"]})
+    assert copy_groups(groups) == {0}
     df3 = df.drop(columns="mem_class")
     classify(df3, cfg, copies=np.array([False, False, False, True, True, False]))
     assert df3["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "dd"]

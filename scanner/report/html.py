@@ -710,7 +710,7 @@ def section_manifolds(run: Run) -> str:
         return _section("manifolds", expl + _na("lid_flipd and lid_lpca both need values (local PCA needs "
                                                 "model-space vectors; a run without a model has none)"))
     lpca_low, margin = run.thresholds.get("lpca_low"), run.thresholds.get("gap_margin") or 0.0
-    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}), or in a duplicate group, a flagged sample is "
+    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}), or in a group of byte copies, a flagged sample is "
             "DD-Mem; otherwise, "
             f"below the dotted line (<code>lid_gap_rel</code> &gt; {_fmt(margin)}) it is OD-Mem, above it it stays "
             "flagged without a class. "
@@ -921,9 +921,9 @@ def section_thresholds(run: Run) -> str:
         parts.append(f"<p><b>Detector.</b> One model column flags a sample as memorized: {how}.</p>")
         lpca_low, gap = t.get("lpca_low"), t.get("gap_margin")
         parts.append(f"<p><b>Class.</b> A flagged sample with LID<sub>*</sub> (<code>lid_lpca</code>) below "
-                     f"<b>{_fmt(lpca_low)}</b>, or in a duplicate group, is <b>dd</b> (DD-Mem: the data is "
-                     "low-dimensional there: local PCA sees copies only where an image has about "
-                     "<code>lpca_k</code> of them, the duplicate groups see every copy); otherwise, "
+                     f"<b>{_fmt(lpca_low)}</b>, or in a duplicate group holding byte-identical copies, is <b>dd</b> "
+                     "(DD-Mem: the data is low-dimensional there: local PCA sees copies only where an image has "
+                     "about <code>lpca_k</code> of them, the byte copies are copies at any scale); otherwise, "
                      f"when <code>lid_gap_rel</code> (the corpus's median LID<sub>θ</sub> among images of the same "
                      f"LID<sub>*</sub> − its LID<sub>θ</sub>, ÷ the median LID<sub>θ</sub>) &gt; {_fmt(gap)}, it is "
                      "<b>od</b> (OD-Mem: the model's manifold dropped below what the data's dimension there gets "
