@@ -152,15 +152,20 @@ def typical_flipd(lid_lpca: np.ndarray, lid_flipd: np.ndarray, top: int) -> list
     v = np.asarray(lid_lpca, float)
     f = np.asarray(lid_flipd, float)
     keep = np.isfinite(v) & np.isfinite(f)
-    v, f = np.rint(v[keep]).astype(np.int64), f[keep]
+    v, f = np.clip(np.rint(v[keep]), 0, top).astype(np.int64), f[keep]
     if not len(v):
         return [None] * (top + 1)
+    order = np.argsort(v, kind="stable")
+    v, f = v[order], f[order]  # rows of one LID_* value, and of a window of values, are one slice
+    counts = np.bincount(v, minlength=top + 1)
+    starts = np.r_[0, np.cumsum(counts)]
+    need = min(TYPICAL_MIN_ROWS, len(v))
     out = []
     for u in range(top + 1):
         w = 0
-        while (np.abs(v - u) <= w).sum() < min(TYPICAL_MIN_ROWS, len(v)):
+        while starts[min(u + w, top) + 1] - starts[max(u - w, 0)] < need:
             w += 1
-        out.append(float(np.median(f[np.abs(v - u) <= w])))
+        out.append(float(np.median(f[starts[max(u - w, 0)]:starts[min(u + w, top) + 1]])))
     return out
 
 
@@ -279,8 +284,9 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
 
     The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low, or a group of
     copies (a point of the data at any scale; local PCA sees copies only where an image has about lpca_k of
-    them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin -> od (the model's manifold
-    is lower than at images of the same LID_*, `relative_gap`); else none (flagged, but neither LID explains it)."""
+    them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin
+    -> od (the model's manifold is lower than at images of the same LID_*, `relative_gap`); else none (flagged,
+    but neither LID explains it)."""
     c = cfg.classify
     col = c.detector
     ok = df["error"].isna()
