@@ -8,9 +8,8 @@ Each run is a finished `memscan demo --out DIR` (DIR/corpus, DIR/model, DIR/<--s
 scores hold every detector asked for). Per run and detector: the held-out images the demo corpus builder writes
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
 run's), scored by the run's model through the scan's own stages (scanner.calibrate.heldout_scores), then the
-run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_*
-and groups of byte copies) under (a) the detector's fixed cut
-(FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
+run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_* and
+groups of byte copies) under (a) the detector's fixed cut (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
 classify.lpca_low (the rule calls those dd whatever the detector says: a ceiling on oversampled -> od).
 The FPR (1 %, the usual membership-inference operating point) was fixed on demo seed 0; other seeds are held out.
@@ -160,8 +159,8 @@ def render(runs: list[dict], fpr: float) -> str:
             f"scored by the run's model through the scan's stages. Calibrated cut: the {fpr:g} quantile of the "
             "detector over them (classify.calibration_fpr). Fixed cut: chosen on seed 0 (score_norm_cal 0.8 by eye; "
             "loss_cal 0.81, seed 0's calibrated cut rounded). Classes by the shipped rule (classify.*, the scan's LID "
-            "medians and typical lid_flipd per LID_*). Seed 0 is where the FPR, the detectors' times and noises were fixed; other seeds are held "
-            "out."), "",
+            "medians, typical lid_flipd per LID_* and groups of byte copies). Seed 0 is where the FPR, the detectors' "
+            "times and noises were fixed; other seeds are held out."), "",
            ("| run | model | seed | detector | cut | threshold | repeated flagged / dd | oversampled flagged / od | "
             "unique flagged / any class |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:

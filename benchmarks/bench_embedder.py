@@ -6,7 +6,8 @@ A demo corpus of seed 0 (the tuning seed) whose near-duplicate groups draw from 
 crop, hflip, rotate, overlay; 120 groups), then per recipe: the embedder trained on that corpus
 (train_on_images, seed 0), every readable image embedded, duplicate groups as memscan forms them
 (find_duplicate_groups: byte hashes, pHash radius 2, cosine links over k = 20 neighbours, the shipped pixel check
-of near-misses) at several cosine thresholds, and the pair precision / recall and recall per near-duplicate edit (evaluate.duplicates_by_edit).
+of near-misses) at several cosine thresholds, and the pair precision / recall and recall per near-duplicate edit
+(evaluate.duplicates_by_edit).
 Embedders are cached in WORK/emb_<recipe>; nothing here is measured on a held-out seed (bench_edits.py does
 that for the shipped recipe and one other).
 """

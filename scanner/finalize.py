@@ -314,12 +314,13 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
         return thresholds
     vals = df[col].astype(float)
     flagged = ok & ((vals <= thr) if c.direction == "low" else (vals >= thr))
-    low_lid = df["lid_lpca"].astype(float) < c.lpca_low
+    data_driven = df["lid_lpca"].astype(float) < c.lpca_low
     if copies is not None:
-        low_lid = low_lid | np.asarray(copies, bool)
+        data_driven = data_driven | np.asarray(copies, bool)
     gap = df["lid_gap_rel"].astype(float)
     df["flagged"] = flagged
-    df["mem_class"] = np.select([~ok, flagged & low_lid, flagged & (gap > c.gap_margin)], [None, "dd", "od"], "none")
+    df["mem_class"] = np.select([~ok, flagged & data_driven, flagged & (gap > c.gap_margin)], [None, "dd", "od"],
+                                "none")
     return thresholds
 
 

@@ -53,8 +53,8 @@ def test_lid_lpca_through_an_inverted_file_on_disk(tmp_path):
     from scanner.config import load_config as lc
 
     x = _line_and_blob(np.random.default_rng(2), n=300, shift=30.0)
-    cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15", "geometry.lpca_scale=local"],
-             sections=("geometry", "neighbours", "corpus"))
+    cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15",
+                    "geometry.lpca_scale=local"], sections=("geometry", "neighbours", "corpus"))
     from corpus_parts import split, write_parts
 
     from scanner.corpus.store import PartStore

@@ -242,8 +242,7 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
     if len(members):
         sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept[group[members]]])
     n_emb = len(emb_edges) - len(align_edges)
-    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges,
-                                                        emb_edges[:n_emb] if len(align_edges) else None))
+    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges, emb_edges[:n_emb]))
     return df.astype({"key": object, "link": object})
 
 

@@ -710,9 +710,9 @@ def section_manifolds(run: Run) -> str:
         return _section("manifolds", expl + _na("lid_flipd and lid_lpca both need values (local PCA needs "
                                                 "model-space vectors; a run without a model has none)"))
     lpca_low, margin = run.thresholds.get("lpca_low"), run.thresholds.get("gap_margin") or 0.0
-    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}), or in a group of byte copies, a flagged sample is "
-            "DD-Mem; otherwise, "
-            f"below the dotted line (<code>lid_gap_rel</code> &gt; {_fmt(margin)}) it is OD-Mem, above it it stays "
+    note = (f"Left of the dashed line (lid_lpca &lt; {_fmt(lpca_low)}), or in a group of byte copies, a flagged "
+            "sample is DD-Mem; otherwise, below the dotted line ("
+            f"<code>lid_gap_rel</code> &gt; {_fmt(margin)}) it is OD-Mem, above it it stays "
             "flagged without a class. "
             if lpca_low is not None else "")
     return _section("manifolds", expl + f'<img class="plot" src="{uri}" alt="LID scatter">'
