@@ -120,14 +120,11 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     return np.where(size[group] > 1, group, -1)
 
 
-def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray,
-               embedding_edges: np.ndarray | None = None) -> np.ndarray:
-    """What first linked each node: 'bytes', else 'phash', else 'embedding' (cosine >= dup_threshold), else
-    'aligned' (a candidate below it whose pixels agree: scanner.neighbours.align). embedding_edges None: every
-    node without a copy link is 'embedding'."""
-    link = np.full(n, "embedding" if embedding_edges is None else "aligned", dtype=object)
-    if embedding_edges is not None:
-        link[np.unique(np.asarray(embedding_edges, dtype=np.int64).reshape(-1, 2))] = "embedding"
+def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray, embedding_edges: np.ndarray) -> np.ndarray:
+    """What first linked each node: 'bytes', else 'phash', else 'embedding' (an edge of embedding_edges: cosine >=
+    dup_threshold), else 'aligned' (a candidate below it whose pixels agree: scanner.neighbours.align)."""
+    link = np.full(n, "aligned", dtype=object)
+    link[np.unique(np.asarray(embedding_edges, dtype=np.int64).reshape(-1, 2))] = "embedding"
     for edges, name in ((phash_edges, "phash"), (bytes_edges, "bytes")):  # bytes last: it wins
         e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
         link[np.unique(e)] = name
