@@ -17,12 +17,12 @@ examples:
   memscan demo --model latent --out runs/demo-latent
       the same with a tiny text-to-image Stable Diffusion trained here: CFG norm at each training caption,
       replications generated from training captions (about 20 minutes from scratch on 2 CPU cores)
-  memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --out runs/rescan
-      geometry scores + neighbours for every image; resumes where a killed run stopped (--config: a YAML
-      file, or the name of one shipped with memscan: demo, demo-latent, laion-sd15; copies to edit in configs/)
-  memscan scan --config demo --set model.path=runs/demo/model --set geometry.probes=8 --shards runs/demo/corpus/shards --out runs/probes8
-      override any config key on the command line (section.key=value)
-  memscan dedup --shards runs/demo/corpus/shards --out runs/dedup --threshold 0.95
+  memscan scan --config demo --shards 'runs/demo/corpus/shards/{00000..00005}.tar' --set model.path=runs/demo/model --set classify.calibration_shards=runs/demo/corpus/heldout --out runs/rescan
+      geometry scores + neighbours for every image; resumes where a killed run stopped. --config: a YAML
+      file, or the name of one shipped with memscan (demo, demo-latent, laion-sd15; copies to edit in
+      configs/); --set overrides any config key (section.key=value, e.g. --set geometry.probes=8); the
+      held-out shard calibrates the detector's cut to a 1 % false-positive rate
+  memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup --threshold 0.93
       duplicate groups and a removal list before training, no diffusion model needed
   RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x
       run on an existing Ray cluster (or: ray job submit --working-dir . -- python jobs/scan.py --config ...)
