@@ -14,12 +14,12 @@ log = logging.getLogger("memscan")
 # minutes on a laptop CPU (and in the tests); the scan, tables and report are real, the metrics mean little.
 QUICK_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 10, "n_oversampled": 2, "n_exact_dup_groups": 3,
                 "n_near_dup_groups": 3, "n_corrupt": 2, "n_no_caption": 3, "samples_per_shard": 40, "n_heldout": 100}
-QUICK_STEPS = 30  # demo-model optimizer steps
+QUICK_STEPS = 10  # demo-model optimizer steps
 # `memscan demo --dose`: 4 more groups at each of these copy counts (planted "dose"), for the dose-response
 DOSE_COPIES = (2, 4, 8, 16, 32)
-QUICK_OVERRIDES = ["neighbours.train_steps=30", "neighbours.generations=4", "neighbours.gen_steps=4",
+QUICK_OVERRIDES = ["neighbours.train_steps=10", "neighbours.generations=4", "neighbours.gen_steps=4",
                    "geometry.probes=2", "geometry.lpca_k=5"]
-QUICK_LATENT_STEPS = (20, 30)  # (VAE, UNet) steps of `memscan demo --model latent --quick`
+QUICK_LATENT_STEPS = (10, 10)  # (VAE, UNet) steps of `memscan demo --model latent --quick`
 # model kind -> (the corpus's caption mode, the shipped config the scan runs with)
 DEMO_MODELS = {"pixel": ("template", "demo"), "latent": ("unique", "demo-latent")}
 
