@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.calibrate import calibrated_cut, heldout_scores
+from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
 from scanner.columns import direction
 from scanner.config import config_from_dict
 from scanner.data.demo import build_demo_corpus
@@ -172,11 +172,19 @@ def render(runs: list[dict], fpr: float) -> str:
                            f"{k['repeated']['dd']:.3f} | {k['oversampled']['flagged']:.3f} / "
                            f"{k['oversampled']['od']:.3f} | {k['unique']['flagged']:.4f} / "
                            f"{k['unique']['any_class']:.4f} |")
-    out += ["", ("| run | detector | held-out images | scoring s | detector median: held-out / unique members | "
-                 "oversampled with LID_* < lpca_low (od ceiling) |"), "|---|---|---|---|---|---|"]
+    out += ["", (f"The calibrated cut's false-positive rate is itself an estimate: over draws of the held-out images "
+                 f"it lies in the interval below (95 %, scanner.calibrate.cut_fpr_interval: order statistics; part "
+                 f"of the seed-to-seed spread of the cuts above is this noise). By held-out set size, at "
+                 f"calibration_fpr {fpr:g}: "
+                 + "; ".join(f"{n:,} images {lo * 100:.2f}-{hi * 100:.2f} %" for n in (100, 500, 2000, 10000)
+                             for lo, hi in [cut_fpr_interval(n, fpr)]) + "."), "",
+            ("| run | detector | held-out images | FPR the cut applies, 95 % | scoring s | detector median: held-out / "
+             "unique members | oversampled with LID_* < lpca_low (od ceiling) |"), "|---|---|---|---|---|---|---|"]
     for r in runs:
         for col, d in r["detectors"].items():
-            out.append(f"| {Path(r['run']).name} | {col} | {d['heldout_images']} | {d['heldout_seconds']:.1f} | "
+            lo, hi = cut_fpr_interval(d["heldout_images"], fpr)
+            out.append(f"| {Path(r['run']).name} | {col} | {d['heldout_images']} | {lo * 100:.2f}-{hi * 100:.2f} % | "
+                       f"{d['heldout_seconds']:.1f} | "
                        f"{d['heldout_median']:.3f} / {d['unique_member_median']:.3f} | "
                        f"{r['oversampled_low_lid_star']:.2f} |")
     out += ["", ("Scoring cost of loss_cal (scanner.geometry.scores.compute_scores with the run's geometry config, "
@@ -191,12 +199,19 @@ def render(runs: list[dict], fpr: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="finished `memscan demo --out` folders")
+    ap.add_argument("--runs", type=Path, nargs="+", help="finished `memscan demo --out` folders")
     ap.add_argument("--fpr", type=float, default=0.01)
     ap.add_argument("--scan", default="scan", help="the scan folder inside each run (default: the demo's own)")
     ap.add_argument("--detectors", nargs="+", default=["score_norm_cal"], choices=sorted(FIXED))
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--render", action="store_true", help="rewrite cut.md from the results' cut.json, scoring nothing")
     a = ap.parse_args(argv)
+    if a.render:
+        done = json.loads((a.out / "cut.json").read_text())
+        (a.out / "cut.md").write_text(render(done["runs"], done["fpr"]))
+        return 0
+    if not a.runs:
+        ap.error("--runs is required (or --render)")
     runs = [one(r, a.fpr, a.scan, a.detectors) for r in a.runs]
     write_results(a.out, "cut", {"fpr": a.fpr, "runs": runs}, render(runs, a.fpr))
     return 0

@@ -217,11 +217,16 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
     vals = v[col]
     calibration = None
     if c.calibration_shards:
-        from scanner.calibrate import calibrated_cut, heldout_scores
+        from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
 
         held = heldout_scores(cfg)
         thr = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
-        calibration = {"fpr": c.calibration_fpr, "images": held["images"], "errors": held["errors"],
+        lo, hi = cut_fpr_interval(held["images"], c.calibration_fpr)
+        log.info("classify: the cut %.4g flags %g %% of the %d held-out images; the false-positive rate it applies "
+                 "to non-members lies in %.2f-%.2f %% (95 %%; more held-out images narrow it)", thr,
+                 c.calibration_fpr * 100, held["images"], lo * 100, hi * 100)
+        calibration = {"fpr": c.calibration_fpr, "fpr_interval": [lo, hi], "fpr_interval_level": 0.95,
+                       "images": held["images"], "errors": held["errors"],
                        "shards": held["shards"], "seconds": held["seconds"],
                        "median": float(np.median(held["values"])),
                        "flagged_share_of_corpus": float(np.mean(vals <= thr if c.direction == "low" else vals >= thr))

@@ -306,9 +306,10 @@ def test_a_calibrated_cut_is_explained_as_a_false_positive_rate(scan, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     summary["thresholds"].update({"quantile": None, "calibration": {
         "fpr": 0.01, "images": 500, "errors": 0, "shards": ["/data/heldout/00000.tar"], "seconds": 9.5,
-        "median": 0.9941, "flagged_share_of_corpus": 0.0397}})
+        "median": 0.9941, "flagged_share_of_corpus": 0.0397, "fpr_interval": [0.0033, 0.0232]}})
     (run / "summary.json").write_text(json.dumps(summary))
     text = write_report(run).read_text()
     assert "the cut that flags 1 % of 500 held-out images the model never trained on" in text
     assert "/data/heldout/00000.tar" in text and "It flags 3.97 % of this corpus" in text
+    assert "the rate it applies to non-members lies in 0.33–2.32 % (95 %" in text
     assert f"{facts['threshold']:.4g}" in text and "a fixed threshold from the config" not in text

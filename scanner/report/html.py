@@ -896,7 +896,10 @@ def _calibrated_cut(t: dict, detector: str, direction: str, thr: float) -> str:
             f"the cut that flags {_fmt(c['fpr'] * 100)} % of {c['images']} held-out images the model never trained on "
             f"(<code>classify.calibration_shards</code>: {escape(', '.join(c.get('shards') or []))}; their median "
             f"{_fmt(c.get('median'))}): a false-positive rate on non-members, so the cut means the same under any "
-            "model" + (f". It flags {_fmt(share * 100)} % of this corpus" if share is not None else ""))
+            "model" + (f". Estimated from {c['images']} images, the rate it applies to non-members lies in "
+                       f"{_fmt(c['fpr_interval'][0] * 100)}–{_fmt(c['fpr_interval'][1] * 100)} % (95 %; more held-out "
+                       "images narrow it)" if c.get("fpr_interval") else "")
+            + (f". It flags {_fmt(share * 100)} % of this corpus" if share is not None else ""))
 
 
 def section_thresholds(run: Run) -> str:
