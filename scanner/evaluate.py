@@ -134,6 +134,26 @@ def duplicates_by_edit(dups: pd.DataFrame, planted: pd.DataFrame) -> list[dict]:
     return out
 
 
+def removal_precision_recall(dups: pd.DataFrame, planted: pd.DataFrame) -> dict:
+    """The duplicate removals a user acts on, against the planted groups.
+
+    A removed member (keep False) is right when it and its group's kept member share a planted group: the image
+    it leaves in the corpus is a copy of it. Precision: right removals / removals. Recall: right removals / the
+    images a perfect list removes (each planted group's size minus one). Unlike pair precision, one stranger
+    joined to a group of 24 copies costs one removal here (or 24, if it is the one kept), not 24 pairs.
+    """
+    truth = dict(zip(planted["key"], planted["group_id"]))
+    kept = dups.loc[dups["keep"], ["group_id", "key"]].set_index("group_id")["key"]
+    removed = dups.loc[~dups["keep"], ["key", "group_id"]]
+    anchor = removed["group_id"].map(kept).map(truth)
+    mine = removed["key"].map(truth)
+    right = int((mine.notna() & anchor.notna() & (mine == anchor)).sum())
+    redundant = int((planted.groupby("group_id").size() - 1).sum()) if len(planted) else 0
+    return {"removal_precision": right / len(removed) if len(removed) else 1.0,
+            "removal_recall": right / redundant if redundant else 1.0,
+            "removed": len(removed), "removed_right": right, "redundant": redundant}
+
+
 def dose_response(scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     """Detection against the number of copies (a corpus built with dose_copies): per copy count, the share of
     images flagged at the run's threshold (verdict confirmed or suspected), classed dd / od, and the groups.
@@ -218,6 +238,7 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         planted = planted[planted["key"].isin(present)]
         metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
                                                       dict(zip(planted["key"], planted["group_id"])))
+        metrics["duplicates"].update(removal_precision_recall(dups, planted))
         by_edit = duplicates_by_edit(dups, planted)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
@@ -249,6 +270,9 @@ def format_metrics(metrics: dict) -> str:
         d = metrics["duplicates"]
         lines.append(f"duplicate pairs: precision {d.get('pair_precision', float('nan')):.4f}, "
                      f"recall {d.get('pair_recall', float('nan')):.4f}")
+        if "removal_precision" in d:
+            lines.append(f"duplicate removals: precision {d['removal_precision']:.4f} ({d['removed_right']} of "
+                         f"{d['removed']} removed), recall {d['removal_recall']:.4f} (of {d['redundant']})")
     for r in (metrics.get("duplicates") or {}).get("recall_by_edit", []):
         lines.append(f"duplicate recall, {r['planted']} / {r['edit']}: {r['recall']:.3f} ({r['members']} members)")
     if metrics.get("dose_response"):

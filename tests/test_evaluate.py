@@ -197,3 +197,24 @@ def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_pa
     assert "generations from verbatim captions: 1" in format_metrics(m)
     truth.drop(columns="caption_kind").to_parquet(tmp_path / "truth.parquet")
     assert "verbatim_vs_unique" not in evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["scores"]
+
+
+def test_removal_precision_counts_what_the_list_removes_not_pairs():
+    """A stranger joined to a group of copies is one wrong removal (pair precision counts it once per copy); a
+    stranger kept in place of the copies makes every removal of that group wrong."""
+    from scanner.evaluate import removal_precision_recall
+    from scanner.neighbours.dedup import pair_precision_recall
+
+    planted = pd.DataFrame({"key": [f"c{i}" for i in range(6)] + ["p", "q"], "group_id": [0] * 6 + [1, 1]})
+    # group 10: the six copies and stranger u, a copy kept; group 11: p and q, found; r, s alone in truth
+    dups = pd.DataFrame({"key": [f"c{i}" for i in range(6)] + ["u", "p", "q"],
+                         "group_id": [10] * 7 + [11, 11], "keep": [True] + [False] * 6 + [True, False]})
+    r = removal_precision_recall(dups, planted)
+    assert r == {"removal_precision": 6 / 7, "removal_recall": 1.0, "removed": 7, "removed_right": 6, "redundant": 6}
+    pairs = pair_precision_recall(dict(zip(dups.key, dups.group_id)), dict(zip(planted.key, planted.group_id)))
+    assert pairs["pair_precision"] == pytest.approx(16 / 22)  # the stranger costs 6 of 22 pairs
+    # the stranger kept: the six copies removed against it are all wrong, q still right
+    kept_u = dups.assign(keep=[False] * 6 + [True, True, False])
+    r = removal_precision_recall(kept_u, planted)
+    assert r["removed_right"] == 1 and r["removed"] == 7 and r["removal_recall"] == pytest.approx(1 / 6)
+    assert removal_precision_recall(dups.iloc[:0], planted)["removal_precision"] == 1.0
