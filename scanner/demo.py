@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -31,16 +32,21 @@ def _check_kind(kind: str) -> None:
 
 def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool = False,
                        captions: str = "template") -> Path:
-    from scanner.data.demo import build_demo_corpus
+    from scanner.data.demo import HELDOUT_IMAGES, build_demo_corpus
 
     corpus = out / "corpus"
     if (corpus / "truth.parquet").exists():
         params = json.loads((corpus / "demo_corpus.json").read_text()).get("params", {})
-        want = {"seed": seed, "dose_copies": list(DOSE_COPIES) if dose else None, "captions": captions}
+        want = {"seed": seed, "dose_copies": list(DOSE_COPIES) if dose else None, "captions": captions,
+                "quick": quick, "n_heldout": QUICK_CORPUS["n_heldout"] if quick else HELDOUT_IMAGES}
         have = {"seed": params.get("seed", 0), "dose_copies": params.get("dose_copies"),
-                "captions": params.get("captions", "template")}
-        if want != have:
+                "captions": params.get("captions", "template"),
+                "quick": params.get("n_unique") == QUICK_CORPUS["n_unique"],
+                "n_heldout": params.get("n_heldout", 500)}  # corpora built before 2026-11-30 held 500
+        if {**want, "n_heldout": None} != {**have, "n_heldout": None}:
             raise ValueError(f"{corpus} holds a demo corpus built with {have}, not {want}: use another --out")
+        if want["n_heldout"] != have["n_heldout"]:  # the corpus is the same for any n_heldout: only heldout/ changes
+            _rebuild_heldout(corpus, params, want["n_heldout"])
         log.info("demo corpus: cached at %s", corpus)
         return corpus
     t0 = time.time()
@@ -48,6 +54,31 @@ def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool
                       **({"dose_copies": DOSE_COPIES} if dose else {}))
     log.info("demo corpus: built in %.1f s at %s", time.time() - t0, corpus)
     return corpus
+
+
+def _rebuild_heldout(corpus: Path, params: dict, n_heldout: int) -> None:
+    """Give a cached demo corpus today's held-out shard: the corpus built again beside it with n_heldout, checked
+    byte for byte against the cached shards, and its heldout/ and manifest moved in (the model stays valid)."""
+    import filecmp
+    import shutil
+
+    from scanner.data.demo import build_demo_corpus
+
+    t0 = time.time()
+    tmp = corpus.parent / "corpus.heldout-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    build_demo_corpus(tmp, **{**kw, "n_heldout": n_heldout})
+    for f in sorted((corpus / "shards").glob("*.tar")):
+        if not filecmp.cmp(f, tmp / "shards" / f.name, shallow=False):
+            shutil.rmtree(tmp)
+            raise ValueError(f"{corpus}: {f.name} is not the shard this memscan builds for {params}: use another --out")
+    shutil.rmtree(corpus / "heldout", ignore_errors=True)
+    os.replace(tmp / "heldout", corpus / "heldout")
+    os.replace(tmp / "demo_corpus.json", corpus / "demo_corpus.json")
+    shutil.rmtree(tmp)
+    log.info("demo corpus: cached at %s; its held-out shard rebuilt with %d images (was %d) in %.1f s", corpus,
+             n_heldout, params.get("n_heldout", 500), time.time() - t0)
 
 
 def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, progress: bool = True,

@@ -1,6 +1,7 @@
 """The demo trainer on a tiny corpus and a tiny UNet: saves, reloads, learns, oversamples, is seeded."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -90,7 +91,42 @@ def test_a_cached_demo_corpus_of_another_seed_or_design_is_refused(tmp_path):
     out = tmp_path / "demo"
     corpus = ensure_demo_corpus(out, seed=1, quick=True)
     assert ensure_demo_corpus(out, seed=1, quick=True) == corpus  # cached
-    with pytest.raises(ValueError, match=r"built with \{'seed': 1, 'dose_copies': None, 'captions': 'template'\}, not \{'seed': 0"):
+    quick = "'quick': True, 'n_heldout': 100"
+    with pytest.raises(ValueError, match=r"built with \{'seed': 1, 'dose_copies': None, 'captions': 'template', "
+                       + quick + r"\}, not \{'seed': 0"):
         ensure_demo_corpus(out, seed=0, quick=True)
-    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\], 'captions': 'template'\}: use another --out"):
+    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\], 'captions': 'template', "
+                       + quick + r"\}: use another --out"):
         ensure_demo_corpus(out, seed=1, quick=True, dose=True)
+    # the quick corpus is not the full demo's
+    with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': None, 'captions': 'template', 'quick': "
+                       r"False, 'n_heldout': 2000\}"):
+        ensure_demo_corpus(out, seed=1)
+
+
+def test_a_cached_corpus_with_another_heldout_size_gets_a_new_heldout_shard_and_keeps_its_shards(tmp_path,
+                                                                                               monkeypatch):
+    """Corpora cached before the held-out set grew (500 images, no n_heldout recorded): the corpus and so the
+    model stay valid, only heldout/ is rebuilt at today's size; shards that are not this memscan's are refused."""
+    from scanner import demo
+
+    monkeypatch.setitem(demo.QUICK_CORPUS, "n_heldout", 40)
+    out = tmp_path / "demo"
+    old = build_demo_corpus(out / "corpus", seed=1, **{**demo.QUICK_CORPUS, "n_heldout": 25})
+    params = json.loads(old.manifest.read_text())["params"]
+    del params["n_heldout"]  # as an older memscan wrote it; read as 500
+    old.manifest.write_text(json.dumps({**json.loads(old.manifest.read_text()), "params": params}))
+    before = {f.name: f.read_bytes() for f in old.shards}
+    assert demo.ensure_demo_corpus(out, seed=1, quick=True) == out / "corpus"
+    assert {f.name: f.read_bytes() for f in old.shards} == before
+    manifest = json.loads(old.manifest.read_text())
+    assert manifest["params"]["n_heldout"] == 40 and manifest["heldout"]["n_images"] == 40
+    with tarfile.open(out / "corpus" / "heldout" / "00000.tar") as tf:
+        assert len([m for m in tf.getnames() if m.endswith(".jpg")]) == 40
+    assert not (out / "corpus.heldout-tmp").exists()
+    # a shard this memscan would not build: refused, nothing replaced
+    monkeypatch.setitem(demo.QUICK_CORPUS, "n_heldout", 30)
+    old.shards[0].write_bytes(b"not the demo's shard")
+    with pytest.raises(ValueError, match="is not the shard this memscan builds"):
+        demo.ensure_demo_corpus(out, seed=1, quick=True)
+    assert json.loads(old.manifest.read_text())["params"]["n_heldout"] == 40

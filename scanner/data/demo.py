@@ -36,6 +36,9 @@ from PIL import Image
 
 from scanner.files import atomic_write_parquet, write_json
 
+# held-out images (non-members) for the detector's cut: the 1 % quantile of 500 applies a false-positive rate anywhere
+# in 0.33-2.32 % (95 %), of 2,000 in 0.61-1.54 % (scanner.calibrate.cut_fpr_interval, benchmarks/results/cut.md)
+HELDOUT_IMAGES = 2000
 PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption", "dose")
 
 # Photos shipped with scikit-image / scikit-learn that load offline, and what they show (for captions).
@@ -314,7 +317,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
                       truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
                       dose_groups: int = 4, captions: str = "template",
-                      near_dup_edits: tuple[str, ...] = COPY_EDITS, n_heldout: int = 500) -> DemoCorpus:
+                      near_dup_edits: tuple[str, ...] = COPY_EDITS, n_heldout: int = HELDOUT_IMAGES) -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -361,7 +364,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
               "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {}),
               **({"captions": captions} if captions != "template" else {}),
               **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != COPY_EDITS else {}),
-              **({"n_heldout": n_heldout} if n_heldout != 500 else {})}
+              "n_heldout": n_heldout}
     rng = np.random.default_rng(seed)
     tag_rng = np.random.default_rng([seed, 0xCA97])
 

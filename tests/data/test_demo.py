@@ -11,7 +11,8 @@ from PIL import Image
 from scanner.data.demo import PLANTED, build_demo_corpus
 
 TINY = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversampled": 3, "n_exact_dup_groups": 3,
-        "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "samples_per_shard": 40, "seed": 1}
+        "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "samples_per_shard": 40, "seed": 1,
+        "n_heldout": 300}
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +170,10 @@ def test_heldout_images_lie_outside_the_corpus_and_leave_it_unchanged(corpus, tm
     import numpy as np
 
     held, err = read_shard(corpus.out_dir / "heldout" / "00000.tar")
-    assert err is None and len(held) == 500
+    assert err is None and len(held) == 300
     assert all(set(m) == {"jpg", "txt", "json"} for m in held.values())
     manifest = json.loads(corpus.manifest.read_text())
-    assert manifest["heldout"] == {"shards": ["heldout/00000.tar"], "n_images": 500}
+    assert manifest["heldout"] == {"shards": ["heldout/00000.tar"], "n_images": 300}
 
     def small(data):
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((8, 8), Image.Resampling.BOX),
