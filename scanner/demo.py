@@ -30,8 +30,12 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"the demo model must be one of {sorted(DEMO_MODELS)}, got {kind!r}")
 
 
-def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool = False,
+def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool | None = False, dose: bool = False,
                        captions: str = "template") -> Path:
+    """out/corpus, built when missing; a cached one must be of this seed, dose and caption mode, and (quick not None)
+    of this size: the quick corpus with QUICK_CORPUS's held-out set, or the full one with HELDOUT_IMAGES (another
+    held-out size is rebuilt in place). quick None takes a cached corpus of either size (train-demo trains on what
+    is there) and builds the full one."""
     from scanner.data.demo import HELDOUT_IMAGES, build_demo_corpus
 
     corpus = out / "corpus"
@@ -43,6 +47,8 @@ def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool = False, dose: bool
                 "captions": params.get("captions", "template"),
                 "quick": params.get("n_unique") == QUICK_CORPUS["n_unique"],
                 "n_heldout": params.get("n_heldout", 500)}  # corpora built before 2026-11-30 held 500
+        if quick is None:
+            want.update(quick=have["quick"], n_heldout=have["n_heldout"])
         if {**want, "n_heldout": None} != {**have, "n_heldout": None}:
             raise ValueError(f"{corpus} holds a demo corpus built with {have}, not {want}: use another --out")
         if want["n_heldout"] != have["n_heldout"]:  # the corpus is the same for any n_heldout: only heldout/ changes
@@ -82,7 +88,8 @@ def _rebuild_heldout(corpus: Path, params: dict, n_heldout: int) -> None:
 
 
 def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, progress: bool = True,
-                      steps: int | None = None, quick: bool = False, dose: bool = False, kind: str = "pixel") -> Path:
+                      steps: int | None = None, quick: bool | None = False, dose: bool = False,
+                      kind: str = "pixel") -> Path:
     """out/model, trained on out/corpus (built first with `seed` if missing) unless a finished model is there.
 
     Training runs `steps` seeded optimizer steps (None: DEMO_STEPS, or QUICK_STEPS with `quick`), so every

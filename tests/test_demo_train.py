@@ -98,6 +98,7 @@ def test_a_cached_demo_corpus_of_another_seed_or_design_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': \[2, 4, 8, 16, 32\], 'captions': 'template', "
                        + quick + r"\}: use another --out"):
         ensure_demo_corpus(out, seed=1, quick=True, dose=True)
+    assert ensure_demo_corpus(out, seed=1, quick=None) == corpus  # train-demo: whatever size is cached
     # the quick corpus is not the full demo's
     with pytest.raises(ValueError, match=r"not \{'seed': 1, 'dose_copies': None, 'captions': 'template', 'quick': "
                        r"False, 'n_heldout': 2000\}"):

@@ -109,7 +109,7 @@ SD_SIZES = ["--set", "data.resolution=16", "--set", "neighbours.image_size=32", 
 SIZES = {"scan": ["--set", "geometry.probes=1", "--set", "neighbours.train_steps=10", "--set",
                   "neighbours.generations=2", "--set", "neighbours.gen_steps=2", "--no-progress"],
          "dedup": ["--train-steps", "10", "--no-progress"],
-         "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20"],
+         "train-embedder": ["--steps", "5"], "train-demo": ["--steps", "3"], "build-demo-corpus": ["--n-unique", "20", "--n-heldout", "50"],
          "demo": ["--quick", "--no-progress"]}
 
 
