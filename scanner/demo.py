@@ -83,7 +83,7 @@ def _rebuild_heldout(corpus: Path, params: dict, n_heldout: int) -> None:
     os.replace(tmp / "heldout", corpus / "heldout")
     os.replace(tmp / "demo_corpus.json", corpus / "demo_corpus.json")
     shutil.rmtree(tmp)
-    log.info("demo corpus: cached at %s; its held-out shard rebuilt with %d images (was %d) in %.1f s", corpus,
+    log.info("demo corpus: its held-out shard rebuilt with %d images (was %d) in %.1f s, the shards unchanged",
              n_heldout, params.get("n_heldout", 500), time.time() - t0)
 
 
