@@ -30,67 +30,54 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.evaluate import evaluate
+from scanner.data.demo import _iou as crop_iou
+from scanner.data.shards import iter_tar_samples
+from scanner.evaluate import evaluate, removals_against_truth
 
 COLUMNS = ["loss_cal", "score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]
 
 
 def _sources(demo: Path) -> dict[str, str]:
     """key -> the base image it was drawn from (KEY.json's `source`: 'sklearn:digits#12', 'skimage:camera[y0:y1,x0:x1]')."""
-    import tarfile
-
     out = {}
     for path in sorted((demo / "corpus" / "shards").glob("*.tar")):
-        try:
-            with tarfile.open(path) as tf:
-                for m in tf:
-                    if m.name.endswith(".json"):
-                        meta = json.loads(tf.extractfile(m).read())
-                        out[meta["key"]] = meta.get("source") or ""
-        except (tarfile.TarError, OSError, ValueError):  # the truncated shard: what was read is kept
-            continue
+        for sample in iter_tar_samples(str(path)):  # the truncated shard: the samples before the damage
+            if sample["json"]:
+                out[sample["key"]] = json.loads(sample["json"]).get("source") or ""
     return out
 
 
-def _crop(source: str) -> tuple[str, tuple[int, ...]] | None:
+def _crop(source: str) -> tuple[str, tuple[int, int, int]] | None:
+    """'skimage:camera[y:y+side,x:x+side]' -> ('skimage:camera', (y, x, side)), the builder's box."""
     import re
 
     m = re.match(r"^(.*)\[(\d+):(\d+),(\d+):(\d+)\]$", source)
-    return (m.group(1), tuple(int(v) for v in m.groups()[1:])) if m else None
-
-
-def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    h = max(0, min(a[1], b[1]) - max(a[0], b[0]))
-    w = max(0, min(a[3], b[3]) - max(a[2], b[2]))
-    inter = h * w
-    return inter / ((a[1] - a[0]) * (a[3] - a[2]) + (b[1] - b[0]) * (b[3] - b[2]) - inter)
+    if not m:
+        return None
+    y0, y1, x0, _ = (int(v) for v in m.groups()[1:])
+    return m.group(1), (y0, x0, y1 - y0)
 
 
 def wrong_removals(demo: Path, scan: str) -> dict:
-    """The duplicate removals the planted truth calls wrong (removed, but not in its kept image's planted group), by
-    what the two images are: crops of one photo that overlap (IoU > 0; the builder allows up to 0.3, and the
-    embedder is trained to match crops), crops of one photo apart, two samples of one dataset (8x8 digits, faces
-    of LFW), or images of different sources."""
-    dups = pd.read_parquet(demo / scan / "duplicates.parquet")
-    truth = pd.read_parquet(demo / "corpus" / "truth.parquet")
-    group = dict(zip(truth["key"], truth["group_id"]))
-    kept = dups.loc[dups["keep"], ["group_id", "key"]].set_index("group_id")["key"]
+    """The duplicate removals the planted truth calls wrong (evaluate.removals_against_truth), by what the two
+    images are: crops of one photo that overlap (IoU > 0; the builder allows up to 0.3, and the embedder is
+    trained to match crops), crops of one photo apart, two samples of one dataset (8x8 digits, faces of LFW), or
+    images of different sources."""
+    removed = removals_against_truth(pd.read_parquet(demo / scan / "duplicates.parquet"),
+                                     pd.read_parquet(demo / "corpus" / "truth.parquet"))
     src = _sources(demo)
     kinds: dict[str, int] = {}
-    for key, gid in zip(dups.loc[~dups["keep"], "key"], dups.loc[~dups["keep"], "group_id"]):
-        anchor = kept[gid]
-        if pd.notna(group.get(key)) and pd.notna(group.get(anchor)) and group[key] == group[anchor]:
-            continue
+    for key, anchor in zip(removed.loc[~removed["right"], "key"], removed.loc[~removed["right"], "kept"]):
         a, b = src.get(key, ""), src.get(anchor, "")
         ca, cb = _crop(a), _crop(b)
         if ca and cb and ca[0] == cb[0]:
-            kind = "crops of one photo, overlapping" if _iou(ca[1], cb[1]) > 0 else "crops of one photo, apart"
+            kind = "crops of one photo, overlapping" if crop_iou(ca[1], cb[1]) > 0 else "crops of one photo, apart"
         elif a.split("#")[0] == b.split("#")[0] and "#" in a:
             kind = f"two samples of {a.split('#')[0]}"
         else:
             kind = "different sources"
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"removed": int((~dups["keep"]).sum()), "wrong": sum(kinds.values()), "by_kind": kinds}
+    return {"removed": len(removed), "wrong": sum(kinds.values()), "by_kind": kinds}
 
 
 def one(demo: Path, scan: str = "scan") -> dict:

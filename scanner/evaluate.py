@@ -134,20 +134,28 @@ def duplicates_by_edit(dups: pd.DataFrame, planted: pd.DataFrame) -> list[dict]:
     return out
 
 
-def removal_precision_recall(dups: pd.DataFrame, planted: pd.DataFrame) -> dict:
-    """The duplicate removals a user acts on, against the planted groups.
-
-    A removed member (keep False) is right when it and its group's kept member share a planted group: the image
-    it leaves in the corpus is a copy of it. Precision: right removals / removals. Recall: right removals / the
-    images a perfect list removes (each planted group's size minus one). Unlike pair precision, one stranger
-    joined to a group of 24 copies costs one removal here (or 24, if it is the one kept), not 24 pairs.
-    """
+def removals_against_truth(dups: pd.DataFrame, planted: pd.DataFrame) -> pd.DataFrame:
+    """Every removed member (keep False) with its group's kept member (`kept`) and whether the removal is right:
+    both in one planted group (planted: key, group_id; keys absent or with a null group_id are in none), so the
+    image it leaves in the corpus is a copy of it."""
     truth = dict(zip(planted["key"], planted["group_id"]))
     kept = dups.loc[dups["keep"], ["group_id", "key"]].set_index("group_id")["key"]
     removed = dups.loc[~dups["keep"], ["key", "group_id"]]
-    anchor = removed["group_id"].map(kept).map(truth)
-    mine = removed["key"].map(truth)
-    right = int((mine.notna() & anchor.notna() & (mine == anchor)).sum())
+    out = pd.DataFrame({"key": removed["key"].to_numpy(), "kept": removed["group_id"].map(kept).to_numpy()})
+    mine, theirs = out["key"].map(truth), out["kept"].map(truth)
+    out["right"] = (mine.notna() & theirs.notna() & (mine == theirs)).to_numpy(bool)
+    return out
+
+
+def removal_precision_recall(dups: pd.DataFrame, planted: pd.DataFrame) -> dict:
+    """The duplicate removals a user acts on, against the planted groups (removals_against_truth).
+
+    Precision: right removals / removals. Recall: right removals / the images a perfect list removes (each
+    planted group's size minus one). Unlike pair precision, one stranger joined to a group of 24 copies costs
+    one removal here (or 24, if it is the one kept), not 24 pairs.
+    """
+    removed = removals_against_truth(dups, planted)
+    right = int(removed["right"].sum())
     redundant = int((planted.groupby("group_id").size() - 1).sum()) if len(planted) else 0
     return {"removal_precision": right / len(removed) if len(removed) else 1.0,
             "removal_recall": right / redundant if redundant else 1.0,
