@@ -18,7 +18,6 @@ The FPR (1 %, the usual membership-inference operating point) was fixed on demo 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from results_file import write_results
 from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
 from scanner.columns import direction
 from scanner.config import config_from_dict
-from scanner.data.demo import build_demo_corpus
+from scanner.data.demo import HELDOUT_IMAGES, build_demo_corpus_again
 from scanner.finalize import classify, copy_groups
 
 KINDS = ("repeated", "oversampled", "unique")
@@ -50,16 +49,10 @@ LID_KEYS = ("lid_medians", "lid_flipd_typical", "lpca_scale", "lpca_alpha", "lpc
 
 def heldout_for(run: Path, tmp: Path) -> Path:
     """The held-out shard of run's corpus, built again; refuses when the corpus would not be the same."""
-    params = json.loads((run / "corpus" / "demo_corpus.json").read_text())["params"]
-    kw = {k: params[k] for k in ("seed", "n_unique", "n_repeated", "repeat_copies", "n_oversampled",
-                                 "n_exact_dup_groups", "n_near_dup_groups", "n_corrupt", "n_no_caption", "size",
-                                 "samples_per_shard", "truncate_last_shard")}
-    kw.update({k: tuple(params[k]) if isinstance(params[k], list) else params[k]
-               for k in ("dose_copies", "dose_groups", "captions", "near_dup_edits") if k in params})
-    build_demo_corpus(tmp, **kw)
-    for f in sorted((run / "corpus" / "shards").glob("*.tar")):
-        if not filecmp.cmp(f, tmp / "shards" / f.name, shallow=False):
-            raise SystemExit(f"{f} differs from the corpus built again: not the corpus this memscan builds")
+    try:
+        build_demo_corpus_again(run / "corpus", tmp, n_heldout=HELDOUT_IMAGES)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return tmp / "heldout"
 
 

@@ -65,24 +65,22 @@ def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool | None = False, dos
 def _rebuild_heldout(corpus: Path, params: dict, n_heldout: int) -> None:
     """Give a cached demo corpus today's held-out shard: the corpus built again beside it with n_heldout, checked
     byte for byte against the cached shards, and its heldout/ and manifest moved in (the model stays valid)."""
-    import filecmp
     import shutil
 
-    from scanner.data.demo import build_demo_corpus
+    from scanner.data.demo import build_demo_corpus_again
 
     t0 = time.time()
     tmp = corpus.parent / "corpus.heldout-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    build_demo_corpus(tmp, **{**kw, "n_heldout": n_heldout})
-    for f in sorted((corpus / "shards").glob("*.tar")):
-        if not filecmp.cmp(f, tmp / "shards" / f.name, shallow=False):
-            shutil.rmtree(tmp)
-            raise ValueError(f"{corpus}: {f.name} is not the shard this memscan builds for {params}: use another --out")
-    shutil.rmtree(corpus / "heldout", ignore_errors=True)
-    os.replace(tmp / "heldout", corpus / "heldout")
-    os.replace(tmp / "demo_corpus.json", corpus / "demo_corpus.json")
-    shutil.rmtree(tmp)
+    try:
+        build_demo_corpus_again(corpus, tmp, n_heldout=n_heldout)
+        shutil.rmtree(corpus / "heldout", ignore_errors=True)
+        os.replace(tmp / "heldout", corpus / "heldout")
+        os.replace(tmp / "demo_corpus.json", corpus / "demo_corpus.json")
+    except ValueError as e:
+        raise ValueError(f"{e}: use another --out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("demo corpus: its held-out shard rebuilt with %d images (was %d) in %.1f s, the shards unchanged",
              n_heldout, params.get("n_heldout", 500), time.time() - t0)
 

@@ -481,6 +481,22 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_readable=cut_at, truncated_shard=truncated, params=params)
 
 
+def build_demo_corpus_again(corpus: str | Path, out_dir: str | Path, **override) -> DemoCorpus:
+    """The demo corpus in `corpus` built again into out_dir from its demo_corpus.json params (with `override`, e.g.
+    another n_heldout: the shards do not depend on it). Raises ValueError naming the first shard that differs
+    byte for byte from corpus/shards: not a corpus this memscan builds."""
+    import filecmp
+
+    corpus = Path(corpus)
+    params = json.loads((corpus / "demo_corpus.json").read_text())["params"]
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    again = build_demo_corpus(out_dir, **{**kw, **override})
+    for f in sorted((corpus / "shards").glob("*.tar")):
+        if not filecmp.cmp(f, Path(out_dir) / "shards" / f.name, shallow=False):
+            raise ValueError(f"{corpus}: {f.name} is not the shard this memscan builds for {params}")
+    return again
+
+
 def _write_heldout(out: Path, n: int, size: int, seed: int, distinct: _Distinct, captions: str) -> Path | None:
     """n held-out images (see build_demo_corpus) in out/00000.tar, with a caption and a .json each."""
     for old in out.glob("*.tar"):
