@@ -221,11 +221,12 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
 
         held = heldout_scores(cfg)
         thr = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
-        lo, hi = cut_fpr_interval(held["images"], c.calibration_fpr)
+        level = 0.95
+        lo, hi = cut_fpr_interval(held["images"], c.calibration_fpr, level)
         log.info("classify: the cut %.4g flags %g %% of the %d held-out images; the false-positive rate it applies "
-                 "to non-members lies in %.2f-%.2f %% (95 %%; more held-out images narrow it)", thr,
-                 c.calibration_fpr * 100, held["images"], lo * 100, hi * 100)
-        calibration = {"fpr": c.calibration_fpr, "fpr_interval": [lo, hi], "fpr_interval_level": 0.95,
+                 "to non-members lies in %.2f-%.2f %% (%g %%; more held-out images narrow it)", thr,
+                 c.calibration_fpr * 100, held["images"], lo * 100, hi * 100, level * 100)
+        calibration = {"fpr": c.calibration_fpr, "fpr_interval": [lo, hi], "fpr_interval_level": level,
                        "images": held["images"], "errors": held["errors"],
                        "shards": held["shards"], "seconds": held["seconds"],
                        "median": float(np.median(held["values"])),
