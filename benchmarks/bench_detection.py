@@ -28,7 +28,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from results_file import write_results
+from results_file import machine, write_results
 
 from scanner.data.demo import _iou as crop_iou
 from scanner.data.shards import iter_tar_samples
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dose", type=Path, help="a `memscan demo --dose` directory: adds the dose-response table")
     ap.add_argument("--scan", default="scan", help="the scan folder inside each demo (default: the demo's own)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="detection", help="results/NAME.{md,json} (another machine's runs: another name)")
     a = ap.parse_args(argv)
     runs = sorted((one(d, a.scan) for d in a.demos), key=lambda r: r["seed"])
     dose = None
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         d = one(a.dose, a.scan)
         dose = {**d, "dose_response": evaluate(a.dose / a.scan, a.dose / "corpus" / "truth.parquet", write=False,
                                                n_boot=0).get("dose_response", [])}
-    write_results(a.out, "detection", {"runs": runs, "dose": dose}, render(runs, dose))
+    write_results(a.out, a.name, {"runs": runs, "dose": dose, "machine": machine()}, render(runs, dose))
     return 0
 
 

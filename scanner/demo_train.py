@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from scanner.files import write_json
+from scanner.procfs import machine
 
 log = logging.getLogger("memscan")
 
@@ -165,7 +166,7 @@ class Fit:
                 "cpu_s_per_step": round(self.cpu_s / n, 4),
                 "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
                 "loss_curve": [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)],
-                "loss_curve_window": window}
+                "loss_curve_window": window, "machine": machine()}
 
 
 def progress_bar(progress: bool, total: int, desc: str):

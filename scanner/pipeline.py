@@ -26,6 +26,7 @@ from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
 from scanner.errors import ConfigError, ScanIncomplete
 from scanner.files import write_json
+from scanner.procfs import machine
 from scanner.progress import ShardProgress
 from scanner.raystart import start_ray
 from scanner.stages.base import READ_CPUS, apply, plan
@@ -188,6 +189,7 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
                             **summary.get("timings_s", {}), "total": round(time.time() - t0, 1)}
     summary["resume"] = {"shards": len(shards), "done_this_run": stages["done"]}
     summary["versions"] = versions()
+    summary["machine"] = machine(threads=False)  # the scoring actors' threads are Ray's to set, not the driver's
     summary["config"] = cfg.to_dict()
     write_json(summary, out / "summary.json")
     from scanner.report.html import write_report

@@ -1,4 +1,5 @@
-"""Linux /proc: this process's memory (memory_mb, for summary.json), and the process tree below a pid: which
+"""Linux /proc: this process's memory (memory_mb, for summary.json), the machine a run's numbers depend on
+(machine, for summary.json and train_info.json), and the process tree below a pid: which
 Ray processes (raylet, workers, actors) a memscan process started. Used by the fault tests (kill a scoring worker) and benchmarks/bench_scale.py
 (memory of every process of a scan)."""
 
@@ -35,4 +36,27 @@ def memory_mb() -> dict:
                 out["rss" if line.startswith("VmRSS") else "peak"] = round(int(line.split()[1]) / 1024, 1)
     except (OSError, ValueError):
         pass
+    return out
+
+
+def machine(threads: bool = True) -> dict:
+    """What decides whether two runs agree bit for bit: the CPU, its core count, the vector instructions torch's CPU
+    kernels use and (threads=True) this process's torch threads. A seeded run repeats itself exactly on one machine;
+    another thread count or CPU capability changes a model's weights within 60 training steps
+    (benchmarks/results/repro.md)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    out = {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    if threads:
+        out["torch_threads"] = torch.get_num_threads()
     return out

@@ -38,6 +38,9 @@ def test_saves_and_reloads_with_from_pretrained(trained, corpus):
     assert unet(x, torch.tensor([10, 500])).sample.shape == x.shape
     info = json.loads((trained / "train_info.json").read_text())
     assert info["steps"] == 40 and info["resolution"] == 8
+    # what decides whether another machine trains these same weights (results/repro.md)
+    assert info["machine"]["torch_threads"] == TINY_MODEL["num_threads"]  # the training's threads, not the default
+    assert info["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     import pandas as pd
 
     truth = pd.read_parquet(corpus.truth)

@@ -4,6 +4,7 @@ checkpoint: the files it promises, replications in a scan, and the embed stage a
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pandas as pd
 
@@ -42,6 +43,7 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_c
     assert summary["counts"]["errors"] == len(errors) and nb["index"]["kind"] == "exact"
     assert nb["embedder"]["trained_on_this_corpus"] is False
     assert set(summary["stages"]) == {"read", "embed"}  # no model: no score stage
+    assert summary["machine"]["cores"] == os.cpu_count() and "torch_threads" not in summary["machine"]
     assert summary["stages"]["read"]["error_rows"] == len(errors) - 1
     # a second run reads no shard again and gives the same groups
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")}
