@@ -145,16 +145,20 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
         out += ["", "Cells: AUROC (95 % interval); TPR at 1 % / 0.1 % FPR.", ""]
     out += ["## Classes (the manifold memorization hypothesis, classify.* defaults)", "",
             ("| seed | steps | detector, cut | lid_flipd in [0, D] | repeated -> dd | oversampled -> od | oversampled -> dd | "
-            "unique given any class | duplicate pairs P / R | duplicate removals P / R |"),
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "unique given any class | duplicate pairs P / R | pairs of distinct bytes P / R | duplicate removals P / R |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, d = r["classes"], r["duplicates"] or {}
+        ni = d.get("non_identical") or {}  # byte copies left out (runs evaluated before it: nan)
         cut = f"{r.get('detector')} <= {r['cut']:.3f} ({r.get('cut_from')})" if r.get("cut") is not None else "–"
         out.append(f"| {r['seed']}{' (tuning)' if r['seed'] == 0 else ''} | {r['model_steps']} | {cut} | "
                    f"{r['lid_flipd_in_range']:.3f} | {c['repeated_dd']:.3f} | {c['oversampled_od']:.3f} | "
                    f"{c['oversampled_dd']:.3f} | {c['unique_any']:.4f} | "
                    f"{d.get('pair_precision', float('nan')):.4f} / {d.get('pair_recall', float('nan')):.4f} | "
+                   f"{ni.get('pair_precision', float('nan')):.4f} / {ni.get('pair_recall', float('nan')):.4f} | "
                    f"{d.get('removal_precision', float('nan')):.4f} / {d.get('removal_recall', float('nan')):.4f} |")
+    out += ["", ("Pairs of distinct bytes: the duplicate pairs with every byte-identical pair left out, the ones a "
+                 "byte hash cannot find (nan: a run recorded before memscan evaluate counted them).")]
     edits = sorted({(e["planted"], e["edit"]) for r in runs for e in (r["duplicates"] or {}).get("recall_by_edit", [])})
     if edits:
         out += ["", "## Duplicate recall per planted kind and edit", "",

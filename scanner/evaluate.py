@@ -214,6 +214,19 @@ def replication_by_caption(reps: pd.DataFrame, scores: pd.DataFrame, truth: pd.D
              "replicated_own_image": float(g["own"].mean())} for k, g in df.groupby("kind")]
 
 
+def _content_hashes(out: Path) -> dict[str, str]:
+    """key -> sha256 of the image bytes, from the scan's part files ({} without them)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((out / "parts").glob("*.parquet"))
+    frames = [pd.read_parquet(f, columns=["key", "sha256"]) for f in parts
+              if {"key", "sha256"} <= set(pq.ParquetFile(f).schema_arrow.names)]
+    if not frames:
+        return {}
+    df = pd.concat(frames, ignore_index=True).dropna()
+    return dict(zip(df["key"], df["sha256"]))
+
+
 def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
     """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
     replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json)."""
@@ -247,6 +260,10 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
                                                       dict(zip(planted["key"], planted["group_id"])))
         metrics["duplicates"].update(removal_precision_recall(dups, planted))
+        sha = _content_hashes(out)
+        if sha:  # the pairs a byte hash cannot find: the embedder's and the pixel check's share of the work
+            metrics["duplicates"]["non_identical"] = pair_precision_recall(
+                dict(zip(dups["key"], dups["group_id"])), dict(zip(planted["key"], planted["group_id"])), content=sha)
         by_edit = duplicates_by_edit(dups, planted)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
@@ -278,6 +295,10 @@ def format_metrics(metrics: dict) -> str:
         d = metrics["duplicates"]
         lines.append(f"duplicate pairs: precision {d.get('pair_precision', float('nan')):.4f}, "
                      f"recall {d.get('pair_recall', float('nan')):.4f}")
+        if "non_identical" in d:
+            ni = d["non_identical"]
+            lines.append(f"duplicate pairs of distinct bytes: precision {ni['pair_precision']:.4f}, recall "
+                         f"{ni['pair_recall']:.4f} ({ni['true_pairs']} true pairs)")
         if "removal_precision" in d:
             lines.append(f"duplicate removals: precision {d['removal_precision']:.4f} ({d['removed_right']} of "
                          f"{d['removed']} removed), recall {d['removal_recall']:.4f} (of {d['redundant']})")

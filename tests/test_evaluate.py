@@ -161,6 +161,12 @@ def test_dose_groups_are_planted_duplicates(tmp_path):
     truth.to_parquet(tmp_path / "truth.parquet")
     d = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["duplicates"]
     assert d["pair_precision"] == 1.0 and d["pair_recall"] == 1.0
+    assert "non_identical" not in d  # no part files: no byte hashes
+    # a and b are byte copies (left out of the non-identical pairs), c and d two encodings of one picture
+    (tmp_path / "parts").mkdir()
+    pd.DataFrame({"key": keys, "sha256": ["h0", "h0", "h1", "h2", "h3"]}).to_parquet(tmp_path / "parts" / "00000.parquet")
+    ni = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)["duplicates"]["non_identical"]
+    assert (ni["true_pairs"], ni["predicted_pairs"], ni["correct_pairs"]) == (1, 1, 1)
 
 
 def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_path):

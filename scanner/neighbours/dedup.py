@@ -251,18 +251,30 @@ def duplicate_removals(dups: pd.DataFrame, shard_of: dict[str, str] | None = Non
                          "reason": "duplicate"})
 
 
-def pair_precision_recall(pred: dict[str, object], truth: dict[str, object]) -> dict:
+def pair_precision_recall(pred: dict[str, object], truth: dict[str, object],
+                          content: dict[str, object] | None = None) -> dict:
     """Pair-level precision/recall of predicted groups against true groups.
 
     pred / truth: key -> group id for keys in a group (keys absent or mapped to None are singletons).
     A pair of keys is positive when both share a group. Counted from group sizes, not enumerated.
+    content: key -> the bytes' hash (sha256); with it, pairs of byte-identical keys are left out of every count:
+    the non-identical pairs, the ones a byte hash cannot find (keys without a hash count as distinct bytes).
     """
     def pairs(c):
         return sum(v * (v - 1) // 2 for v in c.values())
 
+    def same(k):
+        h = content.get(k) if content is not None else None
+        return ("bytes", h) if isinstance(h, str) and h else ("key", k)
+
     p = {k: g for k, g in pred.items() if g is not None}
     t = {k: g for k, g in truth.items() if g is not None and not (isinstance(g, float) and np.isnan(g))}
-    tp = pairs(Counter((p[k], t[k]) for k in p.keys() & t.keys()))
+    both = p.keys() & t.keys()
+    tp = pairs(Counter((p[k], t[k]) for k in both))
     n_pred, n_true = pairs(Counter(p.values())), pairs(Counter(t.values()))
+    if content is not None:  # minus the byte-identical pairs inside each group (and inside each agreeing pair)
+        tp -= pairs(Counter((p[k], t[k], same(k)) for k in both))
+        n_pred -= pairs(Counter((g, same(k)) for k, g in p.items()))
+        n_true -= pairs(Counter((g, same(k)) for k, g in t.items()))
     return {"pair_precision": tp / n_pred if n_pred else 1.0, "pair_recall": tp / n_true if n_true else 1.0,
             "true_pairs": n_true, "predicted_pairs": n_pred, "correct_pairs": tp}

@@ -100,6 +100,23 @@ def test_pair_precision_recall_counts_pairs():
     assert split["pair_precision"] == 1.0 and split["pair_recall"] == pytest.approx(0.5)
 
 
+def test_pair_precision_recall_over_non_identical_pairs_leaves_byte_copies_out():
+    # a, b and c are one picture, a and b byte-identical; d is a stranger the prediction joined to them
+    truth = {"a": 1, "b": 1, "c": 1}
+    sha = {"a": "h1", "b": "h1", "c": "h2", "d": "h3"}
+    every = pair_precision_recall({"a": 0, "b": 0, "c": 0, "d": 0}, truth)
+    assert (every["predicted_pairs"], every["correct_pairs"]) == (6, 3) and every["pair_precision"] == 0.5
+    distinct = pair_precision_recall({"a": 0, "b": 0, "c": 0, "d": 0}, truth, content=sha)
+    # ab is left out: 5 predicted pairs, of which ac and bc are right; the true ones are ac and bc
+    assert (distinct["predicted_pairs"], distinct["correct_pairs"], distinct["true_pairs"]) == (5, 2, 2)
+    assert distinct["pair_precision"] == pytest.approx(0.4) and distinct["pair_recall"] == 1.0
+    # finding only the byte copy finds none of the pairs that need more than a byte hash
+    bytes_only = pair_precision_recall({"a": 0, "b": 0}, truth, content=sha)
+    assert bytes_only["pair_recall"] == 0.0 and bytes_only["predicted_pairs"] == 0
+    # without a hash a key counts as distinct bytes: the plain count
+    assert pair_precision_recall(truth, truth, content={}) == pair_precision_recall(truth, truth)
+
+
 def test_duplicate_keys_are_refused():
     with pytest.raises(ValueError, match="'x'"):
         find_duplicate_groups(["x", "x"], _unit(np.ones((2, 4))), None, threshold=0.9)
