@@ -257,13 +257,12 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
             planted = planted[planted["readable"]]
         present = set(scores.loc[scores["error"].isna(), "key"])
         planted = planted[planted["key"].isin(present)]
-        metrics["duplicates"] = pair_precision_recall(dict(zip(dups["key"], dups["group_id"])),
-                                                      dict(zip(planted["key"], planted["group_id"])))
+        pred, true = dict(zip(dups["key"], dups["group_id"])), dict(zip(planted["key"], planted["group_id"]))
+        metrics["duplicates"] = pair_precision_recall(pred, true)
         metrics["duplicates"].update(removal_precision_recall(dups, planted))
         sha = _content_hashes(out)
         if sha:  # the pairs a byte hash cannot find: the embedder's and the pixel check's share of the work
-            metrics["duplicates"]["non_identical"] = pair_precision_recall(
-                dict(zip(dups["key"], dups["group_id"])), dict(zip(planted["key"], planted["group_id"])), content=sha)
+            metrics["duplicates"]["non_identical"] = pair_precision_recall(pred, true, content=sha)
         by_edit = duplicates_by_edit(dups, planted)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
