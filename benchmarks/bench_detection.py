@@ -28,11 +28,12 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from results_file import machine, write_results
+from results_file import write_results
 
 from scanner.data.demo import _iou as crop_iou
 from scanner.data.shards import iter_tar_samples
 from scanner.evaluate import evaluate, removals_against_truth
+from scanner.procfs import machine
 
 COLUMNS = ["loss_cal", "score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]
 

@@ -30,7 +30,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from results_file import machine, write_results
+from results_file import write_results
+
+from scanner.procfs import machine
 
 SETTINGS = [
     ("this machine", {}),

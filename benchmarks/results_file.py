@@ -7,13 +7,6 @@ import json
 from pathlib import Path
 
 
-def machine() -> dict:
-    """The machine a benchmark ran on, as far as it changes numbers (scanner.procfs.machine)."""
-    from scanner.procfs import machine as this_machine
-
-    return this_machine()
-
-
 def write_results(out: Path, name: str, data: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=1))

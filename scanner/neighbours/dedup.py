@@ -263,8 +263,8 @@ def pair_precision_recall(pred: dict[str, object], truth: dict[str, object],
     def pairs(c):
         return sum(v * (v - 1) // 2 for v in c.values())
 
-    def same(k):
-        h = content.get(k) if content is not None else None
+    def same(k):  # only called with content
+        h = content.get(k)
         return ("bytes", h) if isinstance(h, str) and h else ("key", k)
 
     p = {k: g for k, g in pred.items() if g is not None}
