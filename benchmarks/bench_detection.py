@@ -177,8 +177,8 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
     if kinds:
         out += ["", "## Duplicate removals the planted truth calls wrong, by what the two images are", "",
                 ("The builder draws unique images as crops of a few photos (crops of one photo may overlap up to IoU "
-                 "0.3), 8x8 handwritten digits and LFW faces; a removal is wrong when the removed image is not in its "
-                 "kept image's planted group."), "",
+                 "0.3; since 5199043 none is featureless), 8x8 handwritten digits and LFW faces; a removal is wrong "
+                 "when the removed image is not in its kept image's planted group."), "",
                 "| | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
         for k in kinds:
             out.append(f"| {k} | " + " | ".join(str(r["wrong_removals"]["by_kind"].get(k, 0)) for r in runs) + " |")
