@@ -232,6 +232,9 @@ class ClassifyConfig:
     # the same for every model), and detector_threshold / detector_quantile are not used
     calibration_shards: str | list[str] | None = None
     calibration_fpr: float = 0.01
+    # with calibration_shards: the cut must also flag no more than calibration_fpr of the corpus's ordinary members
+    # (calibrate.member_cut: median and MAD of the detector over the scanned rows); the stricter cut applies
+    calibration_members: bool = True
     calibration_max_images: int = 5000  # the first this many readable held-out images are scored
     lpca_low: float = 1.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem); 1: LID_* = 0
     # OD-Mem needs lid_gap_rel > gap_margin: lid_flipd below the corpus's typical lid_flipd for images of the same
@@ -256,6 +259,8 @@ class ClassifyConfig:
         _check(self.lpca_low >= 0, f"{p}.lpca_low", self.lpca_low, ">= 0")
         _check(0.0 < self.calibration_fpr < 0.5, f"{p}.calibration_fpr", self.calibration_fpr,
                "a float in (0, 0.5): the share of held-out images the cut flags")
+        _check(isinstance(self.calibration_members, bool), f"{p}.calibration_members", self.calibration_members,
+               "true or false")
         _check(isinstance(self.calibration_max_images, int) and self.calibration_max_images >= 100,
                f"{p}.calibration_max_images", self.calibration_max_images, "an int >= 100")
         _check(self.calibration_shards is None or (isinstance(self.calibration_shards, (str, list))

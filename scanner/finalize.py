@@ -217,22 +217,42 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
     vals = v[col]
     calibration = None
     if c.calibration_shards:
-        from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
+        from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
 
         held = heldout_scores(cfg)
-        thr = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
+        thr = held_cut = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
+        members = None
+        if c.calibration_members and np.isfinite(vals).sum() >= 100:  # fewer rows: no spread to read
+            members = member_cut(vals, c.calibration_fpr, c.direction)
+            thr = min(thr, members["cut"]) if c.direction == "low" else max(thr, members["cut"])
+            members["binding"] = thr == members["cut"]
+            log.info("classify: the members' cut %.4g (median %.4g %s %.3g x %.4g over %d corpus rows) is %s than the "
+                     "held-out cut %.4g: %s applies", members["cut"], members["median"],
+                     "-" if c.direction == "low" else "+", members["z"], members["scale"], members["rows"],
+                     "stricter" if members["binding"] else "looser", held_cut,
+                     "it" if members["binding"] else "the held-out cut")
+        hv = np.asarray(held["values"], dtype=float)
+        flagged_held = float(np.mean(hv <= thr if c.direction == "low" else hv >= thr))
         level = 0.95
         lo, hi = cut_fpr_interval(held["images"], c.calibration_fpr, level)
-        log.info("classify: the cut %.4g flags %g %% of the %d held-out images; the false-positive rate it applies "
-                 "to non-members lies in %.2f-%.2f %% (%g %%; more held-out images narrow it)", thr,
-                 c.calibration_fpr * 100, held["images"], lo * 100, hi * 100, level * 100)
+        log.info("classify: the held-out cut %.4g flags %g %% of the %d held-out images; the false-positive rate it "
+                 "applies to non-members lies in %.2f-%.2f %% (%g %%; more held-out images narrow it)%s", held_cut,
+                 c.calibration_fpr * 100, held["images"], lo * 100, hi * 100, level * 100,
+                 f"; the members' cut {thr:.4g} applies, flagging {flagged_held * 100:.2f} % of them"
+                 if members and members["binding"] else "")
         calibration = {"fpr": c.calibration_fpr, "fpr_interval": [lo, hi], "fpr_interval_level": level,
                        "images": held["images"], "errors": held["errors"],
                        "shards": held["shards"], "seconds": held["seconds"],
-                       "median": float(np.median(held["values"])),
+                       "median": float(np.median(held["values"])), "heldout_cut": held_cut,
+                       "flagged_share_of_heldout": flagged_held,
+                       **({"members": members} if members else {}),
                        "flagged_share_of_corpus": float(np.mean(vals <= thr if c.direction == "low" else vals >= thr))
                        if len(vals) else None}
         how = f" (the {c.calibration_fpr:g} quantile of {held['images']} held-out images)"
+        if members:
+            how = (f" (the stricter of the {c.calibration_fpr:g} quantile of {held['images']} held-out images, "
+                   f"{held_cut:.4g}, and of the corpus's ordinary members, {members['cut']:.4g} = its median "
+                   f"{'-' if c.direction == 'low' else '+'} {members['z']:.3g} x 1.4826 x its MAD)")
     elif not np.isfinite(vals).any() and c.detector_threshold is None:
         return {"detector": col, "note": "detector column has no values", "threshold": None}
     elif c.detector_threshold is not None:

@@ -3,10 +3,11 @@
 import types
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
+from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
 
 
 def test_cut_is_the_fpr_quantile_in_the_flagging_direction():
@@ -86,6 +87,71 @@ def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tin
     assert t["calibration"]["images"] == 120 and t["calibration"]["fpr"] == 0.05
     assert t["calibration"]["fpr_interval"] == pytest.approx(list(cut_fpr_interval(120, 0.05)))
     assert "0.05 quantile of 120 held-out images" in t["rule"]
+
+
+@pytest.mark.parametrize("direction", ["low", "high"])
+def test_member_cut_flags_fpr_of_ordinary_members_whatever_the_memorized_tail(direction):
+    """Ordinary members ~ N(1, 0.05) and a memorized 3 % far out on the flagging side: the members' cut is the
+    normal's 1 % quantile, 1 -+ 2.326 x 0.05, and flags 1 % of the ordinary members; a plain 1 % quantile of the same
+    corpus lands inside the memorized tail and flags none of them. A larger tail (15 %) moves the cut outwards:
+    it flags fewer ordinary members, never more."""
+    rng = np.random.default_rng(0)
+    sign = -1 if direction == "low" else 1
+    ordinary = rng.normal(1.0, 0.05, 20000)
+    memorized = 1.0 + sign * rng.uniform(0.5, 0.7, 600)
+    m = member_cut(np.r_[ordinary, memorized, np.nan], 0.01, direction)
+    assert m["z"] == pytest.approx(2.3263, abs=1e-4) and m["rows"] == 20600
+    assert m["cut"] == pytest.approx(1.0 + sign * 2.3263 * 0.05, abs=0.01)
+    flags = (lambda v: v <= m["cut"]) if direction == "low" else (lambda v: v >= m["cut"])
+    assert np.mean(flags(ordinary)) == pytest.approx(0.01, abs=0.005)
+    assert np.mean(flags(memorized)) == 1.0
+    naive = calibrated_cut(np.r_[ordinary, memorized], 0.01, direction)
+    assert np.mean((ordinary <= naive) if direction == "low" else (ordinary >= naive)) == 0
+    heavy = member_cut(np.r_[ordinary, 1.0 + sign * rng.uniform(0.5, 0.7, 3500)], 0.01, direction)
+    assert 0 < sign * (heavy["cut"] - m["cut"]) < 0.06
+    with pytest.raises(ValueError, match="no finite detector value"):
+        member_cut(np.array([np.nan]), 0.01, direction)
+
+
+def test_detector_threshold_takes_the_stricter_of_the_heldout_and_the_members_cut(scan_config, tiny_corpus):
+    """With calibration_members the cut is the held-out quantile or the members' cut, whichever flags less, and
+    summary.json records both; without it, the held-out quantile alone."""
+    from scanner.finalize import detector_threshold
+
+    held = tiny_corpus.out_dir / "heldout"
+    args = (f"classify.calibration_shards={held}", "classify.calibration_fpr=0.05")
+    held_cut = np.quantile(heldout_scores(scan_config(*args))["values"], 0.05)
+
+    def corpus(values):
+        class Store:
+            columns = ("loss_cal",)
+
+            def __len__(self):
+                return 1
+
+            def read(self, i, cols):
+                return pd.DataFrame({"loss_cal": values})
+
+        class Masks:
+            counts = types.MappingProxyType({"ok": len(values)})
+
+            def get(self, name, i):
+                return np.ones(len(values), bool)
+        return Store(), Masks()
+
+    rng = np.random.default_rng(1)
+    tight = held_cut + 0.1 + rng.normal(0, 1e-3, 500)  # members barely spread: their cut lies above the held-out cut
+    wide = held_cut + rng.normal(0, 10.0, 500)  # members spread wide: their cut lies far below it
+    t = detector_threshold(*corpus(tight), scan_config(*args))
+    assert t["threshold"] == pytest.approx(held_cut) and not t["calibration"]["members"]["binding"]
+    t = detector_threshold(*corpus(wide), scan_config(*args))
+    m = member_cut(wide, 0.05, "low")
+    assert m["cut"] < held_cut - 5 and t["threshold"] == pytest.approx(m["cut"])
+    assert t["calibration"]["members"]["binding"] and t["calibration"]["heldout_cut"] == pytest.approx(held_cut)
+    assert t["calibration"]["flagged_share_of_heldout"] == 0.0  # 10 sd below: none of the 120
+    assert "the stricter of the 0.05 quantile of 120 held-out images" in t["rule"]
+    t = detector_threshold(*corpus(wide), scan_config(*args, "classify.calibration_members=false"))
+    assert t["threshold"] == pytest.approx(held_cut) and "members" not in t["calibration"]
 
 
 def test_heldout_shards_without_a_readable_image_name_the_key(scan_config, tmp_path):

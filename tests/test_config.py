@@ -35,6 +35,7 @@ def test_unknown_section(tmp_path):
     ("model.kind=pixel", r"model.path must be a local model directory"),
     ("classify.calibration_fpr=0.7", r"classify.calibration_fpr must be a float in \(0, 0.5\)"),
     ("classify.calibration_max_images=10", r"classify.calibration_max_images must be an int >= 100, got 10"),
+    ("classify.calibration_members=maybe", r"classify.calibration_members must be .*true or false, got .maybe."),
 ])
 def test_bad_values_name_value_and_accepted(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -309,7 +309,17 @@ def test_a_calibrated_cut_is_explained_as_a_false_positive_rate(scan, tmp_path):
         "median": 0.9941, "flagged_share_of_corpus": 0.0397, "fpr_interval": [0.0033, 0.0232]}})
     (run / "summary.json").write_text(json.dumps(summary))
     text = write_report(run).read_text()
-    assert "the cut that flags 1 % of 500 held-out images the model never trained on" in text
-    assert "/data/heldout/00000.tar" in text and "It flags 3.97 % of this corpus" in text
+    assert "flags 1 % of 500 held-out images the model never trained on" in text
+    assert "/data/heldout/00000.tar" in text and "The cut flags 3.97 % of this corpus" in text
     assert "the rate it applies to non-members lies in 0.33–2.32 % (95 %" in text
     assert f"{facts['threshold']:.4g}" in text and "a fixed threshold from the config" not in text
+    assert "ordinary members" not in text  # a run without the members' cut
+
+    # the members' cut, stricter than the held-out one: the report says which applies and what it flags
+    summary["thresholds"]["calibration"].update({"heldout_cut": 0.8084, "flagged_share_of_heldout": 0.0035, "members": {
+        "cut": 0.7457, "median": 0.9325, "scale": 0.08029, "z": 2.326, "rows": 2697, "binding": True}})
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "The held-out cut 0.8084 flags 1 % of 500 held-out images" in text
+    assert "no more than 1 % of the corpus's ordinary members" in text and "0.9325 − 2.326 × 0.08029" in text
+    assert "stricter than the held-out cut 0.8084, so it applies and flags 0.35 % of the held-out images" in text

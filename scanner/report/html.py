@@ -892,14 +892,26 @@ def section_replications(run: Run) -> str:
 def _calibrated_cut(t: dict, detector: str, direction: str, thr: float) -> str:
     c = t["calibration"]
     share = c.get("flagged_share_of_corpus")
-    return (f"every sample with <code>{escape(detector)}</code> {'≤' if direction == 'low' else '≥'} <b>{_fmt(thr)}</b>, "
-            f"the cut that flags {_fmt(c['fpr'] * 100)} % of {c['images']} held-out images the model never trained on "
+    m = c.get("members")
+    members = ""
+    if m:
+        sign = "−" if direction == "low" else "+"
+        members = (f". The cut must also flag no more than {_fmt(c['fpr'] * 100)} % of the corpus's ordinary "
+                   f"members (<code>classify.calibration_members</code>): its median {_fmt(m['median'])} {sign} "
+                   f"{_fmt(m['z'])} × {_fmt(m['scale'])} (1.4826 × the MAD) = {_fmt(m['cut'])}, "
+                   + ("stricter than the held-out cut " + _fmt(c.get("heldout_cut")) + ", so it applies and flags "
+                      + _fmt((c.get("flagged_share_of_heldout") or 0) * 100) + " % of the held-out images"
+                      if m.get("binding") else "looser than the held-out cut, which applies"))
+    held = c.get("heldout_cut", thr)
+    return (f"every sample with <code>{escape(detector)}</code> {'≤' if direction == 'low' else '≥'} <b>{_fmt(thr)}</b>. "
+            f"The held-out cut {_fmt(held)} flags {_fmt(c['fpr'] * 100)} % of {c['images']} held-out images the model "
+            "never trained on "
             f"(<code>classify.calibration_shards</code>: {escape(', '.join(c.get('shards') or []))}; their median "
             f"{_fmt(c.get('median'))}): a false-positive rate on non-members, so the cut means the same under any "
             "model" + (f". Estimated from {c['images']} images, the rate it applies to non-members lies in "
                        f"{_fmt(c['fpr_interval'][0] * 100)}–{_fmt(c['fpr_interval'][1] * 100)} % (95 %; more held-out "
-                       "images narrow it)" if c.get("fpr_interval") else "")
-            + (f". It flags {_fmt(share * 100)} % of this corpus" if share is not None else ""))
+                       "images narrow it)" if c.get("fpr_interval") else "") + members
+            + (f". The cut flags {_fmt(share * 100)} % of this corpus" if share is not None else ""))
 
 
 def section_thresholds(run: Run) -> str:
