@@ -61,8 +61,9 @@ _JPEG_QUALITY = 95
 _MIN_CROP_STD = 12.0  # flat crops (sky, black retina border) would look alike: unplanted duplicates
 _MAX_CROP_IOU = 0.3  # crops of one photo overlapping more than this would be unplanted near-duplicates
 # Featureless crops (the colour wheel's smooth gradients, clear sky) pass the std screen but look alike at any
-# position and scale: on seed 0 (64c4c4f) 25 of the 36 crops in wrongly grouped duplicate pairs had less detail than
-# this, against 7.9 % of all crops. Detail: RMSE in [0, 1] of the size x size crop minus its Gaussian blur (1 px).
+# position and scale: in the seed-0 demo before this screen 25 of the 36 crops in wrongly grouped duplicate pairs had
+# less detail than this, against 7.9 % of all crops (benchmarks/results/crops.md). Detail: RMSE in [0, 1] of the
+# size x size crop minus its Gaussian blur (1 px).
 _MIN_CROP_DETAIL = 0.005
 
 
