@@ -98,7 +98,18 @@ def one(demo: Path, scan: str = "scan") -> dict:
     cut_from = ("members' FPR" if members.get("binding") else "held-out FPR") if cal else "fixed"
     det, cut = th.get("detector"), th.get("threshold")
     flagged = (df[det].astype(float) <= cut) if th.get("direction") == "low" else (df[det].astype(float) >= cut)
+    heldout_alone = None
+    if members.get("binding"):  # the classes the held-out cut alone gives (before classify.calibration_members)
+        cls = classes_at(scores, pd.read_parquet(demo / scan / "duplicates.parquet"), summary, cal["heldout_cut"])
+        h = df[["key", "planted"]].merge(cls, on="key")
+        hrate = lambda p, c: float(h.loc[h.planted == p, "mem_class"].isin(c).mean())
+        hflag = (h[det].astype(float) <= cal["heldout_cut"]) if th.get("direction") == "low" else \
+            (h[det].astype(float) >= cal["heldout_cut"])
+        heldout_alone = {"repeated_dd": hrate("repeated", ["dd"]), "oversampled_od": hrate("oversampled", ["od"]),
+                         "unique_any": hrate("unique", ["dd", "od"]),
+                         "unique_flagged": float(hflag[h.planted == "unique"].mean())}
     return {"demo": str(demo), "scan": scan, "seed": corpus["params"]["seed"], "model_steps": info["steps"],
+            "heldout_alone": heldout_alone,
             "detector": det, "cut": cut, "heldout_cut": cal.get("heldout_cut", cut if cal else None),
             "members_cut": members.get("cut"), "unique_flagged": float(flagged[df.planted == "unique"].mean()),
             "cut_from": cut_from,
@@ -108,6 +119,30 @@ def one(demo: Path, scan: str = "scan") -> dict:
                         "n": {p: int((df.planted == p).sum()) for p in ("repeated", "oversampled", "unique")}},
             "lid_flipd_in_range": float(((d >= 0) & (d <= dim)).mean()), "dim": dim,
             "wrong_removals": wrong_removals(demo, scan)}
+
+
+def classes_at(scores: pd.DataFrame, dups: pd.DataFrame, summary: dict, cut: float) -> pd.DataFrame:
+    """key, the detector and mem_class as finalize.classify gives them with the detector's cut set to `cut` (the rest
+    of the scan's thresholds kept). Checked first: at the scan's own cut it must give the scan's classes."""
+    import types
+
+    from scanner.finalize import classify, copy_groups
+
+    th = summary["thresholds"]
+    c = summary["config"]["classify"]
+    cfg = types.SimpleNamespace(classify=types.SimpleNamespace(
+        detector=th["detector"], direction=th["direction"], lpca_low=c["lpca_low"], gap_margin=c["gap_margin"]))
+    copies = scores["key"].isin(set(dups.loc[dups["group_id"].isin(copy_groups(dups)), "key"])).to_numpy()
+
+    def at(x: float) -> pd.DataFrame:
+        frame = scores.drop(columns=["mem_class", "lid_gap_rel"]).copy()
+        classify(frame, cfg, {**th, "threshold": x}, copies)
+        return frame[["key", th["detector"], "mem_class"]]
+
+    same = at(th["threshold"])["mem_class"].fillna("-").to_numpy() == scores["mem_class"].fillna("-").to_numpy()
+    if not same.all():
+        raise RuntimeError(f"classes_at does not reproduce the scan's classes ({int((~same).sum())} rows differ)")
+    return at(cut)
 
 
 def render_dose(dose: dict) -> list[str]:
@@ -156,8 +191,9 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
     out += ["## Classes (the manifold memorization hypothesis, classify.* defaults)", "",
             ("| seed | steps | detector, cut (held-out cut / members' cut) | lid_flipd in [0, D] | repeated -> dd | "
              "oversampled -> od | oversampled -> dd | unique flagged | unique given any class | duplicate pairs P / R | "
-             "pairs of distinct bytes P / R | duplicate removals P / R |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pairs of distinct bytes P / R | duplicate removals P / R | the held-out cut alone: repeated -> dd / "
+             "oversampled -> od / unique flagged / unique classed |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, d = r["classes"], r["duplicates"] or {}
         ni = d.get("non_identical") or {}  # byte copies left out (runs evaluated before it: nan)
@@ -170,7 +206,10 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
                    f"{c['oversampled_dd']:.3f} | {flagged} | {c['unique_any']:.4f} | "
                    f"{d.get('pair_precision', float('nan')):.4f} / {d.get('pair_recall', float('nan')):.4f} | "
                    f"{ni.get('pair_precision', float('nan')):.4f} / {ni.get('pair_recall', float('nan')):.4f} | "
-                   f"{d.get('removal_precision', float('nan')):.4f} / {d.get('removal_recall', float('nan')):.4f} |")
+                   f"{d.get('removal_precision', float('nan')):.4f} / {d.get('removal_recall', float('nan')):.4f} | "
+                   + (" / ".join(f"{r['heldout_alone'][k]:.4f}" for k in ("repeated_dd", "oversampled_od",
+                                                                          "unique_flagged", "unique_any"))
+                      if r.get("heldout_alone") else "–") + " |")
     out += ["", ("Pairs of distinct bytes: the duplicate pairs with every byte-identical pair left out, the ones a "
                  "byte hash cannot find (nan: a run recorded before memscan evaluate counted them).")]
     edits = sorted({(e["planted"], e["edit"]) for r in runs for e in (r["duplicates"] or {}).get("recall_by_edit", [])})

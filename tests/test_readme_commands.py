@@ -200,7 +200,13 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     # the detector's cut: a 1 % false-positive rate on the corpus' held-out shard (100 images with --quick)
     cal = json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["calibration"]
     assert cal["images"] == 100 and cal["fpr"] == 0.01 and cal["shards"][0].endswith("heldout/00000.tar")
-    assert json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]["detector"] == "loss_cal"
+    thresholds = json.loads((demo / "scan" / "summary.json").read_text())["thresholds"]
+    assert thresholds["detector"] == "loss_cal"
+    # and at most 1 % of the corpus's ordinary members (median and MAD over the scored rows): the stricter applies
+    m = cal["members"]
+    assert m["rows"] == int(scores["loss_cal"].notna().sum()) and m["z"] == pytest.approx(2.3263, abs=1e-4)
+    assert thresholds["threshold"] == pytest.approx(min(cal["heldout_cut"], m["cut"]))
+    assert m["binding"] == (m["cut"] < cal["heldout_cut"])
     # near-misses below the cosine threshold are checked on the thumbnails the embed stage stored
     nb = json.loads((demo / "scan" / "summary.json").read_text())["neighbours"]
     assert nb["thresholds"]["aligned"]["align_size"] == 32
