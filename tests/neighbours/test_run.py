@@ -142,11 +142,13 @@ def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(ray_session, t
 
     with tarfile.open(first) as tf:
         keys_in_first = {m.name.split(".")[0] for m in tf.getmembers()}
-    assert set(repeated.key) == keys_in_first and len(repeated) == 2 * len(keys_in_first)
+    truth = pd.read_parquet(corpus.truth)
+    corrupt = keys_in_first & set(truth.key[truth.planted == "corrupt"])  # their decode error comes first
+    assert set(repeated.key) == keys_in_first - corrupt and len(repeated) == 2 * len(keys_in_first - corrupt)
     assert repeated.error.str.contains(f"in shards {first.stem}, 00099;").all() and set(repeated.stage) == {"read"}
+    assert all((errors.key == k).sum() == 2 for k in corrupt)  # still an error row in each copy
     # nothing else is lost: every other readable key is embedded, and no repeated key reaches a group
     dups = pd.read_parquet(out / "duplicates.parquet")
     assert not set(dups.key) & keys_in_first
-    truth = pd.read_parquet(corpus.truth)
     good = set(truth.key[truth.readable & (truth.planted != "corrupt")]) - keys_in_first
     assert summary["counts"]["embedded"] == len(good)
