@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
+from scanner.calibrate import flagged_at
 from scanner.data.demo import _iou as crop_iou
 from scanner.data.shards import iter_tar_samples
 from scanner.evaluate import evaluate, removals_against_truth
@@ -97,14 +98,13 @@ def one(demo: Path, scan: str = "scan") -> dict:
     members = cal.get("members") or {}
     cut_from = ("members' FPR" if members.get("binding") else "held-out FPR") if cal else "fixed"
     det, cut = th.get("detector"), th.get("threshold")
-    flagged = (df[det].astype(float) <= cut) if th.get("direction") == "low" else (df[det].astype(float) >= cut)
+    flagged = flagged_at(df[det], cut, th.get("direction"))
     heldout_alone = None
     if members.get("binding"):  # the classes the held-out cut alone gives (before classify.calibration_members)
         cls = classes_at(scores, pd.read_parquet(demo / scan / "duplicates.parquet"), summary, cal["heldout_cut"])
         h = df[["key", "planted"]].merge(cls, on="key")
         hrate = lambda p, c: float(h.loc[h.planted == p, "mem_class"].isin(c).mean())
-        hflag = (h[det].astype(float) <= cal["heldout_cut"]) if th.get("direction") == "low" else \
-            (h[det].astype(float) >= cal["heldout_cut"])
+        hflag = flagged_at(h[det], cal["heldout_cut"], th.get("direction"))
         heldout_alone = {"repeated_dd": hrate("repeated", ["dd"]), "oversampled_od": hrate("oversampled", ["od"]),
                          "unique_any": hrate("unique", ["dd", "od"]),
                          "unique_flagged": float(hflag[h.planted == "unique"].mean())}

@@ -26,14 +26,26 @@ import numpy as np
 log = logging.getLogger("memscan")
 
 
-def calibrated_cut(values: np.ndarray, fpr: float, direction: str) -> float:
-    """The cut that flags a share `fpr` of `values` (the detector on held-out images) in `direction`."""
+def _finite(values: np.ndarray, direction: str, where: str) -> np.ndarray:
+    """The finite detector values, after checking there are some and that `direction` is low or high."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
-        raise ValueError("no finite detector value on the held-out images")
+        raise ValueError(f"no finite detector value on {where}")
     if direction not in ("low", "high"):
         raise ValueError(f"direction must be 'low' or 'high', got {direction!r}")
+    return v
+
+
+def flagged_at(values, cut: float, direction: str) -> np.ndarray:
+    """Which values a cut flags: at or below it for a low-flags column, at or above it for a high one."""
+    v = np.asarray(values, dtype=float)
+    return v <= cut if direction == "low" else v >= cut
+
+
+def calibrated_cut(values: np.ndarray, fpr: float, direction: str) -> float:
+    """The cut that flags a share `fpr` of `values` (the detector on held-out images) in `direction`."""
+    v = _finite(values, direction, "the held-out images")
     return float(np.quantile(v, fpr if direction == "low" else 1.0 - fpr))
 
 
@@ -47,12 +59,7 @@ def member_cut(values: np.ndarray, fpr: float, direction: str) -> dict:
     Returns {"cut", "median", "scale", "z", "rows"}."""
     from scipy.stats import norm
 
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        raise ValueError("no finite detector value on the corpus")
-    if direction not in ("low", "high"):
-        raise ValueError(f"direction must be 'low' or 'high', got {direction!r}")
+    v = _finite(values, direction, "the corpus")
     m = float(np.median(v))
     s = 1.4826 * float(np.median(np.abs(v - m)))
     z = float(norm.ppf(1.0 - fpr))

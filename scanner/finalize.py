@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scanner.calibrate import flagged_at
 from scanner.config import ScanConfig
 from scanner.corpus.store import PartStore
 from scanner.files import atomic_write_parquet
@@ -231,8 +232,7 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
                      "-" if c.direction == "low" else "+", members["z"], members["scale"], members["rows"],
                      "stricter" if members["binding"] else "looser", held_cut,
                      "it" if members["binding"] else "the held-out cut")
-        hv = np.asarray(held["values"], dtype=float)
-        flagged_held = float(np.mean(hv <= thr if c.direction == "low" else hv >= thr))
+        flagged_held = float(np.mean(flagged_at(held["values"], thr, c.direction)))
         level = 0.95
         lo, hi = cut_fpr_interval(held["images"], c.calibration_fpr, level)
         log.info("classify: the held-out cut %.4g flags %g %% of the %d held-out images; the false-positive rate it "
@@ -246,7 +246,7 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
                        "median": float(np.median(held["values"])), "heldout_cut": held_cut,
                        "flagged_share_of_heldout": flagged_held,
                        **({"members": members} if members else {}),
-                       "flagged_share_of_corpus": float(np.mean(vals <= thr if c.direction == "low" else vals >= thr))
+                       "flagged_share_of_corpus": float(np.mean(flagged_at(vals, thr, c.direction)))
                        if len(vals) else None}
         how = f" (the {c.calibration_fpr:g} quantile of {held['images']} held-out images)"
         if members:
@@ -339,7 +339,7 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
         df["mem_class"] = np.where(ok, "none", None)
         return thresholds
     vals = df[col].astype(float)
-    flagged = ok & ((vals <= thr) if c.direction == "low" else (vals >= thr))
+    flagged = ok & flagged_at(vals, thr, c.direction)
     data_driven = df["lid_lpca"].astype(float) < c.lpca_low
     if copies is not None:
         data_driven = data_driven | np.asarray(copies, bool)
