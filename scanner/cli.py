@@ -137,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one key of the demo config, e.g. --set geometry.probes=8 (repeatable)")
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="AUROC / TPR@1%%FPR of every score column against planted truth")
-    p.add_argument("--out", required=True, help="a finished scan's output directory")
+    p = sub.add_parser("evaluate", help="AUROC / TPR@1%%FPR of every score column against planted truth",
+                       description="Writes metrics.json into --out: AUROC, intervals and TPR at 1 %% and 0.1 %% FPR "
+                                   "of every score column (a scan), and duplicate pair / removal precision and "
+                                   "recall per planted kind and edit (a scan or a `memscan dedup` folder).")
+    p.add_argument("--out", required=True, help="a finished scan's or dedup's output directory")
     p.add_argument("--truth", required=True, help="truth.parquet (key, group_id, planted, copies)")
     _add_common(p)
 

@@ -214,48 +214,61 @@ def replication_by_caption(reps: pd.DataFrame, scores: pd.DataFrame, truth: pd.D
              "replicated_own_image": float(g["own"].mean())} for k, g in df.groupby("kind")]
 
 
-def _content_hashes(out: Path) -> dict[str, str]:
-    """key -> sha256 of the image bytes, from the scan's part files ({} without them)."""
+def _part_column(out: Path, cols: list[str]) -> pd.DataFrame | None:
+    """`cols` of every part file that has them, concatenated (None without such files)."""
     import pyarrow.parquet as pq
 
     parts = sorted((out / "parts").glob("*.parquet"))
-    frames = [pd.read_parquet(f, columns=["key", "sha256"]) for f in parts
-              if {"key", "sha256"} <= set(pq.ParquetFile(f).schema_arrow.names)]
-    if not frames:
+    frames = [pd.read_parquet(f, columns=cols) for f in parts if set(cols) <= set(pq.ParquetFile(f).schema_arrow.names)]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _content_hashes(out: Path) -> dict[str, str]:
+    """key -> sha256 of the image bytes, from the scan's part files ({} without them)."""
+    df = _part_column(out, ["key", "sha256"])
+    if df is None:
         return {}
-    df = pd.concat(frames, ignore_index=True).dropna()
+    df = df.dropna()
     return dict(zip(df["key"], df["sha256"]))
 
 
 def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
     """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
-    replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json)."""
+    replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json).
+
+    A `memscan dedup` folder (duplicates.parquet and parts/, no scores/) gets the duplicate metrics alone."""
     from scanner.neighbours.dedup import pair_precision_recall
 
     truth = pd.read_parquet(truth_path)
     files = sorted((out / "scores").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{out / 'scores'} has no parquet files: run `memscan scan` first")
-    scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    dup_path = out / "duplicates.parquet"
+    if not files and not dup_path.exists():
+        raise FileNotFoundError(f"{out} has neither scores/ nor duplicates.parquet: run `memscan scan` or "
+                                "`memscan dedup` first")
     metrics: dict = {"scores": {}, "warnings": []}
-    for positive in ("repeated", "oversampled"):
-        metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive,
-                                                                    warnings=metrics["warnings"], n_boot=n_boot)
-    captioned = by_caption_kind(truth)  # a text-conditional corpus: repeated groups by how their captions repeat
-    for kind in ("verbatim", "varied"):
-        if captioned is not None and (captioned["planted"] == kind).any():
-            metrics["scores"][f"{kind}_vs_unique"] = column_metrics(scores, captioned, kind,
-                                                                    warnings=metrics["warnings"], n_boot=n_boot)
+    scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
+    if scores is not None:
+        for positive in ("repeated", "oversampled"):
+            metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive,
+                                                                        warnings=metrics["warnings"], n_boot=n_boot)
+        captioned = by_caption_kind(truth)  # a text-conditional corpus: repeated groups by how their captions repeat
+        for kind in ("verbatim", "varied"):
+            if captioned is not None and (captioned["planted"] == kind).any():
+                metrics["scores"][f"{kind}_vs_unique"] = column_metrics(scores, captioned, kind,
+                                                                        warnings=metrics["warnings"], n_boot=n_boot)
     for w in metrics["warnings"]:
         log.warning("evaluate: %s", w)
-    dup_path = out / "duplicates.parquet"
     if dup_path.exists():
         dups = pd.read_parquet(dup_path)
         grouped = ["exact_dup", "near_dup", "repeated", "dose"]
         planted = truth[truth["group_id"].notna() & truth["planted"].isin(grouped)]
         if "readable" in planted:
             planted = planted[planted["readable"]]
-        present = set(scores.loc[scores["error"].isna(), "key"])
+        rows = scores if scores is not None else _part_column(out, ["key", "error"])
+        if rows is None:
+            raise FileNotFoundError(f"{out} has duplicates.parquet but no scores/ or parts/ with key and error "
+                                    "columns: which images were read is unknown")
+        present = set(rows.loc[rows["error"].isna(), "key"])
         planted = planted[planted["key"].isin(present)]
         pred, true = dict(zip(dups["key"], dups["group_id"])), dict(zip(planted["key"], planted["group_id"]))
         metrics["duplicates"] = pair_precision_recall(pred, true)
@@ -267,15 +280,16 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
     rep_path = out / "replications.parquet"
-    if rep_path.exists():
+    if rep_path.exists() and scores is not None:
         by_cap = replication_by_caption(pd.read_parquet(rep_path), scores, truth)
         if by_cap:
             metrics["replications_by_caption"] = by_cap
-    dose = dose_response(scores, truth)
-    if dose:
-        metrics["dose_response"] = dose
-    ct = scores.merge(truth[["key", "planted"]], on="key")
-    metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
+    if scores is not None:
+        dose = dose_response(scores, truth)
+        if dose:
+            metrics["dose_response"] = dose
+        ct = scores.merge(truth[["key", "planted"]], on="key")
+        metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
     if write:
         write_json(metrics, out / "metrics.json")
     return metrics

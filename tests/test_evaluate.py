@@ -169,6 +169,37 @@ def test_dose_groups_are_planted_duplicates(tmp_path):
     assert (ni["true_pairs"], ni["predicted_pairs"], ni["correct_pairs"]) == (1, 1, 1)
 
 
+def test_a_dedup_folder_gets_the_duplicate_metrics_alone(tmp_path):
+    """`memscan dedup` writes no scores/: its parts say which images were read, and only they count as planted."""
+    keys = ["a", "b", "c", "d", "e", "u"]
+    (tmp_path / "parts").mkdir()
+    pd.DataFrame({"key": keys, "error": [None, None, None, None, "decode: truncated", None],
+                  "sha256": ["h0", "h0", "h1", "h2", None, "h3"]}).to_parquet(tmp_path / "parts" / "00000.parquet")
+    # found: a-b (bytes) and c-d; e was planted with c but never read, so missing it is no miss; u is a stranger
+    pd.DataFrame({"key": ["a", "b", "c", "d", "u"], "group_id": [0, 0, 1, 1, 1], "similarity": 1.0,
+                  "keep": [True, False, True, False, False]}).to_parquet(tmp_path / "duplicates.parquet")
+    truth = pd.DataFrame({"key": keys, "planted": ["exact_dup", "exact_dup", "near_dup", "near_dup", "near_dup",
+                                                   "unique"],
+                          "group_id": pd.array([0, 0, 1, 1, 1, None], dtype="Int64"),
+                          "edit": ["copy", "copy", "copy", "shift", "jpeg", None]})
+    truth.to_parquet(tmp_path / "truth.parquet")
+    m = evaluate(tmp_path, tmp_path / "truth.parquet", n_boot=0)
+    d = m["duplicates"]
+    assert m["scores"] == {} and "mem_class_by_planted" not in m
+    assert (d["true_pairs"], d["predicted_pairs"], d["correct_pairs"]) == (2, 4, 2)  # c-u and d-u are wrong
+    assert (d["removed"], d["removed_right"], d["redundant"]) == (3, 2, 2)
+    assert {(r["planted"], r["edit"]): r["recall"] for r in d["recall_by_edit"]} == {
+        ("exact_dup", "copy"): 1.0, ("near_dup", "copy"): 1.0, ("near_dup", "shift"): 1.0}
+    assert d["non_identical"]["true_pairs"] == 1 and (tmp_path / "metrics.json").exists()
+    assert "duplicate recall, near_dup / shift: 1.000" in format_metrics(m)
+
+
+def test_a_folder_with_nothing_to_evaluate_names_both_commands(tmp_path):
+    pd.DataFrame({"key": ["a"], "planted": ["unique"], "group_id": [None]}).to_parquet(tmp_path / "truth.parquet")
+    with pytest.raises(FileNotFoundError, match="memscan scan.*memscan dedup"):
+        evaluate(tmp_path, tmp_path / "truth.parquet")
+
+
 def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_path):
     # cfg_norm flags the verbatim-caption group (shared caption) and not the varied one: reported separately
     keys = [f"k{i:02d}" for i in range(30)]
