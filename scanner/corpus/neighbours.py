@@ -184,9 +184,9 @@ ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 
 
 def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
     """The candidate pairs (cosine in [align_min_cosine, dup_threshold)) whose thumbnails agree within
-    align_max_rmse at some shift: (E, 2) gids, (E,) cosines, and how many pairs were checked. thumbs: which
+    align_max_rmse at some shift (and better than a flat image would: align.aligned_match): (E, 2) gids, (E,) cosines, and how many pairs were checked. thumbs: which
     shards have a thumbs/ file (pairs with an end elsewhere are not checked)."""
-    from scanner.neighbours.align import aligned_rmse
+    from scanner.neighbours.align import aligned_match
 
     e = np.concatenate(cand) if cand else np.zeros((0, 2), np.int64)
     s = np.concatenate(cand_s) if cand_s else np.zeros(0, np.float32)
@@ -200,7 +200,7 @@ def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.nda
         pair = e[b:b + ALIGN_BATCH]
         ta = store.gather("thumbs", pair[:, 0], dtype=np.uint8)
         tb = store.gather("thumbs", pair[:, 1], dtype=np.uint8)
-        ok[b:b + ALIGN_BATCH] = aligned_rmse(ta, tb, n_cfg.align_size, n_cfg.align_max_shift) <= n_cfg.align_max_rmse
+        ok[b:b + ALIGN_BATCH] = aligned_match(ta, tb, n_cfg.align_size, n_cfg.align_max_shift, n_cfg.align_max_rmse)
     return e[ok], s[ok], len(e)
 
 

@@ -9,7 +9,10 @@ images that look alike by more (>= 0.0327 on seed 0, among pairs at cosine >= 0.
 sits in the middle of that gap (benchmarks/results/align.md). So neighbours whose cosine is below
 `neighbours.dup_threshold` (>= `align_min_cosine`) are linked when their thumbnails (the embedder's input,
 stored per row as uint8) agree within `align_max_rmse` at some shift of at most `align_max_shift` pixels,
-measured over the overlap. It is a verification of candidates, as copy-detection pipelines verify their
+measured over the overlap, and closer than either thumbnail is to its own mean colour (`contrast`): a flat
+image sits within a few hundredths of every dark, low-contrast image of its mean (fresh demo seeds 6 and 8:
+an all-black LFW face against retina crops, RMSE 0.016-0.019), and agreeing with it says nothing. It is a
+verification of candidates, as copy-detection pipelines verify their
 descriptor matches; it never searches on its own, so its cost is a few thousand pixels per candidate pair.
 """
 
@@ -59,3 +62,19 @@ def aligned_rmse(a: np.ndarray, b: np.ndarray, size: int, max_shift: int, block:
                 best = np.minimum(best, np.sqrt(((xa - yb) ** 2).mean(axis=(1, 2, 3))))
         out[s:s + block] = best
     return out
+
+
+def contrast(thumbs: np.ndarray, size: int) -> np.ndarray:
+    """(P,) float32: each thumbnail's RMSE (in [0, 1]) from its own per-channel mean colour; 0 for a flat image."""
+    t = np.asarray(thumbs)
+    n, c = size * size, t.shape[1] // (size * size)
+    x = t.reshape(len(t), n, c).astype(np.int64)  # exact: a flat image gets 0, not rounding noise
+    var = (n * (x * x).sum(axis=1) - x.sum(axis=1) ** 2).mean(axis=1) / n ** 2
+    return (np.sqrt(var) / 255).astype(np.float32)
+
+
+def aligned_match(a: np.ndarray, b: np.ndarray, size: int, max_shift: int, max_rmse: float) -> np.ndarray:
+    """(P,) bool: thumbnails a and b are one picture moved: `aligned_rmse` <= max_rmse, and below both thumbnails'
+    `contrast` (two images that agree no better than a flat one would are not evidence of a copy)."""
+    r = aligned_rmse(a, b, size, max_shift)
+    return (r <= max_rmse) & (r < np.minimum(contrast(a, size), contrast(b, size)))

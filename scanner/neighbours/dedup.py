@@ -225,12 +225,12 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
         ok = (sims >= threshold) & real
         emb_edges, emb_sims = np.stack([q[ok], ids[ok]], axis=1), sims[ok]
         if thumbs is not None and align is not None:
-            from scanner.neighbours.align import aligned_rmse
+            from scanner.neighbours.align import aligned_match
 
             size, min_cos, max_rmse, max_shift = align
             near = (sims >= min_cos) & ~ok & real
             cand = np.stack([q[near], ids[near]], axis=1)
-            hit = aligned_rmse(thumbs[cand[:, 0]], thumbs[cand[:, 1]], size, max_shift) <= max_rmse
+            hit = aligned_match(thumbs[cand[:, 0]], thumbs[cand[:, 1]], size, max_shift, max_rmse)
             align_edges = cand[hit]
             emb_edges, emb_sims = np.concatenate([emb_edges, align_edges]), np.r_[emb_sims, sims[near][hit]]
     group = leader_groups(unit, kept, rank, emb_edges, emb_sims, sizes)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from scanner.config import ConfigError, NeighboursConfig
-from scanner.neighbours.align import aligned_rmse, thumbnails
+from scanner.neighbours.align import aligned_match, aligned_rmse, contrast, thumbnails
 from scanner.neighbours.dedup import find_duplicate_groups
 
 
@@ -43,6 +43,26 @@ def test_a_shifted_copy_aligns_exactly_and_a_distinct_image_does_not():
     assert aligned_rmse(t[2:3], u[2:3], 32, max_shift=1)[0] > 0.03
     # symmetric
     np.testing.assert_allclose(aligned_rmse(u, t, 32, 2), r, atol=1e-7)
+
+
+def test_a_flat_image_matches_nothing_however_close_its_pixels():
+    """A flat image is within a few hundredths of every low-contrast image of its mean colour: RMSE alone would
+    call them one picture. The match also asks for agreement better than either image's own contrast."""
+    rng = np.random.default_rng(1)
+    dark = np.clip(40 + rng.normal(0, 3, size=(32, 32, 3)), 0, 255).astype(np.uint8)  # contrast ~0.012
+    flat = np.full((32, 32, 3), 40, np.uint8)
+    scene = _scene(rng)
+    t = thumbnails(np.stack([dark, scene, dark]), 32)
+    u = thumbnails(np.stack([flat, _shift(scene, 1, -1), _shift(dark, 1, 0)]), 32)
+    r = aligned_rmse(t, u, 32, 2)
+    assert r[0] < 0.02 and r[1] == 0 and r[2] == 0, r
+    assert contrast(u[:1], 32)[0] == 0.0
+    assert 0.005 < contrast(t[:1], 32)[0] < 0.02
+    # the flat pair fails on contrast alone; the shifted scene and the shifted low-contrast image still match
+    assert aligned_match(t, u, 32, 2, 0.02).tolist() == [False, True, True]
+    assert not aligned_match(u[:1], u[:1], 32, 2, 0.02)[0]  # not even its own copy: bytes and pHash find those
+    x = t[1:2].reshape(32 * 32, 3).astype(float) / 255
+    np.testing.assert_allclose(contrast(t[1:2], 32)[0], np.sqrt(((x - x.mean(0)) ** 2).mean()), rtol=1e-5)
 
 
 def test_thumbnails_resize_and_validate():

@@ -74,7 +74,7 @@ def test_planted_groups_found_with_precision_and_recall_099(demo):
 @pytest.mark.slow
 def test_shifted_copies_are_found_once_their_pixels_are_checked(demo):
     """The 1-2 px shifts the embedder scores below the threshold: with the scan's pixel check of near-misses
-    (neighbours.align_*: thumbnails at 32 px, RMSE <= 0.015 at a shift <= 2 px, cosine >= 0.8) every planted edit
+    (neighbours.align_*: thumbnails at 32 px, RMSE <= 0.02 at a shift <= 2 px, cosine >= 0.6) every planted edit
     is found, and no pair of distinct images is added."""
     keys, images, raw_hashes, vectors, truth = demo
     cfg = NeighboursConfig()
