@@ -6,17 +6,23 @@
 
 Each run is a finished `memscan demo` folder, or a `memscan build-demo-corpus` folder with a `memscan dedup` scan
 in it (corpus/ and a scan folder made with neighbours.align_size 32, so that thumbs/ sits beside embeddings/);
---fresh names runs first looked at after the rule below was committed. Every pair of embedded rows at cosine >= 0.6 is scored once with
-`scanner.neighbours.align.aligned_rmse` (max shift 2 px). A pair is a true pair when both rows belong to one
-planted group. For each (align_min_cosine, align_max_rmse) on the grid: the distinct pairs the check would
-add to those the embedding already links (cosine >= neighbours.dup_threshold), and the share of planted
-`shift` members linked to a group-mate by either. The setting is read off the tuning seed alone, in the middle of
-its gap rather than at its edge: max RMSE is the geometric mean of the largest RMSE between a planted shift and
-its original's bytes and the smallest RMSE of a distinct pair at cosine in [0.6, dup_threshold), rounded down to
-0.005; the floor is the lowest on the grid that adds no distinct pair at that RMSE (the check's cost is bounded by
-neighbours.k, so a floor buys nothing once pixels separate). The held-out seeds get that one setting.
-(Until 2026-11-30 the rule took the gap's edge, the fewest added distinct pairs then the highest floor and the
-lowest RMSE: 0.8 / 0.015, which missed 2 of 14 shifts on held-out seed 1, at cosine 0.768 and at RMSE 0.0155.) The scan's own duplicate groups (per-edit recall) are in results/detection.md.
+--fresh names runs first looked at after the rule below was committed.
+
+Every pair of embedded rows at cosine >= 0.6 is scored once with `scanner.neighbours.align.aligned_rmse` (max
+shift 2 px). A pair is a true pair when both rows belong to one planted group. A candidate is linked as the scan
+links it (`aligned_match`: RMSE within the limit and below both thumbnails' contrast). For each
+(align_min_cosine, align_max_rmse) on the grid: the distinct pairs the check would add to those the embedding
+already links (cosine >= neighbours.dup_threshold), and the share of planted `shift` members linked to a
+group-mate by either.
+
+The setting is read off the tuning seed alone, in the middle of its gap rather than at its edge: max RMSE is the
+geometric mean of the largest RMSE between a planted shift and its original's bytes and the smallest RMSE of a
+distinct pair at cosine in [0.6, dup_threshold), rounded down to 0.005; the floor is the lowest on the grid that
+adds no distinct pair at that RMSE (the check's cost is bounded by neighbours.k, so a floor buys nothing once
+pixels separate). The held-out seeds get that one setting. (Until 2026-11-30 the rule took the gap's edge, the
+fewest added distinct pairs then the highest floor and the lowest RMSE: 0.8 / 0.015, which missed 2 of 14 shifts
+on held-out seed 1, at cosine 0.768 and at RMSE 0.0155.) The scan's own duplicate groups (per-edit recall) are in
+results/detection.md.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from results_file import write_results
 
 from scanner.corpus.store import PartStore
-from scanner.neighbours.align import aligned_rmse
+from scanner.neighbours.align import aligned_rmse, contrast
 
 FLOORS = (0.6, 0.7, 0.8, 0.85, 0.9)
 STEP = 0.005  # max RMSE is rounded down to this
@@ -66,8 +72,10 @@ def pairs(run: Path, scan: str) -> tuple[pd.DataFrame, dict]:
     truth = pd.read_parquet(run / "corpus" / "truth.parquet").set_index("key").loc[keys]
     g = truth["group_id"].fillna(-1).astype(int).to_numpy()
     edit = truth["edit"].to_numpy(dtype=object)
+    c = contrast(t, SIZE)
     df = pd.DataFrame({"a": a, "b": b, "cos": s, "same": (g[a] >= 0) & (g[a] == g[b]),
-                       "edit_a": edit[a], "edit_b": edit[b], "rmse": aligned_rmse(t[a], t[b], SIZE, SHIFT)})
+                       "edit_a": edit[a], "edit_b": edit[b], "rmse": aligned_rmse(t[a], t[b], SIZE, SHIFT),
+                       "contrast": np.minimum(c[a], c[b])})
     summary = json.loads((out / "summary.json").read_text())
     return df, summary
 
@@ -86,12 +94,14 @@ def gap(df: pd.DataFrame, threshold: float) -> dict:
 
 def outcome(df: pd.DataFrame, floor: float, max_rmse: float, threshold: float) -> dict:
     emb = df["cos"] >= threshold
-    linked = emb | ((df["cos"] >= floor) & (df["rmse"] <= max_rmse))
+    near = (df["cos"] >= floor) & (df["rmse"] <= max_rmse)
+    linked = emb | (near & (df["rmse"] < df["contrast"]))  # as align.aligned_match: closer than a flat image
     members = pd.concat([pd.DataFrame({"m": df[s], "edit": df[f"edit_{s}"], "hit": linked & df["same"],
                                        "hit_emb": emb & df["same"]}) for s in ("a", "b")])
     shift = members[members["edit"] == "shift"].groupby("m")[["hit", "hit_emb"]].any()
     return {"floor": floor, "max_rmse": max_rmse, "distinct_pairs_embedding": int((emb & ~df["same"]).sum()),
             "distinct_pairs_added": int((linked & ~emb & ~df["same"]).sum()),
+            "distinct_pairs_added_rmse_alone": int((near & ~emb & ~df["same"]).sum()),
             "true_pairs_added": int((linked & ~emb & df["same"]).sum()),
             "shift_members": len(shift), "shift_linked_embedding": int(shift["hit_emb"].sum()),
             "shift_linked": int(shift["hit"].sum())}
@@ -136,7 +146,8 @@ def main() -> None:
            (f"Pairs of embedded rows at cosine >= {MIN_COS}, each scored by its thumbnails' RMSE at the best shift of "
             f"at most {SHIFT} px ({SIZE} px thumbnails). A candidate (cosine in [floor, dup_threshold)) is linked when "
             "its RMSE <= max RMSE. `distinct added`: pairs of images from different planted groups (or none) the "
-            "check links on top of the embedding; `shift linked`: planted shifted copies linked to a group-mate "
+            "check links on top of the embedding (since b2c76ac a pair must also agree better than either "
+            "thumbnail's own contrast, align.aligned_match; in brackets: by RMSE alone); `shift linked`: planted shifted copies linked to a group-mate "
             "(embedding alone -> with the check). The first seed is the tuning seed: the setting in bold was read "
             "off it in the middle of its RMSE gap (max RMSE: the geometric mean of the largest RMSE between a planted "
             f"shift and its original and the smallest of a distinct pair below the threshold, rounded down to {STEP}; "
@@ -150,7 +161,8 @@ def main() -> None:
         cell = (f"{r['seed']} ({role}) | "
                 f"{'**' if bold else ''}{r['floor']}{'**' if bold else ''} | "
                 f"{'**' if bold else ''}{r['max_rmse']}{'**' if bold else ''}")
-        out.append(f"| {cell} | {r['distinct_pairs_embedding']} | {r['distinct_pairs_added']} | "
+        out.append(f"| {cell} | {r['distinct_pairs_embedding']} | {r['distinct_pairs_added']} "
+                   f"({r['distinct_pairs_added_rmse_alone']}) | "
                    f"{r['true_pairs_added']} | {r['shift_linked_embedding']} -> {r['shift_linked']} of "
                    f"{r['shift_members']} |")
     out += ["", ("The RMSE gap per seed: the largest RMSE between a planted shift and its original's bytes, the "

@@ -6,6 +6,9 @@
     memscan demo --out runs/demo-dose --dose                               # + dose groups (2-32 copies)
     python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --dose runs/demo-dose
     python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --scan rescan  # DIR/rescan: another scan
+    memscan build-demo-corpus --seed 5 --out runs/dedup-seed5/corpus     # a fresh seed, duplicates only:
+    memscan dedup --config demo --shards runs/dedup-seed5/corpus/shards --out runs/dedup-seed5/scan
+    python benchmarks/bench_detection.py runs/demo-seed0 runs/demo-seed1 --dedup runs/dedup-seed5
 
 Each directory is a finished `memscan demo` (corpus/truth.parquet, model/train_info.json, scan/). Per seed:
 AUROC with its 95 % bootstrap interval over independent units (a planted group counts once) and TPR at 1 %
@@ -121,6 +124,14 @@ def one(demo: Path, scan: str = "scan") -> dict:
             "wrong_removals": wrong_removals(demo, scan)}
 
 
+def one_dedup(run: Path, scan: str = "scan") -> dict:
+    """A `memscan dedup` folder beside its demo corpus: the duplicate metrics alone."""
+    corpus = json.loads((run / "corpus" / "demo_corpus.json").read_text())
+    m = evaluate(run / scan, run / "corpus" / "truth.parquet", write=False, n_boot=0)
+    return {"demo": str(run), "scan": scan, "seed": corpus["params"]["seed"], "dedup_only": True,
+            "duplicates": m.get("duplicates"), "wrong_removals": wrong_removals(run, scan)}
+
+
 def classes_at(scores: pd.DataFrame, dups: pd.DataFrame, summary: dict, cut: float) -> pd.DataFrame:
     """key, the detector and mem_class as finalize.classify gives them with the detector's cut set to `cut` (the rest
     of the scan's thresholds kept). Checked first: at the scan's own cut it must give the scan's classes."""
@@ -160,7 +171,8 @@ def render_dose(dose: dict) -> list[str]:
     return out
 
 
-def render(runs: list[dict], dose: dict | None = None) -> str:
+def render(runs: list[dict], dose: dict | None = None, dedups: list[dict] | None = None) -> str:
+    dedups = dedups or []
     tuned = [r for r in runs if r["seed"] == 0]
     held = [r for r in runs if r["seed"] != 0]
     out = ["# Detection on the tuning seed and held-out seeds (benchmarks/bench_detection.py)", "",
@@ -212,30 +224,44 @@ def render(runs: list[dict], dose: dict | None = None) -> str:
                       if r.get("heldout_alone") else "–") + " |")
     out += ["", ("Pairs of distinct bytes: the duplicate pairs with every byte-identical pair left out, the ones a "
                  "byte hash cannot find (nan: a run recorded before memscan evaluate counted them).")]
-    edits = sorted({(e["planted"], e["edit"]) for r in runs for e in (r["duplicates"] or {}).get("recall_by_edit", [])})
+    if dedups:
+        out += ["", "## Duplicates on fresh seeds (`memscan dedup` alone, no diffusion model)", "",
+                ("Seeds built after the pixel check's limits were fixed (630f54a) and first looked at here: the same "
+                 "builder and embedder training as the demo's scan, with `memscan dedup --config demo`."), "",
+                "| seed | duplicate pairs P / R | pairs of distinct bytes P / R | duplicate removals P / R |",
+                "|---|---|---|---|"]
+        for r in dedups:
+            d = r["duplicates"] or {}
+            ni = d.get("non_identical") or {}
+            out.append(f"| {r['seed']} (dedup) | {d['pair_precision']:.4f} / {d['pair_recall']:.4f} | "
+                       f"{ni.get('pair_precision', float('nan')):.4f} / {ni.get('pair_recall', float('nan')):.4f} | "
+                       f"{d['removal_precision']:.4f} / {d['removal_recall']:.4f} |")
+    both = runs + dedups
+    label = lambda r: f"seed {r['seed']}{' (dedup)' if r.get('dedup_only') else ''}"
+    edits = sorted({(e["planted"], e["edit"]) for r in both for e in (r["duplicates"] or {}).get("recall_by_edit", [])})
     if edits:
         out += ["", "## Duplicate recall per planted kind and edit", "",
                 ("Share of members found in one group with another member of their planted group; every edit but "
                 "`copy` is a non-identical pair that byte and perceptual hashes may miss."), "",
-                "| kind / edit | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |",
-                "|---|" + "---|" * len(runs)]
+                "| kind / edit | " + " | ".join(label(r) for r in both) + " |",
+                "|---|" + "---|" * len(both)]
         for kind, edit in edits:
             cells = []
-            for r in runs:
+            for r in both:
                 e = [x for x in (r["duplicates"] or {}).get("recall_by_edit", []) if (x["planted"], x["edit"]) == (kind, edit)]
                 cells.append(f"{e[0]['recall']:.3f} ({e[0]['members']})" if e else "–")
             out.append(f"| {kind} / {edit} | " + " | ".join(cells) + " |")
-    kinds = sorted({k for r in runs for k in r.get("wrong_removals", {}).get("by_kind", {})})
+    kinds = sorted({k for r in both for k in r.get("wrong_removals", {}).get("by_kind", {})})
     if kinds:
         out += ["", "## Duplicate removals the planted truth calls wrong, by what the two images are", "",
                 ("The builder draws unique images as crops of a few photos (crops of one photo may overlap up to IoU "
                  "0.3; since 5199043 none is featureless), 8x8 handwritten digits and LFW faces; a removal is wrong "
                  "when the removed image is not in its kept image's planted group."), "",
-                "| | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
+                "| | " + " | ".join(label(r) for r in both) + " |", "|---|" + "---|" * len(both)]
         for k in kinds:
-            out.append(f"| {k} | " + " | ".join(str(r["wrong_removals"]["by_kind"].get(k, 0)) for r in runs) + " |")
+            out.append(f"| {k} | " + " | ".join(str(r["wrong_removals"]["by_kind"].get(k, 0)) for r in both) + " |")
         out.append("| all wrong / all removals | " + " | ".join(
-            f"{r['wrong_removals']['wrong']} / {r['wrong_removals']['removed']}" for r in runs) + " |")
+            f"{r['wrong_removals']['wrong']} / {r['wrong_removals']['removed']}" for r in both) + " |")
     if tuned and held:
         out += ["", "Held-out minus tuning seed, AUROC: " + ", ".join(
             f"{col} {np.mean([r['scores']['repeated_vs_unique'][col]['auroc'] for r in held]) - tuned[0]['scores']['repeated_vs_unique'][col]['auroc']:+.3f}"
@@ -249,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demos", nargs="+", type=Path)
     ap.add_argument("--dose", type=Path, help="a `memscan demo --dose` directory: adds the dose-response table")
+    ap.add_argument("--dedup", nargs="*", type=Path, default=[],
+                    help="folders with corpus/ (memscan build-demo-corpus) and a `memscan dedup` scan: duplicates only")
     ap.add_argument("--scan", default="scan", help="the scan folder inside each demo (default: the demo's own)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="detection", help="results/NAME.{md,json} (another machine's runs: another name)")
@@ -259,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         d = one(a.dose, a.scan)
         dose = {**d, "dose_response": evaluate(a.dose / a.scan, a.dose / "corpus" / "truth.parquet", write=False,
                                                n_boot=0).get("dose_response", [])}
-    write_results(a.out, a.name, {"runs": runs, "dose": dose, "machine": machine()}, render(runs, dose))
+    dedups = sorted((one_dedup(d, a.scan) for d in a.dedup), key=lambda r: r["seed"])
+    write_results(a.out, a.name, {"runs": runs, "dose": dose, "dedup": dedups, "machine": machine()},
+                  render(runs, dose, dedups))
     return 0
 
 
