@@ -120,7 +120,9 @@ def column_metrics(scores: pd.DataFrame, truth: pd.DataFrame, positive: str, neg
 def duplicates_by_edit(dups: pd.DataFrame, planted: pd.DataFrame) -> list[dict]:
     """Recall per planted kind and edit (truth's `edit`: "copy" = the base image's own bytes, else jpeg, shift,
     color, resize): the share of members found in one duplicate group with another member of their planted
-    group. The edited rows are the non-identical pairs byte hashes cannot find. Empty without `edit`."""
+    group. The edited rows are the non-identical pairs byte hashes cannot find. groups_found: the planted groups
+    whose every member of this kind and edit is found (groups, not copies, are the independent units). Empty
+    without `edit`."""
     if "edit" not in planted or planted["edit"].isna().all():
         return []
     pred = dict(zip(dups["key"], dups["group_id"]))
@@ -130,6 +132,7 @@ def duplicates_by_edit(dups: pd.DataFrame, planted: pd.DataFrame) -> list[dict]:
     out = []
     for (kind, edit), g in df.groupby(["planted", "edit"]):
         out.append({"planted": kind, "edit": edit, "members": len(g), "groups": int(g["group_id"].nunique()),
+                    "groups_found": int(g.groupby("group_id")["found"].all().sum()),  # every such member found
                     "recall": float(g["found"].mean())})
     return out
 

@@ -144,6 +144,9 @@ def test_duplicate_recall_per_planted_kind_and_edit():
     r = {(x["planted"], x["edit"]): (x["recall"], x["members"]) for x in duplicates_by_edit(dups, planted)}
     assert r == {("near_dup", "copy"): (0.5, 2), ("near_dup", "shift"): (0.0, 2), ("near_dup", "jpeg"): (1.0, 1),
                  ("exact_dup", "copy"): (1.0, 2)}
+    found = {(x["planted"], x["edit"]): (x["groups_found"], x["groups"]) for x in duplicates_by_edit(dups, planted)}
+    assert found == {("near_dup", "copy"): (1, 2), ("near_dup", "shift"): (0, 2), ("near_dup", "jpeg"): (1, 1),
+                     ("exact_dup", "copy"): (1, 1)}
     assert duplicates_by_edit(dups, planted.drop(columns="edit")) == []
 
 
