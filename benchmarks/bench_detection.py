@@ -193,7 +193,8 @@ def render(runs: list[dict], dose: dict | None = None, dedups: list[dict] | None
            "direction, with the 95 % bootstrap interval over independent units (a repeated group of 24 copies "
            "counts once: 20 positive units per class). Seed 0 is where every default was tuned (on the corpus "
            "before 5199043, whose builder refuses featureless photo crops; the members' cut, 38b4b5e, on the "
-           "present one); the held-out "
+           "present one; the pixel check's limits, 630f54a, on seed 0 again but after seed 1's misses were seen, so "
+           "fresh seeds 5-12 check them below); the held-out "
            f"seeds ({', '.join(str(r['seed']) for r in held) or 'none yet'}) have other base images and their own "
            "model, trained the same number of steps."), ""]
     for comp in ("repeated_vs_unique", "oversampled_vs_unique"):
