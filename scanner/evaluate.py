@@ -239,7 +239,8 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
     """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
     replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json).
 
-    A `memscan dedup` folder (duplicates.parquet and parts/, no scores/) gets the duplicate metrics alone."""
+    A folder with duplicates.parquet and parts/ but no scores/ gets the duplicate metrics alone (parts/ say
+    which images were read); `memscan dedup` writes scores/ without score values, whose columns are skipped."""
     from scanner.neighbours.dedup import pair_precision_recall
 
     truth = pd.read_parquet(truth_path)

@@ -184,8 +184,9 @@ ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 
 
 def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
     """The candidate pairs (cosine in [align_min_cosine, dup_threshold)) whose thumbnails agree within
-    align_max_rmse at some shift (and better than a flat image would: align.aligned_match): (E, 2) gids, (E,) cosines, and how many pairs were checked. thumbs: which
-    shards have a thumbs/ file (pairs with an end elsewhere are not checked)."""
+    align_max_rmse at some shift and better than a flat image would (align.aligned_match): (E, 2) gids, (E,)
+    cosines, and how many pairs were checked. thumbs: which shards have a thumbs/ file (pairs with an end
+    elsewhere are not checked)."""
     from scanner.neighbours.align import aligned_match
 
     e = np.concatenate(cand) if cand else np.zeros((0, 2), np.int64)
