@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from results_file import write_results
 
 from scanner.corpus.store import PartStore
-from scanner.neighbours.align import aligned_rmse, contrast
+from scanner.neighbours.align import agrees, aligned_rmse, contrast
 
 FLOORS = (0.6, 0.7, 0.8, 0.85, 0.9)
 STEP = 0.005  # max RMSE is rounded down to this
@@ -95,7 +95,7 @@ def gap(df: pd.DataFrame, threshold: float) -> dict:
 def outcome(df: pd.DataFrame, floor: float, max_rmse: float, threshold: float) -> dict:
     emb = df["cos"] >= threshold
     near = (df["cos"] >= floor) & (df["rmse"] <= max_rmse)
-    linked = emb | (near & (df["rmse"] < df["contrast"]))  # as align.aligned_match: closer than a flat image
+    linked = emb | ((df["cos"] >= floor) & agrees(df["rmse"], df["contrast"], max_rmse))  # as the scan links
     members = pd.concat([pd.DataFrame({"m": df[s], "edit": df[f"edit_{s}"], "hit": linked & df["same"],
                                        "hit_emb": emb & df["same"]}) for s in ("a", "b")])
     shift = members[members["edit"] == "shift"].groupby("m")[["hit", "hit_emb"]].any()

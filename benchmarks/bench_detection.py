@@ -179,9 +179,18 @@ def pooled_recall(rows: list[dict]) -> str:
         return "–"
     members = sum(r["members"] for r in rows)
     found = round(sum(r["recall"] * r["members"] for r in rows))
-    g, gf = sum(r["groups"] for r in rows), sum(r.get("groups_found", 0) for r in rows)
+    g, gf = sum(r["groups"] for r in rows), sum(r["groups_found"] for r in rows)
     lo = float(beta.ppf(0.05, gf, g - gf + 1)) if gf else 0.0
     return f"{found} / {members}; {gf} / {g} groups, >= {lo:.3f}"
+
+
+def dup_cells(d: dict | None) -> str:
+    """'pair P / R | distinct-bytes P / R | removal P / R' of evaluate's duplicates (nan where a run lacks one)."""
+    d = d or {}
+    ni = d.get("non_identical") or {}  # byte copies left out (runs evaluated before it: nan)
+    pr = lambda m, a, b: f"{m.get(a, float('nan')):.4f} / {m.get(b, float('nan')):.4f}"
+    return (f"{pr(d, 'pair_precision', 'pair_recall')} | {pr(ni, 'pair_precision', 'pair_recall')} | "
+            f"{pr(d, 'removal_precision', 'removal_recall')}")
 
 
 def render(runs: list[dict], dose: dict | None = None, dedups: list[dict] | None = None) -> str:
@@ -221,18 +230,14 @@ def render(runs: list[dict], dose: dict | None = None, dedups: list[dict] | None
              "oversampled -> od / unique flagged / unique classed |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        c, d = r["classes"], r["duplicates"] or {}
-        ni = d.get("non_identical") or {}  # byte copies left out (runs evaluated before it: nan)
+        c = r["classes"]
         cut = f"{r.get('detector')} <= {r['cut']:.3f} ({r.get('cut_from')})" if r.get("cut") is not None else "–"
         if r.get("members_cut") is not None:
             cut += f" ({r['heldout_cut']:.3f} / {r['members_cut']:.3f})"
         flagged = f"{r['unique_flagged']:.4f}" if r.get("unique_flagged") is not None else "–"
         out.append(f"| {r['seed']}{' (tuning)' if r['seed'] == 0 else ''} | {r['model_steps']} | {cut} | "
                    f"{r['lid_flipd_in_range']:.3f} | {c['repeated_dd']:.3f} | {c['oversampled_od']:.3f} | "
-                   f"{c['oversampled_dd']:.3f} | {flagged} | {c['unique_any']:.4f} | "
-                   f"{d.get('pair_precision', float('nan')):.4f} / {d.get('pair_recall', float('nan')):.4f} | "
-                   f"{ni.get('pair_precision', float('nan')):.4f} / {ni.get('pair_recall', float('nan')):.4f} | "
-                   f"{d.get('removal_precision', float('nan')):.4f} / {d.get('removal_recall', float('nan')):.4f} | "
+                   f"{c['oversampled_dd']:.3f} | {flagged} | {c['unique_any']:.4f} | {dup_cells(r['duplicates'])} | "
                    + (" / ".join(f"{r['heldout_alone'][k]:.4f}" for k in ("repeated_dd", "oversampled_od",
                                                                           "unique_flagged", "unique_any"))
                       if r.get("heldout_alone") else "–") + " |")
@@ -248,11 +253,7 @@ def render(runs: list[dict], dose: dict | None = None, dedups: list[dict] | None
                 "| seed | duplicate pairs P / R | pairs of distinct bytes P / R | duplicate removals P / R |",
                 "|---|---|---|---|"]
         for r in dedups:
-            d = r["duplicates"] or {}
-            ni = d.get("non_identical") or {}
-            out.append(f"| {r['seed']} (dedup) | {d['pair_precision']:.4f} / {d['pair_recall']:.4f} | "
-                       f"{ni.get('pair_precision', float('nan')):.4f} / {ni.get('pair_recall', float('nan')):.4f} | "
-                       f"{d['removal_precision']:.4f} / {d['removal_recall']:.4f} |")
+            out.append(f"| {r['seed']} (dedup) | {dup_cells(r['duplicates'])} |")
     both = runs + dedups
     label = lambda r: f"seed {r['seed']}{' (dedup)' if r.get('dedup_only') else ''}"
     edits = sorted({(e["planted"], e["edit"]) for r in both for e in (r["duplicates"] or {}).get("recall_by_edit", [])})

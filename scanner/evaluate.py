@@ -284,11 +284,11 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
     rep_path = out / "replications.parquet"
-    if rep_path.exists() and scores is not None:
-        by_cap = replication_by_caption(pd.read_parquet(rep_path), scores, truth)
-        if by_cap:
-            metrics["replications_by_caption"] = by_cap
     if scores is not None:
+        if rep_path.exists():
+            by_cap = replication_by_caption(pd.read_parquet(rep_path), scores, truth)
+            if by_cap:
+                metrics["replications_by_caption"] = by_cap
         dose = dose_response(scores, truth)
         if dose:
             metrics["dose_response"] = dose

@@ -173,7 +173,7 @@ def test_dose_groups_are_planted_duplicates(tmp_path):
 
 
 def test_a_dedup_folder_gets_the_duplicate_metrics_alone(tmp_path):
-    """`memscan dedup` writes no scores/: its parts say which images were read, and only they count as planted."""
+    """A folder without scores/: its parts say which images were read, and only they count as planted."""
     keys = ["a", "b", "c", "d", "e", "u"]
     (tmp_path / "parts").mkdir()
     pd.DataFrame({"key": keys, "error": [None, None, None, None, "decode: truncated", None],

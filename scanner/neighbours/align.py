@@ -73,8 +73,12 @@ def contrast(thumbs: np.ndarray, size: int) -> np.ndarray:
     return (np.sqrt(var) / 255).astype(np.float32)
 
 
+def agrees(rmse: np.ndarray, min_contrast: np.ndarray, max_rmse: float) -> np.ndarray:
+    """The match rule on measured pairs: aligned RMSE <= max_rmse and below the flatter thumbnail's `contrast` (two
+    images that agree no better than a flat one would are not evidence of a copy)."""
+    return (rmse <= max_rmse) & (rmse < min_contrast)
+
+
 def aligned_match(a: np.ndarray, b: np.ndarray, size: int, max_shift: int, max_rmse: float) -> np.ndarray:
-    """(P,) bool: thumbnails a and b are one picture moved: `aligned_rmse` <= max_rmse, and below both thumbnails'
-    `contrast` (two images that agree no better than a flat one would are not evidence of a copy)."""
-    r = aligned_rmse(a, b, size, max_shift)
-    return (r <= max_rmse) & (r < np.minimum(contrast(a, size), contrast(b, size)))
+    """(P,) bool: thumbnails a and b are one picture moved (`agrees` on their `aligned_rmse` and `contrast`)."""
+    return agrees(aligned_rmse(a, b, size, max_shift), np.minimum(contrast(a, size), contrast(b, size)), max_rmse)
