@@ -4,7 +4,7 @@
 
 Every image of the demo corpus (decoded as the scan decodes it), forwards only. AUROC ("low flags") of repeated
 and of oversampled images against unique ones, with the 95 % bootstrap interval over independent units (a
-repeated group counts once, scanner.evaluate.bootstrap_metrics), for
+repeated group counts once, scanner.demo.evaluate.bootstrap_metrics), for
 - the raw norm |eps(psi x, t)| and score_norm_cal with [hflip, vflip] over a grid of t (the t_cal sweep);
 - at t_cal = 0.1: one mirror alone (hflip, vflip, rot180), both, and a one-pixel horizontal shift as the
   reference (an image just as simple as x and almost the same, but not the one the model saw).

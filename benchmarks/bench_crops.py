@@ -1,5 +1,5 @@
 """Which photo crops the duplicate detector groups wrongly, by their fine detail: the evidence for the corpus
-builder's featureless-crop screen (scanner/data/demo.py, _MIN_CROP_DETAIL).
+builder's featureless-crop screen (scanner/demo/corpus.py, _MIN_CROP_DETAIL).
 
     python benchmarks/bench_crops.py runs/demo-seed0 [runs/demo-seed1 ...]   # writes results/crops.{md,json}
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench_detection import _crop, _sources
 from results_file import write_results
 
-from scanner.data.demo import _detail
 from scanner.data.shards import iter_tar_samples
+from scanner.demo.corpus import _detail
 
 THRESHOLDS = (0.004, 0.005, 0.006, 0.008, 0.01)
 

@@ -35,7 +35,7 @@ from results_file import write_results
 from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
 from scanner.columns import direction
 from scanner.config import config_from_dict
-from scanner.data.demo import HELDOUT_IMAGES, build_demo_corpus_again
+from scanner.demo.corpus import HELDOUT_IMAGES, build_demo_corpus_again
 from scanner.finalize import classify, copy_groups
 
 KINDS = ("repeated", "oversampled", "unique")
@@ -117,7 +117,7 @@ def scoring_cost(run: Path, raw: dict, images: int = 128, batch: int = 32) -> di
     import torch
 
     from scanner.config import ModelConfig
-    from scanner.demo_train import load_images
+    from scanner.demo.train import load_images
     from scanner.geometry.mirror import pixel_mirrors
     from scanner.geometry.scores import compute_scores
     from scanner.models.loading import load_score_model

@@ -34,9 +34,9 @@ sys.path.insert(0, str(HERE.parent))
 from results_file import write_results
 
 from scanner.calibrate import flagged_at
-from scanner.data.demo import _iou as crop_iou
 from scanner.data.shards import iter_tar_samples
-from scanner.evaluate import evaluate, removals_against_truth
+from scanner.demo.corpus import _iou as crop_iou
+from scanner.demo.evaluate import evaluate, removals_against_truth
 from scanner.procfs import machine
 
 COLUMNS = ["loss_cal", "score_norm_cal", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca", "lid_gap_rel"]

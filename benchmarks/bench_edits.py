@@ -6,7 +6,7 @@ Per seed: a demo corpus whose near-duplicate groups draw from every edit (jpeg, 
 the SSCD-style crop 5-20 %, horizontal flip, rotation 3-10 degrees, text overlay; 120 near-duplicate groups
 so that each edit has ~30 members), then `memscan dedup --config demo` on it as a user runs it (the
 copy-detection embedder trained on that corpus with the shipped settings, the shipped threshold), then
-recall per planted kind and edit (`scanner.evaluate.duplicates_by_edit`) and pair precision / recall.
+recall per planted kind and edit (`scanner.demo.evaluate.duplicates_by_edit`) and pair precision / recall.
 Seeds 1 and 2 are held out: no setting was chosen on them.
 
 --variants shipped edits: `edits` trains the embedder with the copy edits added to its training views
@@ -28,8 +28,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.data.demo import COPY_EDITS, MORE_EDITS, build_demo_corpus
-from scanner.evaluate import duplicates_by_edit
+from scanner.demo.corpus import COPY_EDITS, MORE_EDITS, build_demo_corpus
+from scanner.demo.evaluate import duplicates_by_edit
 from scanner.neighbours.dedup import pair_precision_recall
 
 EDIT_VIEWS = {"flip_p": 0.5, "max_rotate_deg": 12.0, "overlay_p": 0.3}

@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.data.demo import COPY_EDITS, MORE_EDITS, build_demo_corpus
-from scanner.evaluate import duplicates_by_edit
+from scanner.demo.corpus import COPY_EDITS, MORE_EDITS, build_demo_corpus
+from scanner.demo.evaluate import duplicates_by_edit
 from scanner.neighbours.dedup import find_duplicate_groups, pair_precision_recall
 
 EDIT_VIEWS = {"flip_p": 0.5, "max_rotate_deg": 12.0, "overlay_p": 0.3}

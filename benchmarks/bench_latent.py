@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.evaluate import by_caption_kind, evaluate
+from scanner.demo.evaluate import by_caption_kind, evaluate
 
 COLUMNS = ["loss_cal", "score_norm_cal", "cfg_norm", "score_norm", "p_laplace_1", "p_laplace_3", "lid_flipd", "lid_lpca",
            "lid_gap_rel"]
@@ -61,7 +61,7 @@ def cfg_sweep(demo: Path) -> list[dict]:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from scanner.demo_train import load_images
+    from scanner.demo.train import load_images
     from scanner.geometry.cfg_norm import cfg_norm
     from scanner.geometry.trace import row_seeds
     from scanner.models.latent import LatentSDScoreModel

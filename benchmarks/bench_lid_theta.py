@@ -6,7 +6,7 @@
 `--demo` is a `memscan demo` directory (corpus/ with truth.parquet, model/). Images are decoded as the scan
 decodes them. The sample (seeded): every oversampled image, `--copies` copies of every repeated group and
 `--unique` unique images. Intervals: 95 % bootstrap over independent units (a repeated group counts once,
-scanner.evaluate.bootstrap_metrics). "Low flags memorization" for every LID (scanner/columns.py).
+scanner.demo.evaluate.bootstrap_metrics). "Low flags memorization" for every LID (scanner/columns.py).
 
 1. FLIPD at the clean point psi x (method.md §2) and at noised points psi x + sigma z (§10) over a t0 grid:
    median per class, the share inside [0, D], AUROC of repeated and oversampled against unique.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from scipy.stats import spearmanr
 
-from scanner.evaluate import bootstrap_metrics
+from scanner.demo.evaluate import bootstrap_metrics
 from scanner.geometry.flipd import find_knee, flipd, flipd_noised
 from scanner.geometry.normal_bundle import nb_lid
 
@@ -48,7 +48,7 @@ def load(demo: Path):
     import pandas as pd
 
     from scanner.config import ModelConfig
-    from scanner.demo_train import load_images, to_model_space
+    from scanner.demo.train import load_images, to_model_space
     from scanner.models.loading import load_score_model
 
     info = json.loads((demo / "model" / "train_info.json").read_text())

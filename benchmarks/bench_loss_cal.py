@@ -33,7 +33,7 @@ from results_file import write_results
 from sklearn.metrics import roc_auc_score
 
 from scanner.config import ModelConfig
-from scanner.demo_train import load_images, to_model_space
+from scanner.demo.train import load_images, to_model_space
 from scanner.geometry.mirror import denoising_loss, loss_noise, mirror, mirror_calibrated_loss, mirror_calibrated_norm
 from scanner.geometry.trace import row_seeds, time_vector
 from scanner.models.loading import load_score_model

@@ -227,7 +227,7 @@ def main() -> None:
     a = ap.parse_args()
     if len(a.factors) < 2 or a.factors[0] != 1:
         ap.error("--factors must start at 1 and have at least two entries (ratios are taken against 1x)")
-    from scanner.data.demo import build_demo_corpus
+    from scanner.demo.corpus import build_demo_corpus
 
     work = Path(a.work)
     if not (work / "base" / "truth.parquet").exists():

@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from scanner.data.demo import build_demo_corpus
+    from scanner.demo.corpus import build_demo_corpus
 
     work = Path(a.work)
     subprocess.run(["rm", "-rf", str(work / "local"), str(work / "cluster")], check=True)

@@ -5,7 +5,7 @@
 
 Compares rows (keys), every score column (largest absolute and relative difference), mem_class, verdicts,
 errors, duplicate groups (as pairs), the removal list, and, against the planted truth, duplicate pair
-precision / recall and every column's AUROC (scanner.evaluate on each). Writes
+precision / recall and every column's AUROC (scanner.demo.evaluate on each). Writes
 benchmarks/results/NAME.{md,json}.
 """
 
@@ -29,7 +29,7 @@ def pairs(dups: pd.DataFrame) -> set[tuple[str, str]]:
 
 
 def compare(a: Path, b: Path, truth: Path) -> dict:
-    from scanner.evaluate import evaluate
+    from scanner.demo.evaluate import evaluate
 
     sa, sb = (pd.read_parquet(d / "scores").set_index("key").sort_index() for d in (a, b))
     out: dict = {"rows": [len(sa), len(sb)], "same_keys": bool(sa.index.equals(sb.index))}

@@ -239,7 +239,7 @@ def cmd_train_embedder(args) -> int:
 
 
 def cmd_build_demo_corpus(args) -> int:
-    from scanner.data.demo import build_demo_corpus
+    from scanner.demo.corpus import build_demo_corpus
 
     corpus = build_demo_corpus(args.out, n_unique=args.n_unique, seed=args.seed, n_heldout=args.n_heldout)
     print(f"memscan build-demo-corpus: {corpus}")
@@ -247,7 +247,7 @@ def cmd_build_demo_corpus(args) -> int:
 
 
 def cmd_train_demo(args) -> int:
-    from scanner.demo import ensure_demo_model
+    from scanner.demo.run import ensure_demo_model
 
     path = ensure_demo_model(Path(args.out), minutes=args.minutes, seed=args.seed, steps=args.steps,
                              progress=not args.no_progress, kind=args.kind, quick=None)  # any cached corpus
@@ -256,14 +256,14 @@ def cmd_train_demo(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from scanner.demo import run_demo
+    from scanner.demo.run import run_demo
 
     return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress,
                     quick=args.quick, seed=args.seed, steps=args.steps, dose=args.dose, kind=args.kind)
 
 
 def cmd_evaluate(args) -> int:
-    from scanner.evaluate import evaluate, format_metrics
+    from scanner.demo.evaluate import evaluate, format_metrics
 
     metrics = evaluate(Path(args.out), Path(args.truth))
     print(format_metrics(metrics))

@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
-    from scanner.data.demo import build_demo_corpus
+    from scanner.demo.corpus import build_demo_corpus
 
     return build_demo_corpus(tmp_path_factory.mktemp("tiny_corpus"), **TINY_CORPUS)
 

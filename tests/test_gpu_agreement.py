@@ -88,9 +88,9 @@ def test_latent_demo_model_scores_agree_with_cpu(tmp_path_factory):
     """The latent demo's own kind of model (trained here for a few steps: SD layout, locally written tokenizer),
     every score column from compute_scores on cuda against the CPU, float32 forward (issue 17, item 5)."""
     from scanner.config import GeometryConfig
-    from scanner.data.demo import build_demo_corpus
-    from scanner.demo_latent import RESOLUTION, train_latent_demo
-    from scanner.demo_train import load_images
+    from scanner.demo.corpus import build_demo_corpus
+    from scanner.demo.latent import RESOLUTION, train_latent_demo
+    from scanner.demo.train import load_images
     from scanner.geometry.mirror import pixel_mirrors
     from scanner.geometry.scores import compute_scores
     from scanner.geometry.trace import row_seeds

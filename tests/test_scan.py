@@ -85,7 +85,7 @@ def _cli(args, **kw):
 @pytest.fixture(scope="module")
 def kill_corpus(tmp_path_factory):
     """Many small shards: Ray finishes shards in bursts, and a kill must land between two of them."""
-    from scanner.data.demo import build_demo_corpus
+    from scanner.demo.corpus import build_demo_corpus
 
     corpus = build_demo_corpus(tmp_path_factory.mktemp("kill_corpus"), n_unique=60, n_repeated=2, repeat_copies=20,
                                n_oversampled=3, n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3,

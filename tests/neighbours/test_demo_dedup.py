@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from scanner.config import NeighboursConfig
-from scanner.data.demo import build_demo_corpus
 from scanner.data.load import load_images
-from scanner.evaluate import duplicates_by_edit
+from scanner.demo.corpus import build_demo_corpus
+from scanner.demo.evaluate import duplicates_by_edit
 from scanner.neighbours.align import thumbnails
 from scanner.neighbours.dedup import duplicate_removals, find_duplicate_groups, pair_precision_recall
 from scanner.neighbours.embed import load_embedder

@@ -9,7 +9,7 @@ import os
 import pandas as pd
 
 from scanner.config import NeighboursConfig
-from scanner.data.demo import build_demo_corpus
+from scanner.demo.corpus import build_demo_corpus
 from scanner.pipeline import run_dedup, run_scan
 
 

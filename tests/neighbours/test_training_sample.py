@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from scanner.data.demo import build_demo_corpus
 from scanner.data.load import load_images
+from scanner.demo.corpus import build_demo_corpus
 from scanner.neighbours.train_embedder import training_sample, unique_by_bytes
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from scanner.data.demo import build_demo_corpus
-from scanner.demo_train import draw_batch, eps_norm_auroc, sample_check, sample_weights, train_demo
+from scanner.demo.corpus import build_demo_corpus
+from scanner.demo.train import draw_batch, eps_norm_auroc, sample_check, sample_weights, train_demo
 
 TINY_MODEL = {"resolution": 8, "block_out_channels": (8, 16), "norm_num_groups": 8, "layers_per_block": 1,
               "batch_size": 32, "lr": 3e-3, "warmup_steps": 0, "progress": False,
@@ -89,7 +89,7 @@ def test_checks_run_on_the_saved_model(trained, corpus):
 
 
 def test_a_cached_demo_corpus_of_another_seed_or_design_is_refused(tmp_path):
-    from scanner.demo import ensure_demo_corpus
+    from scanner.demo.run import ensure_demo_corpus
 
     out = tmp_path / "demo"
     corpus = ensure_demo_corpus(out, seed=1, quick=True)
@@ -112,7 +112,7 @@ def test_a_cached_corpus_with_another_heldout_size_gets_a_new_heldout_shard_and_
                                                                                                monkeypatch):
     """Corpora cached before the held-out set grew (500 images, no n_heldout recorded): the corpus and so the
     model stay valid, only heldout/ is rebuilt at today's size; shards that are not this memscan's are refused."""
-    from scanner import demo
+    from scanner.demo import run as demo
 
     monkeypatch.setitem(demo.QUICK_CORPUS, "n_heldout", 40)
     out = tmp_path / "demo"

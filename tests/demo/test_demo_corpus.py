@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scanner.data.demo import PLANTED, build_demo_corpus
+from scanner.demo.corpus import PLANTED, build_demo_corpus
 
 TINY = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversampled": 3, "n_exact_dup_groups": 3,
         "n_near_dup_groups": 3, "n_corrupt": 3, "n_no_caption": 4, "samples_per_shard": 40, "seed": 1,
@@ -137,7 +137,7 @@ def test_dose_groups_planted_per_copy_count_and_off_by_default(corpus, tmp_path)
 def test_more_copy_edits_are_planted_when_asked(tmp_path):
     import numpy as np
 
-    from scanner.data.demo import COPY_EDITS, MORE_EDITS
+    from scanner.demo.corpus import COPY_EDITS, MORE_EDITS
 
     c = build_demo_corpus(tmp_path / "edits", **{**TINY, "n_near_dup_groups": 30, "truncate_last_shard": False},
                           near_dup_edits=COPY_EDITS + MORE_EDITS)
@@ -202,7 +202,7 @@ def test_featureless_photo_crops_are_refused():
     textured ones; without the screen about 8 % of the demo's crops would be featureless."""
     import numpy as np
 
-    from scanner.data.demo import _MIN_CROP_DETAIL, _MIN_CROP_STD, _detail, _image_pool, _load_photos, _resize
+    from scanner.demo.corpus import _MIN_CROP_DETAIL, _MIN_CROP_STD, _detail, _image_pool, _load_photos, _resize
 
     wheel, gravel = _load_photos()["colorwheel"][100:164, 100:164], _load_photos()["gravel"][:64, :64]
     assert wheel.std() > _MIN_CROP_STD and _detail(_resize(wheel, 32)) < _MIN_CROP_DETAIL

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from scanner.columns import direction, score_column
-from scanner.evaluate import column_metrics, evaluate, format_metrics
+from scanner.demo.evaluate import column_metrics, evaluate, format_metrics
 
 
 def _scan(tmp_path, shift_norm: float, shift_cfg: float):
@@ -62,7 +62,7 @@ def test_registry_directions(col, want):
 def test_roc_curves_match_sklearn_with_ties_and_weights():
     from sklearn.metrics import roc_auc_score
 
-    from scanner.evaluate import _roc_curves, tpr_at_fpr
+    from scanner.demo.evaluate import _roc_curves, tpr_at_fpr
 
     rng = np.random.default_rng(1)
     y = rng.random(3000) < 0.2
@@ -79,7 +79,7 @@ def test_roc_curves_match_sklearn_with_ties_and_weights():
 def test_bootstrap_counts_a_group_once_not_each_copy():
     """20 groups of 24 identical copies: over groups the interval is that of 20 positives, over copies it would
     pretend 480; the interval over groups must be the wider one, and both must contain the AUROC."""
-    from scanner.evaluate import bootstrap_metrics
+    from scanner.demo.evaluate import bootstrap_metrics
 
     rng = np.random.default_rng(2)
     base = rng.normal(size=20) + 1.0
@@ -110,7 +110,7 @@ def test_metrics_carry_intervals_and_the_low_fpr_rate(tmp_path):
 
 
 def test_dose_response_reads_flags_per_copy_count(tmp_path):
-    from scanner.evaluate import dose_response
+    from scanner.demo.evaluate import dose_response
 
     rows, truth = [], []
     for k, flag_share in ((2, 0.0), (8, 0.5), (32, 1.0)):
@@ -134,7 +134,7 @@ def test_dose_response_reads_flags_per_copy_count(tmp_path):
 
 
 def test_duplicate_recall_per_planted_kind_and_edit():
-    from scanner.evaluate import duplicates_by_edit
+    from scanner.demo.evaluate import duplicates_by_edit
 
     planted = pd.DataFrame({"key": list("abcdefg"), "group_id": [0, 0, 0, 1, 1, 2, 2],
                             "planted": ["near_dup"] * 3 + ["exact_dup"] * 2 + ["near_dup"] * 2,
@@ -242,7 +242,7 @@ def test_verbatim_and_varied_caption_groups_are_compared_to_unique_images(tmp_pa
 def test_removal_precision_counts_what_the_list_removes_not_pairs():
     """A stranger joined to a group of copies is one wrong removal (pair precision counts it once per copy); a
     stranger kept in place of the copies makes every removal of that group wrong."""
-    from scanner.evaluate import removal_precision_recall
+    from scanner.demo.evaluate import removal_precision_recall
     from scanner.neighbours.dedup import pair_precision_recall
 
     planted = pd.DataFrame({"key": [f"c{i}" for i in range(6)] + ["p", "q"], "group_id": [0] * 6 + [1, 1]})

@@ -36,7 +36,7 @@ def ensure_demo_corpus(out: Path, seed: int = 0, quick: bool | None = False, dos
     of this size: the quick corpus with QUICK_CORPUS's held-out set, or the full one with HELDOUT_IMAGES (another
     held-out size is rebuilt in place). quick None takes a cached corpus of either size (train-demo trains on what
     is there) and builds the full one."""
-    from scanner.data.demo import HELDOUT_IMAGES, build_demo_corpus
+    from scanner.demo.corpus import HELDOUT_IMAGES, build_demo_corpus
 
     corpus = out / "corpus"
     if (corpus / "truth.parquet").exists():
@@ -67,7 +67,7 @@ def _rebuild_heldout(corpus: Path, params: dict, n_heldout: int) -> None:
     byte for byte against the cached shards, and its heldout/ and manifest moved in (the model stays valid)."""
     import shutil
 
-    from scanner.data.demo import build_demo_corpus_again
+    from scanner.demo.corpus import build_demo_corpus_again
 
     t0 = time.time()
     tmp = corpus.parent / "corpus.heldout-tmp"
@@ -92,9 +92,9 @@ def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, pr
 
     Training runs `steps` seeded optimizer steps (None: DEMO_STEPS, or QUICK_STEPS with `quick`), so every
     machine trains the same model; `minutes` (None: no cap) may stop it earlier, with a warning.
-    kind "latent": a tiny text-to-image Stable Diffusion (scanner.demo_latent) on a corpus with unique captions.
+    kind "latent": a tiny text-to-image Stable Diffusion (scanner.demo.latent) on a corpus with unique captions.
     """
-    from scanner.demo_train import DEMO_STEPS, train_demo
+    from scanner.demo.train import DEMO_STEPS, train_demo
 
     _check_kind(kind)
     corpus = ensure_demo_corpus(out, seed, quick=quick, dose=dose, captions=DEMO_MODELS[kind][0])
@@ -106,7 +106,7 @@ def ensure_demo_model(out: Path, minutes: float | None = None, seed: int = 0, pr
         log.info("demo model: cached at %s", model)
         return model
     if kind == "latent":
-        from scanner.demo_latent import LATENT_STEPS, LATENT_VAE_STEPS, train_latent_demo
+        from scanner.demo.latent import LATENT_STEPS, LATENT_VAE_STEPS, train_latent_demo
 
         vae_steps, steps = (QUICK_LATENT_STEPS if quick else (LATENT_VAE_STEPS, steps or LATENT_STEPS))
         log.info("demo model (latent): training a %d-step VAE and a %d-step text-conditional UNet on this machine%s "
@@ -125,7 +125,7 @@ def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | Non
              quick: bool = False, seed: int = 0, steps: int | None = None, dose: bool = False,
              kind: str = "pixel") -> int:
     from scanner.config import load_config, shipped_config
-    from scanner.evaluate import evaluate, format_metrics
+    from scanner.demo.evaluate import evaluate, format_metrics
     from scanner.pipeline import run_scan
 
     t0 = time.time()

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from scanner.data.demo import build_demo_corpus
-from scanner.demo_latent import MAX_TOKENS, RESOLUTION, train_latent_demo, write_tokenizer
+from scanner.demo.corpus import build_demo_corpus
+from scanner.demo.latent import MAX_TOKENS, RESOLUTION, train_latent_demo, write_tokenizer
 
 SMALL = {"n_unique": 40, "n_repeated": 4, "repeat_copies": 6, "n_oversampled": 2, "n_exact_dup_groups": 1,
          "n_near_dup_groups": 1, "n_corrupt": 1, "n_no_caption": 2, "samples_per_shard": 40, "seed": 2}
@@ -101,7 +101,7 @@ def test_saved_model_generates_with_stable_diffusion_pipeline(model_dir):
 
 def test_saved_model_loads_as_memscan_latent_model(model_dir, corpus):
     from scanner.config import ModelConfig
-    from scanner.demo_train import load_images
+    from scanner.demo.train import load_images
     from scanner.models.loading import load_score_model
 
     model = load_score_model(ModelConfig(kind="latent", path=str(model_dir), device="cpu"))
@@ -129,7 +129,7 @@ def test_same_seed_same_model(model_dir, corpus, tmp_path):
 
 
 def test_bad_arguments_and_a_cached_model_of_another_kind(corpus, model_dir, tmp_path):
-    from scanner.demo import ensure_demo_model
+    from scanner.demo.run import ensure_demo_model
 
     with pytest.raises(ValueError, match="vae_steps must be an int >= 1"):
         train_latent_demo(corpus.out_dir, tmp_path / "m", vae_steps=0)
@@ -152,7 +152,7 @@ def test_bad_arguments_and_a_cached_model_of_another_kind(corpus, model_dir, tmp
 
 
 def test_tar_members_hold_the_captions_the_model_trained_on(corpus, model_dir):
-    from scanner.demo_train import load_images
+    from scanner.demo.train import load_images
 
     data = load_images(corpus.out_dir, RESOLUTION, 3)
     got = members(corpus)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scanner.demo_train import (
+from scanner.demo.train import (
     _torch_threads,
     draw_batch,
     fit,

@@ -388,7 +388,7 @@ def sample_check(model_dir: str | Path, corpus_dir: str | Path, n: int = 256, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m scanner.demo_train CORPUS OUT [--steps N] [--budget S] [--check]"""
+    """python -m scanner.demo.train CORPUS OUT [--steps N] [--budget S] [--check]"""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
