@@ -7,7 +7,8 @@ detectors.
 Each run is a finished `memscan demo --out DIR` (DIR/corpus, DIR/model, DIR/<--scan>, a scan of DIR/corpus whose
 scores hold every detector asked for). Per run and detector: the held-out images the demo corpus builder writes
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
-run's), scored by the run's model through the scan's own stages (scanner.calibrate.heldout_scores), then the
+run's), scored by the run's model through the scan's own stages in this process (inmemory.score_heldout_locally, read by
+scanner.calibrate.heldout_scores), then the
 run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_* and
 groups of byte copies) under (a) the detector's fixed cut (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
@@ -30,6 +31,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from inmemory import score_heldout_locally
 from results_file import write_results
 
 from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
@@ -94,7 +96,7 @@ def one(run: Path, fpr: float, scan: str, detectors: list[str]) -> dict:
                                                         "detector_direction": direction(col)},
                                     "model": {**raw["model"], "path": str(run / "model"), "device": "cpu"}})
             t0 = time.time()
-            held = heldout_scores(cfg)
+            held = heldout_scores(cfg, score_heldout_locally(cfg, Path(tmp) / f"held-{col}"))
             seconds = time.time() - t0
             cut = calibrated_cut(held["values"], fpr, cfg.classify.direction)
             r = {"heldout_images": held["images"], "heldout_seconds": round(seconds, 1),

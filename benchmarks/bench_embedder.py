@@ -25,11 +25,12 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from inmemory import find_duplicate_groups
 from results_file import write_results
 
 from scanner.demo.corpus import COPY_EDITS, MORE_EDITS, build_demo_corpus
 from scanner.demo.evaluate import duplicates_by_edit
-from scanner.neighbours.dedup import find_duplicate_groups, pair_precision_recall
+from scanner.neighbours.dedup import pair_precision_recall
 
 EDIT_VIEWS = {"flip_p": 0.5, "max_rotate_deg": 12.0, "overlay_p": 0.3}
 # recipe -> train_on_images keywords (plus "width": the ResNet tower's width, 16 shipped)

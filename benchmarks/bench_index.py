@@ -11,7 +11,7 @@ Each (size, data) pair runs in its own subprocess so its peak RSS is its own.
 Per row: build time; recall@10 of the approximate index against exact on 1,000 queries (ties with
 exact duplicates count as hits); query time for the same 1,000 queries, flat and approximate, on the
 same threads; the speed ratio; the index's bytes and the process's peak RSS. The approximate index
-comes from scanner.neighbours.index.build_index (the code path scans use), which raises nprobe /
+comes from benchmarks/inmemory.py build_index (in-memory indexes; scans search out of core), which raises nprobe /
 efSearch until recall@k >= 0.99 on its own sample of queries (k = 10 here).
 """
 
@@ -65,9 +65,9 @@ def timed_search(index, q: np.ndarray, k: int, repeats: int = 3) -> float:
 
 def run_one(n: int, d: int, data: str, kind: str, k: int, queries: int, seed: int) -> dict:
     import faiss
+    from inmemory import build_index, measure_recall, recall_reference
 
     from scanner.config import NeighboursConfig
-    from scanner.neighbours.index import build_index, measure_recall, recall_reference
 
     x = make_vectors(n, d, data, seed)
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -71,7 +71,7 @@ def _rss(pid: int) -> int:
 
 
 TICK = os.sysconf("SC_CLK_TCK")
-ROLES = [("ScoreStage", "scoring actor"), ("EmbedStage", "embedding actor"), ("read_batch", "read tasks"),
+ROLES = [("ScoreStage", "scoring actor"), ("EmbedStage", "embedding actor"), ("_run_task", "read tasks"),
          ("raylet", "raylet"), ("gcs_server", "GCS")]
 
 
@@ -149,8 +149,9 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
 
     from scanner.config import load_config
     from scanner.neighbours.embed import load_embedder
+    from scanner.stages.base import run_local
     from scanner.stages.read import ReadSpec, read_shard
-    from scanner.stages.score import ScoreStage
+    from scanner.stages.score import ScoreSpec, ScoreStage
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.path={model}", f"neighbours.clip_checkpoint={embedder}"])
@@ -159,11 +160,11 @@ def stages_alone(shards: list[Path], model: Path, embedder: str, threads: int) -
     batches = [b for p in shards for b in read_shard(str(p), spec)]  # the one decode feeds both sizes
     read_s = time.time() - t0
     n = sum(int((~b["marker"]).sum()) for b in batches)
-    stage = ScoreStage(cfg.to_dict(), threads=threads)
+    stage = ScoreStage(ScoreSpec.of(cfg), threads=threads)
     t0 = time.time()
     for b in batches:
         for i in range(0, len(b["key"]), cfg.data.batch_size):
-            stage({k: v[i:i + cfg.data.batch_size] for k, v in b.items()})
+            run_local(stage, {k: v[i:i + cfg.data.batch_size] for k, v in b.items()})
     score_s = time.time() - t0
     import numpy as np
 
@@ -183,12 +184,12 @@ sys.path.insert(0, {root!r})
 from scanner.config import load_config
 cfg = load_config({cfg!r}, ["model.path={model}"])
 if {what!r} == "ray":
-    from scanner.raystart import start_ray
+    from scanner.stages.cluster import start_ray
     t0 = time.time()
     start_ray()
 else:
-    from scanner.stages.score import ScoreStage
-    ScoreStage(cfg.to_dict(), threads=1)
+    from scanner.stages.score import ScoreSpec, ScoreStage
+    ScoreStage(ScoreSpec.of(cfg), threads=1)
 print(json.dumps(time.time() - t0))
 """
 

@@ -5,9 +5,9 @@ model that memorized less, or whose ratios sit lower everywhere, flags far fewer
 number (benchmarks/results/detection.md: 171 vs 477 of 480 repeated images over two demo models). Membership
 inference sets its threshold where it flags a chosen share of images the model never trained on; memscan does
 the same when `classify.calibration_shards` names such images: they go through the scan's own read and score
-stages (in this process: a held-out set is small; the score stage computes the detector alone, the value it gives
-in a full scan), and the cut is the detector's `calibration_fpr` quantile over
-them (its `calibration_fpr` lowest values for a low-flags column).
+stages as held-out rows (the score stage computes the detector alone for them, the value it gives in a full scan)
+and land in heldout/; the cut is the detector's `calibration_fpr` quantile over them (its `calibration_fpr`
+lowest values for a low-flags column). This module reads part files only: it loads no model.
 
 Members sit lower than non-members on every image, memorized or not: the model's membership signal. At the held-out
 cut the demo flags 2-4 % of its unique members, not 1 %. With `classify.calibration_members` the cut must also
@@ -17,9 +17,7 @@ them memorized, read through their median and MAD, which a memorized tail does n
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 
 import numpy as np
 
@@ -86,47 +84,43 @@ def cut_fpr_interval(n: int, fpr: float, level: float = 0.95) -> tuple[float, fl
     return lo, hi
 
 
-def heldout_scores(cfg) -> dict:
-    """Score cfg.classify.calibration_shards with the scan's model, through the scan's read and score stages.
+def heldout_scores(cfg, out) -> dict:
+    """The detector on cfg.classify.calibration_shards, as the scan's score stage wrote it (heldout/NAME.parquet:
+    those shards went through the scan's read and score stages as held-out rows, the detector alone).
 
-    Returns {"values": the detector on each readable, finitely scored image (at most
-    classify.calibration_max_images), "images", "errors" (rows that failed to read or score), "shards",
-    "seconds"}.
+    Returns {"values": the detector on each readable, finitely scored image, the first
+    classify.calibration_max_images in shard order, "images", "errors" (rows that failed to read or score),
+    "shards"}.
     """
-    from scanner.data.shards import expand_shards
-    from scanner.stages.read import ReadSpec, read_shard
-    from scanner.stages.score import ScoreStage
+    from pathlib import Path
+
+    import pandas as pd
+
+    from scanner.data.shards import expand_shards, shard_name
+    from scanner.stages.sink import part_path
 
     c = cfg.classify
-    shards = expand_shards(c.calibration_shards)  # raises when a pattern matches nothing (preflight said so first)
-    t0 = time.time()
-    stage = ScoreStage(dataclasses.asdict(cfg))
-    if c.detector not in stage.writes:
-        raise ValueError(f"classify.detector {c.detector!r} is not a score column of this model "
-                         f"({', '.join(stage.writes[:-1])}): it cannot be calibrated")
-    stage.only = c.detector  # the same values the scan computes for it, without the other columns' forwards
-    spec = ReadSpec(model_side=cfg.data.resolution, model_channels=cfg.data.channels,
-                    max_pixels=cfg.data.max_image_pixels)
-    values, n, errors = [], 0, 0
-    batches = (b for path in shards for b in read_shard(path, spec, rows_per_batch=cfg.data.batch_size))
-    for batch in batches:
-        out = stage.process(batch)
-        rows = ~np.asarray(out["marker"], dtype=bool)
-        ok = rows & np.array([e is None for e in out["error"]], dtype=bool)
-        errors += int(rows.sum() - ok.sum())
-        values.append(np.asarray(out[c.detector], dtype=float)[ok])
-        n += int(ok.sum())
-        if n >= c.calibration_max_images:
-            break
+    shards = expand_shards(c.calibration_shards)
+    values, errors = [], 0
+    for s in shards:
+        path = part_path(Path(out), shard_name(s), "heldout")
+        if not path.exists():
+            from scanner.errors import ScanIncomplete
+
+            raise ScanIncomplete(f"the held-out shard {s} has no scored part ({path}): rerun the same command")
+        df = pd.read_parquet(path)
+        df = df[df["key"].notna()]
+        col = df[c.detector].astype(float) if c.detector in df else pd.Series(np.nan, index=df.index)
+        ok = df["error"].isna() & np.isfinite(col)
+        errors += int((~ok).sum())
+        values.append(col[ok].to_numpy())
     vals = np.concatenate(values)[:c.calibration_max_images] if values else np.zeros(0)
     if not len(vals):
         from scanner.errors import ConfigError
 
         raise ConfigError(f"classify.calibration_shards: none of the held-out images in {', '.join(shards)} could be "
                           f"read and scored ({errors} error rows), so there is no cut; fix or unset it and rerun into "
-                          "the same --out (the scored shards are kept and skipped)")
-    seconds = round(time.time() - t0, 1)
-    log.info("classify: scored %d held-out images for the detector's cut in %.1f s (%d unreadable or unscored)",
-             len(vals), seconds, errors)
-    return {"values": vals, "images": len(vals), "errors": errors, "shards": [str(s) for s in shards],
-            "seconds": seconds}
+                          "a new --out")
+    log.info("classify: %d held-out images scored for the detector's cut (%d unreadable or unscored)", len(vals),
+             errors)
+    return {"values": vals, "images": len(vals), "errors": errors, "shards": [str(s) for s in shards]}

@@ -272,9 +272,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from scanner.report.html import cmd_report as run_report
+    from scanner.report import write_report
 
-    return run_report(args)
+    path = write_report(Path(args.out), Path(args.truth) if args.truth else None)
+    print(f"memscan report: {path}")
+    return 0
 
 
 COMMANDS = {"report": cmd_report, "scan": cmd_scan, "dedup": cmd_dedup, "train-embedder": cmd_train_embedder,

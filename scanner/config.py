@@ -34,12 +34,16 @@ class DataConfig:
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger declared sizes are refused (decompression bombs)
     batch_size: int = 64  # rows per Ray Data batch for decoding
+    # side of the preview stored per image for report.html (previews/, PNG up to 32 px, JPEG above: about 1-3 KB a
+    # row), taken from the scan's one decode so the report never reopens a shard; 0 = none (no thumbnails shown)
+    preview_size: int = 64
 
     def validate(self, p: str = "data") -> None:
         _check(4 <= self.resolution <= 4096, f"{p}.resolution", self.resolution, "an int in [4, 4096]")
         _check(self.channels in (1, 3), f"{p}.channels", self.channels, "1 or 3")
         _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
+        _check(0 <= self.preview_size <= 512, f"{p}.preview_size", self.preview_size, "0 (none) or an int in [1, 512]")
 
 
 @dataclass
@@ -237,7 +241,7 @@ class ClassifyConfig:
     # with calibration_shards: the cut must also flag no more than calibration_fpr of the corpus's ordinary members
     # (calibrate.member_cut: median and MAD of the detector over the scanned rows); the stricter cut applies
     calibration_members: bool = True
-    calibration_max_images: int = 5000  # the first this many readable held-out images are scored
+    calibration_max_images: int = 5000  # the cut reads the first this many readable held-out images, in shard order
     lpca_low: float = 1.0  # LID_* below this (with a flag) is data-driven memorization (DD-Mem); 1: LID_* = 0
     # OD-Mem needs lid_gap_rel > gap_margin: lid_flipd below the corpus's typical lid_flipd for images of the same
     # LID_*, in units of the median lid_flipd (finalize.relative_gap)

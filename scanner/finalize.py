@@ -220,7 +220,7 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
     if c.calibration_shards:
         from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
 
-        held = heldout_scores(cfg)
+        held = heldout_scores(cfg, store.out)
         thr = held_cut = calibrated_cut(held["values"], c.calibration_fpr, c.direction)
         members = None
         if c.calibration_members and np.isfinite(vals).sum() >= 100:  # fewer rows: no spread to read
@@ -242,7 +242,7 @@ def detector_threshold(store: PartStore, masks: Masks, cfg: ScanConfig, lids=Non
                  if members and members["binding"] else "")
         calibration = {"fpr": c.calibration_fpr, "fpr_interval": [lo, hi], "fpr_interval_level": level,
                        "images": held["images"], "errors": held["errors"],
-                       "shards": held["shards"], "seconds": held["seconds"],
+                       "shards": held["shards"],
                        "median": float(np.median(held["values"])), "heldout_cut": held_cut,
                        "flagged_share_of_heldout": flagged_held,
                        **({"members": members} if members else {}),

@@ -3,14 +3,15 @@
     shards ──read (Ray task per shard: each tar opened once, each image decoded once)
            ──► embed (actor: copy-detection embedding + pHash)      when neighbours are on
            ──► score (actor pool: every geometry column)            when a diffusion model is given
-           ──► sink (driver: parts/NAME.parquet + vectors/ + embeddings/, atomically, per shard)
-           ──► finalize (driver): duplicate groups, replications, LID_*, classes, verdicts, every table
+           ──► sink (driver: parts/NAME.parquet + vectors/ + embeddings/ + thumbs/ + previews/, per shard)
+           ──► corpus steps: duplicate groups, replications, LID_*, the cut, classes, verdicts, every table
 
-`memscan dedup` is the same pipeline without the score stage. Resume: a shard whose part file exists
-is done and is not read again; parts/_run.json records what the parts were made with, and a rerun
-with another model, geometry or embedder into the same --out is refused rather than mixed. The
-stages are in scanner/stages/; this module wires them and decides nothing about resources
-(scanner.stages.base.plan does).
+The held-out shards of classify.calibration_shards go through the same read and score stages as `heldout` rows
+(the detector alone; heldout/NAME.parquet), so the cut is a corpus step that reads part files like the others.
+`memscan dedup` is the same pipeline without the score stage. Resume: a shard whose part file exists is done and
+is not read again; parts/_run.json records what the parts were made with, and a rerun with another model,
+geometry or embedder into the same --out is refused rather than mixed. The stages are in scanner/stages/; this
+module wires them (build_steps) and decides nothing about resources (scanner.stages.cluster.plan does).
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from scanner.errors import ConfigError, ScanIncomplete
 from scanner.files import write_json
 from scanner.procfs import machine
 from scanner.progress import ShardProgress
-from scanner.raystart import start_ray
-from scanner.stages.base import READ_CPUS, apply, plan
-from scanner.stages.read import ReadSpec, read_batch
+from scanner.stages.cluster import plan, start_ray
+from scanner.stages.read import ROWS_PER_BATCH
 
 log = logging.getLogger("memscan")
 
@@ -78,75 +78,99 @@ def check_manifest(out: Path, manifest: dict) -> None:
     write_json(manifest, path)
 
 
+def build_steps(cfg: ScanConfig, embedder: str | None, out: Path, placements: dict) -> list:
+    """The scan's stages in order, each with its own config section: read -> embed (when neighbours are on) ->
+    score (when a model is given) -> sink. check_flow has checked that their columns connect."""
+    from scanner.stages.base import READ, Step, check_flow
+    from scanner.stages.embed import EmbedStage
+    from scanner.stages.read import ReadSpec, ReadStage
+    from scanner.stages.score import ScoreSpec, ScoreStage
+    from scanner.stages.sink import SinkSpec, SinkStage
+
+    score = cfg.model.kind != "none"
+    spec = ReadSpec(model_side=cfg.data.resolution if score else 0, model_channels=cfg.data.channels,
+                    embed_side=cfg.neighbours.image_size if embedder else 0, max_pixels=cfg.data.max_image_pixels,
+                    preview_size=cfg.data.preview_size, rows_per_batch=ROWS_PER_BATCH)
+    steps = [Step(ReadStage, spec, READ)]
+    if embedder is not None:
+        steps.append(Step(EmbedStage, dataclasses.replace(cfg.neighbours, clip_checkpoint=embedder),
+                          placements["embed"]))
+    if score:
+        steps.append(Step(ScoreStage, ScoreSpec.of(cfg), placements["score"]))
+    steps.append(Step(SinkStage, SinkSpec(str(out))))
+    check_flow(steps)
+    return steps
+
+
+def shard_jobs(cfg: ScanConfig, shards: list[str], out: Path) -> list[dict]:
+    """The shards still to read: {path, split} for every corpus shard and held-out shard (classify.calibration_shards,
+    scored for the cut) without a part file in `out`."""
+    from scanner.stages.sink import part_path
+
+    held = list(cfg.classify.calibration_shards or []) if cfg.model.kind != "none" else []
+    jobs = [{"path": p, "split": "corpus"} for p in shards] + [{"path": p, "split": "heldout"} for p in held]
+    return [j for j in jobs if not part_path(out, shard_name(j["path"]), j["split"]).exists()]
+
+
 def run_stages(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None, progress: bool = True,
                label: str = "scan") -> dict:
     """Read, embed and score the shards that have no part file yet, into part files.
 
     embedder: the copy-detection checkpoint (None: no embedding stage). Returns {'pending', 'done',
-    'seconds', 'images', 'stages': {name: actor seconds}}.
+    'seconds', 'images', 'stages': {name: {seconds, devices, nodes, warnings}}, 'placements'}.
     """
     import ray
 
-    from scanner.stages.embed import EmbedStage
-    from scanner.stages.score import ScoreStage
-    from scanner.stages.sink import ShardCollector
+    from scanner.stages.base import apply
 
     check_manifest(out, run_manifest(cfg, embedder))
-    pending = [p for p in shards if not (out / "parts" / f"{shard_name(p)}.parquet").exists()]
+    jobs = shard_jobs(cfg, shards, out)
     t0 = time.time()
-    if not pending:
-        log.info("all %d shards already done in %s (resume)", len(shards), out)
-        return {"pending": 0, "done": 0, "seconds": 0.0, "images": 0, "stages": {}}
-    if len(pending) < len(shards):
-        log.info("resuming: %d of %d shards already done, %d to go", len(shards) - len(pending), len(shards),
-                 len(pending))
+    total = len(shards) + len(cfg.classify.calibration_shards or [] if cfg.model.kind != "none" else [])
+    if not jobs:
+        log.info("all %d shards already done in %s (resume)", total, out)
+        return {"pending": 0, "done": 0, "seconds": 0.0, "images": 0, "stages": {}, "placements": {}}
+    if len(jobs) < total:
+        log.info("resuming: %d of %d shards already done, %d to go", total - len(jobs), total, len(jobs))
     score = cfg.model.kind != "none"
     init_ray(cfg)
     resources = ray.cluster_resources()
-    use_gpu = _cuda_available() and cfg.model.device != "cpu"
+    # the GPUs the cluster has, not the driver's: under `ray job submit` the driver often runs on a head with none
     placements = plan(resources.get("CPU", 1.0), resources.get("GPU", 0.0), cfg.ray.actors if score else None,
-                      cfg.ray.gpus_per_actor, embed=embedder is not None, use_gpu=use_gpu,
+                      cfg.ray.gpus_per_actor, embed=embedder is not None, use_gpu=cfg.model.device != "cpu",
                       node_cpus=cfg.ray.num_cpus or os.cpu_count() or 1)
     log.info("%s: %s", label, ", ".join(f"{n}: {p.actors} actor(s) x ({p.cpus:g} CPU, {p.gpus:g} GPU)"
                                         for n, p in placements.items()) or "read only")
-    spec = ReadSpec(model_side=cfg.data.resolution if score else 0, model_channels=cfg.data.channels,
-                    embed_side=cfg.neighbours.image_size if embedder else 0, max_pixels=cfg.data.max_image_pixels)
-    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
+    steps = build_steps(cfg, embedder, out, placements)
+    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
     # Reading is its own task per shard (num_cpus differs from the actors', so Ray Data does not fuse them):
     # fused, an actor's batch_size was applied to the *paths*, one task took up to 64 shards and the driver
     # saw nothing until all of them were done, so a kill lost all of them.
-    ds = ds.map_batches(read_batch, batch_size=1, num_cpus=READ_CPUS, fn_kwargs={"spec": dataclasses.asdict(spec)})
-    if embedder is not None:
-        ncfg = dataclasses.asdict(dataclasses.replace(cfg.neighbours, clip_checkpoint=embedder))
-        ds = apply(ds, EmbedStage, ncfg, placements["embed"], cfg.data.batch_size)
-    if score:
-        ds = apply(ds, ScoreStage, cfg.to_dict(), placements["score"], cfg.data.batch_size)
-    collector = ShardCollector(out)
-    with ShardProgress(len(pending), label, progress) as bar:
+    for step in steps[:-1]:
+        ds = apply(ds, step, cfg.data.batch_size)
+    sink_step = steps[-1]
+    sink = sink_step.stage(sink_step.cfg)
+    n_corpus = sum(j["split"] == "corpus" for j in jobs)
+    with ShardProgress(len(jobs), label, progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            before = collector.images
-            finished = collector.add(batch)
-            bar.update(len(finished), collector.images - before)
-    if collector.failed:
+            before = sink.images
+            finished = sink.add(batch)
+            bar.update(len(finished), sink.images - before)
+    if sink.failed:
         raise ScanIncomplete(
-            f"{len(collector.failed)} of {len(pending)} shards could not be written to {out / 'parts'}: "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(collector.failed.items())[:5])
-            + f". The other {len(collector.done)} are saved; fix the cause and rerun the same command to "
+            f"{len(sink.failed)} of {len(jobs)} shards could not be written to {out}: "
+            + "; ".join(f"{k[1]}: {v}" for k, v in sorted(sink.failed.items())[:5])
+            + f". The other {len(sink.done)} are saved; fix the cause and rerun the same command to "
               f"do only these.")
-    missing = [shard_name(p) for p in pending if shard_name(p) not in collector.done]
+    missing = [shard_name(j["path"]) for j in jobs if (j["split"], shard_name(j["path"])) not in sink.done]
     if missing:
         raise ScanIncomplete(f"the pipeline ended without completing shards {missing[:5]}: rerun to resume")
-    return {"pending": len(pending), "done": len(collector.done), "seconds": round(time.time() - t0, 1),
-            "images": collector.images, "stages": {k: round(v, 1) for k, v in collector.stage_seconds.items()}}
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no usable CUDA however it fails
-        return False
+    stages = sink.stages_summary()
+    for name, seconds in sink.stage_seconds.items():
+        stages.setdefault(name, {})["seconds"] = round(seconds, 1)
+    return {"pending": n_corpus, "done": sum(k[0] == "corpus" for k in sink.done),
+            "seconds": round(time.time() - t0, 1), "images": sink.images, "stages": stages,
+            "placements": {n: dataclasses.asdict(p) for n, p in placements.items()}}
 
 
 def versions() -> dict:
@@ -183,8 +207,12 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     t_embedder = time.time() - t0
     stages = run_stages(cfg, out, shards, embedder, progress, label)
     summary = finalize(cfg, out, shards, embedder=embedder, embedder_trained=trained)
-    for name, seconds in stages["stages"].items():  # actor seconds of the shards done in this run
-        summary["stages"].setdefault(name, {})["seconds_this_run"] = seconds
+    for name, rec in stages["stages"].items():  # the shards done in this run: actor seconds, devices, nodes
+        this_run = summary["stages"].setdefault(name, {})
+        this_run["seconds_this_run"] = rec.pop("seconds", 0.0)
+        this_run.update(rec)
+    if stages["placements"]:
+        summary["placements"] = stages["placements"]
     summary["timings_s"] = {"train_embedder": round(t_embedder, 1), "stages": stages["seconds"],
                             **summary.get("timings_s", {}), "total": round(time.time() - t0, 1)}
     summary["resume"] = {"shards": len(shards), "done_this_run": stages["done"]}
@@ -192,7 +220,7 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     summary["machine"] = machine(threads=False)  # the scoring actors' threads are Ray's to set, not the driver's
     summary["config"] = cfg.to_dict()
     write_json(summary, out / "summary.json")
-    from scanner.report.html import write_report
+    from scanner.report import write_report
 
     try:
         write_report(out)
@@ -200,22 +228,3 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
         log.warning("report.html not written (%s: %s); rerun `memscan report --out %s`", type(e).__name__, e, out)
     log.info("results in %s (scores/, errors.parquet, removal_list.parquet, summary.json, report.html)", out)
     return summary
-
-
-def run_dedup(shards, out_dir, cfg, train_steps: int | None = None, progress: bool = False,
-              data: dict | None = None, ray: dict | None = None) -> dict:
-    """`memscan dedup`: the scan's pipeline (read -> embed -> parts) and corpus steps, with no diffusion model.
-
-    cfg: a NeighboursConfig; data / ray: the config's data and ray sections as dicts (defaults when None).
-    Writes what a scan writes, less the model's columns: scores/ (keys, sizes, errors), duplicates.parquet,
-    removal_list.{parquet,txt}, errors.parquet, summary.json, report.html. Returns the summary.
-    """
-    from scanner.config import config_from_dict
-
-    if train_steps:
-        cfg = dataclasses.replace(cfg, train_steps=train_steps)
-    raw = ScanConfig().to_dict()
-    raw.update(data=dict(data or raw["data"], shards=[str(s) for s in ([shards] if isinstance(shards, (str, Path))
-                                                                         else shards)]),
-               model={"kind": "none"}, neighbours=dataclasses.asdict(cfg), ray=ray or raw["ray"])
-    return run_scan(config_from_dict(raw), out_dir, progress=progress, label="dedup")

@@ -23,7 +23,9 @@ STR, F32, I64, BOOL = pa.string(), pa.float32(), pa.int64(), pa.bool_()
 
 P_LAPLACE_PREFIX = "p_laplace_"
 # text columns of the batches that flow between stages
-TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error")
+TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error", "split")
+BINARY_COLUMNS = ("preview",)
+INFO_PREFIX = "stage_info_"  # a stage's JSON record on a batch's first row (scanner.stages.base)
 
 
 def p_column(p: float) -> str:
@@ -87,8 +89,10 @@ def typed_block(batch: dict):
 
     cols = {}
     for k, v in batch.items():
-        if k in TEXT_COLUMNS:
+        if k in TEXT_COLUMNS or k.startswith(INFO_PREFIX):
             cols[k] = pa.array([None if x is None else str(x) for x in v], type=STR)
+        elif k in BINARY_COLUMNS:
+            cols[k] = pa.array([None if x is None else bytes(x) for x in v], type=pa.binary())
         elif isinstance(v, np.ndarray) and v.ndim > 1:
             cols[k] = ArrowTensorArray.from_numpy(v)
         else:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from inmemory import score_heldout_locally
 
 from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
 
@@ -40,9 +41,10 @@ def test_fpr_interval_covers_the_rate_the_cut_really_applies(n, fpr):
         cut_fpr_interval(n, 0.0)
 
 
-def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_corpus):
-    """The stage path (read, decode, score) gives the detector the geometry gives on the held-out images decoded
-    by hand: a calibration that scored images differently from the scan would set a meaningless cut."""
+def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_corpus, tmp_path):
+    """The stage path (read, decode, score as held-out rows, sink) gives the detector the geometry gives on the
+    held-out images decoded by hand: a calibration that scored images differently from the scan would set a
+    meaningless cut."""
     from scanner.data.load import load_images
     from scanner.geometry.mirror import mirror_calibrated_loss, mirror_calibrated_norm
     from scanner.geometry.trace import row_seeds
@@ -53,7 +55,7 @@ def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_
     for detector in ("loss_cal", "score_norm_cal"):
         cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_max_images=100",
                           f"classify.detector={detector}")
-        out = heldout_scores(cfg)
+        out = heldout_scores(cfg, score_heldout_locally(cfg, tmp_path / detector))
         assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == [str(held / "00000.tar")]
         keys, images, _, _ = load_images(str(held), cfg.data.resolution)
         model = model or load_score_model(cfg.model)
@@ -74,6 +76,7 @@ def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tin
 
     class Store:  # a corpus of no rows: the cut must come from the held-out images alone
         columns = ("loss_cal", "score_norm_cal", "lid_flipd")
+        out = score_heldout_locally(cfg, tmp_path)
 
         def __len__(self):
             return 0
@@ -82,7 +85,7 @@ def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tin
         counts = types.MappingProxyType({"ok": 0})
 
     t = detector_threshold(Store(), Masks(), cfg)
-    vals = heldout_scores(cfg)["values"]
+    vals = heldout_scores(cfg, tmp_path)["values"]
     assert t["threshold"] == pytest.approx(np.quantile(vals, 0.05)) and t["threshold"] != 0.123
     assert t["calibration"]["images"] == 120 and t["calibration"]["fpr"] == 0.05
     assert t["calibration"]["fpr_interval"] == pytest.approx(list(cut_fpr_interval(120, 0.05)))
@@ -113,18 +116,20 @@ def test_member_cut_flags_fpr_of_ordinary_members_whatever_the_memorized_tail(di
         member_cut(np.array([np.nan]), 0.01, direction)
 
 
-def test_detector_threshold_takes_the_stricter_of_the_heldout_and_the_members_cut(scan_config, tiny_corpus):
+def test_detector_threshold_takes_the_stricter_of_the_heldout_and_the_members_cut(scan_config, tiny_corpus, tmp_path):
     """With calibration_members the cut is the held-out quantile or the members' cut, whichever flags less, and
     summary.json records both; without it, the held-out quantile alone."""
     from scanner.finalize import detector_threshold
 
     held = tiny_corpus.out_dir / "heldout"
     args = (f"classify.calibration_shards={held}", "classify.calibration_fpr=0.05")
-    held_cut = np.quantile(heldout_scores(scan_config(*args))["values"], 0.05)
+    held_cut = np.quantile(heldout_scores(scan_config(*args), score_heldout_locally(scan_config(*args), tmp_path))["values"],
+                           0.05)
 
     def corpus(values):
         class Store:
             columns = ("loss_cal",)
+            out = tmp_path
 
             def __len__(self):
                 return 1
@@ -170,30 +175,27 @@ def test_heldout_shards_without_a_readable_image_name_the_key(scan_config, tmp_p
         tf.addfile(info, io.BytesIO(data))
     cfg = scan_config(f"classify.calibration_shards={bad.parent}")
     with pytest.raises(ConfigError, match=r"classify.calibration_shards: none of the held-out images .* \(1 error rows\)"):
-        heldout_scores(cfg)
+        heldout_scores(cfg, score_heldout_locally(cfg, tmp_path / "out"))
 
 
 def test_a_cfg_norm_detector_encodes_no_mirror_images(tiny_sd_dir, monkeypatch):
     """Held-out images scored for cfg_norm alone skip the latent model's mirror images (a VAE encode each): the
     column does not use them. score_norm_cal does."""
-    import dataclasses
-
     from scanner.config import load_config, shipped_config
     from scanner.geometry import mirror
-    from scanner.stages.score import ScoreStage
+    from scanner.stages.score import ScoreSpec, ScoreStage
 
     calls = []
     real = mirror.pixel_mirrors
     monkeypatch.setattr(mirror, "pixel_mirrors", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = load_config(shipped_config("demo-latent"), [f"model.path={tiny_sd_dir}", "data.resolution=16"])
-    stage = ScoreStage(dataclasses.asdict(cfg))
     n = 3
     batch = {"key": np.array(list("abc"), dtype=object), "caption": np.array(["a cat"] * n, dtype=object),
              "marker": np.zeros(n, bool), "error": np.array([None] * n, dtype=object),
-             "error_stage": np.array([None] * n, dtype=object),
+             "error_stage": np.array([None] * n, dtype=object), "split": np.array(["heldout"] * n, dtype=object),
              "image_model": np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)}
     for only, encodes in (("cfg_norm", 0), ("score_norm_cal", 1), ("loss_cal", 1)):
+        stage = ScoreStage(ScoreSpec(cfg.model, cfg.geometry, cfg.data.resolution, detector=only))
         calls.clear()
-        stage.only = only
         out = stage.process(dict(batch))
         assert len(calls) == encodes and np.isfinite(out[only]).all() and out["error"].tolist() == [None] * n, only

@@ -66,3 +66,34 @@ def test_the_walk_sees_a_planted_cycle():
 def test_no_import_cycles_among_scanner_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every scanner module `start` imports, directly or through others (lazy imports included)."""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        for n in graph.get(m, ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+SHARD_READERS = {"scanner.data.shards", "scanner.stages.read", "scanner.data.decode", "scanner.data.load"}
+
+
+def test_the_report_reads_no_shard():
+    """report.html is drawn from the scan's outputs alone (its previews/ included): no report module reaches a shard
+    reader or a decoder, through scanner modules or tarfile / webdataset directly."""
+    graph = import_graph()
+    report = [m for m in graph if m == "scanner.report" or m.startswith("scanner.report.")]
+    assert len(report) >= 5
+    for m in report:
+        assert not (reachable(graph, m) & SHARD_READERS), (m, reachable(graph, m) & SHARD_READERS)
+        tree = ast.parse((PKG.parent / (m.replace(".", "/") + ".py")).read_text()
+                         if not m.endswith("report") else (PKG / "report" / "__init__.py").read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not mods & {"tarfile", "webdataset"}, (m, mods)
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}  # the walk itself

@@ -6,17 +6,15 @@ import base64
 import io
 import json
 import re
-import runpy
 import shutil
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from scanner.report import html as report
-from scanner.report.html import write_report
+from scanner.report import load as report
+from scanner.report import write_report
 
 SCRIPT = "<script>alert(1)</script>"
 HEADINGS = ["Run summary", "Detection metrics", "Score distributions", "Model manifold vs data manifold",
@@ -83,6 +81,7 @@ def make_scan(corpus_dir, out, seed: int = 0) -> dict:
     (out / "scores").mkdir(parents=True)
     for name, part in df[cols].groupby("shard"):
         part.reset_index(drop=True).to_parquet(out / "scores" / f"{name}.parquet", index=False)
+    write_previews(corpus_dir, out)
     dups.to_parquet(out / "duplicates.parquet", index=False)
     reps.to_parquet(out / "replications.parquet", index=False)
     gen_dir = out / "replications"
@@ -130,6 +129,25 @@ def make_scan(corpus_dir, out, seed: int = 0) -> dict:
                "mem_class_by_planted": {"none": {"unique": 55, "repeated": 2}, "dd": {"repeated": 38}}}
     (out / "metrics.json").write_text(json.dumps(metrics))
     return {"threshold": thr, "lowest": lowest, "gen_png": gen_png, "df": df, "dups": dups, "removal": rem}
+
+
+def write_previews(corpus_dir, out, size: int = 64) -> None:
+    """previews/SHARD.parquet as the scan's sink writes them: the read stage's preview of every readable image."""
+    from scanner.data.decode import DecodeError, open_image
+    from scanner.data.shards import iter_tar_samples
+    from scanner.stages.read import preview_bytes
+
+    for shard in sorted((corpus_dir / "shards").glob("*.tar")):
+        keys, previews = [], []
+        for s in iter_tar_samples(str(shard)):
+            if s["image"]:
+                try:
+                    previews.append(preview_bytes(open_image(s["image"])[0], size))
+                except DecodeError:
+                    continue
+                keys.append(s["key"])
+        (out / "previews").mkdir(exist_ok=True)
+        pd.DataFrame({"key": keys, "preview": previews}).to_parquet(out / "previews" / f"{shard.stem}.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -184,22 +202,25 @@ def test_stored_generation_shown_and_missing_ones_said(scan):
     assert "not stored" in text
 
 
-def test_thumbnails_are_the_shard_images(scan, tiny_corpus, monkeypatch):
-    from scanner.data.decode import decode_image
+def test_thumbnails_are_the_previews_the_scan_stored(scan, tiny_corpus, monkeypatch):
+    """The report shows the previews the scan's read stage made from its one decode (previews/), bounded by
+    MAX_THUMBS in priority order; it opens no shard (tests/test_imports.py checks it imports no shard reader)."""
+    from scanner.data.decode import open_image
     from scanner.data.shards import iter_tar_samples
+    from scanner.stages.read import preview_bytes
 
     out, _, facts = scan
     run = report.load_run(out)
     keys = list(facts["dups"]["key"][:6])
     monkeypatch.setattr(report, "MAX_THUMBS", 4)
-    report.load_thumbnails(run, keys)
+    report.load_previews(run, keys)
     assert set(run.thumbs) == set(keys[:4])  # the bound holds, in priority order
     shard_of = dict(zip(facts["df"]["key"], facts["df"]["shard"]))
     shard = next(p for p in tiny_corpus.shards if p.stem == shard_of[keys[0]])
     sample = next(s for s in iter_tar_samples(str(shard)) if s["key"] == keys[0])
-    want, _, _ = decode_image(sample["image"], 16)
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(run.thumbs[keys[0]].split(",", 1)[1]))))
-    assert np.array_equal(got, want)
+    want = preview_bytes(open_image(sample["image"])[0], 64)
+    assert base64.b64decode(run.thumbs[keys[0]].split(",", 1)[1]) == want
+    assert run.thumbs[keys[0]].startswith("data:image/png;base64,")  # 16 px demo images: a lossless PNG
 
 
 def test_missing_inputs_render_with_a_note(scan, tmp_path):
@@ -217,25 +238,23 @@ def test_missing_inputs_render_with_a_note(scan, tmp_path):
     assert "split by mem_class" in text and "split by planted class" not in text  # no truth file given
 
 
-@pytest.mark.parametrize("layout", ["name_and_path", "path_in_shard"])
-def test_dedup_only_run_finds_images_through_embeddings(scan, tiny_corpus, tmp_path, layout):
-    """`memscan dedup` leaves no scores and no config; its embeddings files name each sample's shard file
-    (in `path`; embeddings written before that column existed held the path in `shard`)."""
+def test_dedup_run_shows_its_groups_from_previews(scan, tmp_path):
+    """A `memscan dedup` folder (scores/ without score values, no metrics): the duplicate groups still show their
+    images, from the previews the dedup scan stored."""
     out = tmp_path / "dedup"
     out.mkdir()
-    shutil.copy(scan[0] / "duplicates.parquet", out)
-    shutil.copy(scan[0] / "removal_list.parquet", out)
-    truth = pd.read_parquet(tiny_corpus.truth)
-    by_name = {p.stem: str(p) for p in tiny_corpus.shards}
-    (out / "embeddings" / "fp0").mkdir(parents=True)
-    for name, part in truth.groupby("shard"):
-        cols = {"shard": name, "path": by_name[name]} if layout == "name_and_path" else {"shard": by_name[name]}
-        pd.DataFrame({"key": part["key"], **cols}).to_parquet(out / "embeddings" / "fp0" / f"{name}.parquet")
+    for name in ("duplicates.parquet", "removal_list.parquet"):
+        shutil.copy(scan[0] / name, out)
+    shutil.copytree(scan[0] / "previews", out / "previews")
+    (out / "scores").mkdir()
+    for f in (scan[0] / "scores").glob("*.parquet"):
+        pd.read_parquet(f, columns=["key", "shard", "caption", "width", "height", "error"]).to_parquet(
+            out / "scores" / f.name)
     (out / "summary.json").write_text(json.dumps({
-        "counts": {"seen": len(truth), "embedded": len(truth), "duplicate_groups": 8, "duplicates": 30, "removed": 30},
+        "counts": {"seen": 10, "embedded": 10, "duplicate_groups": 8, "duplicates": 30, "removed": 30},
         "thresholds": {"dup_threshold": 0.9321, "keep_rule": "keep the largest image"}}))
     text = write_report(out).read_text()
-    assert "Not available: scores/*.parquet not found" in text and "failed to render" not in text
+    assert "failed to render" not in text
     dup_section = text[text.index('<section id="duplicates"'):text.index('<section id="replications"')]
     assert n_images(dup_section) >= 12 and "no image" not in dup_section
     assert "0.9321" in text and "keep the largest image" in text
@@ -248,27 +267,21 @@ def test_empty_dir_and_bad_dir(tmp_path):
         write_report(tmp_path / "nope")
 
 
-def test_unlocatable_shards_are_said(scan, tmp_path):
+def test_a_scan_without_previews_says_so(scan, tmp_path):
     out = tmp_path / "scan"
     shutil.copytree(scan[0], out)
-    summary = json.loads((out / "summary.json").read_text())
-    summary["config"]["data"]["shards"] = [str(tmp_path / "gone")]
-    (out / "summary.json").write_text(json.dumps(summary))
+    shutil.rmtree(out / "previews")
     text = write_report(out).read_text()
-    assert "Images not shown" in text and "gone" in text
-    assert "no image" in text
+    assert "Images not shown" in text and "data.preview_size: 0" in text
+    assert "no image" in text and "failed to render" not in text
 
 
-def test_main_and_module_entry(tmp_path, monkeypatch, capsys):
-    assert report.main(["--out", str(tmp_path)]) == 0
+def test_report_command(tmp_path, capsys):
+    from scanner.cli import main
+
+    assert main(["report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.html").is_file() and str(tmp_path / "report.html") in capsys.readouterr().out
-    assert report.main(["--out", str(tmp_path / "missing")]) == 2
-    # python -m scanner.report runs the same main (in-process: no second interpreter start).
-    (tmp_path / "report.html").unlink()
-    monkeypatch.setattr(sys, "argv", ["scanner.report", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_module("scanner.report", run_name="__main__")
-    assert e.value.code == 0 and (tmp_path / "report.html").is_file()
+    assert main(["report", "--out", str(tmp_path / "missing")]) == 2
 
 
 def test_at_risk_shows_each_duplicate_group_once(scan):

@@ -274,8 +274,8 @@ def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(sc
 
     from scanner.schema import typed_block
     from scanner.stages.read import ReadSpec, read_shard
-    from scanner.stages.score import ScoreStage
-    from scanner.stages.sink import ShardCollector
+    from scanner.stages.score import ScoreSpec, ScoreStage
+    from scanner.stages.sink import SinkSpec, SinkStage
 
     def to_numpy(table):  # what the next stage receives from Ray Data
         return BlockAccessor.for_block(table).to_batch_format("numpy")
@@ -285,13 +285,14 @@ def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(sc
     first = next(read_shard(shard, ReadSpec(cfg.data.resolution, cfg.data.channels)))
     keep = np.array([e is None for e in first["error"]]) & ~first["marker"]
     clean = {k: v[keep] for k, v in first.items()}
+    assert set(clean["split"]) == {"corpus"}
     clean["caption"] = np.array([None] * int(keep.sum()), dtype=object)  # a shard with no caption at all
     block = typed_block(clean)
     assert block.schema.field("error").type == pa.string() and block.schema.field("caption").type == pa.string()
     # the untyped way still loses None: the reason typed_block exists (this assertion guards the test itself)
     assert BlockAccessor.batch_to_block(clean).schema.field("error").type == pa.null()
 
-    scored = ScoreStage(cfg.to_dict())(to_numpy(block))
+    scored = next(ScoreStage(ScoreSpec.of(cfg))(to_numpy(block)))
     assert scored.schema.field("error").type == pa.string()
     out = to_numpy(scored)
     assert all(e is None for e in out["error"]) and all(c is None for c in out["caption"])
@@ -299,15 +300,15 @@ def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(sc
     # blocks with and without string errors merge, and the collector keeps None as None
     with_error = typed_block(dict(out, error=np.array(["boom"] + [None] * (len(out["key"]) - 1), dtype=object)))
     assert transform_pyarrow.concat([scored, with_error]).num_rows == 2 * len(out["key"])
-    collector = ShardCollector(tmp_path)
-    collector.add(out)
-    rows = collector.rows[out["shard"][0]][0]
+    sink = SinkStage(SinkSpec(str(tmp_path)))
+    sink.add(out)
+    rows = sink.rows[("corpus", out["shard"][0])][0]
     assert rows["error"].isna().all() and rows["caption"].isna().all() and rows["score_norm"].notna().all()
 
 
 def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, tiny_model_dir, tmp_path):
     """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less)."""
-    from scanner.stages.base import plan
+    from scanner.stages.cluster import plan
 
     assert plan(2, 0, 2, 1.0, embed=False, use_gpu=False)["score"].cpus == 0.75
     assert plan(8, 0, 2, 1.0, embed=True, use_gpu=False)["score"].cpus == 1.0

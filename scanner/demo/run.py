@@ -156,7 +156,7 @@ def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | Non
         ensure_embedder(expand_shards(cfg.data.shards), scan_dir, cfg.neighbours, log=log.info)
     run_scan(cfg, scan_dir, progress=progress)
     metrics = evaluate(scan_dir, out / "corpus" / "truth.parquet")
-    from scanner.report.html import write_report
+    from scanner.report import write_report
 
     report = write_report(scan_dir, out / "corpus" / "truth.parquet")
     print(format_metrics(metrics))

@@ -108,18 +108,17 @@ def find_replications(generated_vectors: np.ndarray, gen_meta: list[dict], index
                       threshold: float, keep_all: bool = False) -> pd.DataFrame:
     """Match each generation to its nearest training image.
 
-    generated_vectors: (G, d) unit rows, embedded like the training images; index: faiss index over
-    the training vectors, row j = train_keys[j]. Returns gen_id, caption, seed, matched_key,
-    similarity (cosine) and replicated (similarity >= threshold); only replicated rows unless keep_all.
+    generated_vectors: (G, d) unit rows, embedded like the training images; index: anything with faiss's
+    search(queries, k) -> (sims, ids) over the training vectors, row j = train_keys[j] (the scan's StreamedIndex).
+    Returns gen_id, caption, seed, matched_key, similarity (cosine) and replicated (similarity >= threshold); only
+    replicated rows unless keep_all.
     """
-    from scanner.neighbours.index import knn
-
     cols = ["gen_id", "caption", "seed", "matched_key", "similarity", "replicated"]
     if len(generated_vectors) != len(gen_meta):
         raise ValueError(f"{len(generated_vectors)} vectors but {len(gen_meta)} generation records")
     if len(generated_vectors) == 0:
         return pd.DataFrame(columns=cols)
-    sims, ids = knn(index, generated_vectors, 1)
+    sims, ids = index.search(np.ascontiguousarray(generated_vectors, dtype=np.float32), 1)
     df = pd.DataFrame({
         "gen_id": [m["gen_id"] for m in gen_meta],
         "caption": [m.get("caption") for m in gen_meta],

@@ -1,8 +1,9 @@
-"""Ray Data stages: each declares what it reads and writes, loads its model once per actor in setup(), and
-maps a numpy batch to the same rows with its columns added (base.Stage). The pipeline (scanner.pipeline)
-wires them:
+"""The scan's stages. Each declares what it reads and writes and gets its own typed config section
+(base.Stage); the pipeline (scanner.pipeline) runs them as one Ray Data job:
 
-    read (tasks: each shard opened once, each image decoded once) -> embed -> score -> sink (part files)
+    read (a task per shard: opened once, each image decoded once) -> embed (actor) -> score (actors) -> sink (driver:
+    one part file per shard)
 
-base.plan is the one place that decides actor counts and CPU / GPU shares, for every actor stage.
+cluster.py decides where they run: Ray itself, actor counts and CPU / GPU shares (plan, from what the cluster has),
+and the device each actor ends up on.
 """

@@ -16,23 +16,31 @@ from scanner.stages.base import Stage
 
 
 class EmbedStage(Stage):
-    name = "embed"
-    reads = ("image_embed",)
-    writes = ("embedding", "phash", "thumb", "embed_error")
+    """cfg: the scan's NeighboursConfig (validated on the driver, clip_checkpoint set)."""
+
+    name, runs = "embed", "actor"
+    reads = ("image_embed", "marker", "error", "split")
+    writes = ("embedding", "phash", "embed_error")
+    drops = ("image_embed",)
+
+    @classmethod
+    def declared_writes(cls, cfg) -> tuple[str, ...]:
+        return cls.writes + (("thumb",) if cfg.align_size else ())
 
     def setup(self) -> None:
-        from scanner.config import NeighboursConfig
         from scanner.neighbours.embed import load_embedder
+        from scanner.stages.cluster import actor_device
 
-        cfg = NeighboursConfig(**self.cfg)
-        self.embedder = load_embedder(cfg)
-        self.align_size = cfg.align_size
+        self.device, self.warning = actor_device("auto")
+        self.embedder = load_embedder(self.cfg, device=self.device)
+        self.align_size = self.cfg.align_size
 
     def process(self, batch: dict) -> dict:
         from scanner.neighbours.phash import phash64
 
         n = len(batch["key"])
-        ok = np.flatnonzero([(not m) and (e is None) for m, e in zip(batch["marker"], batch["error"])])
+        ok = np.flatnonzero([(not m) and (e is None) and s == "corpus"
+                             for m, e, s in zip(batch["marker"], batch["error"], batch["split"])])
         emb = np.zeros((n, self.embedder.dim), np.float32)
         ph = np.zeros(n, np.int64)
         failed = np.full(n, None, dtype=object)

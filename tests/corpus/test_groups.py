@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from corpus_parts import write_parts
+from inmemory import find_duplicate_groups
 
 from scanner.corpus.groups import byte_copies, chunk_masks, phash_links, repeated_keys
 from scanner.corpus.store import PartStore
-from scanner.neighbours.dedup import find_duplicate_groups
 from scanner.neighbours.phash import hamming_pairs
 
 BUDGET = 1 << 20  # 1 MiB: many partitions even for these small tables

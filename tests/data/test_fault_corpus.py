@@ -22,9 +22,10 @@ from scanner.data.decode import DecodeError, decode_image
 from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import expand_shards, iter_tar_samples, shard_name
 from scanner.finalize import Masks
+from scanner.stages.base import run_local
 from scanner.stages.embed import EmbedStage
 from scanner.stages.read import ReadSpec, read_shard
-from scanner.stages.sink import ShardCollector
+from scanner.stages.sink import SinkSpec, SinkStage
 
 MAX_PIXELS = 64_000_000  # data.max_image_pixels' default
 
@@ -94,8 +95,8 @@ def _read_and_decode(path: str) -> list[dict]:
 
 def _batches(path: str) -> list[dict]:
     """The read stage's batches for one shard, at the scan's side and the embedder's."""
-    return list(read_shard(path, ReadSpec(model_side=16, model_channels=3, embed_side=16, max_pixels=MAX_PIXELS),
-                           rows_per_batch=8))
+    return list(read_shard(path, ReadSpec(model_side=16, model_channels=3, embed_side=16, max_pixels=MAX_PIXELS,
+                                          rows_per_batch=8)))
 
 
 def _scan_rows(path: str) -> tuple[pd.DataFrame, int]:
@@ -111,16 +112,17 @@ def _scan_rows(path: str) -> tuple[pd.DataFrame, int]:
 
 def _embed_into_parts(corpus, out: Path) -> None:
     """read -> embed (a random projection) -> sink for every shard, in this process: the pipeline's parts."""
-    stage = EmbedStage.__new__(EmbedStage)  # the stage's code with a stand-in embedder (no checkpoint to load)
-    stage.embedder = RandomEmbedder()
-    stage.align_size = 32  # the thumbnails the pixel check of near-duplicates reads
-    from ray.data.block import BlockAccessor
+    class StandIn(EmbedStage):  # the stage's code with a stand-in embedder (no checkpoint to load)
+        def setup(self):
+            self.embedder = RandomEmbedder()
+            self.align_size = 32  # the thumbnails the pixel check of near-duplicates reads
 
-    sink = ShardCollector(out)
+    stage = StandIn(None)
+    sink = SinkStage(SinkSpec(str(out)))
     for p in corpus.shards:
         for batch in _batches(str(p)):
-            sink.add(BlockAccessor.for_block(stage(batch)).to_batch_format("numpy"))
-    assert sorted(sink.done) == sorted(shard_name(str(p)) for p in corpus.shards) and not sink.failed
+            sink.add(run_local(stage, batch))
+    assert sorted(sink.done) == sorted(("corpus", shard_name(str(p))) for p in corpus.shards) and not sink.failed
 
 
 def test_corpus_covers_every_fault_of_the_issue(corpus):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from inmemory import find_duplicate_groups
 
 from scanner.config import ConfigError, NeighboursConfig
 from scanner.neighbours.align import aligned_match, aligned_rmse, contrast, thumbnails
-from scanner.neighbours.dedup import find_duplicate_groups
 
 
 def _scene(rng, size=32):

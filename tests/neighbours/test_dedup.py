@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inmemory import find_duplicate_groups
 
-from scanner.neighbours.dedup import duplicate_removals, find_duplicate_groups, pair_precision_recall
+from scanner.neighbours.dedup import duplicate_removals, pair_precision_recall
 from scanner.neighbours.phash import hamming_pairs
 
 
@@ -60,8 +61,9 @@ def test_threshold_above_everything_leaves_only_byte_groups():
 
 
 def test_external_index_gives_the_same_groups():
+    from inmemory import build_index
+
     from scanner.config import NeighboursConfig
-    from scanner.neighbours.index import build_index
 
     keys, v, hashes = _planted()
     index, _ = build_index(v, NeighboursConfig(index="flat"))

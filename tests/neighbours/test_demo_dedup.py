@@ -15,13 +15,14 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+from inmemory import find_duplicate_groups
 
 from scanner.config import NeighboursConfig
 from scanner.data.load import load_images
 from scanner.demo.corpus import build_demo_corpus
 from scanner.demo.evaluate import duplicates_by_edit
 from scanner.neighbours.align import thumbnails
-from scanner.neighbours.dedup import duplicate_removals, find_duplicate_groups, pair_precision_recall
+from scanner.neighbours.dedup import duplicate_removals, pair_precision_recall
 from scanner.neighbours.embed import load_embedder
 from scanner.neighbours.phash import phash64
 from scanner.neighbours.train_embedder import train_embedder

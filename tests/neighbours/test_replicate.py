@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inmemory import build_index
 
 from scanner.config import NeighboursConfig
-from scanner.neighbours.index import build_index
 from scanner.neighbours.replicate import find_replications, generate_samples
 
 

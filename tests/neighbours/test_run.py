@@ -1,5 +1,6 @@
-"""run_dedup (`memscan dedup`: the scan pipeline without a model) end to end on tiny corpora with a given
-checkpoint: the files it promises, replications in a scan, and the embed stage against the embedder itself."""
+"""`memscan dedup` (the scan pipeline without a model: run_scan with model.kind none, as the command builds it) end to
+end on tiny corpora with a given checkpoint: the files it promises, replications in a scan, and the embed stage
+against the embedder itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import pandas as pd
 
 from scanner.config import NeighboursConfig
 from scanner.demo.corpus import build_demo_corpus
-from scanner.pipeline import run_dedup, run_scan
+from scanner.pipeline import run_scan
+
+
+def run_dedup(shards, out, cfg: NeighboursConfig, progress: bool = False) -> dict:
+    """What `memscan dedup --shards SHARDS --out OUT` runs: the default config's data and ray sections, these
+    neighbours, no diffusion model."""
+    from scanner.config import ScanConfig
+
+    scan = ScanConfig(neighbours=cfg)
+    scan.model.kind, scan.model.path = "none", None
+    scan.data.shards = [str(shards)]
+    return run_scan(scan.validate(), out, progress=progress, label="dedup")
 
 
 def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_checkpoint, tmp_path, capsys):
@@ -58,8 +70,8 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_c
     from scanner.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"part files made with another embedder .*Use a new --out"):
-        run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg, image_size=48,
-                                                                                 clip_checkpoint=None), train_steps=2)
+        run_dedup(str(tmp_path / "demo" / "shards"), out, dataclasses.replace(cfg, image_size=48, clip_checkpoint=None,
+                                                                                 train_steps=2))
 
 
 def test_scan_with_model_writes_replications(ray_session, scan_config, tiny_checkpoint, tmp_path):
@@ -106,9 +118,9 @@ def test_embed_stage_is_the_embedder_on_the_read_stage_images(tiny_checkpoint, t
     cfg = NeighboursConfig(clip_checkpoint=str(tiny_checkpoint), image_size=32)
     shard = str(tiny_corpus.shards[0])
     batch = next(read_shard(shard, ReadSpec(model_side=8, embed_side=32)))
-    from ray.data.block import BlockAccessor
+    from scanner.stages.base import run_local
 
-    out = BlockAccessor.for_block(EmbedStage(dataclasses.asdict(cfg))(batch)).to_batch_format("numpy")
+    out = run_local(EmbedStage(cfg), batch)
     ok = np.array([e is None for e in out["error"]]) & ~out["marker"]
     assert ok.sum() > 10 and "image_embed" not in out and out["stage_seconds_embed"][0] > 0
     raw = {s["key"]: s["image"] for s in iter_tar_samples(shard)}

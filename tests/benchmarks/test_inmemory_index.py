@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inmemory import build_index, exact_knn, knn, measure_recall
 
 from scanner.config import NeighboursConfig
-from scanner.neighbours.index import build_index, exact_knn, knn, measure_recall
 
 
 def _vectors(n=3000, d=32, seed=0):
@@ -58,3 +58,56 @@ def test_bad_inputs_are_named():
     cfg.index = "lsh"  # bypasses config validation on purpose
     with pytest.raises(ValueError, match="'lsh'"):
         build_index(_vectors(n=300), cfg)
+
+
+def test_probe_reaches_cpu_ivf_and_hnsw_indexes():
+    import faiss
+    from inmemory import _set_probe
+
+    x = _vectors(n=1000)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, 8, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    _set_probe(ivf, "ivf", 5)
+    assert ivf.nprobe == 5
+    hnsw = faiss.IndexHNSWFlat(32, 8, faiss.METRIC_INNER_PRODUCT)
+    _set_probe(hnsw, "hnsw", 40)
+    assert hnsw.hnsw.efSearch == 40
+
+
+def test_probe_on_a_gpu_index_goes_through_the_gpu_parameter_space(monkeypatch):
+    """faiss.ParameterSpace raises on an index moved to a GPU (issue #33): a GPU IVF index gets its nprobe from
+    GpuParameterSpace. Without a GPU the dispatch is checked on stand-ins for both faiss classes."""
+    import faiss
+    from inmemory import _set_probe
+
+    calls = []
+
+    class FakeGpuIVF:
+        nprobe = 1
+
+    class FakeGpuSpace:
+        def set_index_parameter(self, index, name, value):
+            calls.append((name, value))
+            setattr(index, name, value)
+
+    class CpuSpaceRefuses:
+        def set_index_parameter(self, *a):
+            raise RuntimeError("ParameterSpace on a GPU index")
+
+    monkeypatch.setattr(faiss, "GpuIndexIVF", FakeGpuIVF, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", FakeGpuSpace, raising=False)
+    monkeypatch.setattr(faiss, "ParameterSpace", CpuSpaceRefuses)
+    index = FakeGpuIVF()
+    _set_probe(index, "ivf", 7)
+    assert calls == [("nprobe", 7)] and index.nprobe == 7
+
+
+@pytest.mark.gpu
+def test_ivf_on_the_gpu_reaches_its_recall():
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("faiss sees no GPU")
+    x = _vectors()
+    _, info = build_index(x, NeighboursConfig(index="ivf", k=10, recall_sample=300))
+    assert info["device"] == "gpu" and info["recall_at_k"] >= 0.99 and info["nprobe"] >= 1, info
