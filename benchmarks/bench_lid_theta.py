@@ -8,7 +8,7 @@ decodes them. The sample (seeded): every oversampled image, `--copies` copies of
 `--unique` unique images. Intervals: 95 % bootstrap over independent units (a repeated group counts once,
 scanner.demo.evaluate.bootstrap_metrics). "Low flags memorization" for every LID (scanner/columns.py).
 
-1. FLIPD at the clean point psi x (method.md §2) and at noised points psi x + sigma z (§10) over a t0 grid:
+1. FLIPD at the clean point psi x (docs/method.md §2) and at noised points psi x + sigma z (§10) over a t0 grid:
    median per class, the share inside [0, D], AUROC of repeated and oversampled against unique.
 2. t0 without labels: the knee of the median noised curve over all sampled images (Kneedle, flipd_sweep) and
    the t0 with the most values inside [0, D].

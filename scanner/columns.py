@@ -1,6 +1,6 @@
 """The score columns of scores/*.parquet: one registry of name, unit, the tail that flags memorization, meaning.
 
-The direction is fixed here, from the method (method.md §2-§5, §9), never chosen on the data: classify flags
+The direction is fixed here, from the method (docs/method.md §2-§5, §9), never chosen on the data: classify flags
 in it, evaluate reports AUROC in it (below 0.5 when a column flags the wrong tail on some data: a warning,
 not a flipped number) and the report explains it.
 """
@@ -46,7 +46,7 @@ REGISTRY = {c.name: c for c in (
 
 def score_column(name: str) -> ScoreColumn | None:
     """The registered column `name`; p_laplace_<p> for any p (low for p <= 2, high above: the factor
-    |s|^(p-2) vanishes where the score is small, method.md §9). None for an unregistered name."""
+    |s|^(p-2) vanishes where the score is small, docs/method.md §9). None for an unregistered name."""
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(P_LAPLACE_PREFIX):

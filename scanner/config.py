@@ -66,10 +66,10 @@ CAL_MIRRORS = ("hflip", "vflip", "rot180")  # geometry.cal_refs names; their axe
 
 @dataclass
 class GeometryConfig:
-    t0: float = 0.1  # FLIPD time (method.md §2); paper a: 0.05 on toy data, 0.3 on SD latents
+    t0: float = 0.1  # FLIPD time (docs/method.md §2); paper a: 0.05 on toy data, 0.3 on SD latents
     # Where FLIPD's Jacobian trace is taken: "noised" (mean over flipd_noises seeded points psi x + sigma z, where
     # the network was trained: a dimension in [0, D]) or "clean" (at psi x, the paper's form: far below 0 on
-    # trained UNets, method.md §10)
+    # trained UNets, docs/method.md §10)
     flipd_at: Literal["noised", "clean"] = "noised"
     # noised points averaged by lid_flipd, and Hutchinson probes at each: the noise, not the probes, sets the
     # estimator's spread (8 x 1 and 8 x 8 agree, rank correlation of two seeds 0.94; 2 x 4: 0.85;

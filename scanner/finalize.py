@@ -8,7 +8,7 @@ Reads parts/*.parquet (+ vectors/*.npy, embeddings/*.npy) written by the stages,
 3. LID_* by local PCA on each row's neighbours (searched in model space, or in the embedding with
    geometry.lpca_space clip, and auto above 4,096 dimensions), the neighbours' model-space vectors read by id;
 4. the detector threshold (a quantile over the scored rows; a seeded sample above corpus.detector_sample);
-5. one pass over the shards: mem_class (method.md §4) and verdict per row, and the tables.
+5. one pass over the shards: mem_class (docs/method.md §4) and verdict per row, and the tables.
 It is the one writer of every user-facing table: scores/NAME.parquet per shard, duplicates.parquet,
 replications.parquet, errors.parquet, removal_list.{parquet,txt}. Returns the summary.
 
@@ -308,7 +308,7 @@ def classify(df: pd.DataFrame, cfg: ScanConfig, thresholds: dict | None = None,
     detector_threshold (None: the quantile and LID medians of this frame's rows); `copies`: rows in a duplicate
     group of byte-identical images (`copy_groups`; None: no neighbours). Returns the thresholds used.
 
-    The manifold memorization hypothesis (method.md §4) on flagged rows: LID_* below lpca_low, or a group of
+    The manifold memorization hypothesis (docs/method.md §4) on flagged rows: LID_* below lpca_low, or a group of
     copies (a point of the data at any scale; local PCA sees copies only where an image has about lpca_k of
     them) -> dd (the data is low-dimensional there: duplicates, templates); else lid_gap_rel above gap_margin
     -> od (the model's manifold is lower than at images of the same LID_*, `relative_gap`); else none (flagged,

@@ -43,7 +43,7 @@ def p_of_column(name: str) -> float:
     return float(name.removeprefix(P_LAPLACE_PREFIX).replace("_", ".").replace("m", "-"))
 
 
-# scores/: interface columns first, the configured p-Laplace columns, then the rest (interfaces.md)
+# scores/: interface columns first, the configured p-Laplace columns, then the rest (docs/outputs.md)
 SCORES_FIRST = [("key", STR), ("shard", STR), ("caption", STR), ("width", I64), ("height", I64),
                 ("lid_flipd", F32), ("lid_nb", F32), ("lid_lpca", F32), ("lid_gap", F32),
                 ("lid_gap_rel", F32)]

@@ -1,5 +1,5 @@
 """Every command the README and `memscan --help` show, run as a user types it: a subprocess, its exit code,
-the files interfaces.md promises.
+the files docs/outputs.md promises.
 
 The commands are read out of README.md's code blocks and the --help epilog, so a command added there
 without a test here fails `test_every_shown_command_is_run`. Each is run as written, apart from paths
@@ -150,7 +150,7 @@ def test_flags_as_written(paths):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# what each command promises (interfaces.md)
+# what each command promises (docs/outputs.md)
 
 SCORE_COLUMNS = ["key", "shard", "caption", "width", "height", "lid_flipd", "lid_nb", "lid_lpca", "lid_gap",
                  "lid_gap_rel", "p_laplace_1", "p_laplace_2", "score_norm", "score_norm_cal", "loss_cal", "cfg_norm",

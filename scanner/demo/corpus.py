@@ -2,7 +2,7 @@
 
 Images come from data shipped inside scikit-learn / scikit-image (environment.md): handwritten
 digits, LFW faces and random crops of ~20 photos, resized to `size`. On top of the unique images
-the builder plants what memscan must find (interfaces.md, method.md §8):
+the builder plants what memscan must find (docs/outputs.md, docs/method.md §8):
 
 - exact_dup: groups of 2-3 byte-identical JPEGs under different keys,
 - near_dup: an original plus 1-3 variants (low-quality re-encode, 1-2 px shift, colour change,

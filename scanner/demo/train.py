@@ -1,6 +1,6 @@
 """Train the demo diffusion model: a small pixel-space diffusers UNet that memorizes the planted images.
 
-The model is a 3-level `UNet2DModel` without attention (method.md §9) with a `DDPMScheduler`
+The model is a 3-level `UNet2DModel` without attention (docs/method.md §9) with a `DDPMScheduler`
 (1000 steps, linear betas), trained with the epsilon objective on the demo corpus read straight
 from its tar shards. The sampler draws the planted `oversampled` keys `oversample_factor` times as
 often as the others (OD-Mem); the `repeated` images memorize because the corpus holds many copies

@@ -1,4 +1,4 @@
-"""CFG-adjusted score norm (Wen et al. 2024; paper a fig. 3; method.md §6).
+"""CFG-adjusted score norm (Wen et al. 2024; paper a fig. 3; docs/method.md §6).
 
     cfg_norm(x) = mean_k | eps(x_t^k, t, c) - eps(x_t^k, t, empty) |,   x_t^k = psi x + sigma eps_k
 

@@ -1,4 +1,4 @@
-"""FLIPD: LID of the model manifold from one score Jacobian trace (Kamkari et al. 2024; method.md §2).
+"""FLIPD: LID of the model manifold from one score Jacobian trace (Kamkari et al. 2024; docs/method.md §2).
 
     FLIPD(x, t0) = D - sigma * tr(d eps / dx)(psi x, t0) + |eps(psi x, t0)|^2,   psi, sigma at t0
 
@@ -6,7 +6,7 @@ evaluated at the *un-noised* point psi x. For data on a d-dim linear subspace wi
 each normal direction contributes 0 and each tangent one 1 - sigma^2 / (psi^2 lambda_i + sigma^2), so
 FLIPD -> d as t0 -> 0.
 
-`flipd_noised` evaluates the trace term where the network was trained, at noised points (method.md §10):
+`flipd_noised` evaluates the trace term where the network was trained, at noised points (docs/method.md §10):
 
     LID_theta(x, t0) = mean_j [ D - sigma * tr(d eps / dx)(psi x + sigma z_j, t0) ],   z_j ~ N(0, I) seeded
 

@@ -1,11 +1,11 @@
-"""Local PCA LID of the data manifold (Fukunaga-Olsen; method.md §3), batched in torch.
+"""Local PCA LID of the data manifold (Fukunaga-Olsen; docs/method.md §3), batched in torch.
 
 For each point's k neighbours: centre, eigen-decompose the covariance, count eigenvalues above a level.
 Fukunaga-Olsen's level is alpha * the set's own largest eigenvalue (scikit-dimension's `lPCA(ver="FO")`):
 scale-free, so k near-copies of one image (a JPEG re-encode, a colour tweak) count as many directions as k
 distinct images. With `reference` the level is alpha * reference instead, one number for the whole corpus
 (memscan passes the corpus median of the largest eigenvalue): a neighbourhood whose spread is a small fraction
-of the typical one counts 0 directions, which is what "the data is a point here" means (method.md §3: exact
+of the typical one counts 0 directions, which is what "the data is a point here" means (docs/method.md §3: exact
 duplicates give LID_* ~ 0).
 
 With D > k the k x k Gram matrix X_c X_c^T has the same nonzero eigenvalues as the D x D covariance X_c^T X_c,

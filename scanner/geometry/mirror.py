@@ -19,7 +19,7 @@ with random horizontal flips has seen hflip(x): use vflip / rot180 for it. On la
 the latent is mirrored, which matches the latent of the mirrored image up to the VAE's equivariance.
 
 loss_cal asks the same question where the network was trained: at noised points psi x + sigma z, not at the
-clean point psi x (where its outputs are off its training distribution, method.md §10). The denoising loss
+clean point psi x (where its outputs are off its training distribution, docs/method.md §10). The denoising loss
 |eps(psi x + sigma z, t) - z|^2, averaged over seeded z, is the loss attack of membership inference (small on
 a memorized image, which the network denoises almost exactly); dividing by the same loss at each mirror g(x),
 noised by the mirrored noise g(z), calibrates it like score_norm_cal. The pairing makes the ratio exactly 1 for

@@ -1,4 +1,4 @@
-"""Normal-bundle LID (Stanczuk et al. 2023; method.md §2).
+"""Normal-bundle LID (Stanczuk et al. 2023; docs/method.md §2).
 
 K noised copies psi x + sigma eps_k at a small t; near a d-dim manifold their scores point along the
 (D - d)-dim normal space with size ~ 1/sigma, so the K x D score matrix has D - d large singular
@@ -46,7 +46,7 @@ def nb_lid(model: Any, x: torch.Tensor, t: float, cond: Any = None, *, samples: 
            chunk: int | None = None) -> torch.Tensor:
     """Normal-bundle LID: (B,) in x's dtype, integers in [0, D].
 
-    x: (B, *sample_shape) clean points; t in (0, 1) (small: method.md uses 0.01); samples: K noised
+    x: (B, *sample_shape) clean points; t in (0, 1) (small: docs/method.md uses 0.01); samples: K noised
     copies per point (0 = D + 16); chunk: rows per model call (default B). Seeded noises.
     """
     check_time("nb_t", t)

@@ -1,4 +1,4 @@
-"""p-Laplace of the log-density, Delta_p u = div(|s|^{p-2} s), u = log p_t, s = grad u (method.md §5).
+"""p-Laplace of the log-density, Delta_p u = div(|s|^{p-2} s), u = log p_t, s = grad u (docs/method.md §5).
 
 JVP method (default): with J = ds/dx and s_hat = s / |s| (no symmetry of J assumed),
 

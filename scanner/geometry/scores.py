@@ -3,8 +3,8 @@
 At the clean point psi x (t = t_laplace): one forward gives eps (score_norm), then one pass of
 quadratic forms v^T (d eps/dx) v over the trace directions (Hutchinson probes or the exact basis) with
 e_hat = eps / |eps| packed into the last call gives every Delta_p and, for flipd_at "clean" with
-t0 == t_laplace, FLIPD (method.md §2, §5). flipd_at "noised" (the default) costs flipd_noises more forwards,
-each with flipd_probes directions, at psi(t0) x + sigma z_j (method.md §10); "clean" with another t0 one
+t0 == t_laplace, FLIPD (docs/method.md §2, §5). flipd_at "noised" (the default) costs flipd_noises more forwards,
+each with flipd_probes directions, at psi(t0) x + sigma z_j (docs/method.md §10); "clean" with another t0 one
 more forward and trace pass. NB (cfg.nb) and
 the CFG norm (conditional model + cond) are extra plain forwards, and so is score_norm_cal (one per mirror in
 cfg.cal_refs, plus one at psi(t_cal) x when t_cal != t_laplace), and so is loss_cal (loss_noises x

@@ -1,4 +1,4 @@
-"""Jacobian-vector products of eps_theta and the trace tr(d eps / dx) (method.md §2).
+"""Jacobian-vector products of eps_theta and the trace tr(d eps / dx) (docs/method.md §2).
 
 Every geometry column needs only quadratic forms v^T J v, J = d eps_theta / dx at one point x (the
 trace is a sum of them, Delta_p adds one along eps / |eps|). Three ways to get them:

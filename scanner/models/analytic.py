@@ -1,4 +1,4 @@
-"""Analytic score models: closed-form truth for the geometry tests (method.md §1).
+"""Analytic score models: closed-form truth for the geometry tests (docs/method.md §1).
 
 A Gaussian mixture noised by the VP process stays a Gaussian mixture:
 
@@ -190,7 +190,7 @@ class SubspaceGaussian(GaussianMixtureModel):
     """N(mean, U diag(spreads) U^T) on a random d-dim linear subspace of R^D (U: first d columns of a
     seeded random rotation). spreads: (d,) variances lambda_i > 0 (default linspace(0.5, 2, d)).
 
-    `basis` (D, d) spans the subspace; `sample` draws on it. FLIPD -> d as t0 -> 0 (method.md §2).
+    `basis` (D, d) spans the subspace; `sample` draws on it. FLIPD -> d as t0 -> 0 (docs/method.md §2).
     """
 
     def __init__(self, ambient_dim: int, intrinsic_dim: int, spreads: Sequence[float] | None = None,

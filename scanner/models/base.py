@@ -1,6 +1,6 @@
 """The score-model protocol every estimator in `scanner.geometry` consumes.
 
-A diffusion model under the variance-preserving forward process (method.md §1):
+A diffusion model under the variance-preserving forward process (docs/method.md §1):
 
     x_t = psi(t) x + sigma(t) eps,   psi = sqrt(alpha_bar_t),  sigma = sqrt(1 - alpha_bar_t)
     s(x_t, t) = grad log p_t(x_t) = -eps_theta(x_t, t) / sigma(t)

@@ -12,7 +12,7 @@ of stable-diffusion-v1-5):
 
 Model space is the VAE latent: x = (posterior mean - shift_factor) x scaling_factor, (B, 4, 64, 64)
 for SD at 512 px, D = 16384. The posterior *mean* rather than a sample, so the same image always
-gives the same point (method.md §1). Conditioning is CLIP's last hidden state (B, 77, 768) for SD v1,
+gives the same point (docs/method.md §1). Conditioning is CLIP's last hidden state (B, 77, 768) for SD v1,
 exactly what the pipeline passes to the UNet as encoder_hidden_states.
 
 Precision: the UNet, which every score and JVP goes through, runs in `dtype` (float16 / bfloat16 on a

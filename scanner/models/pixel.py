@@ -9,7 +9,7 @@ Directory layout (what `DDPMPipeline.save_pretrained` or `unet.save_pretrained(d
 Time: t in [0, 1] maps to the training timestep round(t * T), clamped to [0, T - 1] (T =
 `num_train_timesteps`, 1000 for DDPM and Stable Diffusion), and psi / sigma are read from the
 scheduler's `alphas_cumprod` at that same timestep, so `psi_sigma(t)` and `eps(x, t)` always describe
-the same noise level (method.md §1).
+the same noise level (docs/method.md §1).
 """
 
 from __future__ import annotations

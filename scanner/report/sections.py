@@ -1,5 +1,5 @@
 """The report's sections about the scores: the run summary, the detection metrics, the score distributions and the
-two manifolds (method.md §4)."""
+two manifolds (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def _p_desc(col: str) -> str:
             tail = "strongly negative (low) on the sharp, isolated density peaks memorized images sit on"
         elif p > 2:
             tail = ("closer to 0 (high) at memorized images: the factor |s|<sup>p−2</sup> vanishes where the score "
-                    "is small, so the direction flips for p > 2 (method.md §9)")
+                    "is small, so the direction flips for p > 2 (docs/method.md §9)")
         else:
             tail = "the plain Laplacian of log p: the weakest of the three on the demo"
         return f"Δ<sub>p</sub> log p<sub>t</sub> at p = {p:g}: {tail}"
@@ -180,7 +180,7 @@ def _p_desc(col: str) -> str:
 
 
 def section_manifolds(run: Run) -> str:
-    expl = ("<p class=\"lead\">The manifold memorization hypothesis (method.md §4) compares two local dimensions. "
+    expl = ("<p class=\"lead\">The manifold memorization hypothesis (docs/method.md §4) compares two local dimensions. "
             "<b>DD-Mem</b> (data-driven): LID<sub>*</sub> is itself low — the data is low-dimensional there, e.g. "
             "many copies or near-copies of one image — so the fix is to <b>deduplicate</b>. "
             "<b>OD-Mem</b> (overfitting-driven): the model's manifold is lower-dimensional than the data's "

@@ -1,4 +1,4 @@
-"""CFG-adjusted score norm on a class-conditional GMM against its closed form (method.md §6)."""
+"""CFG-adjusted score norm on a class-conditional GMM against its closed form (docs/method.md §6)."""
 
 import pytest
 import torch

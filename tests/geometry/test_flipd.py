@@ -1,4 +1,4 @@
-"""FLIPD and NB on Gaussians on d-dim linear subspaces of R^D, where LID = d exactly (method.md §2)."""
+"""FLIPD and NB on Gaussians on d-dim linear subspaces of R^D, where LID = d exactly (docs/method.md §2)."""
 
 import pytest
 import torch
@@ -85,7 +85,7 @@ def test_flipd_sweep_follows_the_closed_form_and_finds_the_bend():
     assert sweep["knee_t0"] == t0s[knee] and 0.02 <= sweep["knee_t0"] <= 0.2 and sweep["median"][knee] > 2.0
 
 
-# --- LID_theta at noised points (method.md §10): dimensions the clean-point tests above do not use -----------
+# --- LID_theta at noised points (docs/method.md §10): dimensions the clean-point tests above do not use -----------
 NOISED_CASES = [(12, 2), (20, 5), (48, 11)]
 
 

@@ -1,4 +1,4 @@
-"""Delta_p log p_t on GMMs against autograd of the closed-form log-density in float64 (method.md §5)."""
+"""Delta_p log p_t on GMMs against autograd of the closed-form log-density in float64 (docs/method.md §5)."""
 
 import pytest
 import torch
