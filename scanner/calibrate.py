@@ -85,30 +85,31 @@ def cut_fpr_interval(n: int, fpr: float, level: float = 0.95) -> tuple[float, fl
 
 
 def heldout_scores(cfg, out) -> dict:
-    """The detector on cfg.classify.calibration_shards, as the scan's score stage wrote it (heldout/NAME.parquet:
-    those shards went through the scan's read and score stages as held-out rows, the detector alone).
+    """The detector on cfg.classify.calibration_shards, as the scan's score stage wrote it into `out` (a path, URL
+    or scanner.storage.Out; heldout/NAME.parquet: those shards went through the scan's read and score stages as
+    held-out rows, the detector alone).
 
     Returns {"values": the detector on each readable, finitely scored image, the first
     classify.calibration_max_images in shard order, "images", "errors" (rows that failed to read or score),
     "shards"}.
     """
-    from pathlib import Path
-
     import pandas as pd
 
     from scanner.data.shards import expand_shards, shard_name
-    from scanner.stages.sink import part_path
+    from scanner.stages.sink import part_name
+    from scanner.storage import Out
 
+    out = out if isinstance(out, Out) else Out(out)
     c = cfg.classify
     shards = expand_shards(c.calibration_shards)
     values, errors = [], 0
     for s in shards:
-        path = part_path(Path(out), shard_name(s), "heldout")
-        if not path.exists():
+        rel = part_name(shard_name(s), "heldout")
+        if not out.exists(rel):
             from scanner.errors import ScanIncomplete
 
-            raise ScanIncomplete(f"the held-out shard {s} has no scored part ({path}): rerun the same command")
-        df = pd.read_parquet(path)
+            raise ScanIncomplete(f"the held-out shard {s} has no scored part ({out.uri(rel)}): rerun the same command")
+        df = out.read_parquet(rel)
         df = df[df["key"].notna()]
         col = df[c.detector].astype(float) if c.detector in df else pd.Series(np.nan, index=df.index)
         ok = df["error"].isna() & np.isfinite(col)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from scanner import __version__
+from scanner.config import NeighboursConfig
 
 EPILOG = """\
 examples:
@@ -42,9 +43,11 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("memscan").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, progress: bool = False) -> None:
+    """-v, and --no-progress for the commands that draw a progress bar (the others have none to turn off)."""
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")
     p.add_argument("--out", help="output directory (overrides `out` in the config)")
-    _add_common(p)
+    _add_common(p, progress=True)
 
     p = sub.add_parser("dedup", help="duplicate groups and removal list only (no diffusion model)",
                        description="Embeds every image (open_clip), finds duplicate groups by bytes, perceptual hash "
@@ -77,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "first trains the copy-detection embedder on the corpus (cached in --out).")
     p.add_argument("--shards", nargs="+", required=True, help="directory, glob or brace pattern")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default 0.95)")
+    p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default "
+                                                   f"{NeighboursConfig.dup_threshold}: neighbours.dup_threshold)")
     p.add_argument("--clip-model", help="open_clip architecture name")
     p.add_argument("--clip-checkpoint", help="local open_clip checkpoint (safetensors)")
     p.add_argument("--train-steps", type=int,
                    help="copy-detection embedder training steps when no --clip-checkpoint is given (default 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")
-    _add_common(p)
+    _add_common(p, progress=True)
 
     p = sub.add_parser("train-embedder", help="train the self-supervised copy-detection embedder on a corpus")
     p.add_argument("--shards", nargs="+", required=True)
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel: the unconditional 16 px UNet; latent: a tiny text-to-image Stable Diffusion (VAE, "
                         "CLIP text encoder, cross-attention UNet) in an SD checkout's layout, on a corpus whose "
                         "captions are unique except for the verbatim repeated groups")
-    _add_common(p)
+    _add_common(p, progress=True)
 
     p = sub.add_parser("demo", help="corpus -> demo model -> scan -> evaluate, all on the embedded demo data",
                        description="Builds the demo corpus and trains the demo model if --out lacks them (cached), "
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics meaningless (use a fresh --out: a cached full-size corpus or model is reused)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key of the demo config, e.g. --set geometry.probes=8 (repeatable)")
-    _add_common(p)
+    _add_common(p, progress=True)
 
     p = sub.add_parser("evaluate", help="AUROC / TPR@1%%FPR of every score column against planted truth",
                        description="Writes metrics.json into --out: AUROC, intervals and TPR at 1 %% and 0.1 %% FPR "

@@ -214,6 +214,9 @@ class CorpusConfig:
     list_size: int = 2048  # inverted file: rows per list (the budget may make lists smaller)
     spill: int = 2  # inverted file: every row is stored in its `spill` nearest lists (recall vs. disk)
     detector_sample: int = 2_000_000  # detector quantile: exact up to this many rows, a seeded sample above
+    # local folder for the corpus steps' work files (spills, inverted lists, arrays copied from object storage);
+    # None: OUT/corpus-work for a local --out, the system temp folder for an --out in object storage
+    work_dir: str | None = None
 
     def validate(self, p: str = "corpus") -> None:
         _check(self.memory_gb >= 0.25, f"{p}.memory_gb", self.memory_gb, "a number of GiB >= 0.25")

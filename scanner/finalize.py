@@ -13,7 +13,8 @@ It is the one writer of every user-facing table: scores/NAME.parquet per shard, 
 replications.parquet, errors.parquet, removal_list.{parquet,txt}. Returns the summary.
 
 Memory: one shard, one inverted list or query block, and what grows with the number of images that have a
-duplicate link (edges, group members). Work files go to OUT/corpus-work and are removed at the end; a job
+duplicate link (edges, group members). Work files go to a local folder (work_dir: OUT/corpus-work for a local --out)
+and are removed at the end; a job
 killed here leaves the tables of the previous run (every write is atomic) and a rerun redoes this step.
 """
 
@@ -30,7 +31,6 @@ import pandas as pd
 from scanner.calibrate import flagged_at
 from scanner.config import ScanConfig
 from scanner.corpus.store import PartStore
-from scanner.files import atomic_write_parquet
 from scanner.procfs import memory_mb
 from scanner.schema import DUPLICATES, ERRORS, P_LAPLACE_PREFIX, REMOVAL, REPLICATIONS, scores_schema
 
@@ -382,17 +382,17 @@ def removal_list(df: pd.DataFrame, dups: pd.DataFrame | None, replicated: set[st
 
 
 class TableWriter:
-    """A parquet table written row group by row group to a temporary file, renamed into place at close."""
+    """A parquet table streamed row group by row group into `out` (a scanner.storage.Out: a local NAME.tmp renamed
+    at close, or an object that appears whole at close)."""
 
-    def __init__(self, path: Path, schema):
+    def __init__(self, out, rel: str, schema):
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.out, self.rel = out, rel
         self.schema = schema
         self.rows = 0
-        self.w = pq.ParquetWriter(self.tmp, schema)
+        self.upload = out.writer(rel)
+        self.w = pq.ParquetWriter(self.upload.f, schema)
 
     def write(self, df: pd.DataFrame) -> None:
         from scanner.schema import to_arrow
@@ -402,25 +402,39 @@ class TableWriter:
             self.rows += len(df)
 
     def close(self) -> None:
-        import os
-
         self.w.close()
-        os.replace(self.tmp, self.path)
+        self.upload.commit()
 
 
-def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None = None,
+def work_dir(cfg: ScanConfig, out) -> Path:
+    """The corpus steps' local work folder: corpus.work_dir, else OUT/corpus-work for a local --out, else a folder
+    in the system's temp directory named after the --out (work files are memory-mapped and appended to: they
+    need a local disk)."""
+    import hashlib
+    import tempfile
+
+    if cfg.corpus.work_dir:
+        return Path(cfg.corpus.work_dir).expanduser().resolve()
+    if out.local:
+        return out.local_path("corpus-work")
+    return Path(tempfile.gettempdir()) / f"memscan-work-{hashlib.sha256(out.uri().encode()).hexdigest()[:12]}"
+
+
+def finalize(cfg: ScanConfig, out, shards: list[str], embedder: str | None = None,
              embedder_trained: bool = False) -> dict:
-    """The corpus steps and every table. embedder: the checkpoint the embed stage used (None: no neighbours)."""
+    """The corpus steps and every table. out: the scan's --out (a scanner.storage.Out, a path or a URL); embedder:
+    the checkpoint the embed stage used (None: no neighbours)."""
     from scanner.corpus.groups import repeated_keys
+    from scanner.storage import Out
 
     t0 = time.time()
-    out = Path(out)
+    out = out if isinstance(out, Out) else Out(out)
     budget = cfg.corpus.budget_bytes
-    work = out / "corpus-work"
+    work = work_dir(cfg, out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     start_mem = memory_mb()
-    store = PartStore(out, shards)
+    store = PartStore(out, shards, cache=work / "cache")
     log.info(f"corpus steps: {store.n:,} rows in {len(store):,} shards within corpus.memory_gb = "
              f"{cfg.corpus.memory_gb:g} (work files in {work})")
     summary: dict = {"timings_s": {}, "corpus": {"memory_gb": cfg.corpus.memory_gb, "rows": store.n,
@@ -462,8 +476,8 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     t1 = time.time()
     log.info(f"corpus steps: writing the tables of {len(store):,} shards")
     schema = scores_schema(sorted(c for c in store.columns if c.startswith(P_LAPLACE_PREFIX)))
-    errors_w = TableWriter(out / "errors.parquet", ERRORS)
-    removal_w = {r: TableWriter(work / f"removal-{r}.parquet", REMOVAL) for r in REMOVAL_ORDER}
+    errors_w = TableWriter(out, "errors.parquet", ERRORS)
+    removal_w = {r: TableWriter(Out(work), f"removal-{r}.parquet", REMOVAL) for r in REMOVAL_ORDER}
     mem_class, verdict = pd.Series(dtype="int64"), pd.Series(dtype="int64")
     shard_errors = scored = 0
     stage_errors = {"read": 0, "embed": 0, "score": 0}
@@ -497,7 +511,7 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
         for col in ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "loss_cal", "cfg_norm"):
             if col not in df:
                 df[col] = np.nan
-        atomic_write_parquet(df, out / "scores" / f"{name}.parquet", schema)
+        out.write_parquet(f"scores/{name}.parquet", df, schema)
 
         emb = df.loc[df["embed_error"].notna() & df["error"].isna(), ["key", "shard", "embed_error"]]
         errors_w.write(pd.concat([
@@ -515,12 +529,12 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     errors_w.close()
     for w in removal_w.values():
         w.close()
-    removed = write_removal_list(out, [removal_w[r].path for r in REMOVAL_ORDER])
+    removed = write_removal_list(out, [work / f"removal-{r}.parquet" for r in REMOVAL_ORDER])
 
     if dups is not None:
-        atomic_write_parquet(dups.drop(columns="gid"), out / "duplicates.parquet", DUPLICATES)
+        out.write_parquet("duplicates.parquet", dups.drop(columns="gid"), DUPLICATES)
     if reps is not None:
-        atomic_write_parquet(reps, out / "replications.parquet", REPLICATIONS)
+        out.write_parquet("replications.parquet", reps, REPLICATIONS)
     summary["timings_s"]["tables"] = round(time.time() - t1, 1)
     mem["tables"] = memory_mb()
 
@@ -551,22 +565,20 @@ def finalize(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None
     return summary
 
 
-def write_removal_list(out: Path, parts: list[Path]) -> int:
-    """removal_list.parquet and .txt from the per-reason files, in REMOVAL_ORDER, streamed. Returns the rows."""
-    import os
-
+def write_removal_list(out, parts: list[Path]) -> int:
+    """removal_list.parquet and .txt into `out` (a scanner.storage.Out) from the local per-reason files, in
+    REMOVAL_ORDER, streamed. Returns the rows."""
     import pyarrow.parquet as pq
 
-    tmp_txt = out / "removal_list.txt.tmp"
-    w = TableWriter(out / "removal_list.parquet", REMOVAL)
-    with open(tmp_txt, "w", encoding="utf-8") as txt:
-        for p in parts:
-            f = pq.ParquetFile(p)
-            for b in range(f.num_row_groups):
-                t = f.read_row_group(b)
-                w.w.write_table(t)
-                w.rows += t.num_rows
-                txt.writelines(f"{k}\n" for k in t.column("key").to_pylist())
+    w = TableWriter(out, "removal_list.parquet", REMOVAL)
+    txt = out.writer("removal_list.txt")
+    for p in parts:
+        f = pq.ParquetFile(p)
+        for b in range(f.num_row_groups):
+            t = f.read_row_group(b)
+            w.w.write_table(t)
+            w.rows += t.num_rows
+            txt.f.write("".join(f"{k}\n" for k in t.column("key").to_pylist()).encode("utf-8"))
     w.close()
-    os.replace(tmp_txt, out / "removal_list.txt")
+    txt.commit()
     return w.rows

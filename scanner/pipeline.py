@@ -26,11 +26,11 @@ from pathlib import Path
 from scanner.config import ScanConfig
 from scanner.data.shards import expand_shards, shard_name
 from scanner.errors import ConfigError, ScanIncomplete
-from scanner.files import write_json
 from scanner.procfs import machine
 from scanner.progress import ShardProgress
 from scanner.stages.cluster import plan, start_ray
 from scanner.stages.read import ROWS_PER_BATCH
+from scanner.storage import Out
 
 log = logging.getLogger("memscan")
 
@@ -64,21 +64,21 @@ def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
     return m
 
 
-def check_manifest(out: Path, manifest: dict) -> None:
+def check_manifest(out: Out, manifest: dict) -> None:
     """Write parts/_run.json, or refuse a rerun whose parts would mix two models, geometries or embedders."""
-    path = out / "parts" / "_run.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
+    if out.exists("parts/_run.json"):
+        before = out.read_json("parts/_run.json")
         before["geometry"] = _stage_geometry(before.get("geometry"))  # a manifest written before they were left out
         diff = sorted(k for k in manifest if json.dumps(before.get(k), sort_keys=True, default=str)
                       != json.dumps(manifest[k], sort_keys=True, default=str))
-        if diff and any((out / "parts").glob("*.parquet")):
-            raise ConfigError(f"{out} holds part files made with another {', '.join(diff)} ({path}); a rerun "
-                              f"would mix the two. Use a new --out, or delete {out / 'parts'} to redo every shard")
-    write_json(manifest, path)
+        if diff and out.names("parts", ".parquet"):
+            raise ConfigError(f"{out} holds part files made with another {', '.join(diff)} "
+                              f"({out.uri('parts/_run.json')}); a rerun would mix the two. Use a new --out, or "
+                              f"delete {out.uri('parts')} to redo every shard")
+    out.write_json("parts/_run.json", manifest)
 
 
-def build_steps(cfg: ScanConfig, embedder: str | None, out: Path, placements: dict) -> list:
+def build_steps(cfg: ScanConfig, embedder: str | None, out: Out, placements: dict) -> list:
     """The scan's stages in order, each with its own config section: read -> embed (when neighbours are on) ->
     score (when a model is given) -> sink. check_flow has checked that their columns connect."""
     from scanner.stages.base import READ, Step, check_flow
@@ -97,22 +97,23 @@ def build_steps(cfg: ScanConfig, embedder: str | None, out: Path, placements: di
                           placements["embed"]))
     if score:
         steps.append(Step(ScoreStage, ScoreSpec.of(cfg), placements["score"]))
-    steps.append(Step(SinkStage, SinkSpec(str(out))))
+    steps.append(Step(SinkStage, SinkSpec(out.uri())))
     check_flow(steps)
     return steps
 
 
-def shard_jobs(cfg: ScanConfig, shards: list[str], out: Path) -> list[dict]:
+def shard_jobs(cfg: ScanConfig, shards: list[str], out: Out) -> list[dict]:
     """The shards still to read: {path, split} for every corpus shard and held-out shard (classify.calibration_shards,
-    scored for the cut) without a part file in `out`."""
-    from scanner.stages.sink import part_path
+    scored for the cut) without a part file in `out` (one listing per folder)."""
+    from scanner.stages.sink import done_shards
 
     held = list(cfg.classify.calibration_shards or []) if cfg.model.kind != "none" else []
     jobs = [{"path": p, "split": "corpus"} for p in shards] + [{"path": p, "split": "heldout"} for p in held]
-    return [j for j in jobs if not part_path(out, shard_name(j["path"]), j["split"]).exists()]
+    done = {split: done_shards(out, split) for split in ("corpus", "heldout")}
+    return [j for j in jobs if shard_name(j["path"]) not in done[j["split"]]]
 
 
-def run_stages(cfg: ScanConfig, out: Path, shards: list[str], embedder: str | None, progress: bool = True,
+def run_stages(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None, progress: bool = True,
                label: str = "scan") -> dict:
     """Read, embed and score the shards that have no part file yet, into part files.
 
@@ -189,14 +190,15 @@ def versions() -> dict:
 
 def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label: str = "scan") -> dict:
     """The whole job (`memscan scan`; `memscan dedup` with model.kind none). Returns the summary, also written to
-    out_dir/summary.json. `label` names the progress line and the log."""
+    OUT/summary.json. out_dir: a local directory or an object-storage URL (s3://bucket/prefix, gs://...). `label`
+    names the progress line and the log."""
     from scanner.finalize import finalize
     from scanner.preflight import check_scan
 
+    out = Out(out_dir)  # an unwritable scheme fails here, before anything else
     cfg = check_scan(cfg)  # paths made absolute and the model checked before Ray starts
     shards = expand_shards(cfg.data.shards)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out.makedirs()
     t0 = time.time()
     embedder, trained = None, False
     if cfg.neighbours.enabled:
@@ -219,7 +221,7 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     summary["versions"] = versions()
     summary["machine"] = machine(threads=False)  # the scoring actors' threads are Ray's to set, not the driver's
     summary["config"] = cfg.to_dict()
-    write_json(summary, out / "summary.json")
+    out.write_json("summary.json", summary)
     from scanner.report import write_report
 
     try:

@@ -155,7 +155,7 @@ def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained:
                        if align else None},
         "embedder": {"checkpoint": checkpoint, "architecture": embedder.name if embedder else n_cfg.clip_model,
                      "dim": dim, "image_size": n_cfg.image_size,
-                     "trained_on_this_corpus": trained or checkpoint == str(Path(out) / "embedder")},
+                     "trained_on_this_corpus": trained or checkpoint == store.out.uri("embedder")},
         "index": index_info,
         "links": {"bytes": len(bytes_e), "phash": len(phash_e), "embedding": n_emb, "aligned": n_align},
         "aligned_candidates": {"checked": checked, "linked": n_align} if align else None,
@@ -237,7 +237,7 @@ class KeysById:
         return self.store.gather_columns(np.array([int(gid)]), ["key"])["key"].iloc[0]
 
 
-def replications(store: PartStore, searched, model_dir, embedder, cfg, out_dir: Path | None = None) -> pd.DataFrame:
+def replications(store: PartStore, searched, model_dir, embedder, cfg, out_dir=None) -> pd.DataFrame:
     """Generate neighbours.generations images with the scanned model, match each to its nearest training image
     (exact search over every embedded row). Captions for a text-conditional model: the training captions in
     row order (the i-th generation uses caption i mod N, seed = cfg.seed + i), read from the first shards."""
@@ -258,12 +258,17 @@ def replications(store: PartStore, searched, model_dir, embedder, cfg, out_dir: 
     reps = find_replications(embedder.embed(images), meta, StreamedIndex(store, searched), KeysById(store),
                              n_cfg.rep_threshold, keep_all=True)
     if out_dir is not None:  # the report shows each generation beside its match
+        import io
+
         from PIL import Image
 
-        gdir = Path(out_dir) / "replications"
-        gdir.mkdir(parents=True, exist_ok=True)
+        from scanner.storage import Out
+
+        out = out_dir if isinstance(out_dir, Out) else Out(out_dir)
         for img, m in zip(images, meta):
-            Image.fromarray(img).save(gdir / f"gen_{m['gen_id']}.png")
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            out.write_bytes(f"replications/gen_{m['gen_id']}.png", buf.getvalue())
     LOG.info(f"replications: {int(reps['replicated'].sum())} of {len(reps)} generations match a training image "
              f"at cosine >= {n_cfg.rep_threshold}")
     return reps

@@ -3,6 +3,9 @@
 Global row id (gid) = the shard's offset (rows of the shards before it, in the given shard order) + the
 row's position in its part file. Arrays (vectors/, embeddings/) are row-aligned with the part file; a
 shard whose array is missing or misaligned simply has none (its rows are not searched).
+
+The --out may be in object storage (scanner.storage.Out): tables are read through its filesystem; an array is
+memory-mapped from disk, so one in object storage is copied once to the local `cache` folder on first use.
 """
 
 from __future__ import annotations
@@ -15,18 +18,26 @@ from scanner.data.shards import shard_name
 
 
 class PartStore:
-    def __init__(self, out: Path, shards: list[str]):
-        import pyarrow.parquet as pq
+    def __init__(self, out, shards: list[str], cache: Path | None = None):
+        """out: the scan's --out (a scanner.storage.Out, or a local path); cache: a local folder for arrays copied
+        from object storage (None: out is local)."""
+        from scanner.storage import Out
 
-        self.out = Path(out)
+        self.out = out if isinstance(out, Out) else Out(out)
+        self.cache = Path(cache) if cache is not None else None
+        if not self.out.local and self.cache is None:
+            raise ValueError(f"{self.out} is in object storage: PartStore needs a local cache folder for its arrays")
         self.names = [shard_name(str(s)) for s in shards]
-        self.sizes = np.array([pq.ParquetFile(self.part_path(n)).metadata.num_rows for n in self.names], np.int64)
+        self.sizes = np.array([self.out.parquet_file(self.part_rel(n)).metadata.num_rows for n in self.names],
+                              np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self._columns: set[str] | None = None
+        self._local: dict[tuple[str, int], Path | None] = {}
 
-    def part_path(self, name: str) -> Path:
-        return self.out / "parts" / f"{name}.parquet"
+    @staticmethod
+    def part_rel(name: str) -> str:
+        return f"parts/{name}.parquet"
 
     def __len__(self) -> int:
         return len(self.names)
@@ -35,34 +46,44 @@ class PartStore:
     def columns(self) -> set[str]:
         """Columns present in any part (parts of a dedup run have no score columns)."""
         if self._columns is None:
-            import pyarrow.parquet as pq
-
             self._columns = set()
             for n in self.names:
-                self._columns.update(pq.ParquetFile(self.part_path(n)).schema_arrow.names)
+                self._columns.update(self.out.parquet_file(self.part_rel(n)).schema_arrow.names)
         return self._columns
 
     def read(self, i: int, columns: list[str] | None = None):
         """Shard i's part rows as a DataFrame; `columns` it lacks come back as nulls."""
         import pandas as pd
-        import pyarrow.parquet as pq
 
-        path = self.part_path(self.names[i])
-        have = pq.ParquetFile(path).schema_arrow.names
+        rel = self.part_rel(self.names[i])
+        have = self.out.parquet_file(rel).schema_arrow.names
         want = have if columns is None else [c for c in columns if c in have]
-        df = pd.read_parquet(path, columns=want) if want else pd.DataFrame(index=range(int(self.sizes[i])))
+        df = self.out.read_parquet(rel, columns=want) if want else pd.DataFrame(index=range(int(self.sizes[i])))
         for c in columns or ():
             if c not in df:
                 df[c] = None
         return df
 
-    def array_path(self, folder: str, i: int) -> Path:
-        return self.out / folder / f"{self.names[i]}.npy"
+    def array_path(self, folder: str, i: int) -> Path | None:
+        """The local path of shard i's array in `folder` (copied from object storage on first use), None if none."""
+        key = (folder, i)
+        if key not in self._local:
+            rel = f"{folder}/{self.names[i]}.npy"
+            if self.out.local:
+                p = self.out.local_path(rel)
+                self._local[key] = p if p.is_file() else None
+            elif self.out.exists(rel):
+                from scanner.storage import local_copy
+
+                self._local[key] = Path(local_copy(self.out.uri(rel), self.cache))
+            else:
+                self._local[key] = None
+        return self._local[key]
 
     def has_array(self, folder: str, i: int) -> bool:
         """The shard's array exists and is row-aligned with its part file."""
         p = self.array_path(folder, i)
-        if not p.is_file():
+        if p is None:
             return False
         a = np.load(p, mmap_mode="r")
         ok = a.ndim == 2 and len(a) == self.sizes[i]
@@ -124,14 +145,14 @@ class PartStore:
         compact Arrow strings, no Python string per row."""
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         gids = np.asarray(gids, dtype=np.int64)
         shard = self.shard_of(gids)
         keys, pixels = [], []
         for i in np.unique(shard):
             rows = pa.array(gids[shard == i] - self.offsets[i])
-            t = pq.read_table(self.part_path(self.names[int(i)]), columns=["key", "width", "height"]).take(rows)
+            t = self.out.parquet_file(self.part_rel(self.names[int(i)])).read(columns=["key", "width", "height"]
+                                                                                 ).take(rows)
             keys.append(t.column("key").combine_chunks().cast(pa.string()))
             px = pc.multiply(pc.fill_null(t.column("width"), 0), pc.fill_null(t.column("height"), 0))
             pixels.append(np.asarray(px.to_numpy(zero_copy_only=False), dtype=np.int64))

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scanner.files import atomic_write_parquet, write_json
+from scanner.storage import atomic_write_parquet, write_json
 
 # held-out images (non-members) for the detector's cut: the 1 % quantile of 500 applies a false-positive rate anywhere
 # in 0.33-2.32 % (95 %), of 2,000 in 0.61-1.54 % (scanner.calibrate.cut_fpr_interval, benchmarks/results/cut.md)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scanner.files import write_json
+from scanner.storage import write_json
 
 log = logging.getLogger("memscan")
 from scanner.schema import SCORES_META

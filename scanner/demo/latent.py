@@ -39,7 +39,7 @@ from scanner.demo.train import (
     sample_weights,
     to_model_space,
 )
-from scanner.files import write_json
+from scanner.storage import write_json
 
 log = logging.getLogger("memscan")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scanner.files import write_json
 from scanner.procfs import machine
+from scanner.storage import write_json
 
 log = logging.getLogger("memscan")
 

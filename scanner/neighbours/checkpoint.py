@@ -59,6 +59,26 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+def cache_dir() -> Path:
+    """Where checkpoints in object storage are copied to on first use: $MEMSCAN_CACHE, else ~/.cache/memscan."""
+    import os
+
+    return Path(os.environ.get("MEMSCAN_CACHE") or Path.home() / ".cache" / "memscan")
+
+
+def localize(path: str | Path) -> str:
+    """A checkpoint's local path: itself, or for a URL (s3://..., gs://...) a copy under cache_dir() made on first
+    use (a scan's embedder trained into an --out in object storage lives there; every actor copies it once)."""
+    from scanner.storage import is_url, local_copy
+
+    if not is_url(path):
+        return str(path)
+    try:
+        return local_copy(str(path), cache_dir() / "checkpoints")
+    except FileNotFoundError:
+        raise MissingPathError(f"neighbours.clip_checkpoint {str(path)!r} does not exist") from None
+
+
 def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     """Validate a checkpoint path before anything is loaded from it.
 
@@ -66,7 +86,7 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     directory, 'config' is its open_clip_config.json. Raises FileNotFoundError for a missing path and
     ValueError naming the file for a refused or unreadable format.
     """
-    p = Path(path).expanduser()
+    p = Path(localize(path)).expanduser()
     if not p.exists():
         raise MissingPathError(f"neighbours.clip_checkpoint {str(p)!r} does not exist")
     if p.is_dir():

@@ -204,8 +204,10 @@ def checkpoint_digest(path: str | Path) -> str:
     """sha256 of a checkpoint's file names and bytes (a file, or every file of a directory), 16 hex digits."""
     import hashlib
 
+    from scanner.neighbours.checkpoint import localize
+
     h = hashlib.sha256()
-    root = Path(path)
+    root = Path(localize(path))
     for f in sorted(root.iterdir()) if root.is_dir() else [root]:
         if f.is_file():
             h.update(f.name.encode())

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from scanner.files import write_json
 from scanner.neighbours.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from scanner.neighbours.embed import (
     ARCHITECTURES,
@@ -41,6 +40,7 @@ from scanner.neighbours.embed import (
     register_architectures,
     standardize_per_image,
 )
+from scanner.storage import write_json
 
 LOG = logging.getLogger("memscan")
 

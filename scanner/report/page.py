@@ -10,12 +10,12 @@ import logging
 from html import escape
 from pathlib import Path
 
-from scanner.files import atomic_write_text
 from scanner.report.load import Run, load_previews, load_run
 from scanner.report.markup import CSS, SECTIONS, _counts, _fmt, _section
 from scanner.report.rules import section_removal, section_thresholds
 from scanner.report.samples import section_at_risk, section_duplicates, section_replications, wanted_keys
 from scanner.report.sections import section_distributions, section_manifolds, section_metrics, section_summary
+from scanner.storage import atomic_write_text
 
 log = logging.getLogger("memscan")
 

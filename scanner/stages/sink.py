@@ -18,11 +18,9 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from scanner.files import atomic_write_npy, atomic_write_parquet
 from scanner.stages.base import INFO_PREFIX, SECONDS_PREFIX, Stage
 
 log = logging.getLogger("memscan")
@@ -32,14 +30,20 @@ NOT_STORED = ("image_model", "image_embed", "marker", "n_rows", "row", "split", 
 FOLDER = {"corpus": "parts", "heldout": "heldout"}  # split -> the folder of its part files
 
 
-def part_path(out: Path, name: str, split: str = "corpus") -> Path:
-    """The part file whose presence marks shard `name` of `split` done."""
-    return Path(out) / FOLDER[split] / f"{name}.parquet"
+def part_name(name: str, split: str = "corpus") -> str:
+    """The part file (relative to --out) whose presence marks shard `name` of `split` done."""
+    return f"{FOLDER[split]}/{name}.parquet"
+
+
+def done_shards(out, split: str = "corpus") -> set[str]:
+    """Names of the shards of `split` whose part file exists in `out` (a scanner.storage.Out): one listing of the
+    folder, not a request per shard (10^5 shards in a bucket)."""
+    return {n.removesuffix(".parquet") for n in out.names(FOLDER[split], ".parquet")}
 
 
 @dataclass(frozen=True)
 class SinkSpec:
-    out: str  # the scan's output directory
+    out: str  # the scan's --out: a local directory or an object-storage URL (scanner.storage.Out)
 
 
 class SinkStage(Stage):
@@ -49,7 +53,9 @@ class SinkStage(Stage):
     reads = ("key", "shard", "split", "marker", "n_rows", "row")
 
     def setup(self) -> None:
-        self.out = Path(self.cfg.out)
+        from scanner.storage import Out
+
+        self.out = Out(self.cfg.out)
         self.rows: dict[tuple, list] = {}
         self.arrays: dict[tuple, dict[str, list]] = {}
         self.expected: dict[tuple, int] = {}
@@ -136,13 +142,13 @@ class SinkStage(Stage):
         arrays = self.arrays.pop(key, {})
         previews = arrays.pop("preview", None)
         for c, parts in arrays.items():
-            atomic_write_npy(np.concatenate(parts), self.out / ARRAYS[c] / f"{shard}.npy")
+            self.out.write_npy(f"{ARRAYS[c]}/{shard}.npy", np.concatenate(parts))
         if previews is not None:
             keys = df["key"].to_numpy() if "key" in df else np.zeros(0, object)
             p = np.concatenate(previews)
             have = np.array([x is not None for x in p], bool)
-            atomic_write_parquet(pd.DataFrame({"key": keys[have], "preview": list(p[have])}),
-                                 self.out / "previews" / f"{shard}.parquet")
+            self.out.write_parquet(f"previews/{shard}.parquet",
+                                   pd.DataFrame({"key": keys[have], "preview": list(p[have])}))
         # The part file is written last: its presence is the shard's completion marker.
-        atomic_write_parquet(df, part_path(self.out, shard, split))
+        self.out.write_parquet(part_name(shard, split), df)
         self.done.append(key)
