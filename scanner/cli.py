@@ -178,9 +178,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _writable_out(out: str) -> str:
+    """--out checked before anything starts: a local directory or an object-storage URL memscan can write
+    (scanner.storage.Out raises ConfigError naming any other scheme: exit 2)."""
+    from scanner.storage import Out
+
+    return Out(out).uri()
+
+
+def _local_out(out: str, command: str) -> Path:
+    """--out of a command that writes local files (a model with save_pretrained, a corpus, a checkpoint)."""
+    from scanner.errors import ConfigError
+    from scanner.storage import is_url, scheme
+
+    if is_url(out):
+        raise ConfigError(f"memscan {command} --out {out!r}: {command} writes a local folder, not {scheme(out)}://; "
+                          "give a local directory (scan, dedup, evaluate and report take object-storage URLs)")
+    return Path(out)
+
+
 def cmd_scan(args) -> int:
     from scanner.config import load_config
-    from scanner.pipeline import run_scan
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
@@ -191,6 +209,9 @@ def cmd_scan(args) -> int:
         from scanner.config import ConfigError
 
         raise ConfigError("no output directory: pass --out DIR or set `out` in the config")
+    out = _writable_out(out)
+    from scanner.pipeline import run_scan
+
     summary = run_scan(cfg, out, progress=not args.no_progress)
     c = summary["counts"]
     print(f"memscan scan: {c['seen']} samples, {c['scored']} scored, {c['errors']} errors, "
@@ -221,12 +242,13 @@ def _neighbours_scan_cfg(args):
 
 
 def cmd_dedup(args) -> int:
+    out = _writable_out(args.out)
     from scanner.pipeline import run_scan
 
-    summary = run_scan(_neighbours_scan_cfg(args), args.out, progress=not args.no_progress, label="dedup")
+    summary = run_scan(_neighbours_scan_cfg(args), out, progress=not args.no_progress, label="dedup")
     c = summary["counts"]
     print(f"memscan dedup: {c['seen']} samples, {c['duplicate_groups']} duplicate groups, {c['errors']} errors, "
-          f"{c['removed']} to remove; results in {args.out}")
+          f"{c['removed']} to remove; results in {out}")
     return 0
 
 
@@ -237,7 +259,7 @@ def cmd_train_embedder(args) -> int:
     from scanner.preflight import check_neighbours
 
     cfg = check_neighbours(_neighbours_scan_cfg(args).neighbours)
-    path = train_embedder(args.shards, args.out, cfg, steps=args.steps, log=log.info)
+    path = train_embedder(args.shards, _local_out(args.out, "train-embedder"), cfg, steps=args.steps, log=log.info)
     print(f"memscan train-embedder: checkpoint in {path}")
     return 0
 
@@ -245,7 +267,8 @@ def cmd_train_embedder(args) -> int:
 def cmd_build_demo_corpus(args) -> int:
     from scanner.demo.corpus import build_demo_corpus
 
-    corpus = build_demo_corpus(args.out, n_unique=args.n_unique, seed=args.seed, n_heldout=args.n_heldout)
+    corpus = build_demo_corpus(_local_out(args.out, "build-demo-corpus"), n_unique=args.n_unique, seed=args.seed,
+                               n_heldout=args.n_heldout)
     print(f"memscan build-demo-corpus: {corpus}")
     return 0
 
@@ -253,7 +276,7 @@ def cmd_build_demo_corpus(args) -> int:
 def cmd_train_demo(args) -> int:
     from scanner.demo.run import ensure_demo_model
 
-    path = ensure_demo_model(Path(args.out), minutes=args.minutes, seed=args.seed, steps=args.steps,
+    path = ensure_demo_model(_local_out(args.out, "train-demo"), minutes=args.minutes, seed=args.seed, steps=args.steps,
                              progress=not args.no_progress, kind=args.kind, quick=None)  # any cached corpus
     print(f"memscan train-demo: model in {path}")
     return 0
@@ -262,23 +285,25 @@ def cmd_train_demo(args) -> int:
 def cmd_demo(args) -> int:
     from scanner.demo.run import run_demo
 
-    return run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress,
+    return run_demo(_local_out(args.out, "demo"), minutes=args.minutes, overrides=args.overrides, progress=not args.no_progress,
                     quick=args.quick, seed=args.seed, steps=args.steps, dose=args.dose, kind=args.kind)
 
 
 def cmd_evaluate(args) -> int:
     from scanner.demo.evaluate import evaluate, format_metrics
 
-    metrics = evaluate(Path(args.out), Path(args.truth))
+    metrics = evaluate(_writable_out(args.out), Path(args.truth))
     print(format_metrics(metrics))
-    print(f"memscan evaluate: metrics in {Path(args.out) / 'metrics.json'}")
+    from scanner.storage import Out
+
+    print(f"memscan evaluate: metrics in {Out(args.out).uri('metrics.json')}")
     return 0
 
 
 def cmd_report(args) -> int:
     from scanner.report import write_report
 
-    path = write_report(Path(args.out), Path(args.truth) if args.truth else None)
+    path = write_report(_writable_out(args.out), Path(args.truth) if args.truth else None)
     print(f"memscan report: {path}")
     return 0
 

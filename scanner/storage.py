@@ -19,6 +19,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from pathlib import Path
 
 from scanner.errors import ConfigError
@@ -28,12 +29,17 @@ WRITABLE = {"file": None, "local": None, "s3": "s3fs", "s3a": "s3fs", "gs": "gcs
             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "memory": None}
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
 def scheme(url: str | os.PathLike) -> str:
-    """'s3' for s3://..., 'file' for a plain path; the outer protocol of a chained URL (simplecache::s3://...)."""
+    """'s3' for s3://..., 'file' for a plain path; the outer protocol of a chained URL (simplecache::s3://...);
+    'pipe' for webdataset's pipe:CMD (any NAME: prefix counts, so `s3:bucket` is never taken for a folder)."""
     text = str(url)
     if "::" in text:
-        return text.split("::", 1)[0]
-    return text.split("://", 1)[0].lower() if "://" in text else "file"
+        return text.split("::", 1)[0].lower()
+    m = _SCHEME.match(text)
+    return m.group(1).lower() if m else "file"
 
 
 def is_url(url: str | os.PathLike) -> bool:
@@ -52,6 +58,8 @@ class Out:
         if s not in WRITABLE:
             raise ConfigError(f"{purpose} {text!r}: memscan cannot write to {s}:// (accepted: a local directory or "
                               f"{', '.join(sorted(k + '://' for k in WRITABLE if k not in ('file', 'local')))})")
+        if s not in ("file", "local") and "://" not in text:
+            raise ConfigError(f"{purpose} {text!r}: write a URL as {s}://bucket/prefix")
         try:
             self.fs, root = fsspec.core.url_to_fs(text)
         except ImportError as e:

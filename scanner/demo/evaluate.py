@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scanner.storage import write_json
-
 log = logging.getLogger("memscan")
 from scanner.schema import SCORES_META
 
@@ -217,16 +215,15 @@ def replication_by_caption(reps: pd.DataFrame, scores: pd.DataFrame, truth: pd.D
              "replicated_own_image": float(g["own"].mean())} for k, g in df.groupby("kind")]
 
 
-def _part_column(out: Path, cols: list[str]) -> pd.DataFrame | None:
-    """`cols` of every part file that has them, concatenated (None without such files)."""
-    import pyarrow.parquet as pq
-
-    parts = sorted((out / "parts").glob("*.parquet"))
-    frames = [pd.read_parquet(f, columns=cols) for f in parts if set(cols) <= set(pq.ParquetFile(f).schema_arrow.names)]
+def _part_column(out, cols: list[str]) -> pd.DataFrame | None:
+    """`cols` of every part file that has them, concatenated (None without such files). out: a storage.Out."""
+    parts = [f"parts/{f}" for f in out.names("parts", ".parquet")]
+    frames = [out.read_parquet(f, columns=cols) for f in parts
+              if set(cols) <= set(out.parquet_file(f).schema_arrow.names)]
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _content_hashes(out: Path) -> dict[str, str]:
+def _content_hashes(out) -> dict[str, str]:
     """key -> sha256 of the image bytes, from the scan's part files ({} without them)."""
     df = _part_column(out, ["key", "sha256"])
     if df is None:
@@ -235,22 +232,25 @@ def _content_hashes(out: Path) -> dict[str, str]:
     return dict(zip(df["key"], df["sha256"]))
 
 
-def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
-    """metrics.json's content for the scan in `out` (written there unless `write` is False). n_boot: bootstrap
+def evaluate(out, truth_path: Path, write: bool = True, n_boot: int = 400) -> dict:
+    """metrics.json's content for the scan in `out` (a local path or an object-storage URL; written there unless
+    `write` is False). n_boot: bootstrap
     replicates of the intervals (0: none; seeded, so the same scan gives the same metrics.json).
 
     A folder with duplicates.parquet and parts/ but no scores/ gets the duplicate metrics alone (parts/ say
     which images were read); `memscan dedup` writes scores/ without score values, whose columns are skipped."""
     from scanner.neighbours.dedup import pair_precision_recall
+    from scanner.storage import Out
 
+    out = out if isinstance(out, Out) else Out(out)
     truth = pd.read_parquet(truth_path)
-    files = sorted((out / "scores").glob("*.parquet"))
-    dup_path = out / "duplicates.parquet"
-    if not files and not dup_path.exists():
+    files = [f"scores/{f}" for f in out.names("scores", ".parquet")]
+    has_dups = out.exists("duplicates.parquet")
+    if not files and not has_dups:
         raise FileNotFoundError(f"{out} has neither scores/ nor duplicates.parquet: run `memscan scan` or "
                                 "`memscan dedup` first")
     metrics: dict = {"scores": {}, "warnings": []}
-    scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
+    scores = pd.concat([out.read_parquet(f) for f in files], ignore_index=True) if files else None
     if scores is not None:
         for positive in ("repeated", "oversampled"):
             metrics["scores"][f"{positive}_vs_unique"] = column_metrics(scores, truth, positive,
@@ -262,8 +262,8 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
                                                                         warnings=metrics["warnings"], n_boot=n_boot)
     for w in metrics["warnings"]:
         log.warning("evaluate: %s", w)
-    if dup_path.exists():
-        dups = pd.read_parquet(dup_path)
+    if has_dups:
+        dups = out.read_parquet("duplicates.parquet")
         grouped = ["exact_dup", "near_dup", "repeated", "dose"]
         planted = truth[truth["group_id"].notna() & truth["planted"].isin(grouped)]
         if "readable" in planted:
@@ -283,10 +283,9 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         by_edit = duplicates_by_edit(dups, planted)
         if by_edit:
             metrics["duplicates"]["recall_by_edit"] = by_edit
-    rep_path = out / "replications.parquet"
     if scores is not None:
-        if rep_path.exists():
-            by_cap = replication_by_caption(pd.read_parquet(rep_path), scores, truth)
+        if out.exists("replications.parquet"):
+            by_cap = replication_by_caption(out.read_parquet("replications.parquet"), scores, truth)
             if by_cap:
                 metrics["replications_by_caption"] = by_cap
         dose = dose_response(scores, truth)
@@ -295,7 +294,7 @@ def evaluate(out: Path, truth_path: Path, write: bool = True, n_boot: int = 400)
         ct = scores.merge(truth[["key", "planted"]], on="key")
         metrics["mem_class_by_planted"] = pd.crosstab(ct["planted"], ct["mem_class"].fillna("error")).to_dict()
     if write:
-        write_json(metrics, out / "metrics.json")
+        out.write_json("metrics.json", metrics)
     return metrics
 
 

@@ -37,7 +37,7 @@ MAX_THUMBS = 200  # images read back from the shards, all sections together
 class Run:
     """What a scan left in out_dir; None where the input is absent (`missing` says why)."""
 
-    out: Path
+    out: object  # a scanner.storage.Out
     scores: pd.DataFrame | None = None
     dups: pd.DataFrame | None = None
     reps: pd.DataFrame | None = None
@@ -72,35 +72,37 @@ class Run:
 
 
 def _read_parquet(run: Run, name: str) -> pd.DataFrame | None:
-    path = run.out / name
-    if not path.exists():
+    if not run.out.exists(name):
         run.missing[name] = "not found"
         return None
     try:
-        return pd.read_parquet(path)
+        return run.out.read_parquet(name)
     except Exception as e:  # noqa: BLE001 - a damaged file is reported, the rest of the report still renders
         run.missing[name] = f"unreadable: {type(e).__name__}: {e}"
         return None
 
 
 def _read_json(run: Run, name: str) -> dict | None:
-    path = run.out / name
-    if not path.exists():
+    if not run.out.exists(name):
         run.missing[name] = "not found"
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(run.out.read_text(name))
     except (OSError, ValueError) as e:
         run.missing[name] = f"unreadable: {type(e).__name__}: {e}"
         return None
 
 
-def load_run(out: Path, truth_path: Path | None = None) -> Run:
+def load_run(out, truth_path: Path | None = None) -> Run:
+    """out: a scan's --out (a scanner.storage.Out, a path or a URL)."""
+    from scanner.storage import Out
+
+    out = out if isinstance(out, Out) else Out(out)
     run = Run(out=out)
-    files = sorted((out / "scores").glob("*.parquet"))
+    files = out.names("scores", ".parquet")
     if files:
         try:
-            run.scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+            run.scores = pd.concat([out.read_parquet(f"scores/{f}") for f in files], ignore_index=True)
         except Exception as e:  # noqa: BLE001
             run.missing["scores/*.parquet"] = f"unreadable: {type(e).__name__}: {e}"
     else:
@@ -133,8 +135,8 @@ def load_previews(run: Run, keys: list[str]) -> None:
     keys = list(dict.fromkeys(k for k in keys if isinstance(k, str)))[:MAX_THUMBS]
     if not keys:
         return
-    folder = run.out / "previews"
-    if not folder.is_dir():
+    have = set(run.out.names("previews", ".parquet"))
+    if not have:
         run.thumb_note = ("this scan stored no previews (data.preview_size: 0, or a scan made before memscan kept "
                           "them)")
         return
@@ -144,10 +146,10 @@ def load_previews(run: Run, keys: list[str]) -> None:
         if k in shard_of:
             wanted.setdefault(str(shard_of[k]), set()).add(k)
     for shard, want in sorted(wanted.items()):
-        path = folder / f"{shard}.parquet"
-        if not path.exists():
+        if f"{shard}.parquet" not in have:
             continue
-        t = pq.read_table(path, filters=[("key", "in", sorted(want))])
+        t = pq.read_table(run.out.path(f"previews/{shard}.parquet"), filesystem=run.out.fs,
+                          filters=[("key", "in", sorted(want))])
         for k, data in zip(t.column("key").to_pylist(), t.column("preview").to_pylist()):
             if data:
                 mime = "image/png" if data[:4] == b"\x89PNG" else "image/jpeg"

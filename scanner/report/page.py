@@ -15,7 +15,6 @@ from scanner.report.markup import CSS, SECTIONS, _counts, _fmt, _section
 from scanner.report.rules import section_removal, section_thresholds
 from scanner.report.samples import section_at_risk, section_duplicates, section_replications, wanted_keys
 from scanner.report.sections import section_distributions, section_manifolds, section_metrics, section_summary
-from scanner.storage import atomic_write_text
 
 log = logging.getLogger("memscan")
 
@@ -41,21 +40,24 @@ def render(run: Run) -> str:
     version = ((run.summary.get("versions") or {}).get("memscan")) or ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>memscan report — {escape(run.out.name)}</title><style>{CSS}</style></head><body><main>"
+            f"<title>memscan report — {escape(run.out.uri().rstrip('/').rsplit('/', 1)[-1])}</title><style>{CSS}</style></head><body><main>"
             f"<header><h1>memscan report</h1><p><code>{escape(str(run.out))}</code> · {sub}</p></header>"
             f"<nav>{nav}</nav>{''.join(body)}"
             f"<footer>memscan {escape(str(version))} · written by <code>memscan report</code> from the files above; "
             f"self-contained, no scripts.</footer></main></body></html>\n")
 
 
-def write_report(out_dir: Path, truth_path: Path | None = None) -> Path:
-    """Write out_dir/report.html from the scan outputs under out_dir (atomically). Returns its path.
+def write_report(out_dir, truth_path: Path | None = None) -> Path | str:
+    """Write OUT/report.html from the scan outputs under out_dir (a local directory or an object-storage URL),
+    whole. Returns its Path (its URL for an --out in object storage).
 
     truth_path: optional truth.parquet (key, planted, ...): histograms and the LID scatter are then
     split by planted class. Raises FileNotFoundError when out_dir is not a directory.
     """
-    out = Path(out_dir)
-    if not out.is_dir():
+    from scanner.storage import Out
+
+    out = out_dir if isinstance(out_dir, Out) else Out(out_dir)
+    if not out.isdir():
         raise FileNotFoundError(f"{out} is not a directory: pass the --out of a finished `memscan scan`")
     run = load_run(out, truth_path)
     try:
@@ -63,7 +65,5 @@ def write_report(out_dir: Path, truth_path: Path | None = None) -> Path:
     except Exception as e:  # noqa: BLE001 - images are a nicety; the numbers still make the report
         log.warning("report: previews failed: %s: %s", type(e).__name__, e)
         run.thumb_note = f"reading previews/ failed ({type(e).__name__}: {e})"
-    text = render(run)
-    path = out / "report.html"
-    atomic_write_text(text, path)
-    return path
+    out.write_text("report.html", render(run))
+    return out.local_path("report.html") if out.local else out.uri("report.html")

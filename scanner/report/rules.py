@@ -121,7 +121,7 @@ def section_removal(run: Run) -> str:
             for r in list(REASONS) + [r for r in counts.index if r not in REASONS]]
     rows.append([("html", "<b>total</b>"), "", len(run.removal)])
     body = _table(["reason", "meaning", "samples"], rows)
-    body += (f"<p>Keys are in <code>{escape(str(run.out / 'removal_list.txt'))}</code> (one a line) and "
+    body += (f"<p>Keys are in <code>{escape(run.out.uri('removal_list.txt'))}</code> (one a line) and "
              f"<code>removal_list.parquet</code> (key, shard, reason).</p>")
     if len(run.removal):
         head = run.removal.head(10)

@@ -146,15 +146,14 @@ def section_replications(run: Run) -> str:
     n_rep = int(reps["replicated"].astype(bool).sum())
     info = ((run.summary.get("neighbours") or {}).get("replications")) or {}
     thr = info.get("threshold", ((run.summary.get("config") or {}).get("neighbours") or {}).get("rep_threshold"))
-    gen_dir = run.out / "replications"
+    pngs = set(run.out.names("replications", ".png"))
     shown = reps.sort_values(["replicated", "similarity", "gen_id"], ascending=[False, False, True]).head(TOP_REPS)
-    stored = any((gen_dir / f"gen_{g}.png").is_file() for g in shown["gen_id"])
+    stored = any(f"gen_{g}.png" in pngs for g in shown["gen_id"])
     rows = []
     for r in shown.itertuples(index=False):
-        gen_png = gen_dir / f"gen_{r.gen_id}.png"
-        if gen_png.is_file():
+        if f"gen_{r.gen_id}.png" in pngs:
             try:
-                data = base64.b64encode(gen_png.read_bytes()).decode("ascii")
+                data = base64.b64encode(run.out.read_bytes(f"replications/gen_{r.gen_id}.png")).decode("ascii")
                 gen = f'<img class="thumb" src="data:image/png;base64,{data}" alt="generation {_fmt(r.gen_id)}">'
             except OSError:
                 gen = '<div class="thumb noimg">unreadable</div>'
