@@ -282,3 +282,37 @@ def test_an_unreadable_member_stream_is_data_not_a_crash(tmp_path):
         tf.add(__file__, arcname="k.jpg")
     assert [r["key"] for r in iter_tar_samples(f"file://{p}")] == ["k"]
     assert expand_shards(f"file://{tmp_path}/x.tar") == [str(Path(p).resolve())]
+
+
+@pytest.mark.slow
+def test_memscan_scan_over_s3_with_a_missing_shard(s3_server, tiny_corpus, tiny_model_dir, tmp_path):
+    """`memscan scan` as a user types it (a subprocess: its own Ray, whose workers get the AWS_* environment) over
+    an S3 brace range one past the last shard: the scan completes, the missing shard is one row of errors.parquet,
+    and the parts carry the metadata columns (null here: the demo corpus's KEY.json has no url)."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[2]
+    url = s3_server.upload(tiny_corpus.shards[0].parent, "memscan-scan", "tiny")
+    n = len(tiny_corpus.shards)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scanner", "scan", "--config", str(root / "configs" / "demo.yaml"),
+           "--shards", f"{url}/{{00000..{n:05d}}}.tar", "--set", f"model.path={tiny_model_dir}",
+           "--set", "data.resolution=8", "--set", "neighbours.enabled=false", "--set", "geometry.probes=2",
+           "--set", "geometry.lpca_k=5", "--set", "ray.num_cpus=2", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"1 of the {n + 1} shards of" in proc.stderr  # the driver says which shard is missing, once
+    errors = pd.read_parquet(out / "errors.parquet")
+    gone = errors[errors["shard"] == f"{n:05d}"]
+    assert len(gone) == 1 and gone["error"].iloc[0].startswith("the shard does not exist"), errors
+    # part by part: the sink writes a column that is null on every row of a shard as Arrow null (error, url, ...)
+    parts = pd.concat([pd.read_parquet(p) for p in sorted((out / "parts").glob("*.parquet"))], ignore_index=True)
+    assert {"url", "original_width", "original_height", "download_sha256"} <= set(parts.columns)
+    samples = parts[parts["key"].notna()]
+    assert samples["url"].isna().all() and (samples["original_width"] == -1).all()
+    assert len(samples) == sum(1 for p in tiny_corpus.shards for r in iter_tar_samples(str(p)) if r["key"] is not None)
