@@ -111,7 +111,10 @@ def expand_shards(spec: str | os.PathLike | list, strict: bool = False) -> Shard
     Object stores are listed, not probed: the members of a brace range under one parent prefix cost one listing of
     that prefix (one request per 1000 objects on S3), not one HEAD each, unless the store refuses to list.
     """
-    if isinstance(spec, ShardList):
+    if isinstance(spec, ShardList):  # listed already; strict still holds for the members it found missing
+        if strict and spec.missing:
+            raise ShardSpecError(f"shard path {spec.missing[0]!r} does not exist ({len(spec.missing)} of {len(spec)} "
+                                 "shards are missing); data.strict_shards is true, so a missing shard stops the scan")
         return spec
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
     parts = [str(item).strip() for item in items if str(item).strip()]
