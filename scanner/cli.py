@@ -50,6 +50,10 @@ def _add_common(p: argparse.ArgumentParser, progress: bool = False) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
 
 
+SHARDS_HELP = ("directory, glob or brace pattern of .tar shards, local or s3:// gs:// http(s):// (credentials from "
+               "AWS_* / ~/.aws), an fsspec chain (simplecache::s3://...) or 'pipe:CMD'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memscan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="YAML config file, or a config shipped with memscan by name (demo, demo-latent, laion-sd15; "
                         "configs/ in the repository has them with every key commented)")
-    p.add_argument("--shards", nargs="+", help="directory, glob or brace pattern; overrides data.shards")
+    p.add_argument("--shards", nargs="+", help=f"{SHARDS_HELP}; overrides data.shards")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")
     p.add_argument("--out", help="output directory (overrides `out` in the config)")
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embeds every image (open_clip), finds duplicate groups by bytes, perceptual hash "
                                    "and cosine >= --threshold, keeps one per group. Without --clip-checkpoint it "
                                    "first trains the copy-detection embedder on the corpus (cached in --out).")
-    p.add_argument("--shards", nargs="+", required=True, help="directory, glob or brace pattern")
+    p.add_argument("--shards", nargs="+", required=True, help=SHARDS_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default "
                                                    f"{NeighboursConfig.dup_threshold}: neighbours.dup_threshold)")
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, progress=True)
 
     p = sub.add_parser("train-embedder", help="train the self-supervised copy-detection embedder on a corpus")
-    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--shards", nargs="+", required=True, help=SHARDS_HELP)
     p.add_argument("--out", required=True, help="directory for the open_clip checkpoint")
     p.add_argument("--steps", type=int, help="training steps (default: neighbours.train_steps, 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")

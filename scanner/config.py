@@ -29,7 +29,12 @@ MAX_IMAGE_PIXELS = 64_000_000  # data.max_image_pixels' default; decoders take i
 
 @dataclass
 class DataConfig:
-    shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns
+    # dirs, globs or brace patterns: local, s3:// / gs:// / http(s):// URLs, fsspec chains (simplecache::s3://...) or
+    # pipe:CMD (scanner/data/shards.py); credentials come from the storage library's environment, never from here
+    shards: list[str] = field(default_factory=list)
+    # a member of a brace range that does not exist: false = that shard is one error row and the rest is scanned;
+    # true = the scan is refused before it starts, naming the missing shard
+    strict_shards: bool = False
     resolution: int = 16  # model input side in pixels (images are resized + centre-cropped)
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger declared sizes are refused (decompression bombs)
@@ -44,6 +49,7 @@ class DataConfig:
         _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "> 0")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, ">= 1")
         _check(0 <= self.preview_size <= 512, f"{p}.preview_size", self.preview_size, "0 (none) or an int in [1, 512]")
+        _check(isinstance(self.strict_shards, bool), f"{p}.strict_shards", self.strict_shards, "true or false")
 
 
 @dataclass

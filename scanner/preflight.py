@@ -33,7 +33,9 @@ def check_scan(cfg: ScanConfig) -> ScanConfig:
 
     Model: the directory exists, is of `model.kind`, holds safetensors weights (or pickles with
     allow_pickle), and takes `data.resolution`-sided images. classify.calibration_shards (when set): every entry
-    matches a shard, and comes back as absolute shard paths. Neighbours: see check_neighbours.
+    matches a shard, and comes back as expand_shards' ShardList (absolute paths and URLs; expanding it again returns
+    it unchanged, missing brace-range members included; data.strict_shards refuses those). Neighbours: see
+    check_neighbours.
     """
     model = cfg.model
     if model.kind != "none":
@@ -50,7 +52,8 @@ def check_scan(cfg: ScanConfig) -> ScanConfig:
         from scanner.errors import ShardSpecError
 
         try:
-            classify = dataclasses.replace(classify, calibration_shards=expand_shards(classify.calibration_shards))
+            held = expand_shards(classify.calibration_shards, strict=cfg.data.strict_shards)
+            classify = dataclasses.replace(classify, calibration_shards=held)
         except ShardSpecError as e:
             raise ConfigError(f"classify.calibration_shards: {e}") from None
     return dataclasses.replace(cfg, model=model, classify=classify, neighbours=check_neighbours(cfg.neighbours))

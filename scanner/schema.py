@@ -23,7 +23,9 @@ STR, F32, I64, BOOL = pa.string(), pa.float32(), pa.int64(), pa.bool_()
 
 P_LAPLACE_PREFIX = "p_laplace_"
 # text columns of the batches that flow between stages
-TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error", "split")
+# (url, download_sha256: img2dataset's KEY.json, null on every row of a shard not written by img2dataset)
+TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error", "split", "url",
+                "download_sha256")
 BINARY_COLUMNS = ("preview",)
 INFO_PREFIX = "stage_info_"  # a stage's JSON record on a batch's first row (scanner.stages.base)
 

@@ -298,7 +298,7 @@ def _members_shard(b: _Builder) -> None:
     m += b.sample("good_no_caption", _jpeg(n()), caption=None)
     b.good(s, "good_no_json", "image and caption without a JSON sidecar")
     m += b.sample("good_no_json", _jpeg(n()), meta=None)
-    b.good(s, "good_invalid_json", "JSON sidecar that is not JSON (memscan does not read the metadata)")
+    b.good(s, "good_invalid_json", "JSON sidecar that is not JSON (the image is read; its url and download metadata are null)")
     m += b.sample("good_invalid_json", _jpeg(n()), meta=b'{"url": "http://exa')
     b.good(s, "good_binary_json", "JSON sidecar of binary garbage")
     m += b.sample("good_binary_json", _jpeg(n()), meta=b"\xff\xfe\x00\x01garbage")

@@ -214,15 +214,15 @@ def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[
     Returns (images (N, size, size, 3) uint8, the sha1 of every readable sample's bytes in the shards read,
     shards read, shards in all).
     """
-    from scanner.data.load import load_images
+    from scanner.data.load import load_shard_images
     from scanner.data.shards import expand_shards
 
-    paths = expand_shards(shards)
+    paths = expand_shards(shards)  # the driver's ShardList comes back as it is: no second listing of the store
     order = np.random.default_rng(seed).permutation(len(paths))
     picked: dict[int, tuple[np.ndarray, list[str]]] = {}
     distinct: set[str] = set()
     for i in order:
-        _, images, _, hashes = load_images(paths[i], size, channels=3)
+        _, images, _, hashes = load_shard_images([paths[i]], size, channels=3)
         picked[int(i)] = (images, hashes)
         distinct.update(hashes)
         if len(distinct) >= max_images:

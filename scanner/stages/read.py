@@ -6,6 +6,9 @@ width and height, the sha256 of the raw image bytes, and from one decode the ima
 small preview for report.html (`preview`: PNG or JPEG bytes, so the report never opens a shard). A bad member
 or a damaged shard is an error row, never an exception.
 
+img2dataset's KEY.json gives each row `url`, `original_width`, `original_height` (the size before img2dataset resized
+it) and `download_sha256` (of the downloaded bytes): null / -1 when a sample has none (scanner/data/img2dataset.py).
+
 Rows carry the split of their shard: `corpus`, or `heldout` for classify.calibration_shards (images the model
 never trained on, scored for the detector's cut alone: no embedding, no preview).
 
@@ -23,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from scanner.config import MAX_IMAGE_PIXELS
+from scanner.data.img2dataset import META_COLUMNS, NO_META, sample_meta
 from scanner.data.shards import shard_name
 from scanner.stages.base import Stage
 
 ROWS_PER_BATCH = 256
-TEXT = ("key", "caption", "error", "error_stage", "sha256", "split")
-INTS = ("width", "height", "n_rows", "row")
+TEXT = ("key", "caption", "error", "error_stage", "sha256", "split", "url", "download_sha256")
+INTS = ("width", "height", "n_rows", "row", "original_width", "original_height")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ def read_shard(path: str, spec: ReadSpec, split: str = "corpus") -> Iterator[dic
     """Yield numpy batches for one shard; the last batch ends with one marker row (`n_rows` = rows sent).
 
     Columns: key, shard (its name), split, caption, width, height, error, error_stage, sha256 (str or None),
+    url, download_sha256 (str or None), original_width, original_height (int64 pixels, -1 when unknown),
     image_model (B, R, R, C) uint8 when spec.model_side, image_embed (B, S, S, 3) uint8 when spec.embed_side
     (zeros where error, and on held-out rows), preview (bytes or None) when spec.preview_size, marker (bool),
     n_rows (int64, -1 but on the marker), row (int64, the sample's position in the shard, -1 on the marker).
@@ -94,7 +99,7 @@ def read_shard(path: str, spec: ReadSpec, split: str = "corpus") -> Iterator[dic
     for s in iter_tar_samples(path):
         row = {"key": s["key"], "caption": s["caption"], "width": -1, "height": -1, "error": s["error"],
                "error_stage": "read" if s["error"] else None, "sha256": None, "marker": False, "n_rows": -1,
-               "row": sent + len(rows), "split": split}
+               "row": sent + len(rows), "split": split, **sample_meta(s["json"], s["key"])}
         if s["error"] is None:
             row["sha256"] = hashlib.sha256(s["image"]).hexdigest()
             try:
@@ -116,7 +121,7 @@ def read_shard(path: str, spec: ReadSpec, split: str = "corpus") -> Iterator[dic
             rows = []
     sent += len(rows)
     rows.append({"key": None, "caption": None, "width": -1, "height": -1, "error": None, "error_stage": None,
-                 "sha256": None, "marker": True, "n_rows": sent, "row": -1, "split": split})
+                 "sha256": None, "marker": True, "n_rows": sent, "row": -1, "split": split, **NO_META})
     yield pack(rows)
 
 
@@ -126,7 +131,7 @@ class ReadStage(Stage):
     name, runs = "read", "task"
     reads = ("path", "split")
     writes = ("key", "shard", "split", "caption", "width", "height", "error", "error_stage", "sha256", "marker",
-              "n_rows", "row")
+              "n_rows", "row", *META_COLUMNS)
 
     @classmethod
     def declared_writes(cls, cfg: ReadSpec) -> tuple[str, ...]:
