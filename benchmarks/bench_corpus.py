@@ -1,20 +1,26 @@
-"""The corpus steps at 10^5-10^7 images in a fixed memory budget (issue: corpus steps out of core).
+"""The corpus steps at 10^7 images and beyond, as Ray tasks within a per-task memory budget (issue #37).
 
-    python benchmarks/bench_corpus.py --sizes 100000 1000000 10000000 --memory-gb 2 --work /tmp/bench_corpus
+    python benchmarks/bench_corpus.py --sizes 10000000 30000000 --memory-gb 2      # one node, 128-d
+    python benchmarks/bench_corpus.py --sizes 10000000 --dim 768 --name corpus_768  # CLIP ViT-L/14's width
+    python benchmarks/bench_corpus.py --sizes 10000000 --cluster --name corpus_2node # a local two-node Ray cluster
+    python benchmarks/bench_corpus.py --assignment                                  # list assignment per row
+    python benchmarks/bench_corpus.py --render                                      # results/corpus.md from the JSON
 
-For every size it writes a synthetic corpus as a scan's part files (parts/NAME.parquet with key, sha256,
-phash, width, height; embeddings/NAME.npy, 128-d float16, 10,000 rows a shard), then runs the corpus steps
-of `memscan dedup` (scanner.finalize.finalize, no model) in a fresh process and measures:
-- peak RSS of that process (its VmHWM read from /proc when it ends: the high-water mark, not a sample), wall time;
-- duplicate pair precision / recall against the planted groups;
-- that no group is a chain: every member linked by the embedding is within the threshold of its kept image,
-  and the planted chains (20 images, each at cosine 0.97 from the next, ends far apart) are cut.
+For every size it writes a synthetic corpus as a scan's part files (parts/NAME.parquet with key, sha256, phash,
+width, height; embeddings/NAME.npy, float16, 10,000 rows a shard), then runs the corpus steps of `memscan dedup`
+(scanner.corpus.run.corpus_steps, model none, corpus.executor ray) in a fresh driver, with a local Ray of this
+machine's 2 CPUs (or attached to a two-node cluster started here: each node its own raylet, object store and temp
+dir) and measures:
+- every process's peak memory (sampled from /proc every 0.5 s: VmRSS, and RssAnon, its private part: Ray's object
+  store is shared memory every worker maps, sized by --object-store-gb, and counted once, apart);
+- the wall time of every step, and (--cluster) the task seconds of every step on every node (Ray's state API);
+- duplicate pair precision / recall against the planted groups, and that no group is a chain.
 
-Planted, per shard: 2 % of the images get 1-3 byte-identical copies (same sha256, vector, pHash) or 1-3
-perturbed copies (cosine 0.975-0.995 to the original, another sha256, the pHash with 0-2 bits flipped for
-half of them, a random one for the rest), placed in the next shard; one chain of 20. The background is
-a mixture of 1,000 directions with spread (typical cosine to a neighbour ~0.7, far below the 0.93
-threshold). Results: benchmarks/results/corpus.{md,json}.
+Planted, per shard: 2 % of the images get 1-3 byte-identical copies (same sha256, vector, pHash) or 1-3 perturbed
+copies (cosine 0.975-0.995 to the original, another sha256, the pHash with 0-2 bits flipped for half of them, a
+random one for the rest), placed in the next shard; one chain of 20 images at cosine 0.97 from the next. The
+background is a mixture of 1,000 directions with spread (a neighbour at cosine ~0.6-0.8, far below the 0.93
+threshold). Results: benchmarks/results/NAME.{md,json}; the machine's load is recorded beside each run.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,9 +41,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 ROWS_PER_SHARD = 10_000
-DIM = 128
 CENTRES = 1000
 PLANT = 0.02
 CHAIN = 20
@@ -47,19 +55,21 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _centres():
-    return _unit(np.random.default_rng(12345).standard_normal((CENTRES, DIM)))
+def _centres(dim):
+    return _unit(np.random.default_rng(12345).standard_normal((CENTRES, dim)))
 
 
 def _background(s: int, n: int, centres) -> np.ndarray:
     rng = np.random.default_rng([7, s])
     c = centres[rng.integers(0, CENTRES, n)]
-    return _unit(c + 0.09 * rng.standard_normal((n, DIM)))  # spread: neighbours at cosine ~0.6-0.8
+    spread = 0.09 * np.sqrt(128 / c.shape[1])  # the same neighbour cosines at any width
+    return _unit(c + spread * rng.standard_normal(c.shape))
 
 
 def shard_rows(s: int, n_shards: int, centres) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
     """Shard s: its own background (of which the first PLANT share are planted originals), the copies of
     shard s-1's planted originals, and one chain. Returns (part rows, vectors, truth rows)."""
+    dim = centres.shape[1]
     own = ROWS_PER_SHARD - int(ROWS_PER_SHARD * PLANT * 2) - CHAIN  # room for about 2 copies per planted
     rng = np.random.default_rng([11, s])
     v = _background(s, own, centres)
@@ -71,7 +81,6 @@ def shard_rows(s: int, n_shards: int, centres) -> tuple[pd.DataFrame, np.ndarray
     rows = [pd.DataFrame({"sha256": sha, "phash": ph, "truth_group": truth_group, "kind": "background"})]
     vecs = [v]
     rows[0].loc[:n_plant - 1, "kind"] = "original"
-
     # copies of the previous shard's planted originals (its rows regenerated: same seeds)
     p = (s - 1) % n_shards
     prng = np.random.default_rng([11, p])
@@ -88,19 +97,16 @@ def shard_rows(s: int, n_shards: int, centres) -> tuple[pd.DataFrame, np.ndarray
                 copies.append((psha[j], pph[j], p * ROWS_PER_SHARD + j, "exact"))
             else:
                 target = crng.uniform(0.975, 0.995)
-                noise = _unit(crng.standard_normal((1, DIM)))
+                noise = _unit(crng.standard_normal((1, dim)))
                 noise = _unit(noise - (noise @ pv[j]) * pv[j])
                 vecs.append(target * pv[j:j + 1] + np.sqrt(1 - target**2) * noise)
                 bits = crng.choice(64, int(crng.integers(0, 3)), replace=False)
                 flip = np.uint64(sum(1 << int(b) for b in bits))
-                if j % 4 == 1:
-                    near_ph = (np.int64(pph[j]).view(np.uint64) ^ flip).view(np.int64)
-                else:
-                    near_ph = crng.integers(-2**63, 2**63 - 1, dtype=np.int64)
+                near_ph = (np.int64(pph[j]).view(np.uint64) ^ flip).view(np.int64) if j % 4 == 1 else \
+                    crng.integers(-2**63, 2**63 - 1, dtype=np.int64)
                 copies.append((crng.bytes(32).hex(), near_ph, p * ROWS_PER_SHARD + j, "perturbed"))
     rows.append(pd.DataFrame(copies, columns=["sha256", "phash", "truth_group", "kind"]))
-    # one chain: CHAIN images along an arc, CHAIN_COS between neighbours
-    start = _unit(np.random.default_rng([17, s]).standard_normal((2, DIM)))
+    start = _unit(np.random.default_rng([17, s]).standard_normal((2, dim)))
     a, b = start[0], _unit((start[1] - (start[1] @ start[0]) * start[0])[None])[0]
     theta = np.arccos(CHAIN_COS) * np.arange(CHAIN)
     vecs.append(np.cos(theta)[:, None] * a + np.sin(theta)[:, None] * b)
@@ -113,59 +119,149 @@ def shard_rows(s: int, n_shards: int, centres) -> tuple[pd.DataFrame, np.ndarray
     df.insert(0, "key", [f"{name}{j:05d}" for j in range(len(df))])
     df.insert(1, "shard", name)
     df["width"], df["height"] = 256, 256
-    for c in ("error", "error_stage", "embed_error", "caption"):
-        df[c] = None
+    for c in ("error", "error_stage", "embed_error", "caption", "url"):
+        df[c] = pd.Series([None] * len(df), dtype="string")
     x = np.concatenate(vecs).astype(np.float16)
     truth = df[["key", "truth_group", "kind"]]
     return df.drop(columns=["truth_group", "kind"]), x, truth
 
 
-def write_corpus(out: Path, n: int) -> tuple[list[str], Path]:
-    """Part files for about n images. Returns (shard paths, truth parquet)."""
-    centres = _centres()
+def write_corpus(out: Path, n: int, dim: int) -> tuple[list[str], Path]:
+    """Part files for about n images (reused when already written for this n and dim). Returns (shard names,
+    truth parquet)."""
     n_shards = max(1, round(n / ROWS_PER_SHARD))
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    truths, shards = [], []
+    marker = out / "written.json"
+    names = [f"{s:06d}" for s in range(n_shards)]
+    if marker.exists() and json.loads(marker.read_text()) == {"n": n, "dim": dim}:
+        return names, out / "truth.parquet"
+    if out.exists():
+        shutil.rmtree(out)
+    centres = _centres(dim)
+    (out / "parts").mkdir(parents=True)
+    (out / "embeddings").mkdir(parents=True)
+    truths = []
     for s in range(n_shards):
         df, x, truth = shard_rows(s, n_shards, centres)
-        name = f"{s:06d}"
-        df.to_parquet(out / "parts" / f"{name}.parquet", index=False)
-        np.save(out / "embeddings" / f"{name}.npy", x)
+        df.to_parquet(out / "parts" / f"{names[s]}.parquet", index=False)
+        np.save(out / "embeddings" / f"{names[s]}.npy", x)
         truths.append(truth)
-        shards.append(str(out / f"{name}.tar"))
     pd.concat(truths, ignore_index=True).to_parquet(out / "truth.parquet", index=False)
-    return shards, out / "truth.parquet"
+    marker.write_text(json.dumps({"n": n, "dim": dim}))
+    return names, out / "truth.parquet"
 
 
 RUN = r"""
-import json, sys, time
+import json, logging, os, sys, time
+import ray
 from scanner.config import load_config
-from scanner.finalize import finalize
-out, shards, gb = sys.argv[1], json.load(open(sys.argv[2])), float(sys.argv[3])
+from scanner.corpus.run import corpus_steps
+out, names, gb, store_gb = sys.argv[1], json.load(open(sys.argv[2])), float(sys.argv[3]), float(sys.argv[4])
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+logging.getLogger("ray").setLevel(logging.WARNING)
+if os.environ.get("RAY_ADDRESS"):
+    ray.init(logging_level=logging.WARNING, log_to_driver=False)
+else:
+    ray.init(num_cpus=2, object_store_memory=int(store_gb * (1 << 30)), include_dashboard=True,
+             dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
 cfg = load_config(None, ["model.kind=none", f"corpus.memory_gb={gb}", "neighbours.generations=0",
-                         "neighbours.dup_threshold=%s" % sys.argv[4]], sections=("neighbours", "corpus"))
+                         "corpus.executor=ray", "neighbours.align_size=0",
+                         "neighbours.dup_threshold=%s" % sys.argv[5]], sections=("neighbours", "corpus"))
+windows, last = [], [time.time()]
+def mark(step):
+    windows.append((step, last[0], time.time()))
+    last[0] = time.time()
 t = time.time()
-s = finalize(cfg, __import__("pathlib").Path(out), shards, embedder="synthetic")
+s = corpus_steps(cfg, out, names, embedder="synthetic", inside_step=mark)
 s["wall_s"] = round(time.time() - t, 1)
-s["vmhwm_mb"] = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-json.dump(s, open(sys.argv[5], "w"), default=str)
+s["windows"] = windows
+tasks = []
+try:
+    from ray.util.state import list_tasks
+    for task in list_tasks(detail=True, limit=200000, raise_on_missing_output=False):
+        if task.start_time_ms and task.end_time_ms:
+            tasks.append((task.node_id, task.start_time_ms / 1000, task.end_time_ms / 1000, task.name))
+except Exception as e:
+    s["task_error"] = repr(e)
+s["tasks"] = tasks
+json.dump(s, open(sys.argv[6], "w"), default=str)
 """
 
 
-def run_corpus_steps(out: Path, shards: list[str], memory_gb: float) -> dict:
-    (out / "shards.json").write_text(json.dumps(shards))
+def _status(pid: int) -> dict:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssShmem"):
+                out[k] = int(v.split()[0]) / 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _role(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+    for key, role in (("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard"),
+                      ("ray::", "worker"), ("default_worker", "worker"), ("-c", "driver")):
+        if key in cmd:
+            return role
+    return "other"
+
+
+class Sampler(threading.Thread):
+    """Every process below the given roots: its peak VmRSS and RssAnon (MB) while the run lasts."""
+
+    def __init__(self, roots: list[int], every: float = 0.5):
+        super().__init__(daemon=True)
+        self.roots, self.every, self.stop = roots, every, threading.Event()
+        self.peak: dict[int, dict] = {}
+
+    def run(self) -> None:
+        from scanner.procfs import descendants
+
+        while not self.stop.is_set():
+            for root in self.roots:
+                for pid in [root, *descendants(root)]:
+                    st = _status(pid)
+                    if not st:
+                        continue
+                    p = self.peak.setdefault(pid, {"role": _role(pid), "rss": 0.0, "anon": 0.0, "shmem": 0.0})
+                    p["rss"] = max(p["rss"], st.get("VmRSS", 0.0))
+                    p["anon"] = max(p["anon"], st.get("RssAnon", 0.0))
+                    p["shmem"] = max(p["shmem"], st.get("RssShmem", 0.0))
+            time.sleep(self.every)
+
+
+def run_corpus_steps(out: Path, names: list[str], memory_gb: float, store_gb: float, env: dict,
+                     roots: list[int]) -> dict:
+    (out / "shards.json").write_text(json.dumps(names))
+    shutil.rmtree(out / "corpus", ignore_errors=True)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", RUN, str(out), str(out / "shards.json"), str(memory_gb),
-                             str(THRESHOLD), str(out / "bench_summary.json")], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.wait() != 0:
-        raise SystemExit(f"the corpus steps failed (exit {proc.returncode})")
-    wall = time.time() - t0
+                             str(store_gb), str(THRESHOLD), str(out / "bench_summary.json")], cwd=ROOT,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    sampler = Sampler([proc.pid, *roots])
+    sampler.start()
+    rc = proc.wait()
+    sampler.stop.set()
+    sampler.join()
+    if rc != 0:
+        raise SystemExit(f"the corpus steps failed (exit {rc})")
     summary = json.loads((out / "bench_summary.json").read_text())
-    # the child's own high-water mark (VmHWM of its address space after exec; getrusage's ru_maxrss would carry
-    # this parent's peak over through fork and exec)
-    return {"summary": summary, "wall_s": round(wall, 1), "peak_rss_mb": round(summary["vmhwm_mb"], 1)}
+    procs = list(sampler.peak.values())
+    by_role: dict[str, dict] = {}
+    for p in procs:
+        r = by_role.setdefault(p["role"], {"processes": 0, "peak_rss_mb": 0.0, "peak_private_mb": 0.0})
+        r["processes"] += 1
+        r["peak_rss_mb"] = round(max(r["peak_rss_mb"], p["rss"]), 1)
+        r["peak_private_mb"] = round(max(r["peak_private_mb"], p["anon"]), 1)
+    return {"summary": summary, "wall_s": round(time.time() - t0, 1), "memory": by_role,
+            "peak_private_mb": round(max((p["anon"] for p in procs), default=0.0), 1),
+            "peak_rss_mb": round(max((p["rss"] for p in procs), default=0.0), 1)}
 
 
 def evaluate(out: Path, truth_path: Path) -> dict:
@@ -176,84 +272,174 @@ def evaluate(out: Path, truth_path: Path) -> dict:
     t = truth[truth.truth_group >= 0]
     kind = dict(zip(truth.key, truth.kind))
     d = dups.assign(kind=dups.key.map(kind))
-    # pair precision / recall over the planted copies; chain images are judged apart (below): their
-    # neighbours are near-duplicates too, but which balls a chain is cut into has no single truth
+    # pair precision / recall over the planted copies; chain images are judged apart: their neighbours are
+    # near-duplicates too, but which balls a chain is cut into has no single truth
     nc = d[d.kind != "chain"]
     m = pair_precision_recall(dict(zip(nc.key, nc.group_id)), dict(zip(t.key, t.truth_group)))
     chain_groups = d[d.kind == "chain"].group_id.unique()
     emb = d[~d.keep & (d.link == "embedding")]
+    groups = {k: sorted(v) for k, v in d.groupby("group_id")["key"]}
     return {**m, "groups": int(dups.group_id.nunique()), "largest_group": int(dups.groupby("group_id").size().max()),
             "chain_groups": len(chain_groups), "chains": int((truth.kind == "chain").sum() // CHAIN),
             "largest_chain_group": int(d[d.group_id.isin(chain_groups)].groupby("group_id").size().max())
             if len(chain_groups) else 0,
             "min_similarity_embedding_member": float(emb.similarity.min()) if len(emb) else None,
-            "groups_below_threshold": int((emb.similarity < THRESHOLD - 1e-3).groupby(emb.group_id).any().sum())}
+            "groups_below_threshold": int((emb.similarity < THRESHOLD - 1e-3).groupby(emb.group_id).any().sum()),
+            "groups_digest": __import__("hashlib").sha256(json.dumps(sorted(groups.values())).encode()).hexdigest()[:16]}
+
+
+def per_node(summary: dict) -> dict:
+    """Task seconds of each step on each node, from the tasks' times and the steps' windows."""
+    out: dict = {}
+    for node, start, end, _name in summary.get("tasks", []):
+        for step, a, b in summary.get("windows", []):
+            if a <= start <= b:
+                d = out.setdefault(step, {})
+                d[str(node)[:8]] = round(d.get(str(node)[:8], 0.0) + (end - start), 1)
+                break
+    return out
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def assignment(lists: list[int], n: int = 200_000, dim: int = 128, spill: int = 2) -> list[dict]:
+    """Seconds per row to assign rows to their `spill` nearest lists: the coarse quantizer (HNSW over the centroids,
+    what the corpus steps use) against brute force over every centroid, at each number of lists."""
+    import faiss
+
+    from scanner.corpus.search import coarse_quantizer
+
+    faiss.omp_set_num_threads(1)  # per-core cost
+    rng = np.random.default_rng(0)
+    x = _unit(rng.standard_normal((n, dim))).astype(np.float32)
+    rows = []
+    for nlist in lists:
+        centroids = _unit(rng.standard_normal((nlist, dim))).astype(np.float32)
+        t0 = time.time()
+        q = coarse_quantizer(centroids, "ip", spill)
+        build = time.time() - t0
+        t0 = time.time()
+        _, got = q.search(x, spill)
+        hnsw = time.time() - t0
+        sample = x[:20_000]
+        t0 = time.time()
+        _, exact = faiss.knn(sample, centroids, spill, metric=faiss.METRIC_INNER_PRODUCT)
+        brute = (time.time() - t0) * n / len(sample)
+        agree = float((got[:len(sample), 0] == exact[:, 0]).mean())
+        rows.append({"lists": nlist, "rows": n, "dim": dim, "hnsw_us_per_row": round(hnsw / n * 1e6, 2),
+                     "brute_us_per_row": round(brute / n * 1e6, 2), "quantizer_build_s": round(build, 2),
+                     "nearest_list_agrees": round(agree, 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000_000])
+    ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--memory-gb", type=float, default=2.0)
+    ap.add_argument("--object-store-gb", type=float, default=2.0)
     ap.add_argument("--work", default="/tmp/bench_corpus")
     ap.add_argument("--name", default="corpus")
+    ap.add_argument("--cluster", action="store_true", help="a local two-node Ray cluster (one CPU each)")
+    ap.add_argument("--assignment", action="store_true", help="list assignment cost per row at 500 and 50,000 lists")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic corpora")
+    ap.add_argument("--render", action="store_true", help="only rewrite results/corpus.md from the JSON files")
     args = ap.parse_args(argv)
     results_path = HERE / "results" / f"{args.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for n in args.sizes:
-        out = Path(args.work) / str(n)
-        if out.exists():
-            import shutil
+    if args.assignment:
+        results["assignment"] = {"rows": assignment([500, 50_000]), "load": load_average(),
+                                 "date": time.strftime("%Y-%m-%d")}
+    elif not args.render:
+        for n in args.sizes:
+            out = Path(args.work) / f"{n}-{args.dim}"
+            t0 = time.time()
+            names, truth = write_corpus(out, n, args.dim)
+            t_write = time.time() - t0
+            load_before = load_average()
+            env, roots, cluster = dict(os.environ), [], None
+            env.pop("RAY_ADDRESS", None)
+            if args.cluster:
+                from local_cluster import LocalCluster
 
-            shutil.rmtree(out)
-        t0 = time.time()
-        shards, truth = write_corpus(out, n)
-        t_write = time.time() - t0
-        r = run_corpus_steps(out, shards, args.memory_gb)
-        ev = evaluate(out, truth)
-        s = r["summary"]
-        row = {"n": s["corpus"]["rows"], "shards": len(shards), "memory_gb": args.memory_gb,
-               "peak_rss_mb": r["peak_rss_mb"], "wall_s": r["wall_s"],
-               "s_per_million": round(r["wall_s"] / (s["corpus"]["rows"] / 1e6), 1),
-               "write_corpus_s": round(t_write, 1), "index": s["neighbours"]["index"],
-               "timings_s": {**s["timings_s"], **s["neighbours"]["timings_s"]},
-               "memory_mb": {**s["corpus"].get("memory_mb", {}), **s["neighbours"].get("memory_mb", {}),
-                             **{f"search_{k}": v for k, v in s["neighbours"]["index"].get("memory_mb", {}).items()}},
-               **ev,
-               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
-        results[str(n)] = row
-        print(json.dumps(row), flush=True)
-        results_path.parent.mkdir(exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-        if not args.keep:
-            import shutil
-
-            shutil.rmtree(out)
-    render(results, HERE / "results" / f"{args.name}.md", args.memory_gb)
+                cluster = LocalCluster(Path(args.work) / "ray2", [
+                    {"num_cpus": 1, "resources": {"node_a": 1}}, {"num_cpus": 1, "resources": {"node_b": 1}}],
+                    dashboard=True).start()
+                env, roots = dict(cluster.env), [p.pid for p in cluster.procs]
+            try:
+                r = run_corpus_steps(out, names, args.memory_gb, args.object_store_gb, env, roots)
+            finally:
+                if cluster is not None:
+                    cluster.stop()
+            ev = evaluate(out, truth)
+            s = r["summary"]
+            row = {"n": s["corpus"]["rows"], "dim": args.dim, "shards": len(names), "memory_gb": args.memory_gb,
+                   "object_store_gb": args.object_store_gb, "nodes": 2 if args.cluster else 1,
+                   "peak_private_mb": r["peak_private_mb"], "peak_rss_mb": r["peak_rss_mb"], "memory": r["memory"],
+                   "wall_s": r["wall_s"], "s_per_million": round(r["wall_s"] / (s["corpus"]["rows"] / 1e6), 1),
+                   "write_corpus_s": round(t_write, 1), "steps_s": s["timings_s"],
+                   "steps_per_node_s": per_node(s), "index": (s.get("neighbours") or {}).get("index"),
+                   "links": (s.get("neighbours") or {}).get("links"), **ev,
+                   "load_before": load_before, "load_after": load_average(), "date": time.strftime("%Y-%m-%d"),
+                   "cpus": os.cpu_count()}
+            results[f"{n}-{args.dim}-{row['nodes']}"] = row
+            print(json.dumps({k: v for k, v in row.items() if k not in ("memory",)}), flush=True)
+            results_path.parent.mkdir(exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            if not args.keep:
+                shutil.rmtree(out)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    render(results, HERE / "results" / f"{args.name}.md")
     return 0
 
 
-def render(results: dict, path: Path, memory_gb: float) -> None:
-    rows = [results[k] for k in sorted(results, key=int)]
-    lines = [f"# Corpus steps out of core (`benchmarks/bench_corpus.py`, corpus.memory_gb = {memory_gb})", "",
-             ("Synthetic 128-d float16 embeddings written as a scan's part files (10,000 rows a shard) with planted "
-              "byte copies, perturbed copies and chains; the corpus steps of `memscan dedup` run in a fresh process. "
-              "Peak RSS is that process's high-water mark (VmHWM)."), "",
-             ("| images | peak RSS (MB) | wall (s) | s / 10^6 images | index | recall@k (held out) | pair P | pair R "
-              "| groups | chains cut into | min sim. to kept (embedding links) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ix = r["index"]
-        kind = ix["kind"] + (f" ({ix['nlist']} lists, spill {ix['spill']})" if ix["kind"] == "ivf" else "")
-        lines.append(f"| {r['n']:,} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} | {r['s_per_million']:.0f} | {kind} "
-                     f"| {ix['recall_at_k']:.4f} | {r['pair_precision']:.4f} | {r['pair_recall']:.4f} | {r['groups']:,} "
-                     f"| {r['chain_groups']} groups for {r['chains']} chains (largest {r['largest_chain_group']}) "
-                     f"| {r['min_similarity_embedding_member']:.4f} |")
-    if len(rows) >= 2:
-        a, b = rows[-2], rows[-1]
-        lines += ["", f"Peak RSS {b['n']:,} / {a['n']:,}: {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x."]
-    lines += ["", "Timings of the largest run (s): " + json.dumps(rows[-1]["timings_s"]), "",
-              f"Measured {rows[-1]['date']} on {rows[-1]['cpus']} CPUs."]
+def render(results: dict, path: Path) -> None:
+    runs = [v for k, v in results.items() if k != "assignment"]
+    runs.sort(key=lambda r: (r["nodes"], r["dim"], r["n"]))
+    lines = ["# Corpus steps as Ray tasks (`benchmarks/bench_corpus.py`)", "",
+             ("Synthetic float16 embeddings written as a scan's part files (10,000 rows a shard) with planted byte "
+              "copies, perturbed copies and chains; the corpus steps of `memscan dedup` (corpus.executor ray) in a "
+              "fresh driver. Peak memory per process sampled from /proc every 0.5 s: private (RssAnon) and resident "
+              "(VmRSS, which also counts the pages of Ray's shared object store a worker touched)."), "",
+             ("| images | dim | nodes | budget (GB) | peak private MB, any process | peak RSS MB | wall (s) | "
+              "s / 10^6 | index | recall@k | pair P | pair R | chains cut into | load before/after |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ix = r.get("index") or {}
+        kind = ix.get("kind", "?") + (f" ({ix.get('nlist')} lists)" if ix.get("kind") == "ivf" else "")
+        lines.append(f"| {r['n']:,} | {r['dim']} | {r['nodes']} | {r['memory_gb']:g} | {r['peak_private_mb']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} | {r['s_per_million']:.0f} | {kind} | "
+                     f"{ix.get('recall_at_k')} | {r['pair_precision']:.4f} | {r['pair_recall']:.4f} | "
+                     f"{r['chain_groups']} groups for {r['chains']} chains | "
+                     f"{r['load_before'][0]} / {r['load_after'][0]} |")
+    for r in runs:
+        lines += ["", f"Steps of {r['n']:,} x {r['dim']} on {r['nodes']} node(s), wall seconds: "
+                  + ", ".join(f"{k} {v}" for k, v in r["steps_s"].items() if v is not None)]
+        if r["nodes"] > 1:
+            lines.append("Task seconds per step per node: " + json.dumps(r["steps_per_node_s"]))
+        lines.append("Peak memory by process role (MB): " + json.dumps(r["memory"]))
+    one = [r for r in runs if r["nodes"] == 1 and r["dim"] == 128]
+    if len(one) >= 2:
+        a, b = one[0], one[-1]
+        lines += ["", f"Peak private memory {b['n']:,} / {a['n']:,}: {b['peak_private_mb'] / a['peak_private_mb']:.2f}x."]
+    two = {r["n"]: r for r in runs if r["nodes"] == 2}
+    for n, r in two.items():
+        base = next((x for x in one if x["n"] == n), None)
+        if base:
+            lines.append(f"Two nodes vs one at {n:,}: the same groups: {r['groups_digest'] == base['groups_digest']} "
+                         f"(digest {r['groups_digest']}); pair P/R {r['pair_precision']:.4f}/{r['pair_recall']:.4f} vs "
+                         f"{base['pair_precision']:.4f}/{base['pair_recall']:.4f}.")
+    if "assignment" in results:
+        a = results["assignment"]
+        lines += ["", "## List assignment per row (one core)", "",
+                  "| lists | HNSW over the centroids (µs/row) | brute force (µs/row) | nearest list agrees | build (s) |",
+                  "|---|---|---|---|---|"]
+        for x in a["rows"]:
+            lines.append(f"| {x['lists']:,} | {x['hnsw_us_per_row']} | {x['brute_us_per_row']} | "
+                         f"{x['nearest_list_agrees']} | {x['quantizer_build_s']} |")
     path.write_text("\n".join(lines) + "\n")
 
 

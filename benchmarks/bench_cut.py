@@ -8,8 +8,8 @@ Each run is a finished `memscan demo --out DIR` (DIR/corpus, DIR/model, DIR/<--s
 scores hold every detector asked for). Per run and detector: the held-out images the demo corpus builder writes
 for that corpus' seed (built again in a temporary folder; its training shards are checked byte-identical to the
 run's), scored by the run's model through the scan's own stages in this process (inmemory.score_heldout_locally, read by
-scanner.calibrate.heldout_scores), then the
-run's scores classified (scanner.finalize.classify, the run's LID medians, typical lid_flipd per LID_* and
+scanner.corpus.calibrate.heldout_scores), then the
+run's scores classified (scanner.corpus.classify.classify, the run's LID medians, typical lid_flipd per LID_* and
 groups of byte copies) under (a) the detector's fixed cut (FIXED, chosen on demo seed 0) and (b) the cut at classify.calibration_fpr of the held-out images. Reported:
 share flagged and share classed per planted kind, and the share of oversampled images whose LID_* is below
 classify.lpca_low (the rule calls those dd whatever the detector says: a ceiling on oversampled -> od).
@@ -34,11 +34,11 @@ sys.path.insert(0, str(HERE.parent))
 from inmemory import score_heldout_locally
 from results_file import write_results
 
-from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
 from scanner.columns import direction
 from scanner.config import config_from_dict
+from scanner.corpus.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores
+from scanner.corpus.classify import classify, copy_groups
 from scanner.demo.corpus import HELDOUT_IMAGES, build_demo_corpus_again
-from scanner.finalize import classify, copy_groups
 
 KINDS = ("repeated", "oversampled", "unique")
 # the fixed cuts, chosen on demo seed 0: score_norm_cal's by eye (85 % of repeated, 1.1 % of unique flagged);
@@ -168,7 +168,7 @@ def render(runs: list[dict], fpr: float) -> str:
                            f"{k['oversampled']['od']:.3f} | {k['unique']['flagged']:.4f} / "
                            f"{k['unique']['any_class']:.4f} |")
     out += ["", (f"The calibrated cut's false-positive rate is itself an estimate: over draws of the held-out images "
-                 f"it lies in the interval below (95 %, scanner.calibrate.cut_fpr_interval: order statistics; part "
+                 f"it lies in the interval below (95 %, scanner.corpus.calibrate.cut_fpr_interval: order statistics; part "
                  f"of the seed-to-seed spread of the cuts above is this noise). By held-out set size, at "
                  f"calibration_fpr {fpr:g}: "
                  + "; ".join(f"{n:,} images {lo * 100:.2f}-{hi * 100:.2f} %" for n in (100, 500, 2000, 10000)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from results_file import write_results
 
-from scanner.calibrate import flagged_at
+from scanner.corpus.calibrate import flagged_at
 from scanner.data.shards import iter_tar_samples
 from scanner.demo.corpus import _iou as crop_iou
 from scanner.demo.evaluate import evaluate, removals_against_truth
@@ -137,7 +137,7 @@ def classes_at(scores: pd.DataFrame, dups: pd.DataFrame, summary: dict, cut: flo
     of the scan's thresholds kept). Checked first: at the scan's own cut it must give the scan's classes."""
     import types
 
-    from scanner.finalize import classify, copy_groups
+    from scanner.corpus.classify import classify, copy_groups
 
     th = summary["thresholds"]
     c = summary["config"]["classify"]

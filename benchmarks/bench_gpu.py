@@ -145,13 +145,16 @@ def ivf_check(work: Path, n: int, dim: int = 128) -> dict:
         pd.DataFrame({"key": [f"{name}-{j}" for j in range(len(x))]}).to_parquet(work / "parts" / f"{name}.parquet")
         np.save(work / "embeddings" / f"{name}.npy", x.astype(np.float16))
         shards.append(name)
+    from scanner.corpus.executor import LocalExecutor
+    from scanner.storage import Out
+
     cfg = ScanConfig()
     cfg.neighbours.index = "ivf"
     store = PartStore(work, shards)
     plan = make_plan(store.n, dim, 11, "ip", search_knobs(cfg), cfg.corpus.budget_bytes)
     t0 = time.time()
-    info = search(store, "embeddings", lambda i: np.ones(int(store.sizes[i]), bool), plan, lambda *a: None,
-                  work / "work", recall_sample=500, parallel=False)
+    _, info = search(store, "embeddings", lambda i: np.ones(int(store.sizes[i]), bool), plan, lambda *a: None,
+                     LocalExecutor(), recall_sample=500, side=(Out(work), "recall"))
     return {"faiss_gpus": faiss.get_num_gpus(), "n": n, "dim": dim, "nlist": info["nlist"],
             "recall_at_k": info["recall_at_k"], "seconds": round(time.time() - t0, 1), "phases": info["seconds"]}
 

@@ -254,7 +254,7 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
 
 def score_heldout_locally(cfg, out):
     """The scan's read -> score -> sink stages on cfg.classify.calibration_shards, in this process (no Ray): the
-    heldout/ part files a scan writes, in `out` (scanner.calibrate.heldout_scores reads them). Returns `out`."""
+    heldout/ part files a scan writes, in `out` (scanner.corpus.calibrate.heldout_scores reads them). Returns `out`."""
     from scanner.data.shards import expand_shards
     from scanner.stages.base import run_local
     from scanner.stages.read import ReadSpec, read_shard
@@ -270,4 +270,8 @@ def score_heldout_locally(cfg, out):
             sink.add(run_local(stage, batch))
     if sink.failed or len(sink.done) != len(shards):
         raise RuntimeError(f"held-out shards not all written: {sink.failed}")
+    from scanner.data.shards import shard_name
+    from scanner.storage import HELDOUT_LIST, Out
+
+    Out(out).write_json(HELDOUT_LIST, [shard_name(p) for p in shards])  # what the scan writes beside them
     return out

@@ -43,12 +43,14 @@ class LocalCluster:
         self.timeout = timeout
         self.port = free_port()
         self.dashboard_port = free_port()
+        self.client_port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.address = f"127.0.0.1:{self.port}"
         self.job_address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.client_address = f"ray://127.0.0.1:{self.client_port}"  # Ray Client, for a driver off the cluster
 
     def _start(self, i: int, spec: dict) -> None:
         args = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={spec.get('num_cpus', 1)}",
@@ -57,7 +59,8 @@ class LocalCluster:
         if spec.get("resources"):
             args.append(f"--resources={json.dumps(spec['resources'])}")
         if i == 0:
-            args += ["--head", f"--port={self.port}", f"--include-dashboard={str(self.dashboard).lower()}"]
+            args += ["--head", f"--port={self.port}", f"--include-dashboard={str(self.dashboard).lower()}",
+                     f"--ray-client-server-port={self.client_port}"]
             if self.dashboard:
                 args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:

@@ -62,3 +62,48 @@ def score_column(name: str) -> ScoreColumn | None:
 def direction(name: str) -> str | None:
     c = score_column(name)
     return c.direction if c else None
+
+
+def outputs_markdown() -> str:
+    """docs/outputs.md: every table and column memscan writes, from the schemas above and scanner/columns.py."""
+    from scanner.schema import (
+        DUPLICATES,
+        ERRORS,
+        FILES,
+        META_COLUMNS,
+        OTHER_FILES,
+        P_LAPLACE_PREFIX,
+        REMOVAL,
+        REPLICATIONS,
+        TABLE_COLUMNS,
+        scores_schema,
+    )
+
+    lines = ["# Outputs", "",
+             ("Everything a scan or a dedup writes under `--out` (a local folder or an object-storage URL). The "
+              "parquet tables read with pandas, pyarrow or duckdb (`select * from 'OUT/scores/*.parquet'`). Generated "
+              "from `scanner/schema.py` and `scanner/columns.py` (`python -m scanner.columns > docs/outputs.md`); "
+              "`tests/test_outputs_doc.py` fails when they disagree."), "",
+             "| file | one row per |", "|---|---|"]
+    lines += [f"| `{f}` | {row} |" for f, row, _ in FILES] + [f"| `{f}` | {what} |" for f, what in OTHER_FILES]
+    schemas = {"scores_schema": scores_schema(["p_laplace_1", "p_laplace_2", "p_laplace_3"]), "DUPLICATES": DUPLICATES,
+               "REPLICATIONS": REPLICATIONS, "REMOVAL": REMOVAL, "ERRORS": ERRORS}
+    for f, row, schema_name in FILES:
+        schema = schemas[schema_name]
+        lines += ["", f"## `{f}`", "", f"One row per {row}.", "", "| column | type | meaning |", "|---|---|---|"]
+        for field in schema:
+            if schema_name == "scores_schema":
+                c = score_column(field.name)
+                what = META_COLUMNS.get(field.name) or (
+                    f"{c.meaning} ({c.unit}; flags memorization when {c.direction})" if c else "")
+                if field.name.startswith(P_LAPLACE_PREFIX):
+                    what += "; one column per geometry.p_values entry"
+            else:
+                table = f.split(",")[0]
+                what = TABLE_COLUMNS[table][field.name]
+            lines.append(f"| `{field.name}` | {field.type} | {what} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(outputs_markdown(), end="")

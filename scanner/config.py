@@ -220,15 +220,22 @@ class CorpusConfig:
     list_size: int = 2048  # inverted file: rows per list (the budget may make lists smaller)
     spill: int = 2  # inverted file: every row is stored in its `spill` nearest lists (recall vs. disk)
     detector_sample: int = 2_000_000  # detector quantile: exact up to this many rows, a seeded sample above
-    # local folder for the corpus steps' work files (spills, inverted lists, arrays copied from object storage);
+    # local folder for the corpus steps' work files (arrays copied from object storage);
     # None: OUT/corpus-work for a local --out, the system temp folder for an --out in object storage
     work_dir: str | None = None
+    # where the corpus steps run: "local" in the driver's process, "ray" as Ray tasks on the cluster (each within
+    # memory_gb), "auto" as Ray tasks from ray_min_rows rows (below, a Ray Data job's fixed cost of seconds per
+    # step exceeds the work: scanner/corpus/executor.py)
+    executor: Literal["auto", "local", "ray"] = "auto"
+    ray_min_rows: int = 200_000
 
     def validate(self, p: str = "corpus") -> None:
         _check(self.memory_gb >= 0.25, f"{p}.memory_gb", self.memory_gb, "a number of GiB >= 0.25")
         _check(self.list_size >= 64, f"{p}.list_size", self.list_size, "an int >= 64")
         _check(1 <= self.spill <= 8, f"{p}.spill", self.spill, "an int in [1, 8]")
         _check(self.detector_sample >= 1000, f"{p}.detector_sample", self.detector_sample, "an int >= 1000")
+        _check(self.executor in ("auto", "local", "ray"), f"{p}.executor", self.executor, "auto, local or ray")
+        _check(self.ray_min_rows >= 0, f"{p}.ray_min_rows", self.ray_min_rows, "an int >= 0")
 
     @property
     def budget_bytes(self) -> int:

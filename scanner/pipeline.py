@@ -113,6 +113,15 @@ def shard_jobs(cfg: ScanConfig, shards: list[str], out: Out) -> list[dict]:
     return [j for j in jobs if shard_name(j["path"]) not in done[j["split"]]]
 
 
+def _placements(cfg: ScanConfig, embedder: str | None) -> dict:
+    import ray
+
+    r = ray.cluster_resources()
+    return plan(r.get("CPU", 1.0), r.get("GPU", 0.0), cfg.ray.actors if cfg.model.kind != "none" else None,
+                cfg.ray.gpus_per_actor, embed=embedder is not None, use_gpu=cfg.model.device != "cpu",
+                node_cpus=cfg.ray.num_cpus or os.cpu_count() or 1)
+
+
 def run_stages(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None, progress: bool = True,
                label: str = "scan") -> dict:
     """Read, embed and score the shards that have no part file yet, into part files.
@@ -133,13 +142,9 @@ def run_stages(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | Non
         return {"pending": 0, "done": 0, "seconds": 0.0, "images": 0, "stages": {}, "placements": {}}
     if len(jobs) < total:
         log.info("resuming: %d of %d shards already done, %d to go", total - len(jobs), total, len(jobs))
-    score = cfg.model.kind != "none"
     init_ray(cfg)
-    resources = ray.cluster_resources()
     # the GPUs the cluster has, not the driver's: under `ray job submit` the driver often runs on a head with none
-    placements = plan(resources.get("CPU", 1.0), resources.get("GPU", 0.0), cfg.ray.actors if score else None,
-                      cfg.ray.gpus_per_actor, embed=embedder is not None, use_gpu=cfg.model.device != "cpu",
-                      node_cpus=cfg.ray.num_cpus or os.cpu_count() or 1)
+    placements = _placements(cfg, embedder)
     log.info("%s: %s", label, ", ".join(f"{n}: {p.actors} actor(s) x ({p.cpus:g} CPU, {p.gpus:g} GPU)"
                                         for n, p in placements.items()) or "read only")
     steps = build_steps(cfg, embedder, out, placements)
@@ -174,6 +179,61 @@ def run_stages(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | Non
             "placements": {n: dataclasses.asdict(p) for n, p in placements.items()}}
 
 
+def run_generations(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None, placements: dict) -> dict | None:
+    """The replication check's generations (neighbours.generations images from the scanned model, captioned by the
+    corpus's first training captions for a text-conditional model), embedded by the scan's embedder, through the
+    generate stage (an actor: a GPU one where the cluster has one). Written to generations/ (the corpus step
+    `replications` matches them) and replications/gen_N.png (report.html shows them). Done once per --out."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    import ray
+
+    from scanner.corpus.replications import GEN_EMBEDDINGS, GENERATIONS
+    from scanner.stages.base import Step, apply
+    from scanner.stages.cluster import Placement
+    from scanner.stages.generate import GenerateSpec, GenerateStage
+
+    n = cfg.neighbours.generations
+    if cfg.model.kind == "none" or embedder is None or n <= 0:
+        return None
+    if out.exists(GENERATIONS):
+        return {"resumed": True}
+    captions: list[str] = []
+    if cfg.model.kind == "latent":  # a text-conditional model generates from training captions, in row order
+        for p in shards:
+            rel = f"parts/{shard_name(p)}.parquet"
+            if len(captions) >= n or not out.exists(rel):
+                break
+            df = out.read_parquet(rel, columns=["caption", "error_stage"]) if "error_stage" in \
+                out.parquet_file(rel).schema_arrow.names else out.read_parquet(rel, columns=["caption"])
+            ok = ~df["error_stage"].isin(["read", "decode"]) if "error_stage" in df else pd.Series(True, df.index)
+            captions += [c for c in df.loc[ok, "caption"].tolist() if isinstance(c, str) and c]
+        if not captions:
+            raise ConfigError("neighbours.generations > 0 with a text-conditional model, but no training caption was "
+                              "read: set neighbours.generations: 0 or give shards with captions")
+    items = [{"gen_id": i, "caption": captions[i % len(captions)] if captions else None, "seed": cfg.seed + i}
+             for i in range(n)]
+    log.info(f"replications: generating {n} images with {cfg.model.path} ({cfg.neighbours.gen_steps} steps each)")
+    t0 = time.time()
+    p = placements.get("score") or Placement(1, 1.0, 0.0, None)
+    spec = GenerateSpec(cfg.model.path, dataclasses.replace(cfg.neighbours, clip_checkpoint=embedder),
+                        cfg.neighbours.gen_steps, cfg.model.allow_pickle, cfg.model.device)
+    ds = ray.data.from_items(items)
+    ds = apply(ds, Step(GenerateStage, spec, Placement(1, p.cpus, p.gpus, p.threads)), 16)
+    rows = sorted((r for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+                   for r in zip(b["gen_id"], b["caption"], b["seed"], b["embedding"], b["png"])), key=lambda r: r[0])
+    for gid, _, _, _, png in rows:
+        out.write_bytes(f"replications/gen_{int(gid)}.png", bytes(png))
+    buf = io.BytesIO()
+    np.save(buf, np.stack([r[3] for r in rows]).astype(np.float32))
+    out.write_bytes(GEN_EMBEDDINGS, buf.getvalue())
+    out.write_parquet(GENERATIONS, pd.DataFrame({"gen_id": [int(r[0]) for r in rows], "caption": [r[1] for r in rows],
+                                                 "seed": [int(r[2]) for r in rows]}))
+    return {"generations": len(rows), "seconds": round(time.time() - t0, 1)}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -192,12 +252,12 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     """The whole job (`memscan scan`; `memscan dedup` with model.kind none). Returns the summary, also written to
     OUT/summary.json. out_dir: a local directory or an object-storage URL (s3://bucket/prefix, gs://...). `label`
     names the progress line and the log."""
-    from scanner.finalize import finalize
+    from scanner.corpus.run import corpus_steps
     from scanner.preflight import check_scan
 
     out = Out(out_dir)  # an unwritable scheme fails here, before anything else
     cfg = check_scan(cfg)  # paths made absolute and the model checked before Ray starts
-    shards = expand_shards(cfg.data.shards)
+    shards = expand_shards(cfg.data.shards, strict=cfg.data.strict_shards)
     out.makedirs()
     t0 = time.time()
     embedder, trained = None, False
@@ -208,7 +268,15 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
         embedder, trained = ensure_embedder(shards, out, cfg.neighbours, log=log.info)
     t_embedder = time.time() - t0
     stages = run_stages(cfg, out, shards, embedder, progress, label)
-    summary = finalize(cfg, out, shards, embedder=embedder, embedder_trained=trained)
+    init_ray(cfg)  # the corpus steps' tasks (and the generate stage) run on the same Ray
+    gens = run_generations(cfg, out, shards, embedder, _placements(cfg, embedder))
+    if cfg.model.kind != "none" and cfg.classify.calibration_shards:
+        from scanner.storage import HELDOUT_LIST
+
+        out.write_json(HELDOUT_LIST, [shard_name(p) for p in cfg.classify.calibration_shards])
+    summary = corpus_steps(cfg, out, [shard_name(p) for p in shards], embedder=embedder, embedder_trained=trained)
+    if gens:
+        summary["timings_s"]["generations"] = gens.get("seconds", 0.0)
     for name, rec in stages["stages"].items():  # the shards done in this run: actor seconds, devices, nodes
         this_run = summary["stages"].setdefault(name, {})
         this_run["seconds_this_run"] = rec.pop("seconds", 0.0)

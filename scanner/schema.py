@@ -26,7 +26,7 @@ P_LAPLACE_PREFIX = "p_laplace_"
 # (url, download_sha256: img2dataset's KEY.json, null on every row of a shard not written by img2dataset)
 TEXT_COLUMNS = ("key", "shard", "caption", "error", "error_stage", "sha256", "embed_error", "split", "url",
                 "download_sha256")
-BINARY_COLUMNS = ("preview",)
+BINARY_COLUMNS = ("preview", "png")
 INFO_PREFIX = "stage_info_"  # a stage's JSON record on a batch's first row (scanner.stages.base)
 
 
@@ -49,15 +49,19 @@ def p_of_column(name: str) -> float:
 SCORES_FIRST = [("key", STR), ("shard", STR), ("caption", STR), ("width", I64), ("height", I64),
                 ("lid_flipd", F32), ("lid_nb", F32), ("lid_lpca", F32), ("lid_gap", F32),
                 ("lid_gap_rel", F32)]
+# img2dataset's KEY.json, carried from the read stage (null / -1 without one): the url a data team's list holds
+SOURCE = [("url", STR), ("original_width", I64), ("original_height", I64), ("download_sha256", STR)]
 SCORES_LAST = [("score_norm", F32), ("score_norm_cal", F32), ("loss_cal", F32), ("cfg_norm", F32), ("mem_class", STR),
-               ("verdict", STR), ("error", STR)]
+               ("verdict", STR), ("error", STR), *SOURCE]
 # columns of scores/ that are not scores (everything else numeric is a score column)
-SCORES_META = frozenset({"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error"})
+SCORES_META = frozenset({"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error",
+                         *(c for c, _ in SOURCE)})
 
-DUPLICATES = pa.schema([("key", STR), ("group_id", I64), ("similarity", F32), ("keep", BOOL), ("link", STR)])
+DUPLICATES = pa.schema([("key", STR), ("group_id", I64), ("similarity", F32), ("keep", BOOL), ("link", STR),
+                        ("url", STR)])
 REPLICATIONS = pa.schema([("gen_id", I64), ("caption", STR), ("seed", I64), ("matched_key", STR),
                           ("similarity", F32), ("replicated", BOOL)])
-REMOVAL = pa.schema([("key", STR), ("shard", STR), ("reason", STR)])
+REMOVAL = pa.schema([("key", STR), ("shard", STR), ("url", STR), ("reason", STR)])
 ERRORS = pa.schema([("key", STR), ("shard", STR), ("stage", STR), ("error", STR)])
 
 
@@ -100,3 +104,72 @@ def typed_block(batch: dict):
         else:
             cols[k] = pa.array(v)
     return pa.table(cols)
+
+
+# ---- what every output holds, for docs/outputs.md (scanner.columns.outputs_markdown, `python -m scanner.columns > docs/outputs.md`)
+
+META_COLUMNS = {
+    "key": "the sample's key (img2dataset's: 5-digit shard index + 4-digit index in the shard)",
+    "shard": "the shard's name (its file name without .tar)",
+    "caption": "the sample's KEY.txt (null without one)",
+    "width": "the image's width in pixels, as decoded (-1 when it could not be read)",
+    "height": "the image's height in pixels, as decoded (-1 when it could not be read)",
+    "mem_class": "`dd` (data-driven memorization: LID_* low, or in a group of byte copies), `od` (overfitting-driven: "
+                 "the model's LID far below what images of the same LID_* get), `none`; null on an error row",
+    "verdict": "`confirmed` (flagged and a neighbour confirms: a duplicate group or a replication), `suspected` "
+               "(flagged only), `duplicate` (a group member not kept, not flagged), `clear`; null on an error row",
+    "error": "why this row has no scores (unreadable, undecodable, a repeated key, scoring failed); null when fine",
+    "url": "img2dataset's KEY.json url (null without one)",
+    "original_width": "img2dataset's KEY.json original_width (-1 without one)",
+    "original_height": "img2dataset's KEY.json original_height (-1 without one)",
+    "download_sha256": "img2dataset's KEY.json sha256 of the downloaded bytes (null without one)",
+}
+TABLE_COLUMNS = {
+    "duplicates.parquet": {
+        "key": "a member of a duplicate group",
+        "group_id": "the group: the row id of its kept image (every member of a group has the same)",
+        "similarity": "cosine of the member's embedding to the kept image's (1 for the kept one)",
+        "keep": "true for the one member kept (largest image, then the one linked to the most, then lowest key)",
+        "link": "what first linked it: `bytes` (identical file), `phash` (perceptual hash within "
+                "neighbours.phash_max_dist bits), `embedding` (cosine >= neighbours.dup_threshold), `aligned` "
+                "(a near-miss whose 32 px thumbnails agree at a small shift)",
+        "url": "img2dataset's url of the member (null without one)"},
+    "replications.parquet": {
+        "gen_id": "the generation's number (0..neighbours.generations - 1)",
+        "caption": "the prompt it was generated from (a training caption; null for an unconditional model)",
+        "seed": "its seed (geometry seed + gen_id): the generation can be remade alone",
+        "matched_key": "the nearest training image by the copy-detection embedding",
+        "similarity": "cosine of the generation to it",
+        "replicated": "similarity >= neighbours.rep_threshold"},
+    "removal_list.parquet": {
+        "key": "a sample to remove (removal_list.txt: the same keys, one a line)",
+        "shard": "its shard",
+        "url": "img2dataset's url (null without one): what a url list is filtered by",
+        "reason": "the first that applies: `duplicate` (a group member not kept), `dd_mem` (DD-Mem outside any "
+                  "group), `od_mem`, `replicated` (a generation reproduces it); `reference` is reserved for "
+                  "reference-set dedup"},
+    "errors.parquet": {
+        "key": "the failed sample (null for a shard-level error: a missing, truncated or corrupt shard)",
+        "shard": "its shard",
+        "stage": "where it failed: read, decode, embed, score",
+        "error": "why, in one sentence"},
+}
+FILES = [
+    ("scores/SHARD.parquet", "sample (one file per input shard)", "scores_schema"),
+    ("duplicates.parquet", "member of a duplicate group", "DUPLICATES"),
+    ("replications.parquet", "generation matched to a training image", "REPLICATIONS"),
+    ("removal_list.parquet, removal_list.txt", "sample to remove", "REMOVAL"),
+    ("errors.parquet", "failed sample or shard", "ERRORS"),
+]
+OTHER_FILES = [
+    ("summary.json", ("counts (seen, scored, embedded, errors, duplicates, removed by reason, classes, verdicts), the "
+                      "thresholds and the rule that applied, the corpus steps' timings, the stages' devices and nodes, "
+                      "the config, versions and machine")),
+    ("metrics.json", ("after `memscan evaluate`: per score column AUROC with intervals and TPR at 1 % / 0.1 % FPR; "
+                      "duplicate pair and removal precision / recall per planted kind and edit")),
+    ("report.html", ("one self-contained page: histograms, the LID scatter, at-risk samples, duplicate groups, "
+                     "replications, thresholds explained")),
+    ("parts/, vectors/, embeddings/, thumbs/, previews/, heldout/, generations/, corpus/",
+     ("what the stages and the corpus steps keep for a rerun (resume) and for report.html: internal, their layout "
+      "may change")),
+]

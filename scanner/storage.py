@@ -29,6 +29,16 @@ WRITABLE = {"file": None, "local": None, "s3": "s3fs", "s3a": "s3fs", "gs": "gcs
             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "memory": None}
 
 
+# Where a shard's part file goes, by split: its presence marks the shard done (scanner.stages.sink writes it)
+PART_FOLDERS = {"corpus": "parts", "heldout": "heldout"}
+HELDOUT_LIST = "heldout/_shards.json"  # the held-out shards' names of this scan (the cut reads those, no others)
+
+
+def part_name(name: str, split: str = "corpus") -> str:
+    """The part file (relative to --out) whose presence marks shard `name` of `split` done."""
+    return f"{PART_FOLDERS[split]}/{name}.parquet"
+
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 

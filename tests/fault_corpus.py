@@ -41,7 +41,7 @@ from PIL import Image
 
 from scanner.data.shards import MAX_CAPTION_CHARS
 
-REPEATED_KEY_REASON = "is repeated"  # scanner.data.keys.repeated_key_errors names the key and its shards
+REPEATED_KEY_REASON = "is repeated"  # scanner.corpus.keys.repeated_key_errors names the key and its shards
 # Written by the absolute-path member; a test checks it never appears on this machine.
 ABS_DIR = "/memscan_fault_corpus_abs"
 

@@ -1,14 +1,12 @@
-"""The detector's cut from held-out images (scanner/calibrate.py): a false-positive rate on non-members."""
+"""The detector's cut from held-out images (scanner/corpus/calibrate.py): a false-positive rate on non-members."""
 
-import types
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from inmemory import score_heldout_locally
 
-from scanner.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
+from scanner.corpus.calibrate import calibrated_cut, cut_fpr_interval, heldout_scores, member_cut
 
 
 def test_cut_is_the_fpr_quantile_in_the_flagging_direction():
@@ -56,7 +54,7 @@ def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_
         cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_max_images=100",
                           f"classify.detector={detector}")
         out = heldout_scores(cfg, score_heldout_locally(cfg, tmp_path / detector))
-        assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == [str(held / "00000.tar")]
+        assert out["images"] == 100 and out["errors"] == 0 and out["shards"] == ["00000"]
         keys, images, _, _ = load_images(str(held), cfg.data.resolution)
         model = model or load_score_model(cfg.model)
         x = model.encode_images(torch.from_numpy(images[:100]))
@@ -68,24 +66,15 @@ def test_heldout_scores_match_the_geometry_on_the_same_images(scan_config, tiny_
 
 
 def test_detector_threshold_uses_the_heldout_cut_and_records_it(scan_config, tiny_corpus, tmp_path):
-    from scanner.finalize import detector_threshold
+    from scanner.corpus.classify import thresholds
 
     held = tiny_corpus.out_dir / "heldout"
     cfg = scan_config(f"classify.calibration_shards={held}", "classify.calibration_fpr=0.05",
                       "classify.detector_threshold=0.123")
-
-    class Store:  # a corpus of no rows: the cut must come from the held-out images alone
-        columns = ("loss_cal", "score_norm_cal", "lid_flipd")
-        out = score_heldout_locally(cfg, tmp_path)
-
-        def __len__(self):
-            return 0
-
-    class Masks:
-        counts = types.MappingProxyType({"ok": 0})
-
-    t = detector_threshold(Store(), Masks(), cfg)
-    vals = heldout_scores(cfg, tmp_path)["values"]
+    held_scores = heldout_scores(cfg, score_heldout_locally(cfg, tmp_path))
+    # a corpus of no rows: the cut must come from the held-out images alone
+    t = thresholds(cfg, {"loss_cal": np.zeros(0), "lid_flipd": np.zeros(0)}, None, held_scores)
+    vals = held_scores["values"]
     assert t["threshold"] == pytest.approx(np.quantile(vals, 0.05)) and t["threshold"] != 0.123
     assert t["calibration"]["images"] == 120 and t["calibration"]["fpr"] == 0.05
     assert t["calibration"]["fpr_interval"] == pytest.approx(list(cut_fpr_interval(120, 0.05)))
@@ -119,43 +108,28 @@ def test_member_cut_flags_fpr_of_ordinary_members_whatever_the_memorized_tail(di
 def test_detector_threshold_takes_the_stricter_of_the_heldout_and_the_members_cut(scan_config, tiny_corpus, tmp_path):
     """With calibration_members the cut is the held-out quantile or the members' cut, whichever flags less, and
     summary.json records both; without it, the held-out quantile alone."""
-    from scanner.finalize import detector_threshold
+    from scanner.corpus.classify import thresholds
 
     held = tiny_corpus.out_dir / "heldout"
     args = (f"classify.calibration_shards={held}", "classify.calibration_fpr=0.05")
-    held_cut = np.quantile(heldout_scores(scan_config(*args), score_heldout_locally(scan_config(*args), tmp_path))["values"],
-                           0.05)
+    held_scores = heldout_scores(scan_config(*args), score_heldout_locally(scan_config(*args), tmp_path))
+    held_cut = np.quantile(held_scores["values"], 0.05)
 
-    def corpus(values):
-        class Store:
-            columns = ("loss_cal",)
-            out = tmp_path
-
-            def __len__(self):
-                return 1
-
-            def read(self, i, cols):
-                return pd.DataFrame({"loss_cal": values})
-
-        class Masks:
-            counts = types.MappingProxyType({"ok": len(values)})
-
-            def get(self, name, i):
-                return np.ones(len(values), bool)
-        return Store(), Masks()
+    def detector_threshold(values, cfg):
+        return thresholds(cfg, {"loss_cal": values}, None, held_scores)
 
     rng = np.random.default_rng(1)
     tight = held_cut + 0.1 + rng.normal(0, 1e-3, 500)  # members barely spread: their cut lies above the held-out cut
     wide = held_cut + rng.normal(0, 10.0, 500)  # members spread wide: their cut lies far below it
-    t = detector_threshold(*corpus(tight), scan_config(*args))
+    t = detector_threshold(tight, scan_config(*args))
     assert t["threshold"] == pytest.approx(held_cut) and not t["calibration"]["members"]["binding"]
-    t = detector_threshold(*corpus(wide), scan_config(*args))
+    t = detector_threshold(wide, scan_config(*args))
     m = member_cut(wide, 0.05, "low")
     assert m["cut"] < held_cut - 5 and t["threshold"] == pytest.approx(m["cut"])
     assert t["calibration"]["members"]["binding"] and t["calibration"]["heldout_cut"] == pytest.approx(held_cut)
     assert t["calibration"]["flagged_share_of_heldout"] == 0.0  # 10 sd below: none of the 120
     assert "the stricter of the 0.05 quantile of 120 held-out images" in t["rule"]
-    t = detector_threshold(*corpus(wide), scan_config(*args, "classify.calibration_members=false"))
+    t = detector_threshold(wide, scan_config(*args, "classify.calibration_members=false"))
     assert t["threshold"] == pytest.approx(held_cut) and "members" not in t["calibration"]
 
 

@@ -96,20 +96,21 @@ def test_part_manifest_ignores_the_corpus_step_settings_and_refuses_a_stage_chan
     import json
 
     from scanner.pipeline import check_manifest, run_manifest
+    from scanner.storage import Out
 
     base = ["model.kind=pixel", "model.path=/m"]
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "00000.parquet").write_bytes(b"")
-    check_manifest(tmp_path, run_manifest(load_config(None, base), None))
+    check_manifest(Out(tmp_path), run_manifest(load_config(None, base), None))
     old = json.loads((tmp_path / "parts" / "_run.json").read_text())
     assert "lpca_k" not in old["geometry"] and "t0" in old["geometry"]
-    check_manifest(tmp_path, run_manifest(load_config(None, [*base, "geometry.lpca_k=7", "geometry.lpca_scale=local",
+    check_manifest(Out(tmp_path), run_manifest(load_config(None, [*base, "geometry.lpca_k=7", "geometry.lpca_scale=local",
                                                              "geometry.lpca_alpha=0.1"]), None))
     with pytest.raises(ConfigError, match=r"part files made with another geometry"):
-        check_manifest(tmp_path, run_manifest(load_config(None, [*base, "geometry.t0=0.2"]), None))
+        check_manifest(Out(tmp_path), run_manifest(load_config(None, [*base, "geometry.t0=0.2"]), None))
     old["geometry"].update(lpca_k=20, lpca_alpha=0.05, lpca_space="model")  # as older memscan wrote it
     (tmp_path / "parts" / "_run.json").write_text(json.dumps(old))
-    check_manifest(tmp_path, run_manifest(load_config(None, base), None))
+    check_manifest(Out(tmp_path), run_manifest(load_config(None, base), None))
 
 
 def test_bad_lpca_scale_names_the_key_and_the_choices():

@@ -60,7 +60,7 @@ def test_the_walk_sees_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "scanner.finalize" in graph and "scanner.corpus.neighbours" in graph["scanner.finalize"]  # lazy imports count
+    assert "scanner.corpus.run" in graph and "scanner.corpus.neighbours" in graph["scanner.corpus.run"]  # lazy imports count
 
 
 def test_no_import_cycles_among_scanner_modules():
@@ -97,3 +97,16 @@ def test_the_report_reads_no_shard():
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not mods & {"tarfile", "webdataset"}, (m, mods)
     assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}  # the walk itself
+
+
+def test_no_corpus_step_reads_a_shard_or_loads_a_model():
+    """The corpus steps read part files only (issue #37): no module of scanner/corpus reaches a stage, a model, the
+    embedder or a shard reader, directly or through another scanner module."""
+    graph = import_graph()
+    corpus = [m for m in graph if m.startswith("scanner.corpus")]
+    assert len(corpus) >= 10
+    banned = {"scanner.stages", "scanner.models", "scanner.neighbours.embed", "scanner.neighbours.train_embedder",
+              "scanner.neighbours.replicate", "scanner.pipeline"} | SHARD_READERS
+    for m in corpus:
+        bad = {n for n in reachable(graph, m) | {m} if any(n == b or n.startswith(b + ".") for b in banned)}
+        assert not bad, (m, bad)

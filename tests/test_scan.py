@@ -196,24 +196,24 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
 def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session, scan_config, tiny_corpus,
                                                                       tmp_path, monkeypatch):
     from scanner.errors import ScanIncomplete
-    from scanner.stages import sink
+    from scanner.storage import Out
 
-    real = sink.atomic_write_parquet
+    real = Out.write_parquet
     victim = tiny_corpus.shards[1].stem
 
-    def disk_full_for_victim(df, path):
-        if path.parent.name == "parts" and path.stem == victim:
+    def disk_full_for_victim(self, rel, df, schema=None):
+        if rel == f"parts/{victim}.parquet":
             raise OSError(28, "No space left on device")
-        return real(df, path)
+        return real(self, rel, df, schema)
 
-    monkeypatch.setattr(sink, "atomic_write_parquet", disk_full_for_victim)
+    monkeypatch.setattr(Out, "write_parquet", disk_full_for_victim)
     out = tmp_path / "scan"
     with pytest.raises(ScanIncomplete, match=rf"1 of {len(tiny_corpus.shards)} shards could not be written"
                                                       rf".*{victim}: OSError.*No space left on device.*rerun"):
         run_scan(scan_config(), out, progress=False)
     parts = sorted(f.stem for f in (out / "parts").glob("*.parquet"))
     assert parts == sorted(p.stem for p in tiny_corpus.shards if p.stem != victim)  # the others are saved
-    monkeypatch.setattr(sink, "atomic_write_parquet", real)
+    monkeypatch.setattr(Out, "write_parquet", real)
     summary = run_scan(scan_config(), out, progress=False)
     assert summary["resume"]["done_this_run"] == 1
     truth = pd.read_parquet(tiny_corpus.truth)

@@ -48,7 +48,9 @@ def test_the_pipeline_checks_that_every_column_read_is_written_upstream():
     cfg = ScanConfig()
     cfg.model.path = "/m"
     placements = plan(2, 0, 1, 1.0, embed=True, use_gpu=False, node_cpus=2)
-    steps = build_steps(cfg, "/e", "/out", placements)  # read -> embed -> score -> sink: it flows
+    from scanner.storage import Out
+
+    steps = build_steps(cfg, "/e", Out("/out"), placements)  # read -> embed -> score -> sink: it flows
     assert [s.stage.name for s in steps] == ["read", "embed", "score", "sink"]
     assert "image_embed" not in steps[0].writes or steps[1].stage.drops == ("image_embed",)
     # the read stage configured without the embedder's side writes no image_embed: the embed stage cannot run

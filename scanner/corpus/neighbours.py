@@ -1,274 +1,375 @@
-"""The neighbours half of the corpus steps: duplicate groups and replications, out of core.
+"""The duplicate steps, after `copies`: units of copies, embedding links, the pixel check, the groups.
 
-1. copies: byte hashes, then pHash near-copies among one row per byte hash (scanner.corpus.groups);
-   their connected components are units, each represented by its kept member;
-2. embedding links: k nearest unit representatives of every row of distinct bytes (scanner.corpus.search), cosine >=
-   neighbours.dup_threshold; neighbours just below it (>= align_min_cosine) are linked when their stored
-   thumbnails agree at a small shift (scanner.neighbours.align: link "aligned");
-3. groups that do not chain (scanner.neighbours.dedup.leader_groups) over the rows that have a link;
-4. with a model: generations from training captions, each matched exactly against every embedded row.
+- `units`: connected components of the copy links (bytes, pHash) are units: the same picture, grouped
+  transitively, each represented by its kept member (keep rule: largest image, then lowest key). Output per
+  shard, corpus/units/NAME.parquet: gid, unit (the kept member's gid), byte_copy (a byte copy of a lower gid).
+- `links`: k nearest unit representatives of every row of distinct bytes (scanner.corpus.search), cosine >=
+  neighbours.dup_threshold; neighbours just below it (>= align_min_cosine) are candidates for the pixel check.
+  A byte copy has its original's embedding and does not ask; a unit's other members are not in the index, so a
+  unit of many copies does not fill its members' k neighbours with each other. Output corpus/links/ (a, b, sim,
+  kind: 2 embedding, 3 candidate).
+- `aligned`: candidates whose stored thumbnails agree at a small shift (scanner.neighbours.align), checked in
+  batches as tasks. Output corpus/aligned/ (a, b, sim, kind 4).
+- `groups`: connected components of every link, then within each component (scanner.corpus.components) the
+  units and groups that do not chain (scanner.neighbours.dedup.leader_groups: one image per ball); each member's
+  similarity to its kept image from the two embeddings. Output per shard, corpus/groups/NAME.parquet.
+- `replications`: the generations the scan's generate stage embedded (generations/), each matched to its nearest
+  training image by exact search, a task per shard.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
-import time
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from scanner.corpus.groups import byte_copies, phash_links
-from scanner.corpus.search import count_rows, exact_neighbours, make_plan, search, search_knobs
-from scanner.corpus.store import PartStore
-from scanner.neighbours.dedup import (
-    GROUP_RULE,
-    KEEP_RULE,
-    copy_units,
-    group_table,
-    keep_rank,
-    leader_groups,
-    link_names,
-)
-from scanner.procfs import memory_mb
+from scanner.corpus.copies import BYTES, PHASH
 
 LOG = logging.getLogger("memscan")
-SIM_BATCH = 65536  # group members whose similarity to the kept image is computed at once
-
-
-def _node_rank(store: PartStore, nodes: np.ndarray):
-    """(keys as a pyarrow string array, keep-rule rank, pixel counts) of the sorted gids `nodes`."""
-    keys, pixels = store.gather_keys(nodes)
-    return keys, keep_rank(keys, pixels), pixels
-
-
-def corpus_neighbours(store: PartStore, searched, cfg, checkpoint: str, trained: bool, out: Path, work: Path,
-                      model_dir: str | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
-    """Duplicate groups (and replications when `model_dir` is given and neighbours.generations > 0).
-
-    searched: Select of the rows duplicate search runs on. Returns (the summary's `neighbours` part,
-    duplicates with a `gid` column, replications or None).
-    """
-    n_cfg, budget = cfg.neighbours, cfg.corpus.budget_bytes
-    t0 = time.time()
-    bytes_e = byte_copies(store, searched, work, budget)
-    copies = np.unique(bytes_e[:, 0])
-    phash_e = np.zeros((0, 2), np.int64)
-    if n_cfg.phash_max_dist >= 0 and "phash" in store.columns:
-        phash_e = phash_links(store, _minus(store, searched, copies), n_cfg.phash_max_dist, work, budget)
-    copy_e = np.concatenate([bytes_e, phash_e])
-    nodes = np.unique(copy_e)
-    _, rank, _ = _node_rank(store, nodes)
-    unit, kept = copy_units(len(nodes), np.searchsorted(nodes, copy_e), rank)
-    not_kept = np.ones(len(nodes), bool)
-    not_kept[kept] = False
-    excluded = nodes[not_kept]  # copies of a unit's kept member: not in the index, found through it
-    t_copies = time.time() - t0
-    mem = {"copies": memory_mb()}
-
-    # embedding links: every row of distinct bytes asks for its neighbours among the units' kept members. A
-    # byte copy has its original's embedding; a pHash copy has its own, and its own neighbours (a shifted copy
-    # may be near the original and not near the re-encode the keep rule keeps), but is not itself in the index,
-    # so a unit of many copies does not fill its members' k neighbours with each other
-    select = _minus(store, searched, excluded)
-    askers = _minus(store, searched, copies)
-    n = int(count_rows(store, "embeddings", select).sum())
-    dim = store.dim("embeddings")
-    edges: list[np.ndarray] = []
-    sims: list[np.ndarray] = []
-    want_align = n_cfg.align_size > 0 and n_cfg.align_min_cosine < n_cfg.dup_threshold
-    thumbs = np.array([want_align and store.has_array("thumbs", i) for i in range(len(store))], bool)
-    align = bool(thumbs.any())
-    if want_align and not thumbs.all():
-        LOG.warning(f"neighbours: {int((~thumbs).sum())} of {len(thumbs)} shards have no thumbs/ file: their rows' "
-                    "candidates below dup_threshold are not checked on pixels")
-    cand: list[np.ndarray] = []
-    cand_s: list[np.ndarray] = []
-
-    def consume(qg, nbr, s, _rows):
-        q = np.broadcast_to(qg[:, None], nbr.shape)
-        real = (nbr >= 0) & (nbr != q)
-        ok = (s >= n_cfg.dup_threshold) & real
-        if ok.any():
-            edges.append(np.stack([q[ok], nbr[ok]], axis=1))
-            sims.append(s[ok].astype(np.float32))
-        if align:
-            near = (s >= n_cfg.align_min_cosine) & ~ok & real
-            if near.any():
-                cand.append(np.stack([q[near], nbr[near]], axis=1))
-                cand_s.append(s[near].astype(np.float32))
-
-    plan = make_plan(n, dim, min(n_cfg.k + 1, max(n, 1)), "ip", search_knobs(cfg), budget)
-    index_info = search(store, "embeddings", select, plan, consume, work, seed=cfg.seed,
-                        recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget, queries=askers)
-    emb_e = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
-    emb_s = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-    align_e, checked = np.zeros((0, 2), np.int64), 0
-    if align:
-        align_e, align_s, checked = _aligned_links(store, cand, cand_s, n_cfg, thumbs)
-        emb_e, emb_s = np.concatenate([emb_e, align_e]), np.concatenate([emb_s, align_s])
-    t_search = time.time() - t0 - t_copies
-    mem["search"] = memory_mb()
-
-    # groups over every row with a link
-    nodes = np.unique(np.concatenate([copy_e.ravel(), emb_e.ravel()]))
-    keys, rank, pixels = _node_rank(store, nodes)
-    unit, kept = copy_units(len(nodes), np.searchsorted(nodes, copy_e), rank)
-    ei = np.searchsorted(nodes, emb_e)
-    cross = unit[ei[:, 0]] != unit[ei[:, 1]]  # a pHash copy finding its own unit's kept member is no link
-    n_align = int(cross[len(emb_e) - len(align_e):].sum())
-    emb_e, emb_s, ei = emb_e[cross], emb_s[cross], ei[cross]
-    n_emb = len(emb_e) - n_align
-    group = leader_groups(unit, kept, rank, ei, emb_s, pixels)
-    sim = np.ones(len(nodes), np.float32)
-    members = np.flatnonzero(group >= 0)
-    for s in range(0, len(members), SIM_BATCH):
-        m = members[s:s + SIM_BATCH]
-        k = kept[group[m]]
-        a = store.gather("embeddings", nodes[m])
-        b = store.gather("embeddings", nodes[k])
-        sim[m] = np.einsum("ij,ij->i", a, b)
-    link = link_names(len(nodes), np.searchsorted(nodes, bytes_e), np.searchsorted(nodes, phash_e),
-                      ei[:n_emb])
-    dups = group_table(keys, group, kept, sim, link, ids=nodes)
-    emb_members = dups[~dups["keep"] & (dups["link"] == "embedding")]
-    t_groups = time.time() - t0 - t_copies - t_search
-    mem["groups"] = memory_mb()
-
-    reps, rep_error, embedder = None, None, None
-    if model_dir and n_cfg.generations > 0:
-        from scanner.neighbours.embed import load_embedder
-
-        embedder = load_embedder(dataclasses.replace(n_cfg, clip_checkpoint=checkpoint))
-        try:
-            reps = replications(store, searched, model_dir, embedder, cfg, out)
-        except Exception as e:  # noqa: BLE001 - a failed generation check must not cost the scan's other tables
-            rep_error = f"{type(e).__name__}: {e}"
-            LOG.error("replications: the generation check failed (%s); every other table is written, and "
-                      "summary.json says so", rep_error)
-    summary = {
-        "thresholds": {"dup_threshold": n_cfg.dup_threshold, "phash_max_dist": n_cfg.phash_max_dist,
-                       "keep_rule": KEEP_RULE, "group_rule": GROUP_RULE,
-                       "aligned": {k: getattr(n_cfg, k) for k in ("align_size", "align_min_cosine",
-                                                                   "align_max_rmse", "align_max_shift")}
-                       if align else None},
-        "embedder": {"checkpoint": checkpoint, "architecture": embedder.name if embedder else n_cfg.clip_model,
-                     "dim": dim, "image_size": n_cfg.image_size,
-                     "trained_on_this_corpus": trained or checkpoint == store.out.uri("embedder")},
-        "index": index_info,
-        "links": {"bytes": len(bytes_e), "phash": len(phash_e), "embedding": n_emb, "aligned": n_align},
-        "aligned_candidates": {"checked": checked, "linked": n_align} if align else None,
-        "members_by_link": dups["link"].value_counts().to_dict(),
-        "groups": {
-            "count": int(dups["group_id"].nunique()) if len(dups) else 0,
-            "largest": int(dups.groupby("group_id").size().max()) if len(dups) else 0,
-            "min_similarity_to_kept": float(dups["similarity"].min()) if len(dups) else None,
-            "min_similarity_to_kept_embedding_links": (float(emb_members["similarity"].min())
-                                                      if len(emb_members) else None)},
-        "replications": {"error": rep_error} if rep_error else None if reps is None else {
-            "generations": int(n_cfg.generations), "threshold": n_cfg.rep_threshold,
-            "replicated": int(reps["replicated"].sum()), "rate": float(reps["replicated"].mean()) if len(reps) else 0.0,
-            "distinct_training_images": int(reps.loc[reps["replicated"], "matched_key"].nunique())},
-        "memory_mb": mem,
-        "timings_s": {"copies": round(t_copies, 1), "search": round(t_search, 1), "groups": round(t_groups, 1),
-                      "replications": round(time.time() - t0 - t_copies - t_search - t_groups, 1)},
-    }
-    LOG.info(f"neighbours: {summary['groups']['count']} duplicate groups over {n} searched images "
-             f"({len(bytes_e)} byte, {len(phash_e)} pHash, {n_emb} embedding, {n_align} aligned links)")
-    return summary, dups, reps
-
-
+EMBEDDING, CANDIDATE, ALIGNED = 2, 3, 4
 ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 3 KB thumbnails = 50 MB at 32 px
 
 
-def _aligned_links(store: PartStore, cand: list[np.ndarray], cand_s: list[np.ndarray], n_cfg, thumbs: np.ndarray):
-    """The candidate pairs (cosine in [align_min_cosine, dup_threshold)) whose thumbnails agree within
-    align_max_rmse at some shift and better than a flat image would (align.aligned_match): (E, 2) gids, (E,)
-    cosines, and how many pairs were checked. thumbs: which shards have a thumbs/ file (pairs with an end
-    elsewhere are not checked)."""
+# ---- selections (picklable: they run in tasks)
+
+def select_searched(store, i: int) -> np.ndarray:
+    from scanner.corpus.rows import masks
+
+    return masks(store, i)["searched"]
+
+
+def _units_of(store, i: int):
+    from scanner.corpus.rows import read_shard_file
+
+    return read_shard_file(store, "units", i, ["gid", "unit", "byte_copy"])
+
+
+def select_index(store, i: int) -> np.ndarray:
+    """Searched rows minus the members of a unit of copies that are not its kept one."""
+    m = select_searched(store, i)
+    u = _units_of(store, i)
+    if u is not None:
+        drop = u["gid"].to_numpy()[u["gid"].to_numpy() != u["unit"].to_numpy()] - store.offsets[i]
+        m[drop] = False
+    return m
+
+
+def select_askers(store, i: int) -> np.ndarray:
+    """Searched rows minus byte copies (they have their original's embedding)."""
+    m = select_searched(store, i)
+    u = _units_of(store, i)
+    if u is not None:
+        m[u["gid"].to_numpy()[u["byte_copy"].to_numpy()] - store.offsets[i]] = False
+    return m
+
+
+# ---- node attributes, read per shard
+
+def _attrs(store, b: dict) -> dict:
+    """(gid, pixels, key) of the nodes of this batch (any shards), plus its other columns."""
+    order = np.argsort(np.asarray(b["gid"]), kind="stable")
+    cols = {k: np.asarray(v)[order] for k, v in b.items()}
+    g = cols["gid"]
+    sh = store.shard_of(g)
+    keys = np.empty(len(g), object)
+    pixels = np.zeros(len(g), np.int64)
+    for s in np.unique(sh):
+        m = sh == s
+        df = store.read(int(s), ["key", "width", "height"])
+        rows = g[m] - store.offsets[s]
+        keys[m] = df["key"].to_numpy(dtype=object)[rows]
+        w, h = (df[c].fillna(0).to_numpy(np.int64)[rows] for c in ("width", "height"))
+        pixels[m] = np.maximum(w, 0) * np.maximum(h, 0)
+    return {**{k: v for k, v in cols.items() if k not in ("shard", "node")}, "gid": g, "pixels": pixels, "key": keys}
+
+
+def with_attrs(ex, comp_t, store, parts: int):
+    """comp_t (node, comp) -> (gid, comp, pixels, key), reading each shard's rows in one task."""
+    t = ex.map(comp_t, _node_to_gid)
+    t = ex.map(t, functools.partial(_add_shard, store))
+    return ex.shuffle(t, "shard", parts, functools.partial(_attrs, store))
+
+
+def _node_to_gid(b: dict) -> dict:
+    return {"gid": np.asarray(b["node"], np.int64), "comp": np.asarray(b["comp"], np.int64)}
+
+
+def _add_shard(store, b: dict) -> dict:
+    return {**b, "shard": store.shard_of(np.asarray(b["gid"], np.int64)).astype(np.int64)}
+
+
+def _rank(pixels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    from scanner.neighbours.dedup import keep_rank
+
+    return keep_rank(list(keys), pixels)
+
+
+# ---- step `units`
+
+def _solve_units(edges: dict, nodes: dict) -> dict:
+    """Per component of copy links: its kept node (largest, then lowest key), and which nodes are byte copies."""
+    g, comp = nodes["gid"], nodes["comp"]
+    rank = _rank(nodes["pixels"], nodes["key"])
+    order = np.lexsort((rank, comp))
+    first = np.r_[True, comp[order][1:] != comp[order][:-1]]
+    kept_of_comp = dict(zip(comp[order][first].tolist(), g[order][first].tolist()))
+    byte_copy = np.isin(g, np.asarray(edges["a"])[np.asarray(edges["kind"]) == BYTES])
+    return {"gid": g, "unit": np.array([kept_of_comp[c] for c in comp.tolist()], np.int64), "byte_copy": byte_copy}
+
+
+def _with_sim(b: dict) -> dict:
+    return {"a": np.asarray(b["a"], np.int64), "b": np.asarray(b["b"], np.int64),
+            "sim": np.asarray(b["sim"], np.float32) if "sim" in b else np.ones(len(b["a"]), np.float32),
+            "kind": np.asarray(b["kind"], np.int8)}
+
+
+def run_units(ctx) -> dict:
+    from scanner.corpus.components import components, edges_with_component, per_component
+    from scanner.corpus.executor import parts_for
+    from scanner.corpus.rows import write_by_shard
+
+    ex, store, budget = ctx.executor, ctx.store, ctx.cfg.corpus.budget_bytes
+    n_edges = int(ctx.info["copies"].get("links", 0))
+    if not n_edges:
+        return {"units": 0, "nodes": 0}
+    edges = ex.materialize(ex.map(ex.read(ctx.out, ctx.step_dir("copies")), _with_sim))
+    parts = parts_for(n_edges * 64, budget)
+    comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
+    nodes = with_attrs(ex, comp, store, min(len(store), parts))
+    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind"))
+    units = ex.materialize(per_component(ex, edges_c, nodes, parts, _solve_units))
+    written = write_by_shard(ex, units, store, "units", n_edges * 40, budget)
+    n_units = sum(int(b["n"].sum()) for b in ex.batches(ex.map(units, _count_kept)))
+    return {"nodes": written, "units": n_units}
+
+
+def _count_kept(b: dict) -> dict:
+    return {"n": np.array([int((np.asarray(b["gid"]) == np.asarray(b["unit"])).sum())], np.int64)}
+
+
+# ---- step `links`
+
+def _link_consumer(thr: float, min_cos: float | None, qg, nbr, s, _rows):
+    q = np.broadcast_to(np.asarray(qg)[:, None], nbr.shape)
+    real = (nbr >= 0) & (nbr != q)
+    ok = (s >= thr) & real
+    a, b, sim, kind = [q[ok]], [nbr[ok]], [s[ok]], [np.full(int(ok.sum()), EMBEDDING, np.int8)]
+    if min_cos is not None:
+        near = (s >= min_cos) & ~ok & real
+        a.append(q[near])
+        b.append(nbr[near])
+        sim.append(s[near])
+        kind.append(np.full(int(near.sum()), CANDIDATE, np.int8))
+    a, b = np.concatenate(a), np.concatenate(b)
+    if not len(a):
+        return None
+    lo, hi = np.minimum(a, b), np.maximum(a, b)  # a pair once, whichever end found the other
+    return {"a": lo.astype(np.int64), "b": hi.astype(np.int64), "sim": np.concatenate(sim).astype(np.float32),
+            "kind": np.concatenate(kind)}
+
+
+def _dedupe_links(b: dict) -> dict:
+    """One row per (a, b): an embedding link over a candidate, the highest similarity."""
+    a, c, s, k = (np.asarray(b[x]) for x in ("a", "b", "sim", "kind"))
+    o = np.lexsort((-s, k, c, a))
+    a, c, s, k = a[o], c[o], s[o], k[o]
+    first = np.r_[True, (a[1:] != a[:-1]) | (c[1:] != c[:-1])]
+    return {"a": a[first], "b": c[first], "sim": s[first], "kind": k[first]}
+
+
+def run_links(ctx) -> dict:
+    from scanner.corpus.executor import parts_for
+    from scanner.corpus.search import count_rows, make_plan, search, search_knobs
+
+    ex, store, n_cfg, budget = ctx.executor, ctx.store, ctx.cfg.neighbours, ctx.cfg.corpus.budget_bytes
+    dim = store.dim("embeddings")
+    index = functools.partial(select_index, store)
+    n = int(count_rows(store, "embeddings", index).sum()) if ex.kind == "local" else _count(ex, store, index)
+    want_align = n_cfg.align_size > 0 and n_cfg.align_min_cosine < n_cfg.dup_threshold
+    consumer = functools.partial(_link_consumer, n_cfg.dup_threshold, n_cfg.align_min_cosine if want_align else None)
+    plan = make_plan(n, dim or 1, min(n_cfg.k + 1, max(n, 1)), "ip", search_knobs(ctx.cfg), budget)
+    t, info = search(store, "embeddings", index, plan, consumer, ex, seed=ctx.cfg.seed,
+                     recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget,
+                     queries=functools.partial(select_askers, store),
+                     side=(ctx.out, f"{ctx.step_dir('links')}/_recall"))
+    t = ex.shuffle(t, "a", parts_for(n * 4 * 24, budget), _dedupe_links) if t is not None else None
+    t = ex.materialize(t)
+    rows = ex.write(t, ctx.out, ctx.step_dir("links"))
+    counts = {EMBEDDING: 0, CANDIDATE: 0}
+    for b in ex.batches(ex.map(t, _kind_counts) if t is not None else None):
+        for k, c in zip(b["kind"], b["n"]):
+            counts[int(k)] = counts.get(int(k), 0) + int(c)
+    return {"index": info, "searched": n, "dim": dim, "rows": rows, "embedding": counts[EMBEDDING],
+            "candidates": counts[CANDIDATE]}
+
+
+def _kind_counts(b: dict) -> dict:
+    k, c = np.unique(np.asarray(b["kind"]), return_counts=True)
+    return {"kind": k.astype(np.int8), "n": c.astype(np.int64)}
+
+
+def _count(ex, store, select) -> int:
+    from scanner.corpus.executor import concat
+    from scanner.corpus.search import _count_map
+
+    c = concat(ex.batches(ex.from_items(functools.partial(_count_map, store, "embeddings", select),
+                                        range(len(store)))))
+    return int(c["n"].sum()) if c else 0
+
+
+# ---- step `aligned`
+
+def _aligned_reduce(store, size: int, max_shift: int, max_rmse: float, b: dict) -> dict | None:
     from scanner.neighbours.align import aligned_match
 
-    e = np.concatenate(cand) if cand else np.zeros((0, 2), np.int64)
-    s = np.concatenate(cand_s) if cand_s else np.zeros(0, np.float32)
-    e = np.sort(e, axis=1)  # each pair once, whichever end found the other
-    e, first = np.unique(e, axis=0, return_index=True)
-    s = s[first]
-    have = thumbs[store.shard_of(e[:, 0])] & thumbs[store.shard_of(e[:, 1])] if len(e) else np.zeros(0, bool)
-    e, s = e[have], s[have]
-    ok = np.zeros(len(e), bool)
-    for b in range(0, len(e), ALIGN_BATCH):
-        pair = e[b:b + ALIGN_BATCH]
-        ta = store.gather("thumbs", pair[:, 0], dtype=np.uint8)
-        tb = store.gather("thumbs", pair[:, 1], dtype=np.uint8)
-        ok[b:b + ALIGN_BATCH] = aligned_match(ta, tb, n_cfg.align_size, n_cfg.align_max_shift, n_cfg.align_max_rmse)
-    return e[ok], s[ok], len(e)
+    kind = np.asarray(b["kind"])
+    m = kind == CANDIDATE
+    a, c, s = np.asarray(b["a"])[m], np.asarray(b["b"])[m], np.asarray(b["sim"])[m]
+    have = np.array([store.has_array("thumbs", i) for i in range(len(store))], bool)
+    keep = have[store.shard_of(a)] & have[store.shard_of(c)] if len(a) else np.zeros(0, bool)
+    a, c, s = a[keep], c[keep], s[keep]
+    ok = np.zeros(len(a), bool)
+    for lo in range(0, len(a), ALIGN_BATCH):
+        ta = store.gather("thumbs", a[lo:lo + ALIGN_BATCH], dtype=np.uint8)
+        tb = store.gather("thumbs", c[lo:lo + ALIGN_BATCH], dtype=np.uint8)
+        ok[lo:lo + ALIGN_BATCH] = aligned_match(ta, tb, size, max_shift, max_rmse)
+    return {"a": a[ok], "b": c[ok], "sim": s[ok], "kind": np.full(int(ok.sum()), ALIGNED, np.int8),
+            "checked": np.full(int(ok.sum()), len(a), np.int64)} if ok.any() else \
+        {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "sim": np.zeros(0, np.float32),
+         "kind": np.zeros(0, np.int8), "checked": np.zeros(0, np.int64)}
 
 
-def _minus(store: PartStore, select, gids: np.ndarray):
-    """select minus the sorted gids."""
-    def f(i: int) -> np.ndarray:
-        m = np.array(select(i), dtype=bool)
-        lo, hi = np.searchsorted(gids, store.offsets[i:i + 2])
-        m[gids[lo:hi] - store.offsets[i]] = False
-        return m
-    return f
+def _candidates(b: dict) -> dict | None:
+    m = np.asarray(b["kind"]) == CANDIDATE
+    return {k: np.asarray(v)[m] for k, v in b.items()} if m.any() else None
 
 
-class StreamedIndex:
-    """What scanner.neighbours.replicate.find_replications asks of an index: search(queries, k), exact, over
-    the selected embedded rows, streamed shard by shard. Ids are gids."""
+def run_aligned(ctx) -> dict:
+    from scanner.corpus.executor import parts_for
 
-    def __init__(self, store: PartStore, select, block: int = 65536):
-        self.store, self.select, self.block = store, select, block
-
-    def search(self, q: np.ndarray, k: int):
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        return exact_neighbours(self.store, "embeddings", self.select, (None, q), k, "ip", self.block)
-
-
-class KeysById:
-    """gid -> key, read from the part files when asked (a handful of matched generations)."""
-
-    def __init__(self, store: PartStore):
-        self.store = store
-
-    def __getitem__(self, gid) -> str:
-        return self.store.gather_columns(np.array([int(gid)]), ["key"])["key"].iloc[0]
+    ex, store, n_cfg = ctx.executor, ctx.store, ctx.cfg.neighbours
+    cand = ex.materialize(ex.map(ex.read(ctx.out, ctx.step_dir("links")), _candidates))
+    n = ex.count(cand)
+    if not n:
+        return {"checked": 0, "linked": 0}
+    missing = sum(not store.has_array("thumbs", i) for i in range(len(store)))
+    if missing:
+        LOG.warning(f"neighbours: {missing} of {len(store)} shards have no thumbs/ file: their rows' candidates "
+                    "below dup_threshold are not checked on pixels")
+    t = ex.shuffle(cand, "a", parts_for(n * 2 * n_cfg.align_size ** 2 * 3, ctx.cfg.corpus.budget_bytes),
+                   functools.partial(_aligned_reduce, store, n_cfg.align_size, n_cfg.align_max_shift,
+                                     n_cfg.align_max_rmse))
+    t = ex.materialize(ex.map(t, _drop_checked))
+    linked = ex.write(t, ctx.out, ctx.step_dir("aligned"))
+    return {"checked": n, "linked": linked}
 
 
-def replications(store: PartStore, searched, model_dir, embedder, cfg, out_dir=None) -> pd.DataFrame:
-    """Generate neighbours.generations images with the scanned model, match each to its nearest training image
-    (exact search over every embedded row). Captions for a text-conditional model: the training captions in
-    row order (the i-th generation uses caption i mod N, seed = cfg.seed + i), read from the first shards."""
-    from scanner.neighbours.replicate import find_replications, generate_samples
+def _drop_checked(b: dict) -> dict:
+    return {k: v for k, v in b.items() if k != "checked"}
 
-    n_cfg = cfg.neighbours
-    captions: list[str] = []
-    for i in range(len(store)):
-        if len(captions) >= n_cfg.generations or "caption" not in store.columns:
-            break
-        df = store.read(i, ["caption"])
-        # a sample without a .txt reads back as None or NaN: neither is a prompt
-        captions += [c for c in df["caption"][searched(i)].tolist() if isinstance(c, str) and c]
-    captions = captions or None
-    LOG.info(f"replications: generating {n_cfg.generations} images with {model_dir} ({n_cfg.gen_steps} steps each)")
-    images, meta = generate_samples(model_dir, n_cfg.generations, seed=cfg.seed, steps=n_cfg.gen_steps,
-                                    captions=captions, allow_pickle=cfg.model.allow_pickle)
-    reps = find_replications(embedder.embed(images), meta, StreamedIndex(store, searched), KeysById(store),
-                             n_cfg.rep_threshold, keep_all=True)
-    if out_dir is not None:  # the report shows each generation beside its match
-        import io
 
-        from PIL import Image
+# ---- step `groups`
 
-        from scanner.storage import Out
+def _solve_groups(edges: dict, nodes: dict) -> dict:
+    """Units and one-per-ball groups of whole components: (gid, key, group_id, kept, keep, link) per member."""
+    from scanner.neighbours.dedup import copy_units, leader_groups, link_names
 
-        out = out_dir if isinstance(out_dir, Out) else Out(out_dir)
-        for img, m in zip(images, meta):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            out.write_bytes(f"replications/gen_{m['gen_id']}.png", buf.getvalue())
-    LOG.info(f"replications: {int(reps['replicated'].sum())} of {len(reps)} generations match a training image "
-             f"at cosine >= {n_cfg.rep_threshold}")
-    return reps
+    g = np.asarray(nodes["gid"], np.int64)
+    order = np.argsort(g)
+    g, pixels, keys = g[order], np.asarray(nodes["pixels"])[order], np.asarray(nodes["key"], dtype=object)[order]
+    a, b = np.searchsorted(g, np.asarray(edges["a"], np.int64)), np.searchsorted(g, np.asarray(edges["b"], np.int64))
+    kind, sims = np.asarray(edges["kind"]), np.asarray(edges["sim"], np.float32)
+    copy = (kind == BYTES) | (kind == PHASH)
+    rank = _rank(pixels, keys)
+    unit, kept = copy_units(len(g), np.column_stack([a[copy], b[copy]]), rank)
+    emb = ~copy
+    ei = np.column_stack([a[emb], b[emb]])
+    cross = unit[ei[:, 0]] != unit[ei[:, 1]]  # a pHash copy finding its own unit's kept member is no link
+    group = leader_groups(unit, kept, rank, ei[cross], sims[emb][cross], pixels)
+    ek = kind[emb][cross]
+    link = link_names(len(g), np.column_stack([a[kind == BYTES], b[kind == BYTES]]),
+                      np.column_stack([a[kind == PHASH], b[kind == PHASH]]), ei[cross][ek == EMBEDDING])
+    members = np.flatnonzero(group >= 0)
+    kept_node = kept[group[members]]
+    # a group that holds byte-identical images is a group of copies for certain (DD-Mem at any scale)
+    byte_groups = np.unique(group[np.flatnonzero(link == "bytes")])
+    copy_group = np.isin(group[members], byte_groups[byte_groups >= 0])
+    return {"gid": g[members], "key": keys[members], "group_id": g[kept_node], "kept": g[kept_node],
+            "keep": kept_node == members, "link": link[members].astype(object), "copy_group": copy_group}
+
+
+def _emb_map(store, which: str, b: dict) -> dict:
+    """Attach the embedding of column `which` (gid or kept) to every row, reading each shard once."""
+    ids = np.asarray(b[which], np.int64)
+    vec = store.gather("embeddings", ids)
+    return {**b, f"v_{which}": vec}
+
+
+def _similarity(b: dict) -> dict:
+    s = np.einsum("ij,ij->i", np.asarray(b["v_gid"], np.float32), np.asarray(b["v_kept"], np.float32))
+    keep = np.asarray(b["keep"], bool)
+    out = {k: np.asarray(v) for k, v in b.items() if not k.startswith("v_")}
+    out["similarity"] = np.where(keep, 1.0, np.minimum(s, 1.0)).astype(np.float32)
+    return out
+
+
+def _shard_key(store, which: str, b: dict) -> dict:
+    return {**b, "shard": store.shard_of(np.asarray(b[which], np.int64)).astype(np.int64)}
+
+
+def run_groups(ctx) -> dict:
+    from scanner.corpus.components import components, edges_with_component, per_component
+    from scanner.corpus.executor import parts_for
+    from scanner.corpus.rows import write_by_shard
+
+    ex, store, budget = ctx.executor, ctx.store, ctx.cfg.corpus.budget_bytes
+    parts_in = [ex.map(ex.read(ctx.out, ctx.step_dir(s)), _with_sim) for s in ("copies", "links", "aligned")
+                if ctx.has(s)]
+    n_edges = (int(ctx.info.get("copies", {}).get("links", 0)) + int(ctx.info.get("links", {}).get("embedding", 0))
+               + int(ctx.info.get("aligned", {}).get("linked", 0)))
+    if not n_edges:
+        return {"groups": 0, "members": 0}
+    edges = ex.materialize(ex.map(ex.union(*[p for p in parts_in if p is not None]), _no_candidates))
+    parts = parts_for(n_edges * 64, budget)
+    comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
+    nodes = with_attrs(ex, comp, store, min(len(store), parts))
+    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind"))
+    members = per_component(ex, edges_c, nodes, parts, _solve_groups)
+    # each member's cosine to its kept image: both embeddings read where their shards are
+    dim = store.dim("embeddings") or 1
+    sp = min(len(store), parts_for(n_edges * 8 * dim, budget))
+    members = ex.shuffle(ex.map(members, functools.partial(_shard_key, store, "kept")), "shard", sp,
+                         functools.partial(_emb_map, store, "kept"))
+    members = ex.shuffle(ex.map(members, functools.partial(_shard_key, store, "gid")), "shard", sp,
+                         functools.partial(_emb_map, store, "gid"))
+    members = ex.materialize(ex.map(members, _similarity))
+    written = write_by_shard(ex, ex.map(members, _group_cols), store, "groups", n_edges * 80, budget)
+    stats = {"groups": 0, "largest": 0, "min_similarity_to_kept": None,
+             "min_similarity_to_kept_embedding_links": None, "by_link": {}}
+    sizes: dict[int, int] = {}
+    for b in ex.batches(members):
+        for gid_, c in zip(*np.unique(np.asarray(b["group_id"]), return_counts=True)):
+            sizes[int(gid_)] = sizes.get(int(gid_), 0) + int(c)
+        sim, keep, link = np.asarray(b["similarity"]), np.asarray(b["keep"], bool), np.asarray(b["link"])
+        for name in np.unique(link):
+            stats["by_link"][str(name)] = stats["by_link"].get(str(name), 0) + int((link == name).sum())
+        if len(sim):
+            m = float(sim.min())
+            stats["min_similarity_to_kept"] = min(m, stats["min_similarity_to_kept"] or 2.0)
+        emb = ~keep & (link == "embedding")
+        if emb.any():
+            m = float(sim[emb].min())
+            stats["min_similarity_to_kept_embedding_links"] = min(
+                m, stats["min_similarity_to_kept_embedding_links"] or 2.0)
+    stats["groups"], stats["largest"] = len(sizes), max(sizes.values(), default=0)
+    return {**stats, "members": written}
+
+
+def _no_candidates(b: dict) -> dict | None:
+    m = np.asarray(b["kind"]) != CANDIDATE
+    return {k: np.asarray(v)[m] for k, v in b.items()} if m.any() else None
+
+
+def _group_cols(b: dict) -> dict:
+    return {c: np.asarray(b[c]) for c in ("gid", "key", "group_id", "similarity", "keep", "link", "copy_group")}

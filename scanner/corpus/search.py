@@ -1,34 +1,33 @@
-"""k nearest neighbours of every selected row of a PartStore, in a fixed memory budget.
+"""k nearest neighbours of every selected row of a PartStore, in a fixed memory budget, as corpus tasks.
 
-Two plans, chosen by size (`plan`):
-- exact: blocked brute force. Query blocks as large as the budget allows; every block streams the
-  array shard by shard through `faiss.knn` and keeps a running top-k. O(N^2 d) work, O(block) memory:
-  what an exact flat index costs, without holding the corpus.
-- ivf: an inverted file on disk. Spherical (IP) or Euclidean (L2) k-means on a seeded sample gives
-  `nlist` lists; every row is written to the lists of its `spill` nearest centroids (soft assignment),
-  and queries only its nearest list. One list at a time is read back and searched exactly, so memory is
-  one list, work is O(N * list size * d), and each list is an independent task. A neighbour is missed
-  only when the query's nearest centroid is not among the neighbour's `spill` nearest.
-Recall@k of the ivf plan is measured against exact search on held-out queries (drawn with another seed
-than the k-means sample; nothing is tuned on them) and reported.
+Two plans, chosen by size (`make_plan`):
+- exact: blocked brute force in this process, for a corpus of at most neighbours.flat_max rows. Query blocks as
+  large as the budget allows; every block streams the array shard by shard through `faiss.knn` and keeps a
+  running top-k. O(N^2 d) work, O(block) memory.
+- ivf: an inverted file built as tasks. k-means (faiss, on a GPU where this node has one) on a seeded sample gives
+  `nlist` lists; a coarse quantizer over the centroids (an HNSW graph, so a row's assignment costs about
+  log(nlist) distances instead of nlist) puts every row in the lists of its `spill` nearest centroids (a task per
+  shard); the records are shuffled by list (scanner.corpus.executor), and each partition's lists are searched
+  exactly, a query in its nearest list only. A neighbour is missed only when the query's nearest centroid is not
+  among the neighbour's `spill` nearest (or the quantizer missed it).
+Recall@k of the ivf plan is measured against exact search on held-out queries (drawn with another seed than the
+k-means sample; nothing is tuned on them), the exact side as a task per shard, and reported.
 
-faiss.knn does the search (faiss.knn_gpu where faiss sees a GPU).
+A search hands each answered query to a consumer (a picklable function run where the answer is: in the list
+task), which turns (query gids, neighbour gids, similarities, list rows) into the step's records.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from scanner.corpus.groups import buffer_bytes
-from scanner.corpus.spill import Spill
 from scanner.corpus.store import PartStore
-from scanner.procfs import memory_mb
 
 BLOCK_BYTES = 16 << 20  # largest query block (float32)
 DB_BLOCK = 8192  # rows of the searched array streamed at once against a query block
@@ -36,11 +35,13 @@ TRAIN_PER_LIST = 40  # k-means training vectors per list (faiss warns below 39)
 TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128), but never under 8 per list: the lists only
 # partition the space
 KMEANS_ITER = 10
+HNSW_M = 32  # the coarse quantizer's graph degree
+HNSW_EF = 64  # its search breadth (raised to 4 x spill when that is larger)
 
 Select = Callable[[int], np.ndarray]  # shard index -> bool mask over its rows: the rows taking part
-# consumer(query gids (Q,), neighbour gids (Q, kk) with -1 padding, similarities (Q, kk), list rows or None):
-# list rows = (gids, vectors) of the ivf list searched, for neighbour payloads without another read.
-Consumer = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple | None], None]
+# consumer(query gids (Q,), neighbour gids (Q, kk) with -1 padding, similarities (Q, kk), list rows or None) -> batch
+# (or None); list rows = (gids, vectors) of the ivf list searched, for neighbour payloads without another read.
+Consumer = Callable
 
 
 @dataclass
@@ -101,8 +102,7 @@ def _knn(q: np.ndarray, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray,
     m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     k = min(k, len(x))
     if faiss.get_num_gpus() > 0 and hasattr(faiss, "knn_gpu"):
-        res = _gpu_resources()
-        return faiss.knn_gpu(res, q, x, k, metric=m)
+        return faiss.knn_gpu(_gpu_resources(), q, x, k, metric=m)
     return faiss.knn(q, x, k, metric=m)
 
 
@@ -179,163 +179,244 @@ def exact_neighbours(store: PartStore, folder: str, select: Select, queries: tup
 
 
 def count_rows(store: PartStore, folder: str, select: Select) -> np.ndarray:
-    """Selected rows with an aligned array, per shard."""
+    """Selected rows with an aligned array, per shard (in this process: exact plans and tests)."""
     return np.array([int(np.asarray(select(i), bool).sum()) if store.has_array(folder, i) else 0
                      for i in range(len(store))], np.int64)
 
 
-def _sample(store, folder, select, counts, size, seed) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded uniform sample of `size` selected rows: (gids, float32 vectors)."""
+def search_list(recs: dict, kk: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One inverted list: its queries (the rows whose nearest list it is) against all its indexed rows, exactly
+    (a query-only row, `indexed` False, is never a neighbour). recs: columns gid, primary, indexed, x. Returns
+    (query gids, neighbour gids (Q, kk), similarities (Q, kk))."""
+    q = np.asarray(recs["primary"], bool)
+    idx = np.asarray(recs["indexed"], bool)
+    x = np.ascontiguousarray(recs["x"], dtype=np.float32)
+    s, i = _knn(x[q], x[idx], kk, metric)
+    g = np.asarray(recs["gid"])[idx]
+    s, i = _pad(s.astype(np.float32), np.where(i >= 0, g[np.maximum(i, 0)], -1), kk, metric)
+    return np.asarray(recs["gid"])[q], i, s
+
+
+# ---- the inverted file as tasks
+
+def _count_map(store, folder: str, select: Select, i: int) -> dict:
+    n = int(np.asarray(select(i), bool).sum()) if store.has_array(folder, i) else 0
+    return {"shard": np.array([i], np.int64), "n": np.array([n], np.int64)}
+
+
+def _sample_map(store, folder: str, select: Select, want: dict, i: int) -> dict | None:
+    """Shard i's rows at the sampled positions `want[i]` (positions among its selected rows)."""
+    pos = want.get(i)
+    if pos is None or not len(pos):
+        return None
+    g, x = shard_rows(store, folder, select, i)
+    return {"gid": g[pos], "x": x[pos]}
+
+
+def _sample_positions(counts: np.ndarray, size: int, seed: int) -> dict[int, np.ndarray]:
+    """A seeded uniform sample of `size` selected rows, as positions per shard."""
     n = int(counts.sum())
-    rng = np.random.default_rng(seed)
-    pos = np.sort(rng.choice(n, min(size, n), replace=False))
+    pos = np.sort(np.random.default_rng(seed).choice(n, min(size, n), replace=False))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    gs, xs = [], []
-    for i in range(len(store)):
+    out = {}
+    for i in np.flatnonzero(counts):
         lo, hi = np.searchsorted(pos, [starts[i], starts[i + 1]])
         if hi > lo:
-            g, x = shard_rows(store, folder, select, i)
-            take = pos[lo:hi] - starts[i]
-            gs.append(g[take])
-            xs.append(x[take])
-    return np.concatenate(gs), np.concatenate(xs)
+            out[int(i)] = pos[lo:hi] - starts[i]
+    return out
 
 
-def search_list(recs: np.ndarray, kk: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One inverted list: its queries (the rows whose nearest list it is) against all its indexed rows, exactly
-    (a query-only row, `indexed` False, is never a neighbour). Returns (query gids, neighbour gids (Q, kk),
-    similarities (Q, kk))."""
-    q = recs["primary"]
-    x = np.ascontiguousarray(recs["x"], dtype=np.float32)
-    idx = recs["indexed"] if "indexed" in recs.dtype.names else np.ones(len(recs), bool)
-    s, i = _knn(x[q], x[idx], kk, metric)
-    g = recs["gid"][idx]
-    s, i = _pad(s.astype(np.float32), np.where(i >= 0, g[np.maximum(i, 0)], -1), kk, metric)
-    return recs["gid"][q], i, s
+def train_kmeans(x: np.ndarray, nlist: int, metric: str, seed: int) -> np.ndarray:
+    """faiss k-means (spherical for ip) of nlist centroids on the sample x, on a GPU where faiss sees one."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITER, seed=seed, spherical=metric == "ip",
+                      gpu=faiss.get_num_gpus() > 0, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def _ray_tasks(plan: Plan):
-    """search_list as a Ray task when a Ray with more than one CPU is up (a scan's, or a cluster's), else None."""
-    try:
-        import ray
-    except ImportError:
+def coarse_quantizer(centroids: np.ndarray, metric: str, spill: int):
+    """An HNSW graph over the centroids: a row's nearest lists in about log(nlist) distance computations."""
+    import faiss
+
+    m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    q = faiss.IndexHNSWFlat(centroids.shape[1], HNSW_M, m)
+    q.hnsw.efConstruction = 80
+    q.add(centroids)
+    q.hnsw.efSearch = max(HNSW_EF, 4 * spill)
+    return q
+
+
+def _assign_map(store, folder: str, select: Select, queries: Select | None, quantizer: np.ndarray, spill: int,
+                held: np.ndarray, i: int) -> dict | None:
+    """Shard i's rows in the lists of their `spill` nearest centroids: (list, gid, primary, indexed, held, x)."""
+    import faiss
+
+    indexed = np.asarray(select(i), dtype=bool)
+    asks = indexed if queries is None else np.asarray(queries(i), dtype=bool)
+    mask = indexed | asks
+    if not mask.any() or not store.has_array(folder, i):
         return None
-    if not ray.is_initialized() or ray.cluster_resources().get("CPU", 0) < 2 or plan.nlist < 2:
+    raw = store.array(folder, i)[mask]
+    indexed, asks = indexed[mask], asks[mask]
+    gids = store.offsets[i] + np.flatnonzero(mask)
+    q = _quantizer(quantizer.tobytes()) if isinstance(quantizer, np.ndarray) else quantizer
+    x32 = np.ascontiguousarray(raw, dtype=np.float32)
+    _, lists = q.search(x32, spill)
+    out = {c: [] for c in ("list", "gid", "primary", "indexed", "x")}
+    for j in range(lists.shape[1]):
+        primary = asks & (j == 0)  # a row asks in its nearest list only
+        keep = (indexed | primary) & (lists[:, j] >= 0)  # so a query-only row goes there alone
+        out["list"].append(lists[keep, j].astype(np.int64))
+        out["gid"].append(gids[keep])
+        out["primary"].append(primary[keep])
+        out["indexed"].append(indexed[keep])
+        out["x"].append(raw[keep])
+    res = {c: np.concatenate(v) for c, v in out.items()}
+    res["held"] = np.isin(res["gid"], held) & res["primary"]
+    del faiss
+    return res
+
+
+@functools.lru_cache(maxsize=2)
+def _quantizer(blob: bytes):
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(blob, np.uint8))
+
+
+def _lists_reduce(kk: int, metric: str, consumer: Consumer, side, b: dict):
+    """Every list of this partition searched exactly: the consumer's records. The held-out queries' similarities
+    (for recall@k) go to a side file, side = (Out, folder)."""
+    lst = np.asarray(b["list"])
+    order = np.argsort(lst, kind="stable")
+    cols = {c: np.asarray(b[c])[order] for c in ("list", "gid", "primary", "indexed", "held", "x")}
+    _, starts = np.unique(cols["list"], return_index=True)
+    ends = np.r_[starts[1:], len(cols["list"])]
+    held_g, held_s = [], []
+    for lo, hi in zip(starts, ends):
+        recs = {c: v[lo:hi] for c, v in cols.items()}
+        if not recs["primary"].any():
+            continue
+        qg, nbr, sims = search_list(recs, kk, metric)
+        ix = recs["indexed"]
+        res = consumer(qg, nbr, sims, (recs["gid"][ix], np.ascontiguousarray(recs["x"][ix], dtype=np.float32)))
+        if res is not None:
+            yield res
+        h = recs["held"][recs["primary"]]
+        if h.any():
+            held_g.append(qg[h])
+            held_s.append(sims[h])
+    if held_g:
+        import uuid
+
+        import pyarrow as pa
+
+        out, folder = side
+        out.write_parquet(f"{folder}/{uuid.uuid4().hex}.parquet", pa.table(
+            {"gid": np.concatenate(held_g), "sims": list(np.concatenate(held_s).astype(np.float32))}))
+
+
+def _exact_held_map(store, folder: str, select: Select, qx: np.ndarray, kk: int, metric: str, i: int) -> dict | None:
+    """Top-kk similarities of the held-out queries qx among shard i's selected rows."""
+    g, x = shard_rows(store, folder, select, i)
+    if not len(g):
         return None
-    return ray.remote(num_cpus=1, max_retries=3)(search_list)
+    s, _ = _knn(np.ascontiguousarray(qx, dtype=np.float32), x, kk, metric)
+    s, _ = _pad(s.astype(np.float32), np.zeros_like(s, dtype=np.int64), kk, metric)
+    return {"shard": np.full(len(qx), i, np.int64), "q": np.arange(len(qx)), "s": s}
 
 
-def _list_results(spill: Spill, kk: int, metric: str, task=None):
-    """(list records, search_list result) for every list with a query: here, or as Ray tasks (the list's
-    records travel through the object store, so any node can take one; a few lists in flight per CPU)."""
-    lists = [b for b in range(spill.n_parts) if spill.counts[b]]
-    if task is None:
-        for b in lists:
-            recs = spill.read(b)
-            if recs["primary"].any():
-                yield recs, search_list(recs, kk, metric)
-        return
-    import ray
+def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: Consumer, ex, seed: int = 0,
+           recall_sample: int = 1000, log=None, budget_bytes: int = 4 << 30, queries: Select | None = None,
+           side=None):
+    """Runs `plan` over the selected rows of `folder`: every query row's kk = plan.k neighbours go to `consumer`
+    (each query row is answered exactly once), whose records make the returned table (the executor's: a batch, or
+    a Ray Dataset). Returns (table, info: the plan, timings and, for ivf, recall@k on held-out queries).
+    side: (Out, folder) where the list tasks leave the held-out queries' answers (ivf; the folder is removed after).
+    select / queries / consumer must be picklable (module-level functions, functools.partial) for a Ray executor.
+    queries: the rows that ask (None: the selected rows); neighbours are always selected rows, so a query row
+    outside `select` finds them without being found."""
+    from scanner.corpus.executor import concat
 
-    inflight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict = {}
-    for b in lists + [None]:
-        if b is not None:
-            recs = spill.read(b)
-            if recs["primary"].any():
-                pending[task.remote(recs, kk, metric)] = recs
-        while pending and (len(pending) >= inflight or b is None):
-            done, _ = ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done[0]), ray.get(done[0])
-
-
-def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: Consumer, work: Path,
-           seed: int = 0, recall_sample: int = 1000, log=None, budget_bytes: int = 4 << 30,
-           parallel: bool = True, queries: Select | None = None) -> dict:
-    """Runs `plan` over the selected rows of `folder`, feeding every query's kk = plan.k neighbours to
-    `consumer` (each query row is a query exactly once). Returns the plan's info with timings and,
-    for ivf, recall@k measured on held-out queries. parallel: the ivf lists go out as Ray tasks when Ray is up.
-    queries: the rows that ask (None: the selected rows; else it must hold them, as the held-out recall asks
-    through them); neighbours are always selected rows, so a query row outside `select` finds them without being
-    found. The rows consumer gets with an ivf list are its indexed rows.
-    """
     t0 = time.time()
     kk = plan.k
     info = plan.info()
-    counts = count_rows(store, folder, select)
     if plan.kind == "exact":
+        out = []
         for g, x in _iter_blocks(store, folder, queries or select, plan.block):
             s, i = exact_neighbours(store, folder, select, (g, x), kk, plan.metric, plan.block)
-            consumer(g, i, s, None)
+            r = consumer(g, i, s, None)
+            if r is not None:
+                out.append(r)
         info.update(recall_at_k=1.0, seconds=round(time.time() - t0, 2))
-        return info
+        return ex.from_batch(concat(out)), info
 
+    counts_t = concat(ex.batches(ex.from_items(functools.partial(_count_map, store, folder, select), range(len(store)))))
+    counts = np.zeros(len(store), np.int64)
+    counts[counts_t["shard"]] = counts_t["n"]
+    n_train = min(TRAIN_PER_LIST * plan.nlist, max(TRAIN_MAX, 8 * plan.nlist))
+    train = concat(ex.batches(ex.from_items(functools.partial(
+        _sample_map, store, folder, select, _sample_positions(counts, n_train, seed)), range(len(store)))))
+    centroids = train_kmeans(np.asarray(train["x"], np.float32), plan.nlist, plan.metric, seed)
+    del train
     import faiss
 
-    d = plan.dim
-    n_train = min(TRAIN_PER_LIST * plan.nlist, max(TRAIN_MAX, 8 * plan.nlist))
-    train_g, train_x = _sample(store, folder, select, counts, n_train, seed)
-    km = faiss.Kmeans(d, plan.nlist, niter=KMEANS_ITER, seed=seed, spherical=plan.metric == "ip",
-                      gpu=faiss.get_num_gpus() > 0, min_points_per_centroid=1)
-    km.train(train_x)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    del train_g, train_x
+    quantizer = faiss.serialize_index(coarse_quantizer(centroids, plan.metric, plan.spill))
     t_train = time.time() - t0
-    mem = {"train": memory_mb()}
 
-    # held-out recall queries: another seed than the k-means sample
-    held_g, held_x = _sample(store, folder, select, counts, recall_sample, seed + 1)
-    held_pos = {int(g): j for j, g in enumerate(held_g)}
-    held_res = [None] * len(held_g)
+    held_pos = _sample_positions(counts, recall_sample, seed + 1)  # another seed than the k-means sample
+    held = concat(ex.batches(ex.from_items(functools.partial(_sample_map, store, folder, select, held_pos),
+                                           range(len(store)))))
+    held_g = np.sort(held["gid"]) if held else np.zeros(0, np.int64)
+    rec_bytes = int(counts.sum()) * (plan.spill + 1) * (plan.dim * 4 + 24)
+    from scanner.corpus.executor import parts_for
 
-    src_dtype = None
-    spill = None
-    for i in range(len(store)):
-        indexed = np.asarray(select(i), dtype=bool)
-        asks = indexed if queries is None else np.asarray(queries(i), dtype=bool)
-        mask = indexed | asks
-        if not mask.any() or not store.has_array(folder, i):
-            continue
-        raw = store.array(folder, i)[mask]
-        indexed, asks = indexed[mask], asks[mask]
-        if spill is None:
-            src_dtype = raw.dtype
-            rec = np.dtype([("gid", "<i8"), ("primary", "?"), ("indexed", "?"), ("x", src_dtype, (d,))])
-            spill = Spill(work / f"ivf-{folder}", plan.nlist, rec, buffer_bytes=buffer_bytes(budget_bytes))
-        gids = store.offsets[i] + np.flatnonzero(mask)
-        _, lists = _knn(np.ascontiguousarray(raw, dtype=np.float32), centroids, plan.spill, plan.metric)
-        for j in range(lists.shape[1]):
-            primary = asks & (j == 0)  # a row asks in its nearest list only
-            keep = indexed | primary  # so a query-only row goes there alone
-            recs = np.empty(int(keep.sum()), dtype=spill.dtype)
-            recs["gid"], recs["primary"], recs["indexed"], recs["x"] = gids[keep], primary[keep], indexed[keep], \
-                raw[keep]
-            spill.add(lists[keep, j], recs)
-    spill.flush()
-    t_assign = time.time() - t0 - t_train
-    mem["assign"] = memory_mb()
-    sizes = spill.counts
-    tasks = _ray_tasks(plan) if parallel else None
-    for recs, (qg, i, s) in _list_results(spill, kk, plan.metric, tasks):
-        ix = recs["indexed"]
-        consumer(qg, i, s, (recs["gid"][ix], np.ascontiguousarray(recs["x"][ix], dtype=np.float32)))
-        for r in np.flatnonzero(np.isin(qg, held_g)):
-            held_res[held_pos[int(qg[r])]] = s[r].copy()  # a copy: a view would keep the list's whole result alive
-    spill.close()
-    t_lists = time.time() - t0 - t_train - t_assign
-    mem["lists"] = memory_mb()
+    t = ex.from_items(functools.partial(_assign_map, store, folder, select, queries, quantizer, plan.spill, held_g),
+                      range(len(store)))
+    if side is None:
+        raise ValueError("an ivf search needs side=(Out, folder) for its held-out answers")
+    side_out, side_dir = side
+    side_out.remove(side_dir, recursive=True)
+    t = ex.shuffle(t, "list", parts_for(rec_bytes, budget_bytes, share=4),
+                   functools.partial(_lists_reduce, kk, plan.metric, consumer, side))
+    t = ex.materialize(t)
+    t_lists = time.time() - t0 - t_train
 
-    exact_s, _ = exact_neighbours(store, folder, select, (held_g, held_x), kk, plan.metric, plan.block)
-    got = np.stack([r if r is not None else np.full(kk, _worst(plan.metric), np.float32) for r in held_res])
-    tol = 1e-4 * np.maximum(1.0, np.abs(exact_s[:, -1:]))
-    hits = (got >= exact_s[:, -1:] - tol) if plan.metric == "ip" else (got <= exact_s[:, -1:] + tol)
-    info.update(recall_at_k=round(float(hits.mean()), 5), recall_k=kk, recall_sample=len(held_g),
-                recall_queries="held out (not the k-means sample)",
-                largest_list=int(sizes.max()), mean_list=round(float(sizes.mean()), 1),
-                lists_as_ray_tasks=tasks is not None, memory_mb=mem,
-                seconds={"train": round(t_train, 2), "assign": round(t_assign, 2), "lists": round(t_lists, 2),
-                         "recall": round(time.time() - t0 - t_train - t_assign - t_lists, 2)})
+    got = {}
+    for f in side_out.names(side_dir, ".parquet"):
+        df = side_out.read_parquet(f"{side_dir}/{f}")
+        got.update({int(g): np.asarray(s, np.float32) for g, s in zip(df["gid"], df["sims"])})
+    side_out.remove(side_dir, recursive=True)
+    recall = None
+    if held is not None and len(held["gid"]):
+        qx = np.asarray(held["x"], np.float32)
+        best = np.full((len(qx), kk), _worst(plan.metric), np.float32)
+        for b in ex.batches(ex.from_items(functools.partial(_exact_held_map, store, folder, select, qx, kk,
+                                                            plan.metric), range(len(store)))):
+            for sh in np.unique(b["shard"]):
+                m = np.asarray(b["shard"]) == sh
+                order = np.argsort(np.asarray(b["q"])[m])
+                best = _top_rows(best, np.asarray(b["s"])[m][order], kk, plan.metric)
+        exact_kth = best[:, -1:]
+        res = np.stack([got.get(int(g), np.full(kk, _worst(plan.metric), np.float32)) for g in held["gid"]])
+        tol = 1e-4 * np.maximum(1.0, np.abs(exact_kth))
+        hits = (res >= exact_kth - tol) if plan.metric == "ip" else (res <= exact_kth + tol)
+        recall = round(float(hits.mean()), 5)
+    info.update(recall_at_k=recall, recall_k=kk, recall_sample=len(held_g),
+                recall_queries="held out (not the k-means sample)", lists_as_tasks=ex.kind,
+                quantizer=f"HNSW (M={HNSW_M}) over the centroids",
+                seconds={"train": round(t_train, 2), "lists": round(t_lists, 2),
+                         "recall": round(time.time() - t0 - t_train - t_lists, 2)})
     if log:
         log(f"neighbours: ivf over {plan.n} vectors, {plan.nlist} lists (spill {plan.spill}), recall@{kk} "
-            f"{info['recall_at_k']:.4f} on {len(held_g)} held-out queries")
-    return info
+            f"{recall} on {len(held_g)} held-out queries")
+    return t, info
+
+
+def _top_rows(a: np.ndarray, b: np.ndarray, kk: int, metric: str) -> np.ndarray:
+    """Row-wise best kk similarities of two (Q, *) arrays."""
+    s = np.concatenate([a, b], axis=1)
+    s = -np.sort(-s, axis=1) if metric == "ip" else np.sort(s, axis=1)
+    return s[:, :kk]

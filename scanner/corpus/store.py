@@ -10,11 +10,10 @@ memory-mapped from disk, so one in object storage is copied once to the local `c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
-
-from scanner.data.shards import shard_name
 
 
 class PartStore:
@@ -27,13 +26,26 @@ class PartStore:
         self.cache = Path(cache) if cache is not None else None
         if not self.out.local and self.cache is None:
             raise ValueError(f"{self.out} is in object storage: PartStore needs a local cache folder for its arrays")
-        self.names = [shard_name(str(s)) for s in shards]
+        # a shard's name: what the pipeline passes (scanner.data.shards.shard_name), or a local path's base name
+        self.names = [os.path.basename(str(s)).removesuffix(".tar") for s in shards]
         self.sizes = np.array([self.out.parquet_file(self.part_rel(n)).metadata.num_rows for n in self.names],
                               np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self._columns: set[str] | None = None
         self._local: dict[tuple[str, int], Path | None] = {}
+
+    def __getstate__(self) -> dict:
+        """Shipped to Ray tasks: the array cache is each machine's own (a folder in its temp directory)."""
+        state = dict(self.__dict__)
+        state["_local"] = {}
+        if not self.out.local:
+            import hashlib
+            import tempfile
+
+            state["cache"] = Path(tempfile.gettempdir()) / (
+                "memscan-cache-" + hashlib.sha256(self.out.uri().encode()).hexdigest()[:12])
+        return state
 
     @staticmethod
     def part_rel(name: str) -> str:

@@ -37,7 +37,7 @@ from PIL import Image
 from scanner.storage import atomic_write_parquet, write_json
 
 # held-out images (non-members) for the detector's cut: the 1 % quantile of 500 applies a false-positive rate anywhere
-# in 0.33-2.32 % (95 %), of 2,000 in 0.61-1.54 % (scanner.calibrate.cut_fpr_interval, benchmarks/results/cut.md)
+# in 0.33-2.32 % (95 %), of 2,000 in 0.61-1.54 % (scanner.corpus.calibrate.cut_fpr_interval, benchmarks/results/cut.md)
 HELDOUT_IMAGES = 2000
 PLANTED = ("unique", "exact_dup", "near_dup", "repeated", "oversampled", "corrupt", "no_caption", "dose")
 

@@ -21,7 +21,7 @@ of its edits while two edits of it (a shifted and a resized copy) often are not 
 first, the original's ball holds the whole family, where an edit taken first would leave its siblings out;
 and a chain is cut into balls that leave no image with a free neighbour alone. `similarity` is each member's
 cosine to the kept member. The same functions group
-the out-of-core corpus steps (scanner/corpus/groups.py), which only find the links differently.
+the out-of-core corpus steps (scanner/corpus/copies.py, neighbours.py), which only find the links differently.
 """
 
 from __future__ import annotations

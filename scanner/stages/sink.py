@@ -22,23 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from scanner.stages.base import INFO_PREFIX, SECONDS_PREFIX, Stage
+from scanner.storage import PART_FOLDERS, part_name
 
 log = logging.getLogger("memscan")
 
 ARRAYS = {"vector": "vectors", "embedding": "embeddings", "thumb": "thumbs"}  # batch column -> folder of per-shard .npy
 NOT_STORED = ("image_model", "image_embed", "marker", "n_rows", "row", "split", "preview", *ARRAYS)
-FOLDER = {"corpus": "parts", "heldout": "heldout"}  # split -> the folder of its part files
-
-
-def part_name(name: str, split: str = "corpus") -> str:
-    """The part file (relative to --out) whose presence marks shard `name` of `split` done."""
-    return f"{FOLDER[split]}/{name}.parquet"
-
-
+# A shard that could not be opened at all (a network or permission error, not a missing object): no part file is
+# written, so the rerun that follows the scan's exit 3 tries it again, where a missing shard's error row is final.
+TRANSIENT = "the shard cannot be opened"
 def done_shards(out, split: str = "corpus") -> set[str]:
     """Names of the shards of `split` whose part file exists in `out` (a scanner.storage.Out): one listing of the
     folder, not a request per shard (10^5 shards in a bucket)."""
-    return {n.removesuffix(".parquet") for n in out.names(FOLDER[split], ".parquet")}
+    return {n.removesuffix(".parquet") for n in out.names(PART_FOLDERS[split], ".parquet")}
 
 
 @dataclass(frozen=True)
@@ -136,9 +132,15 @@ class SinkStage(Stage):
 
     def _write(self, key: tuple) -> None:
         import pandas as pd
+        import pyarrow as pa
+
+        from scanner.schema import TEXT_COLUMNS
 
         split, shard = key
         df = pd.concat(self.rows.pop(key, []), ignore_index=True) if key in self.rows else pd.DataFrame()
+        if len(df) == 1 and df["key"].isna().all() and str(df["error"].iloc[0]).startswith(TRANSIENT):
+            self.arrays.pop(key, None)
+            raise OSError(df["error"].iloc[0])
         arrays = self.arrays.pop(key, {})
         previews = arrays.pop("preview", None)
         for c, parts in arrays.items():
@@ -149,6 +151,12 @@ class SinkStage(Stage):
             have = np.array([x is not None for x in p], bool)
             self.out.write_parquet(f"previews/{shard}.parquet",
                                    pd.DataFrame({"key": keys[have], "preview": list(p[have])}))
-        # The part file is written last: its presence is the shard's completion marker.
-        self.out.write_parquet(part_name(shard, split), df)
+        # The part file is written last: its presence is the shard's completion marker. Text columns are typed
+        # string even where a shard's values are all None (pandas would write Arrow null, and reading every part
+        # at once, pd.read_parquet(OUT/parts), would fail to merge null with string).
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        for i, f in enumerate(table.schema):
+            if f.name in TEXT_COLUMNS and f.type != pa.string():
+                table = table.set_column(i, pa.field(f.name, pa.string()), table.column(i).cast(pa.string()))
+        self.out.write_parquet(part_name(shard, split), table)
         self.done.append(key)

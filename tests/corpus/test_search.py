@@ -1,4 +1,5 @@
-"""k nearest neighbours out of core (scanner/corpus/search.py) against brute force on vectors with known truth."""
+"""k nearest neighbours out of core (scanner/corpus/search.py) against brute force on vectors with known truth: the
+exact plan, and the inverted file built and searched as tasks (in this process and as Ray tasks)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pandas as pd
 import pytest
 from corpus_parts import split, write_parts
 
+from scanner.corpus.executor import LocalExecutor, RayExecutor
 from scanner.corpus.search import exact_neighbours, make_plan, search
-from scanner.corpus.spill import Spill
 from scanner.corpus.store import PartStore
+from scanner.storage import Out
 
 
 def _unit(x):
@@ -36,36 +38,26 @@ def _brute(x, k):
     return np.sort(sims, axis=1)[:, ::-1][:, :k]
 
 
-def _collect():
-    got = {}
+def consume(qg, nbr, s, _rows):
+    """Every answer as records (what a step's consumer returns)."""
+    return {"q": np.asarray(qg, np.int64), "nbr": np.asarray(nbr, np.int64), "sims": np.asarray(s, np.float32)}
 
-    def consume(qg, nbr, s, _rows):
-        for g, i, v in zip(qg, nbr, s):
+
+def _run(tmp_path, store, plan, ex=None, **kw):
+    """search() with the records collected: ({query gid: (neighbour gids, sims)}, info); a query answered twice
+    fails."""
+    ex = ex or LocalExecutor()
+    t, info = search(store, "embeddings", kw.pop("select", lambda i: np.ones(store.sizes[i], bool)), plan, consume,
+                     ex, side=(Out(tmp_path), "side"), **kw)
+    got = {}
+    for b in ex.batches(t):
+        for g, i, v in zip(b["q"], b["nbr"], b["sims"]):
             assert int(g) not in got, "a row was a query twice"
-            got[int(g)] = (i, v)
-    return got, consume
+            got[int(g)] = (np.asarray(i), np.asarray(v))
+    return got, info
 
 
 KNOBS = types.SimpleNamespace(index="auto", flat_max=100, list_size=200, spill=2)
-
-
-def test_spill_round_trips_records_by_partition(tmp_path):
-    rec = np.dtype([("gid", "<i8"), ("x", "<f2", (3,))])
-    sp = Spill(tmp_path / "s", 5, rec, buffer_bytes=64)  # tiny buffer: many flushes
-    want = {p: [] for p in range(5)}
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        r = np.zeros(7, rec)
-        r["gid"] = rng.integers(0, 10**9, 7)
-        parts = rng.integers(0, 5, 7)
-        sp.add(parts, r)
-        for p, g in zip(parts, r["gid"]):
-            want[int(p)].append(int(g))
-    sp.flush()
-    assert all(sp.read(p)["gid"].tolist() == want[p] for p in range(5))
-    assert sp.counts.sum() == 140
-    sp.close()
-    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("block", [64, 10_000])
@@ -75,8 +67,7 @@ def test_exact_plan_is_brute_force_in_any_block_size(tmp_path, block):
     plan = make_plan(500, x.shape[1], 6, "ip", types.SimpleNamespace(**{**vars(KNOBS), "flat_max": 10**6}), 1 << 30)
     assert plan.kind == "exact"
     plan.block = block
-    got, consume = _collect()
-    info = search(store, "embeddings", lambda i: np.ones(store.sizes[i], bool), plan, consume, tmp_path / "w")
+    got, info = _run(tmp_path, store, plan)
     assert info["recall_at_k"] == 1.0 and sorted(got) == list(range(500))
     sims = np.stack([got[g][1] for g in range(500)])
     np.testing.assert_allclose(sims, _brute(x, 6), atol=1e-5)
@@ -88,16 +79,14 @@ def test_ivf_plan_answers_every_row_once_and_measures_its_recall(tmp_path):
     store = _store(tmp_path, x, [1000, 1000, 1000])
     plan = make_plan(3000, x.shape[1], 11, "ip", KNOBS, 1 << 30)
     assert plan.kind == "ivf" and plan.nlist == 15 and plan.spill == 2
-    got, consume = _collect()
-    info = search(store, "embeddings", lambda i: np.ones(store.sizes[i], bool), plan, consume, tmp_path / "w",
-                  recall_sample=300)
+    got, info = _run(tmp_path, store, plan, recall_sample=300)
     assert sorted(got) == list(range(3000))
     truth = _brute(x, 11)
     mine = np.stack([got[g][1] for g in range(3000)])
     recall = float((mine >= truth[:, -1:] - 1e-4).mean())
     assert recall >= 0.9, recall
     assert abs(info["recall_at_k"] - recall) < 0.05  # the held-out estimate agrees with the full truth
-    assert info["largest_list"] < 3000 and not (tmp_path / "w" / "ivf-embeddings").exists()
+    assert "HNSW" in info["quantizer"] and not (tmp_path / "side").exists()  # the side answers are cleaned up
 
 
 def test_selection_leaves_rows_out_as_queries_and_as_neighbours(tmp_path):
@@ -126,15 +115,18 @@ def test_l2_metric_for_model_space(tmp_path):
 
 
 def test_ivf_lists_as_ray_tasks_give_the_same_neighbours(tmp_path, ray_session):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
     x = _clustered(n=2000, seed=3)
     store = _store(tmp_path, x, [700, 1300])
     plan = make_plan(2000, x.shape[1], 6, "ip", KNOBS, 1 << 30)
     runs = []
-    for parallel in (False, True):
-        got, consume = _collect()
-        info = search(store, "embeddings", lambda i: np.ones(store.sizes[i], bool), plan, consume,
-                      tmp_path / f"w{parallel}", parallel=parallel)
-        assert info["lists_as_ray_tasks"] is parallel
+    for ex in (LocalExecutor(), RayExecutor(1 << 30)):
+        got, info = _run(tmp_path, store, plan, ex)
+        assert info["lists_as_tasks"] == ex.kind
         runs.append(got)
     assert sorted(runs[0]) == sorted(runs[1]) == list(range(2000))
     for g in range(2000):
@@ -156,9 +148,7 @@ def test_query_only_rows_find_neighbours_and_are_never_found(tmp_path, kind):
     knobs = types.SimpleNamespace(**{**vars(KNOBS), "flat_max": 10**6 if kind == "exact" else 100})
     plan = make_plan(int((~outside).sum()), x.shape[1], 11, "ip", knobs, 1 << 30)
     assert plan.kind == kind
-    got, consume = _collect()
-    search(store, "embeddings", part(~outside), plan, consume, tmp_path / "w", recall_sample=200,
-           queries=part(np.ones(3000, bool)))
+    got, _ = _run(tmp_path, store, plan, select=part(~outside), recall_sample=200, queries=part(np.ones(3000, bool)))
     assert sorted(got) == list(range(3000))  # every row asked once, indexed or not
     nbrs = np.stack([got[g][0] for g in range(3000)])
     assert not np.isin(nbrs, np.flatnonzero(outside)).any()

@@ -16,12 +16,10 @@ import pandas as pd
 import pytest
 from fault_corpus import ABS_DIR, REPEATED_KEY_REASON, build_fault_corpus
 
-from scanner.corpus.groups import repeated_keys
+from scanner.corpus.keys import repeated_key_errors
 from scanner.corpus.store import PartStore
 from scanner.data.decode import DecodeError, decode_image
-from scanner.data.keys import repeated_key_errors
 from scanner.data.shards import expand_shards, iter_tar_samples, shard_name
-from scanner.finalize import Masks
 from scanner.stages.base import run_local
 from scanner.stages.embed import EmbedStage
 from scanner.stages.read import ReadSpec, read_shard
@@ -220,10 +218,16 @@ def test_embedded_parts_give_one_row_per_planted_sample_and_flag_repeats_corpus_
         for err in errs[flagged.index[flagged["key"] == key]]:
             assert REPEATED_KEY_REASON in err and all(s in err for s in shards), (key, err)
     # the corpus steps find the same repeats out of core, and duplicate search sees the good samples, once each
-    rep = repeated_keys(store, tmp_path / "work", 1 << 20)
-    assert sorted(rep) == sorted(flagged.index) and all(rep[g] == errs[g] for g in rep)
-    masks = Masks(store, np.array(sorted(rep), dtype=np.int64))
-    searched = np.concatenate([masks.get("searched", i) for i in range(len(store))])
+    from corpus_parts import context, run
+
+    from scanner.config import ScanConfig
+    from scanner.corpus.rows import masks, repeated
+
+    ctx = context(out, [str(p) for p in corpus.shards], ScanConfig())
+    run(ctx, "keys")
+    gids, rep = repeated(ctx.store)
+    assert gids.tolist() == sorted(flagged.index) and all(rep[g] == errs[g] for g in rep)
+    searched = np.concatenate([masks(ctx.store, i)["searched"] for i in range(len(ctx.store))])
     assert sorted(df["key"][searched]) == sorted(corpus.good)
 
 

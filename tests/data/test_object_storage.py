@@ -233,12 +233,14 @@ def test_a_failing_pipe_command_is_an_error_row_naming_its_status_and_stderr(cor
 
 
 def test_a_consumer_that_stops_early_leaves_no_command_running(corpus):
+    import random
     import subprocess
 
-    it = iter_tar_samples(f"pipe:cat {corpus.dir / 'images.tar'}; sleep 300")
+    pause = f"300.{random.randrange(10**6):06d}"  # no other process on the machine sleeps exactly this long
+    it = iter_tar_samples(f"pipe:cat {corpus.dir / 'images.tar'}; sleep {pause}")
     next(it)
     it.close()  # the generator's finally kills the command's process group
-    out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True, check=False)
+    out = subprocess.run(["pgrep", "-f", f"sleep {pause}"], capture_output=True, text=True, check=False)
     assert out.stdout.strip() == "", out.stdout
 
 

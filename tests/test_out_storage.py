@@ -1,15 +1,15 @@
 """--out in object storage: a local S3 server (moto's server mode, on 127.0.0.1) holds everything a local --out
 holds, the same tables, the same completion markers and resume; a scheme memscan cannot write is refused at once.
 
-The server runs in a subprocess started here (`moto_server -H 127.0.0.1`); memscan reaches it the way a user
-reaches any S3-compatible store, through the standard environment (AWS_ENDPOINT_URL and credentials).
+The server is the session's (tests/conftest.py s3_server: moto in its own process on 127.0.0.1); memscan reaches
+it the way a user reaches any S3-compatible store, through the standard environment (AWS_ENDPOINT_URL and
+credentials).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,47 +18,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A local S3 server for this module: yields (endpoint, environment for memscan subprocesses, s3fs)."""
+def s3(s3_server):
+    """The session's local S3 server (tests/conftest.py s3_server) with a bucket for these tests: yields (endpoint,
+    the environment memscan subprocesses get, an s3fs filesystem on it)."""
     import s3fs
 
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**ENV, "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process's s3fs (the checks below) finds the same server
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        fs.mkdir("memscan-test")
-        yield endpoint, env, fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    client = s3_server.client()
+    if "memscan-test" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket="memscan-test")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    return s3_server.endpoint, env, s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
 
 
 def _memscan(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.Popen:

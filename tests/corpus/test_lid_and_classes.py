@@ -1,10 +1,11 @@
-"""Corpus-wide steps of finalize that need no Ray: LID_* neighbour search and the MMH classes."""
+"""The corpus steps behind LID_* and the classes (scanner/corpus/lid.py, classify.py), in this process: LID_*
+neighbour search, the cut and the MMH classes."""
 
 import numpy as np
 import pandas as pd
 
 from scanner.config import load_config
-from scanner.finalize import classify, removal_list
+from scanner.corpus.classify import classify, removal_list
 
 
 def _line_and_blob(rng, n=40, dim=12, shift=10.0):
@@ -17,10 +18,9 @@ def _line_and_blob(rng, n=40, dim=12, shift=10.0):
 def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None, scale="local"):
     """lid_lpca through part files, as finalize runs it: LID_* per row (NaN where not computed); scale corpus takes
     the median largest eigenvalue of these rows as the level."""
-    from corpus_parts import split, write_parts
+    from corpus_parts import context, run, split, write_parts
 
-    from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, lid_lpca, lpca_count
+    from scanner.corpus.classify import lpca_count
 
     n = len(x)
     ok = np.ones(n, bool) if ok is None else ok
@@ -31,15 +31,24 @@ def _lids(tmp_path, x, search=None, ok=None, space="model", sizes=None, scale="l
     arrays = {"vectors": split(x.astype(np.float16), sizes)}
     if search is not None:
         arrays["embeddings"] = split(search.astype(np.float32), sizes)
-    store = PartStore(tmp_path, write_parts(tmp_path, frames, arrays))
     cfg = load_config(None, [f"geometry.lpca_space={space}", "geometry.lpca_k=15", "geometry.lpca_alpha=0.05",
                              f"geometry.lpca_scale={scale}"], sections=("geometry", "neighbours", "corpus"))
-    _, spill = lid_lpca(store, Masks(store, np.zeros(0, np.int64)), cfg, tmp_path / "work")
-    recs = np.concatenate([spill.read(i) for i in range(len(store))])
-    top = recs["spec"][:, 0]
+    ctx = context(tmp_path, write_parts(tmp_path, frames, arrays), cfg)
+    run(ctx, "keys", "lid")
+    gid, spec = _spectra(ctx)
+    top = spec[:, 0]
     out = np.full(n, np.nan, np.float32)
-    out[recs["gid"]] = lpca_count(recs["spec"], {"lpca_reference": float(np.median(top[top > 0]))}, cfg)
+    out[gid] = lpca_count(spec, {"lpca_reference": float(np.median(top[top > 0]))}, cfg)
     return out
+
+
+def _spectra(ctx) -> tuple[np.ndarray, np.ndarray]:
+    """(gid, spec) of every row step `lid` wrote (corpus/lid/NAME.parquet per shard)."""
+    from scanner.corpus.rows import read_shard_file
+
+    frames = [read_shard_file(ctx.store, "lid", i) for i in range(len(ctx.store))]
+    df = pd.concat([f for f in frames if f is not None], ignore_index=True)
+    return df["gid"].to_numpy(), np.stack(df["spec"].to_numpy())
 
 
 def test_lid_lpca_recovers_dimensions(tmp_path):
@@ -48,26 +57,24 @@ def test_lid_lpca_recovers_dimensions(tmp_path):
     assert np.median(lid[:40]) == 1 and np.median(lid[40:]) >= 6
 
 
-def test_lid_lpca_through_an_inverted_file_on_disk(tmp_path):
-    """Above flat_max the neighbours come from the on-disk inverted file; separated shapes keep their LID."""
+def test_lid_lpca_through_an_inverted_file(tmp_path):
+    """Above flat_max the neighbours come from the inverted file (lists built and searched as tasks); separated
+    shapes keep their LID."""
+    from corpus_parts import context, run, split, write_parts
+
     from scanner.config import load_config as lc
+    from scanner.corpus.classify import lpca_count
 
     x = _line_and_blob(np.random.default_rng(2), n=300, shift=30.0)
     cfg = lc(None, ["neighbours.flat_max=100", "corpus.list_size=100", "geometry.lpca_k=15",
                     "geometry.lpca_scale=local"], sections=("geometry", "neighbours", "corpus"))
-    from corpus_parts import split, write_parts
-
-    from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, lid_lpca, lpca_count
-
     frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + 200)], "error": None}) for s0 in (0, 200, 400)]
-    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), [200] * 3)}))
-    info, spill = lid_lpca(store, Masks(store, np.zeros(0, np.int64)), cfg, tmp_path / "work")
+    ctx = context(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), [200] * 3)}), cfg)
+    info = run(ctx, "keys", "lid")["lid"]
     assert info["kind"] == "ivf" and info["nlist"] >= 6 and info["recall_at_k"] >= 0.9, info
+    gid, spec = _spectra(ctx)
     lid = np.full(600, np.nan)
-    for i in range(3):
-        r = spill.read(i)
-        lid[r["gid"]] = lpca_count(r["spec"], {}, cfg)
+    lid[gid] = lpca_count(spec, {}, cfg)
     assert not np.isnan(lid).any()
     assert np.median(lid[:300]) == 1 and np.median(lid[300:]) >= 6
 
@@ -114,7 +121,7 @@ def test_classify_dd_od_and_removal_reasons():
     assert df2["mem_class"].tolist()[:5] == ["dd", "od", "none", "none", "od"]  # a lower margin takes e in
     # copies: a flagged row in a group of byte copies is dd whatever its LID_* (e: 4, above lpca_low); unflagged d
     # stays; only groups with a byte-identical pair count (an embedding link may join two distinct look-alikes)
-    from scanner.finalize import copy_groups
+    from scanner.corpus.classify import copy_groups
 
     groups = pd.DataFrame({"key": list("vwxyz"), "group_id": [0, 0, 1, 1, 2], "link": ["bytes", "phash", "embedding",
                                                                                         "embedding", "phash"]})
@@ -126,42 +133,41 @@ def test_classify_dd_od_and_removal_reasons():
 
 def test_searched_rows_skip_unreadable_and_every_copy_of_a_repeated_key(tmp_path):
     """Duplicate search needs unique keys: a repeated key is skipped even where one copy only failed scoring."""
-    from corpus_parts import write_parts
+    from corpus_parts import context, run, write_parts
 
-    from scanner.corpus.groups import repeated_keys
-    from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks
+    from scanner.corpus.rows import masks, repeated
 
     frames = [pd.DataFrame({"key": ["a", "b"], "error": [None, None], "error_stage": [None, None],
                             "embed_error": [None, None]}),
               pd.DataFrame({"key": ["b", "c", "d", "e"], "error": ["scoring failed: x", "cannot decode image", None, None],
                             "error_stage": ["score", "decode", "score", None],
                             "embed_error": [None, None, None, "embedding failed: y"]})]
-    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"embeddings": [np.eye(2, 4), np.eye(4)]}))
-    rep = np.array(sorted(repeated_keys(store, tmp_path / "w", 1 << 20)))
-    masks = Masks(store, rep)
+    ctx = context(tmp_path, write_parts(tmp_path, frames, {"embeddings": [np.eye(2, 4), np.eye(4)]}),
+                  load_config(None, [], sections=("corpus",)))
+    run(ctx, "keys")
+    rep = repeated(ctx.store)[0]
+    m = [masks(ctx.store, i) for i in range(2)]
     # a: fine; b: repeated (both copies out); c: not decoded; d: only its scoring failed (the picture is there);
     # e: not embedded
-    searched = np.concatenate([masks.get("searched", i) for i in range(2)])
+    searched = np.concatenate([x["searched"] for x in m])
     assert rep.tolist() == [1, 2] and searched.tolist() == [True, False, False, False, True, False]
-    assert masks.counts == {"has_key": 6, "ok": 3, "searched": 2}  # ok: a, d, e (no error in the part)
+    counts = {k: int(sum(x[k].sum() for x in m)) for k in ("has_key", "ok", "searched")}
+    assert counts == {"has_key": 6, "ok": 3, "searched": 2}  # ok: a, d, e (no error in the part)
 
 
 def test_a_lid_theta_that_is_not_a_dimension_gives_no_od_and_says_so(tmp_path, caplog):
     """flipd_at: clean on a trained UNet gives lid_flipd far below 0: relative gaps would be meaningless."""
-    from corpus_parts import write_parts
-
-    from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, detector_threshold
+    from corpus_parts import context, run, write_parts
 
     frames = [pd.DataFrame({"key": ["a", "b", "c"], "error": [None] * 3, "error_stage": [None] * 3,
                             "embed_error": [None] * 3, "score_norm": [1.0, 2.0, 3.0],
                             "lid_flipd": [-500.0, -600.0, -700.0]})]
-    store = PartStore(tmp_path, write_parts(tmp_path, frames, {}))
     cfg = load_config(None, ["model.kind=pixel", "model.path=/m", "classify.detector=score_norm",
                              "classify.detector_quantile=0.5"])
+    ctx = context(tmp_path, write_parts(tmp_path, frames, {}), cfg)
     with caplog.at_level("WARNING", logger="memscan"):
-        t = detector_threshold(store, Masks(store, np.zeros(0, np.int64)), cfg)
+        run(ctx, "keys", "cut")
+    t = ctx.out.read_json("corpus/cut/thresholds.json")
     assert t["lid_medians"]["lid_flipd"] == -600.0 and "not a dimension" in caplog.text
     df = frames[0].assign(lid_lpca=[10.0, 10.0, 10.0], shard="00000")
     classify(df, cfg, t)
@@ -176,10 +182,9 @@ def test_corpus_level_lid_and_typical_gap_class_planted_copies_overfit_and_simpl
     level, not to Fukunaga-Olsen), overfitted od (far below the blob's typical 50), line points none (5 is what
     the model gives every line point: simple, not overfitted; the ratio rule before, LID_* / its median - lid_flipd /
     its median, gave them 1/6 - 5/50 > 0: od)."""
-    from corpus_parts import split, write_parts
+    from corpus_parts import context, run, split, write_parts
 
-    from scanner.corpus.store import PartStore
-    from scanner.finalize import Masks, detector_threshold, lid_lpca, lpca_count
+    from scanner.corpus.classify import lpca_count
 
     rng = np.random.default_rng(5)
     copies = rng.normal(size=12) * 3 + 1e-3 * rng.normal(size=(20, 12))
@@ -203,23 +208,23 @@ def test_corpus_level_lid_and_typical_gap_class_planted_copies_overfit_and_simpl
     frames = [pd.DataFrame({"key": [f"k{i:04d}" for i in range(s0, s0 + 160)], "error": None, "error_stage": None,
                             "embed_error": None, "score_norm": score[s0:s0 + 160], "lid_flipd": flipd[s0:s0 + 160]})
               for s0 in (0, 160)]
-    store = PartStore(tmp_path, write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), sizes)}))
+    shards = write_parts(tmp_path, frames, {"vectors": split(x.astype(np.float16), sizes)})
     sets = ["model.kind=pixel", "model.path=/m", "geometry.lpca_k=15", "classify.detector=score_norm",
             "classify.detector_threshold=0.5", "classify.lpca_low=1"]
-    masks = Masks(store, np.zeros(0, np.int64))
-    lid = {}
+    lid, ts = {}, {}
     for scale in ("corpus", "local"):
         cfg = load_config(None, [*sets, f"geometry.lpca_scale={scale}"])
-        _, spill = lid_lpca(store, masks, cfg, tmp_path / f"work-{scale}")
-        t = detector_threshold(store, masks, cfg, spill)
-        recs = np.concatenate([spill.read(i) for i in range(2)])
+        ctx = context(tmp_path, shards, cfg)
+        run(ctx, "keys", "lid", "cut")
+        ts[scale] = t = ctx.out.read_json("corpus/cut/thresholds.json")
+        gid, spec = _spectra(ctx)
         lid[scale] = np.full(len(x), np.nan)
-        lid[scale][recs["gid"]] = lpca_count(recs["spec"], t, cfg)
+        lid[scale][gid] = lpca_count(spec, t, cfg)
     assert not np.isnan(lid["corpus"]).any()
     assert (lid["corpus"][kind == "copy"] == 0).all() and (lid["local"][kind == "copy"] >= 6).all()
-    assert t["lpca_reference"] is None  # the local rule needs no corpus level
+    assert ts["local"]["lpca_reference"] is None  # the local rule needs no corpus level
     cfg = load_config(None, [*sets, "geometry.lpca_scale=corpus"])
-    t = detector_threshold(store, masks, cfg, lid_lpca(store, masks, cfg, tmp_path / "w")[1])
+    t = ts["corpus"]
     assert t["lpca_scale"] == "corpus" and t["lpca_reference"] > 0 and t["lid_medians"]["lid_flipd"] > 40
     typical = t["lid_flipd_typical"]
     # LID_* 0..12 (D = 12 < 16 neighbours); 1 is the line's 5; 0 holds the 20 copies only, under 30 rows: pooled

@@ -85,9 +85,9 @@ def cut_fpr_interval(n: int, fpr: float, level: float = 0.95) -> tuple[float, fl
 
 
 def heldout_scores(cfg, out) -> dict:
-    """The detector on cfg.classify.calibration_shards, as the scan's score stage wrote it into `out` (a path, URL
-    or scanner.storage.Out; heldout/NAME.parquet: those shards went through the scan's read and score stages as
-    held-out rows, the detector alone).
+    """The detector on this scan's held-out shards (heldout/_shards.json: classify.calibration_shards, by name), as the
+    scan's score stage wrote it into `out` (a path, URL or scanner.storage.Out; heldout/NAME.parquet: those shards
+    went through the scan's read and score stages as held-out rows, the detector alone).
 
     Returns {"values": the detector on each readable, finitely scored image, the first
     classify.calibration_max_images in shard order, "images", "errors" (rows that failed to read or score),
@@ -95,19 +95,19 @@ def heldout_scores(cfg, out) -> dict:
     """
     import pandas as pd
 
-    from scanner.data.shards import expand_shards, shard_name
-    from scanner.stages.sink import part_name
-    from scanner.storage import Out
+    from scanner.errors import ScanIncomplete
+    from scanner.storage import HELDOUT_LIST, Out, part_name
 
     out = out if isinstance(out, Out) else Out(out)
     c = cfg.classify
-    shards = expand_shards(c.calibration_shards)
+    if not out.exists(HELDOUT_LIST):
+        raise ScanIncomplete(f"{out.uri(HELDOUT_LIST)} is missing: the scan did not list its held-out shards; rerun the "
+                             "same command")
+    shards = out.read_json(HELDOUT_LIST)
     values, errors = [], 0
     for s in shards:
-        rel = part_name(shard_name(s), "heldout")
+        rel = part_name(s, "heldout")
         if not out.exists(rel):
-            from scanner.errors import ScanIncomplete
-
             raise ScanIncomplete(f"the held-out shard {s} has no scored part ({out.uri(rel)}): rerun the same command")
         df = out.read_parquet(rel)
         df = df[df["key"].notna()]

@@ -1,35 +1,52 @@
-"""Duplicate links out of core (scanner/corpus/groups.py) against in-memory truth, and groups that do not chain."""
+"""Duplicate links of the corpus steps (scanner/corpus/keys.py, copies.py) against in-memory truth, in this process
+and as Ray tasks, and groups that do not chain."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from corpus_parts import write_parts
+from corpus_parts import context, run, write_parts
 from inmemory import find_duplicate_groups
 
-from scanner.corpus.groups import byte_copies, chunk_masks, phash_links, repeated_keys
-from scanner.corpus.store import PartStore
+from scanner.config import load_config
+from scanner.corpus.copies import BYTES, PHASH, chunk_masks
 from scanner.neighbours.phash import hamming_pairs
 
-BUDGET = 1 << 20  # 1 MiB: many partitions even for these small tables
+
+def _ctx(tmp_path, frames, executor="local", **sets):
+    """Part files of `frames`, every row searched (each shard has an embeddings array), a 1 MiB budget: many
+    partitions even for these small tables."""
+    for f in frames:
+        for c in ("error", "error_stage", "embed_error"):
+            f[c] = None
+    cfg = load_config(None, ["corpus.memory_gb=0.25", *[f"{k}={v}" for k, v in sets.items()]],
+                      sections=("neighbours", "corpus"))
+    arrays = {"embeddings": [np.ones((len(f), 2), np.float32) for f in frames]}
+    return context(tmp_path, write_parts(tmp_path, frames, arrays), cfg, executor)
 
 
-def _store(tmp_path, frames):
-    return PartStore(tmp_path, write_parts(tmp_path, frames))
+def _links(ctx, kind):
+    b = ctx.executor.read(ctx.out, "corpus/copies")
+    rows = list(ctx.executor.batches(b))
+    e = np.concatenate([np.column_stack([r["a"], r["b"]])[r["kind"] == kind] for r in rows]) if rows else \
+        np.zeros((0, 2), np.int64)
+    return e
 
 
-def _all(store):
-    return lambda i: np.ones(store.sizes[i], bool)
-
-
-def test_repeated_keys_name_every_copy_and_its_shards(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_repeated_keys_name_every_copy_and_its_shards(tmp_path, executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
     frames = [pd.DataFrame({"key": ["a", "b", "c", None]}), pd.DataFrame({"key": ["d", "b", "e", "a"]}),
               pd.DataFrame({"key": ["b", "f"]})]
-    store = _store(tmp_path, frames)
-    rep = repeated_keys(store, tmp_path / "w", BUDGET)
-    assert sorted(rep) == [0, 1, 5, 7, 8]  # a (twice), b (three times); the null key of a damaged shard is not
-    assert "key 'b' is repeated: 3 samples carry it, in shards 00000, 00001, 00002" in rep[1]
+    ctx = _ctx(tmp_path, frames, executor)
+    run(ctx, "keys")
+    from scanner.corpus.rows import repeated
+
+    gids, errors = repeated(ctx.store)
+    assert gids.tolist() == [0, 1, 5, 7, 8]  # a (twice), b (three times); the null key of a damaged shard is not
+    assert "key 'b' is repeated: 3 samples carry it, in shards 00000, 00001, 00002" in errors[1]
 
 
 def test_byte_copies_link_each_copy_to_the_first_row(tmp_path):
@@ -39,26 +56,33 @@ def test_byte_copies_link_each_copy_to_the_first_row(tmp_path):
         sha[i] = sha[3]
     sha[200] = sha[100]
     sha[7] = None
-    store = _store(tmp_path, [pd.DataFrame({"key": [f"k{i}" for i in range(s, s + 100)], "sha256": sha[s:s + 100]})
-                              for s in (0, 100, 200)])
-    e = byte_copies(store, _all(store), tmp_path / "w", BUDGET)
+    ctx = _ctx(tmp_path, [pd.DataFrame({"key": [f"k{i}" for i in range(s, s + 100)], "sha256": sha[s:s + 100]})
+                          for s in (0, 100, 200)])
+    run(ctx, "keys", "copies")
+    e = _links(ctx, BYTES)
     assert sorted(map(tuple, e.tolist())) == [(10, 3), (150, 3), (200, 100), (299, 3)]
 
 
-@pytest.mark.parametrize(("r", "small_bucket"), [(0, 64), (1, 64), (2, 64), (3, 64), (2, 1)])
-def test_phash_multi_index_hashing_finds_every_pair_brute_force_finds(tmp_path, monkeypatch, r, small_bucket):
-    from scanner.corpus import groups
+@pytest.mark.parametrize(("r", "small_bucket", "executor"), [(0, 64, "local"), (1, 64, "local"), (2, 64, "local"),
+                                                             (3, 64, "local"), (2, 1, "local"), (2, 64, "ray")])
+def test_phash_multi_index_hashing_finds_every_pair_brute_force_finds(tmp_path, monkeypatch, r, small_bucket,
+                                                                      executor, request):
+    from scanner.corpus import copies
 
-    monkeypatch.setattr(groups, "SMALL_BUCKET", small_bucket)  # 1: every bucket takes the blocked path
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    monkeypatch.setattr(copies, "SMALL_BUCKET", small_bucket)  # 1: every bucket takes the blocked path
     rng = np.random.default_rng(r)
     h = rng.integers(0, 2**63, 2000, dtype=np.uint64)
     for j in range(60):  # planted pairs at every distance up to r + 1
         a, b = rng.choice(2000, 2, replace=False)
         flip = rng.choice(64, rng.integers(0, r + 2), replace=False)
         h[b] = h[a] ^ np.uint64(sum(1 << int(f) for f in flip))
-    store = _store(tmp_path, [pd.DataFrame({"key": [f"k{i}" for i in range(s, s + 500)],
-                                            "phash": h[s:s + 500].view(np.int64)}) for s in range(0, 2000, 500)])
-    e = phash_links(store, _all(store), r, tmp_path / "w", BUDGET)
+    ctx = _ctx(tmp_path, [pd.DataFrame({"key": [f"k{i}" for i in range(s, s + 500)],
+                                        "phash": h[s:s + 500].view(np.int64)}) for s in range(0, 2000, 500)],
+               executor, **{"neighbours.phash_max_dist": r})
+    run(ctx, "keys", "copies")
+    e = _links(ctx, PHASH)
     # the same components as the all-pairs search (equal hashes may be chained, not all linked pairwise)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
