@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from scanner.neighbours.dedup import copy_units, group_table, keep_rank, leader_groups, link_names
+from scanner.neighbours.dedup import copy_units, group_table, keep_rank, leader_groups, link_names, member_links
 
 TARGET_RECALL = 0.99
 IVF_LISTS_PER_SQRT_N = 2.0  # nlist = 2 sqrt(N): ~2000 lists at 10^6 vectors
@@ -174,7 +174,9 @@ def build_index(vectors: np.ndarray, cfg, seed: int = 0, target_recall: float = 
 def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list[str] | None, threshold: float,
                           k: int = 20, index=None, phashes: np.ndarray | None = None, phash_max_dist: int = -1,
                           sizes: list[int] | None = None, thumbs: np.ndarray | None = None,
-                          align: tuple[int, float, float, int] | None = None) -> pd.DataFrame:
+                          align: tuple[int, float, float, int] | None = None,
+                          verify: tuple | None = None,
+                          verify_cache: dict | None = None) -> pd.DataFrame:
     """Duplicate groups of a corpus held in memory (the corpus steps do the same out of core).
 
     keys: N unique sample keys; vectors: (N, d) float32 unit rows (row i embeds keys[i]);
@@ -183,11 +185,17 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
     order (None: exact search); phashes: (N,) uint64 perceptual hashes with phash_max_dist >= 0 to
     enable the pHash pass; sizes: N pixel counts for the keep rule; thumbs: (N, S*S*C) uint8 rows
     (scanner.neighbours.align.thumbnails) with align = (S, min_cosine, max_rmse, max_shift): neighbours at cosine
-    in [min_cosine, threshold) are linked when their thumbnails agree (the corpus steps' 'aligned' links).
+    in [min_cosine, threshold) are linked when their thumbnails agree (the corpus steps' 'aligned' links);
+    verify = (S, min_cosine, min_score[, min_detail]) instead: they are linked when scanner.neighbours.verify scores them
+    >= min_score and both thumbnails' detail is >= min_detail (the 'verified' links of neighbours.verifier: affine);
+    verify_cache: a dict (i, j) -> score kept between calls
+    (the verifier runs once per pair over several thresholds).
 
     Returns one row per member of a group of >= 2: key, group_id (int, groups numbered by their
     kept key), similarity (float, cosine to the kept member), keep (bool), link (what first linked
-    the member: 'bytes', 'phash', 'embedding' or 'aligned').
+    the member: 'bytes', 'phash', 'embedding', 'aligned' or 'verified'), score (dedup.member_links: the cosine or the
+    verifier's score of the edge that joined the member to its group; 1 for bytes; phash: NaN here) and precision
+    (NaN: the scan's calibration table is not applied here).
     """
     n = len(keys)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -242,13 +250,41 @@ def find_duplicate_groups(keys: list[str], vectors: np.ndarray, raw_hashes: list
             hit = aligned_match(thumbs[cand[:, 0]], thumbs[cand[:, 1]], size, max_shift, max_rmse)
             align_edges = cand[hit]
             emb_edges, emb_sims = np.concatenate([emb_edges, align_edges]), np.r_[emb_sims, sims[near][hit]]
+        edge_score = emb_sims
+        if thumbs is not None and verify is not None:
+            from scanner.neighbours.verify import detail, verify_pairs
+
+            size, min_cos, min_score, min_detail = (*verify, 0.0)[:4]
+            near = (sims >= min_cos) & ~ok & real
+            cand = np.sort(np.stack([q[near], ids[near]], axis=1), axis=1)
+            cache = verify_cache if verify_cache is not None else {}
+            todo = np.array([p for p in dict.fromkeys(map(tuple, cand.tolist())) if p not in cache], np.int64)
+            if len(todo):
+                v = verify_pairs(thumbs[todo[:, 0]], thumbs[todo[:, 1]], size)[0]
+                cache.update(zip(map(tuple, todo.tolist()), v.tolist()))
+            v = np.array([cache[p] for p in map(tuple, cand.tolist())], np.float32)
+            if "detail" not in cache:
+                cache["detail"] = detail(thumbs, size)
+            hit = (v >= min_score) & (np.minimum(cache["detail"][cand[:, 0]], cache["detail"][cand[:, 1]]) >= min_detail)
+            align_edges = cand[hit]
+            emb_edges = np.concatenate([emb_edges, align_edges])
+            emb_sims, edge_score = np.r_[emb_sims, sims[near][hit]], np.r_[emb_sims, v[hit]]
+    else:
+        edge_score = emb_sims
     group = leader_groups(unit, kept, rank, emb_edges, emb_sims, sizes)
     sim = np.ones(n, np.float32)
     members = np.flatnonzero(group >= 0)
     if len(members):
         sim[members] = np.einsum("ij,ij->i", vectors[members], vectors[kept[group[members]]])
     n_emb = len(emb_edges) - len(align_edges)
-    df = group_table(keys, group, kept, sim, link_names(n, bytes_edges, phash_edges, emb_edges[:n_emb]))
+    rest = "verified" if verify is not None else "aligned"
+    link = link_names(n, bytes_edges, phash_edges, emb_edges[:n_emb], rest=rest)
+    cross = unit[emb_edges[:, 0]] != unit[emb_edges[:, 1]]
+    kinds = np.array(["embedding"] * n_emb + [rest] * (len(emb_edges) - n_emb), dtype=object)
+    _, score = member_links(unit, group, emb_edges[cross], np.asarray(edge_score)[cross], kinds[cross])
+    copy = (group >= 0) & (unit == group)
+    score[copy & (link == "bytes")] = 1.0
+    df = group_table(keys, group, kept, sim, link, score=score)
     return df.astype({"key": object, "link": object})
 
 

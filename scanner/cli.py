@@ -80,16 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dedup", help="duplicate groups and removal list only (no diffusion model)",
                        description="Embeds every image (open_clip), finds duplicate groups by bytes, perceptual hash "
-                                   "and cosine >= --threshold, keeps one per group. Without --clip-checkpoint it "
-                                   "first trains the copy-detection embedder on the corpus (cached in --out).")
+                                   "and cosine >= --threshold (and candidates below it whose thumbnails align), keeps "
+                                   "one per group. Without --clip-checkpoint it uses the copy-detection embedder "
+                                   "shipped with memscan, or with --train-embedder trains one on the corpus (cached "
+                                   "in --out).")
     p.add_argument("--shards", nargs="+", required=True, help=SHARDS_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="cosine at or above which images are duplicates (default "
                                                    f"{NeighboursConfig.dup_threshold}: neighbours.dup_threshold)")
     p.add_argument("--clip-model", help="open_clip architecture name")
     p.add_argument("--clip-checkpoint", help="local open_clip checkpoint (safetensors)")
+    p.add_argument("--train-embedder", action="store_true",
+                   help="train the copy-detection embedder on this corpus instead of using the shipped one")
     p.add_argument("--train-steps", type=int,
-                   help="copy-detection embedder training steps when no --clip-checkpoint is given (default 600)")
+                   help="copy-detection embedder training steps with --train-embedder (default 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")
     _add_common(p, progress=True)
 
@@ -238,6 +242,8 @@ def _neighbours_scan_cfg(args):
         n.clip_checkpoint = args.clip_checkpoint
     if getattr(args, "train_steps", None):
         n.train_steps = args.train_steps
+    if getattr(args, "train_embedder", False):
+        n.train_embedder = True
     n.validate()
     cfg.model.kind, cfg.model.path = "none", None
     cfg.neighbours.enabled = True

@@ -152,26 +152,43 @@ class NeighboursConfig:
     # open_clip architecture name; the default is memscan's small copy-detection tower, trained on the
     # corpus when no checkpoint is given (a real CLIP/SSCD checkpoint names its own architecture)
     clip_model: str = "memscan-copydet-rn16"
-    clip_checkpoint: str | None = None  # local checkpoint; None = train the copy-detection embedder
+    # local checkpoint; None = the copy-detection embedder shipped with memscan (scanner/neighbours/shipped/, trained
+    # by benchmarks/train_shipped_embedder.py), or one trained on the corpus with train_embedder: true
+    clip_checkpoint: str | None = None
     allow_pickle: bool = False  # refuse pickle checkpoints unless explicitly trusted
+    # without clip_checkpoint: train the embedder on this corpus (train_steps, cached in OUT/embedder) instead of
+    # loading the shipped one; costs ~2 min on 2 cores, nearly all of a small corpus's run (issue #34)
+    train_embedder: bool = False
+    # embed every image and its horizontal mirror and pool them (embed.flip_pool): a flipped copy embeds exactly as
+    # its original, by construction; a second forward per image
+    flip_invariant: bool = True
     image_size: int = 32  # embedder input side
     batch_size: int = 64
-    # cosine at or above which two images are duplicates: 0.93 gives pair precision 0.9956 / recall 0.9972
-    # on the demo corpus with the trained embedder (benchmarks/results/corpus_ab.md; seed 0, the corpus it
-    # was chosen on: not a held-out figure)
-    dup_threshold: float = 0.93
+    # cosine at or above which two images are duplicates without a check of their pixels. 0.99 with the shipped
+    # embedder, verify_min_score 0.995 and verify_min_detail 0.03: the most precise settings of bench_copydet.py's
+    # grid on the tuning copy corpus (seed 0); held-out figures in benchmarks/results/copydet_floor08.md)
+    dup_threshold: float = 0.99
     rep_threshold: float = 0.93  # cosine at or above which a generation replicates a training image
     phash_max_dist: int = 2  # pHash Hamming radius of the near-exact pass (6 bits merges distinct images)
-    # pixel check of near-misses (scanner/neighbours/align.py): neighbours at cosine in [align_min_cosine,
-    # dup_threshold) are duplicates when their align_size thumbnails (stored per row: align_size^2 x channels
-    # bytes) differ by RMSE <= align_max_rmse at some shift of <= align_max_shift px. Chosen on demo seed 0 in the
-    # middle of its gap: a shifted copy vs its original <= 0.0131, distinct pairs >= 0.0327, geometric mean 0.0207
-    # rounded down; no distinct pair below it down to cosine 0.6 (benchmarks/bench_align.py, results/align.md).
-    # align_size 0 turns it off.
+    # check of near-misses on thumbnails: neighbours at cosine in [align_min_cosine, dup_threshold) are checked on
+    # their align_size thumbnails (stored per row: align_size^2 x channels bytes) by `verifier` (below); align_size 0
+    # turns it off. align_min_cosine 0.8: 6.4x fewer pairs to verify than 0.6 (results/copydet_floor08.md).
+    # The shift check's own limits (verifier: shift): RMSE <= align_max_rmse at some shift of <= align_max_shift px,
+    # chosen on demo seed 0 in the middle of its gap: a shifted copy vs its original <= 0.0131, distinct pairs
+    # >= 0.0327, geometric mean 0.0207 rounded down, at a floor of 0.6 then (bench_align.py, results/align.md).
     align_size: int = 32
-    align_min_cosine: float = 0.6
+    align_min_cosine: float = 0.8
     align_max_rmse: float = 0.02
     align_max_shift: int = 2
+    # how candidates in [align_min_cosine, dup_threshold) are checked on their thumbnails: "affine" fits an affine
+    # map and a gain / bias between the two (scanner/neighbours/verify.py: flips, crops, rotations, borders,
+    # overlays, grayscale; link "verified") and links a pair whose fit explains >= verify_min_score of the
+    # original's variance; "shift" is the pixel check before it (align_max_rmse at align_max_shift; link "aligned")
+    verifier: Literal["affine", "shift"] = "affine"
+    verify_min_score: float = 0.995
+    # affine: both thumbnails must carry at least this fine detail (verify.detail: luminance RMSE against a 1 px blur);
+    # a flat crop with one edge fits any other under some affine map, so the fit is no evidence there
+    verify_min_detail: float = 0.03
     train_steps: int = 600  # copy-detection embedder steps when no checkpoint is given (~2 min on 2 cores)
     embedder_max_images: int = 50_000  # the embedder trains on at most this many distinct images
     k: int = 20  # neighbours searched per image for duplicate links
@@ -206,6 +223,13 @@ class NeighboursConfig:
         _check(self.align_max_shift >= 0 and (self.align_size == 0 or self.align_max_shift < self.align_size // 2),
                f"{p}.align_max_shift", self.align_max_shift, "an int >= 0 and below half of align_size")
         _check(self.train_steps >= 1, f"{p}.train_steps", self.train_steps, ">= 1")
+        _check(self.verifier in ("affine", "shift"), f"{p}.verifier", self.verifier, "affine or shift")
+        _check(0.0 <= self.verify_min_score <= 1.0, f"{p}.verify_min_score", self.verify_min_score,
+               "a share of variance explained in [0, 1]")
+        _check(0.0 <= self.verify_min_detail <= 1.0, f"{p}.verify_min_detail", self.verify_min_detail,
+               "an RMSE in [0, 1] (luminance in [0, 1])")
+        for k in ("train_embedder", "flip_invariant"):
+            _check(isinstance(getattr(self, k), bool), f"{p}.{k}", getattr(self, k), "true or false")
         _check(self.embedder_max_images >= 2, f"{p}.embedder_max_images", self.embedder_max_images, ">= 2")
 
 

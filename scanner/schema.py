@@ -57,8 +57,19 @@ SCORES_LAST = [("score_norm", F32), ("score_norm_cal", F32), ("loss_cal", F32), 
 SCORES_META = frozenset({"key", "shard", "caption", "width", "height", "mem_class", "verdict", "error",
                          *(c for c, _ in SOURCE)})
 
+# duplicates.parquet (docs/outputs.md), one row per member of a duplicate group:
+#   key; group_id; similarity: cosine of the member's embedding to the kept member's; keep: the one member kept;
+#   link: what joined the member: bytes (identical file bytes), phash (perceptual hash within phash_max_dist bits),
+#     embedding (cosine >= dup_threshold), verified (a candidate below it whose thumbnails fit under an affine map:
+#     scanner/neighbours/verify.py), aligned (the same by the older shift check, neighbours.verifier: shift);
+#   score: the strength of that link: 1 for bytes, 1 - Hamming bits / 64 for phash, the cosine for embedding and
+#     aligned, the verifier's share of variance explained for verified; null on the kept member;
+#   precision: the pair precision measured at that link kind and score on held-out demo seeds
+#     (scanner/neighbours/shipped/calibration.json, benchmarks/bench_copydet.py); 1 for bytes; null where no
+#     calibration applies (another embedder or other settings than the calibrated ones) and on the kept member;
+#   url: img2dataset's url of the member.
 DUPLICATES = pa.schema([("key", STR), ("group_id", I64), ("similarity", F32), ("keep", BOOL), ("link", STR),
-                        ("url", STR)])
+                        ("score", F32), ("precision", F32), ("url", STR)])
 REPLICATIONS = pa.schema([("gen_id", I64), ("caption", STR), ("seed", I64), ("matched_key", STR),
                           ("similarity", F32), ("replicated", BOOL)])
 REMOVAL = pa.schema([("key", STR), ("shard", STR), ("url", STR), ("reason", STR)])
@@ -130,9 +141,15 @@ TABLE_COLUMNS = {
         "group_id": "the group: the row id of its kept image (every member of a group has the same)",
         "similarity": "cosine of the member's embedding to the kept image's (1 for the kept one)",
         "keep": "true for the one member kept (largest image, then the one linked to the most, then lowest key)",
-        "link": "what first linked it: `bytes` (identical file), `phash` (perceptual hash within "
-                "neighbours.phash_max_dist bits), `embedding` (cosine >= neighbours.dup_threshold), `aligned` "
-                "(a near-miss whose 32 px thumbnails agree at a small shift)",
+        "link": "what joined it: `bytes` (identical file), `phash` (perceptual hash within "
+                "neighbours.phash_max_dist bits), `embedding` (cosine >= neighbours.dup_threshold), `verified` (a "
+                "near-miss whose 32 px thumbnails fit under an affine map: a flipped, cropped, rotated, framed or "
+                "captioned copy; neighbours.verifier affine), `aligned` (the same by the shift check, verifier shift)",
+        "score": "the strength of that link: 1 for bytes, 1 - Hamming bits / 64 for phash, the cosine for embedding "
+                 "and aligned, the verifier's share of variance explained for verified; null on the kept member",
+        "precision": "the pair precision measured at that link kind and score on held-out demo seeds "
+                     "(scanner/neighbours/shipped/calibration.json); 1 for bytes; null where no calibration applies "
+                     "(another embedder or settings) and on the kept member",
         "url": "img2dataset's url of the member (null without one)"},
     "replications.parquet": {
         "gen_id": "the generation's number (0..neighbours.generations - 1)",
@@ -164,6 +181,7 @@ FILES = [
 OTHER_FILES = [
     ("summary.json", ("counts (seen, scored, embedded, errors, duplicates, removed by reason, classes, verdicts), the "
                       "thresholds and the rule that applied, the corpus steps' timings, the stages' devices and nodes, "
+                      "the shards listed and missing, img2dataset's download counts (`downloads`: seen + failed = urls), "
                       "the config, versions and machine")),
     ("metrics.json", ("after `memscan evaluate`: per score column AUROC with intervals and TPR at 1 % / 0.1 % FPR; "
                       "duplicate pair and removal precision / recall per planted kind and edit")),

@@ -71,10 +71,13 @@ def demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def paths(demo, tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
     """README path -> the path this test uses (longest prefixes first)."""
+    from scanner.neighbours.run import shipped_embedder
+
     tmp = tmp_path_factory.mktemp("readme_out")
     return {"runs/demo": str(demo), "runs/": f"{tmp}/runs/", "/data/laion/{00000..00099}.tar":
             f"{demo}/corpus/shards/{{00000..00002}}.tar", "/models/stable-diffusion-v1-5": str(tiny_sd_dir),
-            "/models/open_clip/ViT-L-14/open_clip_model.safetensors": str(demo / "scan" / "embedder"),
+            # the demo's scan uses the embedder memscan ships (it trains none): it stands in for a CLIP checkpoint
+            "/models/open_clip/ViT-L-14/open_clip_model.safetensors": shipped_embedder(),
             "/scans/": f"{tmp}/scans/", "/shared/scans/": f"{tmp}/shared/"}
 
 
@@ -210,9 +213,11 @@ def check_demo(demo: Path, out: Path, proc) -> None:
     # near-misses below the cosine threshold are checked on the thumbnails the embed stage stored
     nb = json.loads((demo / "scan" / "summary.json").read_text())["neighbours"]
     assert nb["thresholds"]["aligned"]["align_size"] == 32
-    assert nb["aligned_candidates"]["checked"] >= nb["aligned_candidates"]["linked"] == nb["links"]["aligned"]
+    # by the affine verifier (neighbours.verifier: affine, the default; link "verified")
+    assert nb["thresholds"]["aligned"]["verifier"] == "affine"
+    assert nb["aligned_candidates"]["checked"] >= nb["aligned_candidates"]["linked"] == nb["links"]["verified"]
     assert len(list((demo / "scan" / "thumbs").glob("*.npy"))) == len(list((demo / "scan" / "parts").glob("*.parquet")))
-    assert "link <code>aligned</code>" in (demo / "scan" / "report.html").read_text()
+    assert "link <code>verified</code>" in (demo / "scan" / "report.html").read_text()
 
 
 def check_demo_latent(out: Path) -> None:

@@ -187,33 +187,38 @@ def _edge_rows(b: dict) -> dict:
     return {"comp": np.asarray(b["comp"], np.int64), "_kind": np.zeros(n, np.int8),
             "x": np.asarray(b["a"], np.int64), "y": np.asarray(b["b"], np.int64),
             "s": np.asarray(b["sim"], np.float32), "k": np.asarray(b["kind"], np.int8),
-            "key": np.full(n, "", dtype=object)}
+            "v": np.asarray(b["score"], np.float32) if "score" in b else np.asarray(b["sim"], np.float32),
+            "h": np.zeros(n, np.int64), "key": np.full(n, "", dtype=object)}
 
 
 def _node_rows(b: dict) -> dict:
     n = len(b["gid"])
     return {"comp": np.asarray(b["comp"], np.int64), "_kind": np.ones(n, np.int8),
             "x": np.asarray(b["gid"], np.int64), "y": np.asarray(b["pixels"], np.int64),
-            "s": np.zeros(n, np.float32), "k": np.zeros(n, np.int8), "key": np.asarray(b["key"], dtype=object)}
+            "s": np.zeros(n, np.float32), "k": np.zeros(n, np.int8), "v": np.zeros(n, np.float32),
+            "h": np.asarray(b["phash"], np.int64) if "phash" in b else np.zeros(n, np.int64),
+            "key": np.asarray(b["key"], dtype=object)}
 
 
 def _solve_rows(solve, b: dict):
     kind = np.asarray(b["_kind"])
     e, n = kind == 0, kind == 1
     comp, x, y = np.asarray(b["comp"]), np.asarray(b["x"]), np.asarray(b["y"])
-    edges = {"a": x[e], "b": y[e], "sim": np.asarray(b["s"])[e], "kind": np.asarray(b["k"])[e], "comp": comp[e]}
-    nodes = {"gid": x[n], "pixels": y[n], "key": np.asarray(b["key"], dtype=object)[n], "comp": comp[n]}
+    edges = {"a": x[e], "b": y[e], "sim": np.asarray(b["s"])[e], "kind": np.asarray(b["k"])[e],
+             "score": np.asarray(b["v"])[e], "comp": comp[e]}
+    nodes = {"gid": x[n], "pixels": y[n], "key": np.asarray(b["key"], dtype=object)[n], "phash": np.asarray(b["h"])[n],
+             "comp": comp[n]}
     return solve(edges, nodes)
 
 
 def per_component(ex, edges_c, nodes_c, parts: int, solve):
     """solve(edges, nodes) -> batch, called with every edge and node of whole components (a call may hold
-    several). edges_c: (a, b, sim, kind, comp); nodes_c: (gid, pixels, key, comp)."""
+    several). edges_c: (a, b, sim, kind, score, comp); nodes_c: (gid, pixels, key, phash, comp)."""
     if ex.kind == "local":
         if nodes_c is None:
             return None
         empty = {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "sim": np.zeros(0, np.float32),
-                 "kind": np.zeros(0, np.int8), "comp": np.zeros(0, np.int64)}
+                 "kind": np.zeros(0, np.int8), "score": np.zeros(0, np.float32), "comp": np.zeros(0, np.int64)}
         return ex.map(nodes_c, lambda n: solve(edges_c if edges_c is not None else empty, n))
     t = ex.union(ex.map(edges_c, _edge_rows) if edges_c is not None else None, ex.map(nodes_c, _node_rows))
     return ex.shuffle(t, "comp", parts, functools.partial(_solve_rows, solve))

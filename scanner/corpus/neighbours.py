@@ -74,14 +74,22 @@ def _attrs(store, b: dict) -> dict:
     sh = store.shard_of(g)
     keys = np.empty(len(g), object)
     pixels = np.zeros(len(g), np.int64)
+    phash = np.zeros(len(g), np.int64)
     for s in np.unique(sh):
         m = sh == s
-        df = store.read(int(s), ["key", "width", "height"])
+        df = store.read(int(s), ["key", "width", "height", "phash"])
         rows = g[m] - store.offsets[s]
         keys[m] = df["key"].to_numpy(dtype=object)[rows]
         w, h = (df[c].fillna(0).to_numpy(np.int64)[rows] for c in ("width", "height"))
         pixels[m] = np.maximum(w, 0) * np.maximum(h, 0)
-    return {**{k: v for k, v in cols.items() if k not in ("shard", "node")}, "gid": g, "pixels": pixels, "key": keys}
+        phash[m] = pd_int(df["phash"])[rows]
+    return {**{k: v for k, v in cols.items() if k not in ("shard", "node")}, "gid": g, "pixels": pixels, "key": keys,
+            "phash": phash}
+
+
+def pd_int(col) -> np.ndarray:
+    """An int64 column that may hold nulls (a part file without pHashes): nulls as 0."""
+    return col.fillna(0).to_numpy().astype(np.int64)
 
 
 def with_attrs(ex, comp_t, store, parts: int):
@@ -119,9 +127,12 @@ def _solve_units(edges: dict, nodes: dict) -> dict:
 
 
 def _with_sim(b: dict) -> dict:
-    return {"a": np.asarray(b["a"], np.int64), "b": np.asarray(b["b"], np.int64),
-            "sim": np.asarray(b["sim"], np.float32) if "sim" in b else np.ones(len(b["a"]), np.float32),
-            "kind": np.asarray(b["kind"], np.int8)}
+    """Links of any step as (a, b, sim, kind, score): a copy link has similarity 1, an embedding link its cosine as
+    its score, a checked one the verifier's score."""
+    sim = np.asarray(b["sim"], np.float32) if "sim" in b else np.ones(len(b["a"]), np.float32)
+    return {"a": np.asarray(b["a"], np.int64), "b": np.asarray(b["b"], np.int64), "sim": sim,
+            "kind": np.asarray(b["kind"], np.int8),
+            "score": np.asarray(b["score"], np.float32) if "score" in b else sim}
 
 
 def run_units(ctx) -> dict:
@@ -137,7 +148,7 @@ def run_units(ctx) -> dict:
     parts = parts_for(n_edges * 64, budget)
     comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
     nodes = with_attrs(ex, comp, store, min(len(store), parts))
-    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind"))
+    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind", "score"))
     units = ex.materialize(per_component(ex, edges_c, nodes, parts, _solve_units))
     written = write_by_shard(ex, units, store, "units", n_edges * 40, budget)
     n_units = sum(int(b["n"].sum()) for b in ex.batches(ex.map(units, _count_kept)))
@@ -220,8 +231,13 @@ def _count(ex, store, select) -> int:
 
 # ---- step `aligned`
 
-def _aligned_reduce(store, size: int, max_shift: int, max_rmse: float, b: dict) -> dict | None:
+def _aligned_reduce(store, n_cfg, b: dict) -> dict | None:
+    """The candidates whose thumbnails pass neighbours.verifier's check: "affine", the verifier's score >=
+    verify_min_score (verify.verify_pairs) and both thumbnails' detail >= verify_min_detail (verify.detail); "shift",
+    agreement within align_max_rmse at some shift and better than a flat image would (align.aligned_match). Each
+    kept pair's score: the verifier's (the cosine for "shift")."""
     from scanner.neighbours.align import aligned_match
+    from scanner.neighbours.verify import detail, verify_pairs
 
     kind = np.asarray(b["kind"])
     m = kind == CANDIDATE
@@ -230,14 +246,19 @@ def _aligned_reduce(store, size: int, max_shift: int, max_rmse: float, b: dict) 
     keep = have[store.shard_of(a)] & have[store.shard_of(c)] if len(a) else np.zeros(0, bool)
     a, c, s = a[keep], c[keep], s[keep]
     ok = np.zeros(len(a), bool)
+    v = s.astype(np.float32).copy()
+    size = n_cfg.align_size
     for lo in range(0, len(a), ALIGN_BATCH):
         ta = store.gather("thumbs", a[lo:lo + ALIGN_BATCH], dtype=np.uint8)
         tb = store.gather("thumbs", c[lo:lo + ALIGN_BATCH], dtype=np.uint8)
-        ok[lo:lo + ALIGN_BATCH] = aligned_match(ta, tb, size, max_shift, max_rmse)
+        if n_cfg.verifier == "affine":
+            v[lo:lo + ALIGN_BATCH] = verify_pairs(ta, tb, size, device="auto")[0]
+            rich = np.minimum(detail(ta, size), detail(tb, size)) >= n_cfg.verify_min_detail
+            ok[lo:lo + ALIGN_BATCH] = (v[lo:lo + ALIGN_BATCH] >= n_cfg.verify_min_score) & rich
+        else:
+            ok[lo:lo + ALIGN_BATCH] = aligned_match(ta, tb, size, n_cfg.align_max_shift, n_cfg.align_max_rmse)
     return {"a": a[ok], "b": c[ok], "sim": s[ok], "kind": np.full(int(ok.sum()), ALIGNED, np.int8),
-            "checked": np.full(int(ok.sum()), len(a), np.int64)} if ok.any() else \
-        {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "sim": np.zeros(0, np.float32),
-         "kind": np.zeros(0, np.int8), "checked": np.zeros(0, np.int64)}
+            "score": v[ok], "checked": np.full(int(ok.sum()), len(a), np.int64)}
 
 
 def _candidates(b: dict) -> dict | None:
@@ -258,11 +279,10 @@ def run_aligned(ctx) -> dict:
         LOG.warning(f"neighbours: {missing} of {len(store)} shards have no thumbs/ file: their rows' candidates "
                     "below dup_threshold are not checked on pixels")
     t = ex.shuffle(cand, "a", parts_for(n * 2 * n_cfg.align_size ** 2 * 3, ctx.cfg.corpus.budget_bytes),
-                   functools.partial(_aligned_reduce, store, n_cfg.align_size, n_cfg.align_max_shift,
-                                     n_cfg.align_max_rmse))
+                   functools.partial(_aligned_reduce, store, n_cfg))
     t = ex.materialize(ex.map(t, _drop_checked))
     linked = ex.write(t, ctx.out, ctx.step_dir("aligned"))
-    return {"checked": n, "linked": linked}
+    return {"checked": n, "linked": linked, "link": "verified" if n_cfg.verifier == "affine" else "aligned"}
 
 
 def _drop_checked(b: dict) -> dict:
@@ -271,15 +291,21 @@ def _drop_checked(b: dict) -> dict:
 
 # ---- step `groups`
 
-def _solve_groups(edges: dict, nodes: dict) -> dict:
-    """Units and one-per-ball groups of whole components: (gid, key, group_id, kept, keep, link) per member."""
-    from scanner.neighbours.dedup import copy_units, leader_groups, link_names
+def _solve_groups(rest: str, table, edges: dict, nodes: dict) -> dict:
+    """Units and one-per-ball groups of whole components: (gid, key, group_id, kept, keep, link, score, precision,
+    copy_group) per member. rest: what a checked candidate's link is called (verified, aligned); table: the
+    calibration table that applies (scanner.neighbours.calibrated; None: no precision)."""
+    from scanner.neighbours.calibrated import precision_of
+    from scanner.neighbours.dedup import copy_units, leader_groups, link_names, member_links
+    from scanner.neighbours.phash import _popcount
 
     g = np.asarray(nodes["gid"], np.int64)
     order = np.argsort(g)
     g, pixels, keys = g[order], np.asarray(nodes["pixels"])[order], np.asarray(nodes["key"], dtype=object)[order]
+    phash = np.asarray(nodes["phash"], np.int64)[order]
     a, b = np.searchsorted(g, np.asarray(edges["a"], np.int64)), np.searchsorted(g, np.asarray(edges["b"], np.int64))
     kind, sims = np.asarray(edges["kind"]), np.asarray(edges["sim"], np.float32)
+    escore = np.asarray(edges["score"], np.float32)
     copy = (kind == BYTES) | (kind == PHASH)
     rank = _rank(pixels, keys)
     unit, kept = copy_units(len(g), np.column_stack([a[copy], b[copy]]), rank)
@@ -289,14 +315,29 @@ def _solve_groups(edges: dict, nodes: dict) -> dict:
     group = leader_groups(unit, kept, rank, ei[cross], sims[emb][cross], pixels)
     ek = kind[emb][cross]
     link = link_names(len(g), np.column_stack([a[kind == BYTES], b[kind == BYTES]]),
-                      np.column_stack([a[kind == PHASH], b[kind == PHASH]]), ei[cross][ek == EMBEDDING])
+                      np.column_stack([a[kind == PHASH], b[kind == PHASH]]), ei[cross][ek == EMBEDDING], rest=rest)
+    # each member's link score: the edge that joined its unit to the centre (dedup.member_links); a copy of the
+    # centre's own unit scores 1 (bytes) or 1 - Hamming bits / 64 to its unit's kept member (phash)
+    names = np.where(ek == EMBEDDING, "embedding", rest).astype(object)
+    lkind, score = member_links(unit, group, ei[cross], escore[emb][cross], names)
+    own = (group >= 0) & (unit == group)
+    lkind[own & (link == "bytes")], score[own & (link == "bytes")] = "bytes", 1.0
+    ph = np.flatnonzero(own & (link == "phash"))
+    if len(ph):
+        lkind[ph] = "phash"
+        score[ph] = 1 - _popcount(phash[ph].view(np.uint64) ^ phash[kept[unit[ph]]].view(np.uint64)).astype(
+            np.float32) / 64
+    precision = precision_of(table, lkind, score)
     members = np.flatnonzero(group >= 0)
     kept_node = kept[group[members]]
     # a group that holds byte-identical images is a group of copies for certain (DD-Mem at any scale)
     byte_groups = np.unique(group[np.flatnonzero(link == "bytes")])
     copy_group = np.isin(group[members], byte_groups[byte_groups >= 0])
-    return {"gid": g[members], "key": keys[members], "group_id": g[kept_node], "kept": g[kept_node],
-            "keep": kept_node == members, "link": link[members].astype(object), "copy_group": copy_group}
+    keep = kept_node == members
+    return {"gid": g[members], "key": keys[members], "group_id": g[kept_node], "kept": g[kept_node], "keep": keep,
+            "link": link[members].astype(object), "copy_group": copy_group,
+            "score": np.where(keep, np.nan, score[members]).astype(np.float32),
+            "precision": np.where(keep, np.nan, precision[members]).astype(np.float32)}
 
 
 def _emb_map(store, which: str, b: dict) -> dict:
@@ -334,8 +375,13 @@ def run_groups(ctx) -> dict:
     parts = parts_for(n_edges * 64, budget)
     comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
     nodes = with_attrs(ex, comp, store, min(len(store), parts))
-    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind"))
-    members = per_component(ex, edges_c, nodes, parts, _solve_groups)
+    edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind", "score"))
+    from scanner.neighbours.calibrated import load_table
+
+    n_cfg = ctx.cfg.neighbours
+    rest = "verified" if n_cfg.verifier == "affine" else "aligned"
+    table, why = load_table(ctx.embedder, n_cfg)
+    members = per_component(ex, edges_c, nodes, parts, functools.partial(_solve_groups, rest, table))
     # each member's cosine to its kept image: both embeddings read where their shards are
     dim = store.dim("embeddings") or 1
     sp = min(len(store), parts_for(n_edges * 8 * dim, budget))
@@ -363,6 +409,9 @@ def run_groups(ctx) -> dict:
             stats["min_similarity_to_kept_embedding_links"] = min(
                 m, stats["min_similarity_to_kept_embedding_links"] or 2.0)
     stats["groups"], stats["largest"] = len(sizes), max(sizes.values(), default=0)
+    stats["calibration"] = {"table": "scanner/neighbours/shipped/calibration.json" if table else None,
+                            "applies": table is not None, "why_not": why or None,
+                            "measured_on": (table or {}).get("measured_on")}
     return {**stats, "members": written}
 
 
@@ -372,4 +421,5 @@ def _no_candidates(b: dict) -> dict | None:
 
 
 def _group_cols(b: dict) -> dict:
-    return {c: np.asarray(b[c]) for c in ("gid", "key", "group_id", "similarity", "keep", "link", "copy_group")}
+    return {c: np.asarray(b[c]) for c in ("gid", "key", "group_id", "similarity", "keep", "link", "copy_group", "score",
+                                          "precision")}

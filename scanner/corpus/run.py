@@ -57,7 +57,8 @@ def build_steps(cfg, store, embedder: str | None, has_generations: bool) -> list
         dup = ("links",)
         if cfg.neighbours.align_size > 0 and cfg.neighbours.align_min_cosine < cfg.neighbours.dup_threshold:
             steps.append(Step("aligned", ("parts:thumb", "links"), run_aligned,
-                              tuple(n + k for k in ("align_max_rmse", "align_max_shift"))))
+                              tuple(n + k for k in ("align_max_rmse", "align_max_shift", "verifier", "verify_min_score",
+                                                    "verify_min_detail"))))
             dup = ("aligned",)
         steps.append(Step("groups", ("parts:width,height,key,embedding", *dup), run_groups))
         dup = ("groups",)
@@ -135,18 +136,22 @@ def summarize(cfg, out, store, info: dict, embedder, embedder_trained, start_mem
 
         n_cfg = cfg.neighbours
         aligned = info.get("aligned")
+        rest = "verified" if n_cfg.verifier == "affine" else "aligned"
         summary["neighbours"] = {
             "thresholds": {"dup_threshold": n_cfg.dup_threshold, "phash_max_dist": n_cfg.phash_max_dist,
                            "keep_rule": KEEP_RULE, "group_rule": GROUP_RULE,
-                           "aligned": {k: getattr(n_cfg, k) for k in ("align_size", "align_min_cosine",
+                           "aligned": {k: getattr(n_cfg, k) for k in ("align_size", "align_min_cosine", "verifier",
+                                                                       "verify_min_score", "verify_min_detail",
                                                                        "align_max_rmse", "align_max_shift")}
-                           if aligned is not None else None},
+                           if aligned is not None else None,
+                           "calibration": groups.get("calibration")},
             "embedder": {"checkpoint": embedder, "dim": links.get("dim"), "image_size": n_cfg.image_size,
                          "trained_on_this_corpus": embedder_trained or embedder == out.uri("embedder")},
             "index": links.get("index"),
             "links": {"bytes": info.get("copies", {}).get("bytes", 0), "phash": info.get("copies", {}).get("phash", 0),
-                      "embedding": links.get("embedding", 0), "aligned": (aligned or {}).get("linked", 0)},
-            "aligned_candidates": aligned,
+                      "embedding": links.get("embedding", 0), rest: (aligned or {}).get("linked", 0)},
+            "aligned_candidates": {k: v for k, v in aligned.items() if k in ("checked", "linked")}
+            if aligned is not None else None,
             "members_by_link": groups.get("by_link", {}),
             "groups": {"count": groups.get("groups", 0), "largest": groups.get("largest", 0),
                        "min_similarity_to_kept": groups.get("min_similarity_to_kept"),
@@ -156,7 +161,7 @@ def summarize(cfg, out, store, info: dict, embedder, embedder_trained, start_mem
         }
         log.info(f"neighbours: {groups.get('groups', 0)} duplicate groups over {counts['embedded']} searched "
                  f"images ({summary['neighbours']['links']['bytes']} byte, {summary['neighbours']['links']['phash']} "
-                 f"pHash, {links.get('embedding', 0)} embedding, {(aligned or {}).get('linked', 0)} aligned links)")
+                 f"pHash, {links.get('embedding', 0)} embedding, {(aligned or {}).get('linked', 0)} {rest} links)")
     if "lid" in info:
         summary["local_pca"] = {k: v for k, v in info["lid"].items() if k not in ("seconds", "executor")}
         summary["lpca_neighbours"] = info["lid"].get("space")

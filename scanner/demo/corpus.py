@@ -156,7 +156,10 @@ def _photo_crops(n: int, size: int, rng: np.random.Generator, distinct: _Distinc
         name = names[rng.choice(len(names), p=areas / areas.sum())]
         img = photos[name]
         h, w = img.shape[:2]
-        side = int(rng.integers(max(size, min(h, w) // 16), max(size + 1, min(h, w) // 4)))
+        # crops of at least `size` px up to 64 px; larger images (the 96 px copy corpus) may upscale a 64 px crop,
+        # or the ~20 photos hold too few crops that overlap little (identical draws at size <= 64)
+        lo = min(size, 64)
+        side = int(rng.integers(max(lo, min(h, w) // 16), max(lo + 1, size + 1, min(h, w) // 4)))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         crop = img[y:y + side, x:x + side]
         if crop.std() < _MIN_CROP_STD or any(_iou((y, x, side), b) > _MAX_CROP_IOU for b in boxes[name]):
@@ -245,36 +248,42 @@ def _jpeg(img: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-# The near-duplicate edits: the default four, and the common copy edits `near_dup_edits` may add (SSCD-style:
-# a 5-20 % crop resized back, a horizontal flip, a 3-10 degree rotation, a text overlay).
+# The near-duplicate edits: the four the embedder always found, and the copies people make of web images (DISC 2021,
+# SSCD; issue #34): a 5-25 % crop resized back, a horizontal flip, a 3-15 degree rotation, a text overlay in a corner,
+# a 5-10 % solid border, grayscale. Every one is planted by default (ALL_EDITS).
 COPY_EDITS = ("jpeg", "shift", "color", "resize")
-MORE_EDITS = ("crop", "hflip", "rotate", "overlay")
+MORE_EDITS = ("crop", "hflip", "rotate", "overlay", "border", "grayscale")
+ALL_EDITS = COPY_EDITS + MORE_EDITS
 
 
 def _variant(img: np.ndarray, rng: np.random.Generator, light: bool = False,
              kinds: tuple[str, ...] = COPY_EDITS) -> tuple[bytes, str]:
     """A near-duplicate of img as JPEG bytes, and the edit that made it (truth's `edit`). light: only a faint
     (1-2 %) colour change or a q85-92 re-encode."""
-    kind = str(rng.choice(["jpeg", "color"] if light else list(kinds)))
+    gray = img.ndim == 2 or bool((img == img[..., :1]).all())
+    # a digit or a face is gray already: its grayscale "edit" would be the same bytes, an exact copy by another name
+    choices = ["jpeg", "color"] if light else [k for k in kinds if not (gray and k == "grayscale")] or ["jpeg"]
+    kind = str(rng.choice(choices))
     return _edit(img, rng, kind, light), kind
 
 
 def _edit(img: np.ndarray, rng: np.random.Generator, kind: str, light: bool) -> bytes:
     if kind == "jpeg":
-        return _jpeg(img, int(rng.integers(85, 93)) if light else int(rng.integers(30, 61)))
-    if kind == "shift":
-        dy, dx = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(0, 3, size=2))
-        dy = dy or 1  # at least a 1 px move
-        pad = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="edge")
+        return _jpeg(img, int(rng.integers(85, 93)) if light else int(rng.integers(20, 41)))
+    if kind == "shift":  # 1-2 px at 32 px, 2-4 px at 96 px: the same share of the side
+        m = max(2, round(img.shape[0] / 24))
+        dy, dx = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(0, m + 1, size=2))
+        dy = dy or max(1, m // 2)  # at least a 1 px move (2 px at 96)
+        pad = np.pad(img, ((m, m), (m, m), (0, 0)), mode="edge")
         h, w = img.shape[:2]
-        return _jpeg(pad[2 + dy:2 + dy + h, 2 + dx:2 + dx + w])
+        return _jpeg(pad[m + dy:m + dy + h, m + dx:m + dx + w])
     if kind == "color":
-        lo, hi = (0.01, 0.02) if light else (0.05, 0.15)
+        lo, hi = (0.01, 0.02) if light else (0.05, 0.20)
         gain = 1 + rng.uniform(lo, hi, size=3) * rng.choice([-1, 1], size=3)
         return _jpeg(np.clip(img * gain, 0, 255).round().astype(np.uint8))
     h, w = img.shape[:2]
-    if kind == "crop":  # 5-20 % of the area cut away, the rest resized back to the full side
-        side = math.sqrt(1 - rng.uniform(0.05, 0.20))
+    if kind == "crop":  # 5-25 % of the area cut away, the rest resized back to the full side
+        side = math.sqrt(1 - rng.uniform(0.05, 0.25))
         ch, cw = max(1, round(h * side)), max(1, round(w * side))
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         crop = Image.fromarray(img[y:y + ch, x:x + cw])
@@ -282,7 +291,7 @@ def _edit(img: np.ndarray, rng: np.random.Generator, kind: str, light: bool) -> 
     if kind == "hflip":
         return _jpeg(np.ascontiguousarray(img[:, ::-1]))
     if kind == "rotate":
-        angle = float(rng.uniform(3, 10) * rng.choice([-1, 1]))
+        angle = float(rng.uniform(3, 15) * rng.choice([-1, 1]))
         fill = tuple(int(v) for v in img.reshape(-1, img.shape[-1]).mean(0))
         return _jpeg(np.asarray(Image.fromarray(img).rotate(angle, Image.Resampling.BICUBIC, fillcolor=fill)))
     if kind == "overlay":  # three characters of text in a corner, as a watermark or a caption burnt in
@@ -298,8 +307,16 @@ def _edit(img: np.ndarray, rng: np.random.Generator, kind: str, light: bool) -> 
         ink = (255, 255, 255) if img.mean() < 128 else (0, 0, 0)
         draw.text((x - box[0], y - box[1]), text, fill=ink)
         return _jpeg(np.asarray(pil))
+    if kind == "border":  # a solid frame of 5-10 % of the side on every edge, the picture shrunk inside it
+        b = max(1, round(h * rng.uniform(0.05, 0.10)))
+        inner = np.asarray(Image.fromarray(img).resize((w - 2 * b, h - 2 * b), Image.Resampling.LANCZOS))
+        frame = np.full_like(img, 255 if rng.random() < 0.5 else 0)
+        frame[b:h - b, b:w - b] = inner
+        return _jpeg(frame)
+    if kind == "grayscale":
+        return _jpeg(np.asarray(Image.fromarray(img).convert("L").convert("RGB")))
     if kind != "resize":
-        raise ValueError(f"unknown edit {kind!r}; accepted: {list(COPY_EDITS + MORE_EDITS)}")
+        raise ValueError(f"unknown edit {kind!r}; accepted: {list(ALL_EDITS)}")
     small = Image.fromarray(img).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BILINEAR)
     return _jpeg(np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)))
 
@@ -331,7 +348,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
                       n_corrupt: int = 8, n_no_caption: int = 40, size: int = 32, samples_per_shard: int = 500,
                       truncate_last_shard: bool = True, seed: int = 0, dose_copies: tuple[int, ...] = (),
                       dose_groups: int = 4, captions: str = "template",
-                      near_dup_edits: tuple[str, ...] = COPY_EDITS, n_heldout: int = HELDOUT_IMAGES) -> DemoCorpus:
+                      near_dup_edits: tuple[str, ...] = ALL_EDITS, n_heldout: int = HELDOUT_IMAGES) -> DemoCorpus:
     """Write `out_dir/shards/*.tar`, `out_dir/truth.parquet` and `out_dir/demo_corpus.json`.
 
     Images are RGB `size` x `size` JPEGs (quality 95). Keys are 9 digits as img2dataset writes them
@@ -350,8 +367,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     memorized prompts) while the odd ones keep one caption per copy ("varied"). The images are the same as with
     "template" for the same seed (the tags draw from their own generator).
 
-    near_dup_edits: the edits near-duplicate variants draw from (default: jpeg, shift, color, resize); adding
-    MORE_EDITS (crop, hflip, rotate, overlay) plants the common copy edits the embedder must also catch.
+    near_dup_edits: the edits near-duplicate variants draw from (default ALL_EDITS: jpeg, shift, color, resize and
+    the copies people make, MORE_EDITS: crop, hflip, rotate, overlay, border, grayscale).
 
     n_heldout: images of the same kinds, distinct from every corpus image (and no photo crop overlapping a corpus
     crop by more than _MAX_CROP_IOU), written to `out_dir/heldout/00000.tar`, outside the corpus: non-members for
@@ -360,8 +377,8 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
     if captions not in CAPTION_MODES:
         raise ValueError(f"captions must be one of {list(CAPTION_MODES)}, got {captions!r}")
     near_dup_edits = tuple(near_dup_edits)
-    if not near_dup_edits or any(e not in COPY_EDITS + MORE_EDITS for e in near_dup_edits):
-        raise ValueError(f"near_dup_edits must be a non-empty list of {list(COPY_EDITS + MORE_EDITS)}, "
+    if not near_dup_edits or any(e not in ALL_EDITS for e in near_dup_edits):
+        raise ValueError(f"near_dup_edits must be a non-empty list of {list(ALL_EDITS)}, "
                          f"got {list(near_dup_edits)!r}")
     _check_args(n_unique=n_unique, n_repeated=n_repeated, repeat_copies=repeat_copies, n_oversampled=n_oversampled,
                 n_exact_dup_groups=n_exact_dup_groups, n_near_dup_groups=n_near_dup_groups, n_corrupt=n_corrupt,
@@ -377,7 +394,7 @@ def build_demo_corpus(out_dir: str | Path, n_unique: int = 2000, n_repeated: int
               "size": size, "samples_per_shard": samples_per_shard, "truncate_last_shard": truncate_last_shard,
               "seed": seed, **({"dose_copies": list(dose_copies), "dose_groups": dose_groups} if dose_copies else {}),
               **({"captions": captions} if captions != "template" else {}),
-              **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != COPY_EDITS else {}),
+              **({"near_dup_edits": list(near_dup_edits)} if near_dup_edits != ALL_EDITS else {}),
               "n_heldout": n_heldout}
     rng = np.random.default_rng(seed)
     tag_rng = np.random.default_rng([seed, 0xCA97])

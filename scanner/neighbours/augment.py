@@ -105,8 +105,40 @@ def _overlay(x: torch.Tensor, g: torch.Generator, p: float):
     return out
 
 
+def _border(x: torch.Tensor, g: torch.Generator, p: float, max_frac: float = 0.12):
+    """On a fraction p of the images, the picture shrunk into a solid frame of 3-max_frac of the side on every edge
+    (black, white or a random grey): the letterbox or passe-partout of a reposted copy."""
+    s = x.shape[-1]
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(x.shape[0], generator=g) < p).flatten().tolist():
+        b = max(1, round(s * (0.03 + (max_frac - 0.03) * float(torch.rand(1, generator=g)))))
+        inner = F.interpolate(x[i:i + 1], size=s - 2 * b, mode="bilinear", antialias=True, align_corners=False)
+        black_or_white, grey = float(torch.rand(1, generator=g).round()), float(torch.rand(1, generator=g))
+        out[i] = black_or_white if float(torch.rand(1, generator=g)) < 0.7 else grey
+        out[i, :, b:s - b, b:s - b] = inner[0]
+    return out
+
+
+def _grayscale(x: torch.Tensor, g: torch.Generator, p: float):
+    """On a fraction p of the images, their luminance in all three channels."""
+    out = x.clone()
+    idx = torch.nonzero(torch.rand(x.shape[0], generator=g) < p).flatten()
+    if len(idx):
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        out[idx] = (x[idx] * w).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+    return out
+
+
+# The copy-detector views (issue #34, SSCD's recipe at this scale): the shipped views plus the copies people make,
+# stronger crops (down to 60 % of the area), rotations up to 18 degrees, overlays, borders and grayscale. Flips are
+# not drawn: the flip-invariant embedding (embed.py, neighbours.flip_invariant) is invariant to them by construction.
+COPY_VIEWS = {"min_area": 0.6, "max_rotate_deg": 18.0, "overlay_p": 0.3, "border_p": 0.25, "grayscale_p": 0.2,
+              "jpeg_quality": (20, 95)}
+
+
 def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0, flip_p: float = 0.0,
-            max_rotate_deg: float = 0.0, overlay_p: float = 0.0) -> torch.Tensor:
+            max_rotate_deg: float = 0.0, overlay_p: float = 0.0, border_p: float = 0.0, grayscale_p: float = 0.0,
+            min_area: float | None = None, jpeg_quality: tuple[int, int] = (25, 95)) -> torch.Tensor:
     """images: (B, 3, S, S) float32 in [0, 1] -> one augmented view of each, same shape and range.
 
     strength scales the geometric and colour edits (1.0: crops down to 75 % of the area, shifts up
@@ -115,13 +147,18 @@ def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0, fli
     (SSCD uses them; off by default because a mirrored image is a different training sample for a
     diffusion model and the small embedder has capacity to spare for nothing). max_rotate_deg: small rotations;
     overlay_p: a 'text' overlay in a corner (`_overlay`). At their defaults (0) no extra random numbers are drawn,
-    so the default views are unchanged.
+    so the default views are unchanged. border_p: a solid frame (`_border`); grayscale_p: luminance only;
+    min_area: the smallest crop (None: 1 - 0.25 strength); jpeg_quality: the re-encode's range (COPY_VIEWS: all).
     """
-    x = _affine_crop(images, g, min_scale=1 - 0.25 * strength, max_shift=0.08 * strength, flip_p=flip_p,
-                     max_rotate_deg=max_rotate_deg)
+    x = _affine_crop(images, g, min_scale=1 - 0.25 * strength if min_area is None else min_area,
+                     max_shift=0.08 * strength, flip_p=flip_p, max_rotate_deg=max_rotate_deg)
     if overlay_p > 0:
         x = _overlay(x, g, overlay_p)
     x = _colour(x, g, strength=0.2 * strength)
+    if border_p > 0:
+        x = _border(x, g, border_p)
+    if grayscale_p > 0:
+        x = _grayscale(x, g, grayscale_p)
     x = _down_up(x, g, p=0.5, min_factor=1 - 0.6 * strength)
     x = _blur_noise(x, g, p=0.2)
-    return _jpeg(x, g, p=0.7, quality=(25, 95))
+    return _jpeg(x, g, p=0.7, quality=tuple(jpeg_quality))

@@ -124,3 +124,22 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     if fmt == "unknown":
         raise InputError(f"checkpoint {str(p)!r} is neither safetensors nor a torch checkpoint")
     return {"kind": "file", "path": str(p), "format": fmt, "config": None}
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint's file names and bytes (a file, or a directory's config and weight files), 16 hex
+    digits. Other files of a directory (the shipped embedder's calibration.json, measured with these very weights)
+    are not the checkpoint: a table written beside the weights must not change their digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(localize(path))
+    for f in sorted(root.iterdir()) if root.is_dir() else [root]:
+        if root.is_dir() and not (f.name == CONFIG_NAME or f.suffix in (".safetensors", ".bin", ".pth")):
+            continue
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

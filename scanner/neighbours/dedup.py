@@ -120,10 +120,13 @@ def leader_groups(unit: np.ndarray, kept: np.ndarray, rank: np.ndarray, emb_edge
     return np.where(size[group] > 1, group, -1)
 
 
-def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray, embedding_edges: np.ndarray) -> np.ndarray:
+def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray, embedding_edges: np.ndarray,
+               rest: str = "aligned") -> np.ndarray:
     """What first linked each node: 'bytes', else 'phash', else 'embedding' (an edge of embedding_edges: cosine >=
-    dup_threshold), else 'aligned' (a candidate below it whose pixels agree: scanner.neighbours.align)."""
-    link = np.full(n, "aligned", dtype=object)
+    dup_threshold), else `rest`: 'aligned' (a candidate below it whose pixels agree at a shift:
+    scanner.neighbours.align) or 'verified' (one whose thumbnails fit under an affine map: scanner.neighbours.verify).
+    member_links then names a group member by the edge that joined it to its group."""
+    link = np.full(n, rest, dtype=object)
     link[np.unique(np.asarray(embedding_edges, dtype=np.int64).reshape(-1, 2))] = "embedding"
     for edges, name in ((phash_edges, "phash"), (bytes_edges, "bytes")):  # bytes last: it wins
         e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
@@ -131,11 +134,50 @@ def link_names(n: int, bytes_edges: np.ndarray, phash_edges: np.ndarray, embeddi
     return link
 
 
+def member_links(unit: np.ndarray, group: np.ndarray, edges: np.ndarray, scores: np.ndarray,
+                 kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The edge that joined each node's unit to its group's centre: (kind (n,) object, None where none: the centre's
+    own unit, or no group; score (n,) float32, NaN there).
+
+    unit: each node's copy unit; group: each node's centre unit (leader_groups, -1: none); edges: (F, 2) node pairs
+    of the embedding and checked links, scores: (F,) their scores (cosine, or the verifier's), kinds: (F,) their
+    names. leader_groups joins a unit to a centre it has an edge to, so every member outside the centre's unit has
+    one; of several, an 'embedding' edge wins, then the highest score.
+    """
+    n = len(unit)
+    kind = np.full(n, None, dtype=object)
+    score = np.full(n, np.nan, np.float32)
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    if not len(e):
+        return kind, score
+    ua, ub = unit[e[:, 0]], unit[e[:, 1]]
+    ga, gb = group[e[:, 0]], group[e[:, 1]]
+    # an edge serves the end whose group's centre is the other end's unit
+    serves_a, serves_b = (ga == ub) & (ga >= 0) & (ua != ub), (gb == ua) & (gb >= 0) & (ua != ub)
+    mem = np.r_[ua[serves_a], ub[serves_b]]
+    idx = np.r_[np.flatnonzero(serves_a), np.flatnonzero(serves_b)]
+    if not len(mem):
+        return kind, score
+    k = np.asarray(kinds, dtype=object)[idx]
+    sc = np.asarray(scores, np.float32)[idx]
+    order = np.lexsort((-sc, k != "embedding", mem))  # per unit: embedding first, then the highest score
+    mem, k, sc = mem[order], k[order], sc[order]
+    first = np.r_[True, mem[1:] != mem[:-1]]
+    best_kind = dict(zip(mem[first].tolist(), k[first]))
+    best_score = dict(zip(mem[first].tolist(), sc[first]))
+    nodes = np.flatnonzero(np.isin(unit, mem[first]))
+    kind[nodes] = [best_kind[u] for u in unit[nodes].tolist()]
+    score[nodes] = [best_score[u] for u in unit[nodes].tolist()]
+    return kind, score
+
+
 def group_table(keys, group: np.ndarray, kept: np.ndarray, similarity: np.ndarray, link: np.ndarray,
-                ids: np.ndarray | None = None) -> pd.DataFrame:
+                ids: np.ndarray | None = None, score: np.ndarray | None = None,
+                precision: np.ndarray | None = None) -> pd.DataFrame:
     """duplicates.parquet rows of the nodes with a group, ordered by group then key: group ids numbered by their
     kept key. group: each node's centre unit (-1: none), kept: each unit's kept node, keys: list or pyarrow
-    strings (kept as Arrow strings in the frame), ids: the corpus steps' row ids (a `gid` column)."""
+    strings (kept as Arrow strings in the frame), ids: the corpus steps' row ids (a `gid` column); score and
+    precision: each node's link score and its calibrated precision (NaN: none; the kept member always NaN)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -150,7 +192,11 @@ def group_table(keys, group: np.ndarray, kept: np.ndarray, similarity: np.ndarra
     is_kept = kept[group[members]] == members
     t = pa.table({"key": k.take(pa.array(members)), "group_id": gid,
                   "similarity": np.where(is_kept, 1.0, np.minimum(similarity[members], 1.0)).astype(np.float32),
-                  "keep": is_kept, "link": pa.array(link[members].astype(str), pa.string())})
+                  "keep": is_kept, "link": pa.array(link[members].astype(str), pa.string()),
+                  "score": np.where(is_kept, np.nan, np.full(len(group), np.nan, np.float32)[members]
+                                    if score is None else score[members]).astype(np.float32),
+                  "precision": np.where(is_kept, np.nan, np.full(len(group), np.nan, np.float32)[members]
+                                        if precision is None else precision[members]).astype(np.float32)})
     if ids is not None:
         t = t.append_column("gid", pa.array(np.asarray(ids, dtype=np.int64)[members]))
     t = t.take(pc.sort_indices(t, sort_keys=[("group_id", "ascending"), ("key", "ascending")]))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scanner.neighbours.checkpoint import check_checkpoint
+from scanner.neighbours.checkpoint import check_checkpoint, checkpoint_digest
 
 # Small vision towers that train on a 2-core CPU in minutes (train_embedder.py). Full open_clip model
 # configs, so create_model builds them like any built-in; the text tower is a 1-layer stub that is
@@ -96,16 +96,33 @@ def lowpass(x, factor: float):
     return F.interpolate(small, size=s, mode="bilinear", align_corners=False)
 
 
+def flip_pool(encode, x):
+    """encode: (B, 3, S, S) -> (B, d); x: (B, 3, S, S) -> (B, d) unit rows of encode(x) + encode(mirror of x).
+
+    Both views go through one batch; float addition commutes exactly, so an image and its mirror get the same
+    floats up to the encoder's own batch-position noise (about 1e-7).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    z = encode(torch.cat([x, x.flip(-1)]))
+    return F.normalize(z[:b] + z[b:], dim=-1)
+
+
 class Embedder:
     """Wraps an open_clip model's image tower. `dim` is the embedding size; `image_size` its input side.
 
     input_norm: 'dataset' (the checkpoint's mean/std, as for any CLIP) or 'per_image'
     (standardize_per_image; memscan's own embedder, recorded in its open_clip_config.json).
     input_lowpass: < 1 applies lowpass(x, input_lowpass) first (memscan's embedder records it too).
+    flip_invariant: embed each image and its horizontal mirror and pool them (`flip_pool`): an image and its mirror
+    get the same vector by construction, whatever the weights (issue #34: no trained embedder found flips at pair
+    precision >= 0.99). Costs a second forward per image.
     """
 
     def __init__(self, model, name: str, source: str, device: str = "cpu", batch_size: int = 64,
-                 input_norm: str = "dataset", input_lowpass: float = 1.0):
+                 input_norm: str = "dataset", input_lowpass: float = 1.0, flip_invariant: bool = False):
         import torch
 
         self.model = model.eval().to(device)
@@ -113,6 +130,7 @@ class Embedder:
         if input_norm not in ("dataset", "per_image"):
             raise ValueError(f"input_norm must be 'dataset' or 'per_image', got {input_norm!r}")
         self.input_norm, self.input_lowpass = input_norm, float(input_lowpass)
+        self.flip_invariant = bool(flip_invariant)
         self.fingerprint = "unknown"  # load_embedder sets a hash of the weights and input transforms
         visual = model.visual
         size = visual.image_size
@@ -152,7 +170,11 @@ class Embedder:
         with torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
                 x = self.preprocess(images[i:i + self.batch_size])
-                out[i:i + len(x)] = self.model.encode_image(x, normalize=True).float().cpu().numpy()
+                if self.flip_invariant:
+                    z = flip_pool(lambda v: self.model.encode_image(v), x)
+                else:
+                    z = self.model.encode_image(x, normalize=True)
+                out[i:i + len(x)] = z.float().cpu().numpy()
         return out
 
 
@@ -185,33 +207,18 @@ def load_embedder(cfg, device: str = "auto") -> Embedder:
             raise ValueError(f"neighbours.clip_model {name!r} is not an open_clip architecture; known: "
                              f"{', '.join(open_clip.list_models()[:12])}, ... (open_clip.list_models())")
         model = open_clip.create_model(name, pretrained=info["path"], weights_only=weights_only)
+    flip = bool(getattr(cfg, "flip_invariant", False))
     emb = Embedder(model, name=name, source=info["path"], device=pick_device(device), batch_size=cfg.batch_size,
-                   input_norm=input_norm, input_lowpass=input_lowpass)
-    emb.fingerprint = _fingerprint(info, name, input_norm, input_lowpass)
+                   input_norm=input_norm, input_lowpass=input_lowpass, flip_invariant=flip)
+    emb.fingerprint = _fingerprint(info, name, input_norm, input_lowpass, flip)
     return emb
 
 
-def _fingerprint(info: dict, name: str, input_norm: str, input_lowpass: float) -> str:
+def _fingerprint(info: dict, name: str, input_norm: str, input_lowpass: float, flip: bool = False) -> str:
     """16 hex digits identifying the weights and the input transforms: stored embeddings are keyed by it,
     so a different checkpoint never reuses another one's vectors."""
     import hashlib
 
-    return hashlib.sha256(f"{name}|{input_norm}|{input_lowpass}|{checkpoint_digest(info['path'])}".encode()
+    tail = "|flip" if flip else ""  # without flip pooling: the digest of every checkpoint before it, unchanged
+    return hashlib.sha256(f"{name}|{input_norm}|{input_lowpass}|{checkpoint_digest(info['path'])}{tail}".encode()
                           ).hexdigest()[:16]
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint's file names and bytes (a file, or every file of a directory), 16 hex digits."""
-    import hashlib
-
-    from scanner.neighbours.checkpoint import localize
-
-    h = hashlib.sha256()
-    root = Path(localize(path))
-    for f in sorted(root.iterdir()) if root.is_dir() else [root]:
-        if f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]

@@ -12,9 +12,21 @@ from pathlib import Path
 LOG = logging.getLogger("memscan")
 
 
+SHIPPED = Path(__file__).resolve().parent / "shipped"  # benchmarks/train_shipped_embedder.py writes it
+
+
+def shipped_embedder() -> str | None:
+    """The copy-detection embedder shipped inside the package (an open_clip local directory, safetensors), or None
+    when this install has none."""
+    from scanner.neighbours.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    return str(SHIPPED) if (SHIPPED / CONFIG_NAME).is_file() and (SHIPPED / WEIGHTS_NAME).is_file() else None
+
+
 def ensure_embedder(shards, out, cfg, log=LOG.info) -> tuple[str, bool]:
-    """cfg.clip_checkpoint, or the embedder trained on `shards` under OUT/embedder. Returns (path or URL,
-    trained_now). out: the scan's --out (a path, URL or scanner.storage.Out).
+    """cfg.clip_checkpoint; else the shipped embedder (unless cfg.train_embedder); else the embedder trained on
+    `shards` under OUT/embedder. Returns (path or URL, trained_now). out: the scan's --out (a path, URL or
+    scanner.storage.Out).
 
     Training reads a bounded, seeded sample (cfg.embedder_max_images; train_embedder.training_sample) and
     runs cfg.train_steps steps; call it before Ray starts, so training has the CPUs to itself. With an --out in
@@ -29,6 +41,11 @@ def ensure_embedder(shards, out, cfg, log=LOG.info) -> tuple[str, bool]:
 
     if cfg.clip_checkpoint:
         return cfg.clip_checkpoint, False
+    shipped = None if getattr(cfg, "train_embedder", False) else shipped_embedder()
+    if shipped:
+        log(f"neighbours: no neighbours.clip_checkpoint given; using the copy-detection embedder shipped with memscan "
+            f"({shipped})")
+        return shipped, False
     out = out if isinstance(out, Out) else Out(out)
     cached = out.uri("embedder")
     if out.exists(f"embedder/{CONFIG_NAME}"):

@@ -36,6 +36,7 @@ from scanner.neighbours.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from scanner.neighbours.embed import (
     ARCHITECTURES,
     DEFAULT_ARCH,
+    flip_pool,
     lowpass,
     register_architectures,
     standardize_per_image,
@@ -71,22 +72,28 @@ def koleo(z, eps: float = 1e-8):
     return -torch.log((z - z[nn]).norm(dim=1) + eps).mean()
 
 
-def _embed(visual, x, lowpass_factor: float):
-    """x: (B, 3, S, S) in [0, 1] -> (B, d) unit rows, through the same input transforms Embedder applies."""
+def _embed(visual, x, lowpass_factor: float, flip_invariant: bool = False):
+    """x: (B, 3, S, S) in [0, 1] -> (B, d) unit rows, through the same input transforms Embedder applies (and its
+    flip pooling, embed.flip_pool, when flip_invariant)."""
     import torch.nn.functional as F
 
-    return F.normalize(visual(standardize_per_image(lowpass(x, lowpass_factor))), dim=-1)
+    x = standardize_per_image(lowpass(x, lowpass_factor))
+    if flip_invariant:
+        return flip_pool(visual, x)
+    return F.normalize(visual(x), dim=-1)
 
 
 def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, batch_size: int = 128,
                     lr: float = 2e-3, temperature: float = 0.05, koleo_weight: float = 0.1, aug_strength: float = 1.0,
                     input_lowpass: float = INPUT_LOWPASS, seed: int = 0, time_budget_s: float | None = None,
-                    log=LOG.info, edits: dict | None = None):
+                    log=LOG.info, edits: dict | None = None, flip_invariant: bool = False, threads: int | None = None):
     """Train a fresh `arch` CLIP's vision tower on images: (N, S, S, 3) uint8, S = the tower's input side.
 
     Returns (model, record): record holds the recipe, steps done, seconds, the last losses and a
     calibration of cosine similarities on held-in images (see calibrate()). edits: extra augment() keywords
-    (flip_p, max_rotate_deg, overlay_p) for the training views; None: the shipped views.
+    (flip_p, max_rotate_deg, overlay_p, border_p, ...; augment.COPY_VIEWS) for the training views; None: the views
+    of the per-corpus embedder. flip_invariant: the loss sees flip-pooled embeddings (embed.flip_pool), as the scan
+    will embed with neighbours.flip_invariant. threads: torch threads (None: torch's default).
     """
     import open_clip
     import torch
@@ -94,6 +101,8 @@ def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, ba
     from scanner.neighbours.augment import augment
 
     register_architectures()
+    if threads:
+        torch.set_num_threads(threads)
     n, s = images.shape[0], images.shape[1]
     if n < 2:
         raise ValueError(f"train-embedder needs at least 2 distinct images, got {n}")
@@ -120,7 +129,7 @@ def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, ba
         x = data[order[pos:pos + bs]].float() / 255.0
         pos += bs
         views = [augment(x, g, aug_strength, **(edits or {})) for _ in range(2)]
-        z = _embed(visual, torch.cat(views), input_lowpass)
+        z = _embed(visual, torch.cat(views), input_lowpass, flip_invariant)
         l_nce = info_nce(z[:bs], z[bs:], temperature)
         l_ko = koleo(z[:bs]) if koleo_weight > 0 else torch.zeros(())
         loss = l_nce + koleo_weight * l_ko
@@ -138,13 +147,15 @@ def train_on_images(images: np.ndarray, steps: int, arch: str = DEFAULT_ARCH, ba
     record = {"steps": step, "seconds": round(time.time() - t0, 1), "batch_size": bs, "lr": lr,
               "temperature": temperature, "koleo_weight": koleo_weight, "aug_strength": aug_strength,
               "input_lowpass": input_lowpass, "seed": seed, "images": n, "final_infonce": round(loss_nce, 4),
-              **({"edits": dict(edits)} if edits else {}),
+              **({"edits": {k: list(v) if isinstance(v, tuple) else v for k, v in edits.items()}} if edits else {}),
+              **({"flip_invariant": True} if flip_invariant else {}),
               "final_koleo": round(loss_ko, 4)}
-    record["calibration"] = calibrate(visual, data, input_lowpass, aug_strength, seed)
+    record["calibration"] = calibrate(visual, data, input_lowpass, aug_strength, seed, flip_invariant=flip_invariant)
     return model, record
 
 
-def calibrate(visual, data, input_lowpass: float, aug_strength: float, seed: int, n: int = 512) -> dict:
+def calibrate(visual, data, input_lowpass: float, aug_strength: float, seed: int, n: int = 512,
+              flip_invariant: bool = False) -> dict:
     """Cosine of held-in images to a fresh augmented copy (copies) and to their most similar other
     image (distinct, an upper bound: the corpus itself may hold unplanted copies); percentiles.
 
@@ -159,7 +170,8 @@ def calibrate(visual, data, input_lowpass: float, aug_strength: float, seed: int
     idx = torch.randperm(len(data), generator=g)[:n]
     with torch.no_grad():
         x = data[idx].float() / 255.0
-        a, b = _embed(visual, x, input_lowpass), _embed(visual, augment(x, g, aug_strength), input_lowpass)
+        a = _embed(visual, x, input_lowpass, flip_invariant)
+        b = _embed(visual, augment(x, g, aug_strength), input_lowpass, flip_invariant)
         copies = (a * b).sum(1).numpy()
         sim = (a @ a.T).fill_diagonal_(-1.0)
         distinct = sim.max(1).values.numpy()
@@ -169,8 +181,13 @@ def calibrate(visual, data, input_lowpass: float, aug_strength: float, seed: int
             "images": len(idx)}
 
 
-def save_embedder(model, arch: str, image_size: int, out_dir: str | Path, record: dict | None = None) -> Path:
-    """Write an open_clip local directory for `model` (a CLIP of architecture `arch`); each file atomically."""
+def save_embedder(model, arch: str, image_size: int, out_dir: str | Path, record: dict | None = None,
+                  text_vocab: int | None = None) -> Path:
+    """Write an open_clip local directory for `model` (a CLIP of architecture `arch`); each file atomically.
+
+    text_vocab: save the never-used text stub with this vocabulary instead (its token table is 49,408 x 64
+    floats, 12.6 MB, of a 19 MB checkpoint: the shipped embedder keeps 16 rows, and its file stays a few MB)."""
+    import open_clip
     from safetensors.torch import save_file
 
     record = dict(record or {})
@@ -178,6 +195,11 @@ def save_embedder(model, arch: str, image_size: int, out_dir: str | Path, record
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = json.loads(json.dumps(ARCHITECTURES[arch]))
     model_cfg["vision_cfg"]["image_size"] = image_size
+    if text_vocab:
+        model_cfg["text_cfg"]["vocab_size"] = int(text_vocab)
+        small = open_clip.CLIP(**model_cfg)
+        small.visual.load_state_dict(model.visual.state_dict())
+        model = small
     config = {
         "model_cfg": model_cfg,
         # open_clip's own transforms would use these; memscan's Embedder reads input_norm below instead
@@ -238,15 +260,19 @@ def training_sample(shards, size: int, max_images: int, seed: int = 0) -> tuple[
 
 
 def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0, time_budget_s: float | None = None,
-                   max_images: int | None = None, arch: str | None = None, log=LOG.info, edits: dict | None = None) -> Path:
+                   max_images: int | None = None, arch: str | None = None, log=LOG.info, edits: dict | None = None,
+                   flip_invariant: bool | None = None) -> Path:
     """Train the copy-detection embedder on the images in `shards` and save it to out_dir.
 
     cfg: a NeighboursConfig; cfg.image_size is the training and embedding side; cfg.clip_model is
     used when it names one of ARCHITECTURES (else the default). steps / max_images: None takes
     cfg.train_steps / cfg.embedder_max_images. At most max_images distinct images (a seeded sample,
     training_sample) are used: a copy detector needs variety, not the whole corpus.
+    flip_invariant: train on flip-pooled embeddings (None: cfg.flip_invariant, as the scan will embed).
     Returns out_dir, loadable by load_embedder with neighbours.clip_checkpoint = out_dir.
     """
+    if flip_invariant is None:
+        flip_invariant = bool(getattr(cfg, "flip_invariant", False))
     arch = arch or (cfg.clip_model if cfg.clip_model in ARCHITECTURES else DEFAULT_ARCH)
     steps = cfg.train_steps if steps is None else steps
     max_images = cfg.embedder_max_images if max_images is None else max_images
@@ -254,6 +280,6 @@ def train_embedder(shards, out_dir, cfg, steps: int | None = None, seed: int = 0
     log(f"train-embedder: {len(images)} distinct images at {cfg.image_size}px from {read} of {total} shards, "
         f"arch {arch}, {steps} steps")
     model, record = train_on_images(images, arch=arch, steps=steps, seed=seed, time_budget_s=time_budget_s, log=log,
-                                    edits=edits)
+                                    edits=edits, flip_invariant=flip_invariant)
     record["corpus_digest"] = hashlib.sha256("".join(sorted(raw_hashes)).encode()).hexdigest()[:16]
     return save_embedder(model, arch, cfg.image_size, out_dir, record)

@@ -107,6 +107,13 @@ def _aligned_sentence(nbt: dict, nb: dict) -> str:
     if not a:
         return ""
     c = nb.get("aligned_candidates") or {}
+    if a.get("verifier", "shift") == "affine":  # scanner/neighbours/verify.py
+        return (f" Neighbours at cosine ≥ <b>{_fmt(a.get('align_min_cosine'))}</b> but below the threshold are "
+                f"duplicates too when an affine map and a gain / bias carry one {a.get('align_size')} px thumbnail onto "
+                f"the other explaining ≥ <b>{_fmt(a.get('verify_min_score'))}</b> of its variance, both thumbnails "
+                f"carrying fine detail ≥ {_fmt(a.get('verify_min_detail'))} (a flipped, cropped, rotated, framed or "
+                f"captioned copy): {c.get('linked', 0)} of {c.get('checked', 0)} such candidates were (link "
+                f"<code>verified</code>).")
     return (f" Neighbours at cosine ≥ <b>{_fmt(a.get('align_min_cosine'))}</b> but below the threshold are duplicates "
             f"too when their {a.get('align_size')} px thumbnails differ by RMSE ≤ <b>{_fmt(a.get('align_max_rmse'))}"
             f"</b> at some shift of at most {a.get('align_max_shift')} px (a moved copy): {c.get('linked', 0)} of "

@@ -134,17 +134,19 @@ def test_dose_groups_planted_per_copy_count_and_off_by_default(corpus, tmp_path)
         build_demo_corpus(tmp_path / "bad", dose_copies=(2, 1))
 
 
-def test_more_copy_edits_are_planted_when_asked(tmp_path):
+def test_every_copy_edit_is_planted_by_default(tmp_path):
+    """The default plants every edit (ALL_EDITS: the four the embedder always found and the copies people make);
+    each changes the pixels of an image of the same size, a flip is the mirror, grayscale has no colour, a border
+    is a solid frame."""
     import numpy as np
 
-    from scanner.demo.corpus import COPY_EDITS, MORE_EDITS
+    from scanner.demo.corpus import ALL_EDITS, COPY_EDITS, MORE_EDITS
 
-    c = build_demo_corpus(tmp_path / "edits", **{**TINY, "n_near_dup_groups": 30, "truncate_last_shard": False},
-                          near_dup_edits=COPY_EDITS + MORE_EDITS)
+    c = build_demo_corpus(tmp_path / "edits", **{**TINY, "n_near_dup_groups": 40, "truncate_last_shard": False})
     truth = pd.read_parquet(c.truth)
     near = truth[truth.planted == "near_dup"]
-    assert set(near["edit"]) == {"copy", *COPY_EDITS, *MORE_EDITS}
-    assert json.loads(c.manifest.read_text())["params"]["near_dup_edits"] == list(COPY_EDITS + MORE_EDITS)
+    assert set(near["edit"]) == {"copy", *ALL_EDITS}
+    assert "near_dup_edits" not in json.loads(c.manifest.read_text())["params"]  # the default is not recorded
     images = {}
     for shard in c.shards:
         samples, err = read_shard(shard)
@@ -158,8 +160,14 @@ def test_more_copy_edits_are_planted_when_asked(tmp_path):
                 assert np.abs(images[key] - base[:, ::-1]).mean() < 4, gid
             elif edit in MORE_EDITS:  # an edit that changes the pixels, on an image of the same size
                 assert images[key].shape == base.shape and np.abs(images[key] - base).mean() > 1, (gid, edit)
-    default = pd.read_parquet(build_demo_corpus(tmp_path / "default", **TINY).truth)
-    assert set(default["edit"].dropna()) <= {"copy", *COPY_EDITS}
+            if edit == "grayscale":
+                assert np.abs(images[key] - images[key].mean(-1, keepdims=True)).max() < 3, gid
+            if edit == "border":  # the outermost rows and columns are one flat colour
+                edge = np.concatenate([images[key][0], images[key][-1], images[key][:, 0], images[key][:, -1]])
+                assert edge.std() < 6, gid
+    old = build_demo_corpus(tmp_path / "four", **TINY, near_dup_edits=COPY_EDITS)
+    assert set(pd.read_parquet(old.truth)["edit"].dropna()) <= {"copy", *COPY_EDITS}
+    assert json.loads(old.manifest.read_text())["params"]["near_dup_edits"] == list(COPY_EDITS)
     with pytest.raises(ValueError, match="near_dup_edits must be a non-empty list of"):
         build_demo_corpus(tmp_path / "bad", **TINY, near_dup_edits=("blur",))
 

@@ -145,6 +145,7 @@ def test_the_corpus_steps_link_the_same_pairs_out_of_core(tmp_path, executor, re
                             "error_stage": None, "embed_error": None}) for k in split(np.array(keys), sizes)]
     cfg = ScanConfig()
     cfg.model.kind, cfg.neighbours.generations, cfg.neighbours.k = "none", 0, 10
+    cfg.neighbours.verifier = "shift"  # this check; the affine verifier: tests/neighbours/test_verify.py
     align = (32, cfg.neighbours.align_min_cosine, cfg.neighbours.align_max_rmse, cfg.neighbours.align_max_shift)
     ref = find_duplicate_groups(keys, v, None, cfg.neighbours.dup_threshold, k=10, thumbs=thumbs, align=align)
     assert (ref.link == "aligned").sum() >= 5  # the case is not empty
@@ -153,9 +154,8 @@ def test_the_corpus_steps_link_the_same_pairs_out_of_core(tmp_path, executor, re
         out = tmp_path / folder
         ctx = context(out, write_parts(out, frames, arrays), cfg, executor)
         info = run(ctx, "keys", "copies", "units", "links", "aligned", "groups")
-        dups = pd.concat([ctx.out.read_parquet(f"corpus/groups/{f}") for f in ctx.out.names("corpus/groups",
-                                                                                               ".parquet")])
-        return info, dups
+        parts = [ctx.out.read_parquet(f"corpus/groups/{f}") for f in ctx.out.names("corpus/groups", ".parquet")]
+        return info, (pd.concat(parts) if parts else pd.DataFrame({"link": []}))
 
     info, dups = steps("both", {"embeddings": split(v, sizes), "thumbs": split(thumbs, sizes)})
     pd.testing.assert_frame_equal(_by_kept(dups), _by_kept(ref))
