@@ -50,13 +50,14 @@ def _stage_geometry(geometry: dict | None) -> dict | None:
 
 def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
     """What the part files depend on: a rerun into the same --out must match it (parts/_run.json)."""
-    from scanner.neighbours.embed import checkpoint_digest
+    from scanner.neighbours.checkpoint import checkpoint_digest
 
     m = {"data": {k: getattr(cfg.data, k) for k in ("resolution", "channels", "max_image_pixels")},
          "model": None, "geometry": None,
          # the embedder by its bytes, not its path: a checkpoint moved elsewhere is still the same embedder
          "embedder": {"digest": checkpoint_digest(embedder), "image_size": cfg.neighbours.image_size,
-                      "align_size": cfg.neighbours.align_size}
+                      "align_size": cfg.neighbours.align_size,
+                      **({"flip_invariant": True} if cfg.neighbours.flip_invariant else {})}
          if embedder else None}
     if cfg.model.kind != "none":
         m["model"] = {"kind": cfg.model.kind, "path": cfg.model.path, "dtype": cfg.model.dtype}
@@ -253,6 +254,7 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     OUT/summary.json. out_dir: a local directory or an object-storage URL (s3://bucket/prefix, gs://...). `label`
     names the progress line and the log."""
     from scanner.corpus.run import corpus_steps
+    from scanner.data.img2dataset import download_stats
     from scanner.preflight import check_scan
 
     out = Out(out_dir)  # an unwritable scheme fails here, before anything else
@@ -286,6 +288,14 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     summary["timings_s"] = {"train_embedder": round(t_embedder, 1), "stages": stages["seconds"],
                             **summary.get("timings_s", {}), "total": round(time.time() - t0, 1)}
     summary["resume"] = {"shards": len(shards), "done_this_run": stages["done"]}
+    summary["shards"] = {"listed": len(shards), "missing": len(getattr(shards, "missing", ())),
+                         "missing_first": list(getattr(shards, "missing", ()))[:20]}
+    downloads = download_stats(shards)
+    if downloads["shards_with_stats"]:  # img2dataset's *_stats.json beside the shards: seen + failed = its urls
+        summary["downloads"] = downloads
+        log.info("img2dataset: %d urls in %d shards' lists, %d failed to download, %d to resize",
+                 downloads["count"], downloads["shards_with_stats"], downloads["failed_to_download"],
+                 downloads["failed_to_resize"])
     summary["versions"] = versions()
     summary["machine"] = machine(threads=False)  # the scoring actors' threads are Ray's to set, not the driver's
     summary["config"] = cfg.to_dict()

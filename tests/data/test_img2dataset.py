@@ -16,6 +16,7 @@ import sys
 import warnings
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from fault_corpus import build_fault_corpus
@@ -119,8 +120,10 @@ def test_img2dataset_shards_carry_url_size_and_hash_and_the_failed_downloads_add
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(www / f"im{i}.jpg", quality=90)
         sizes[f"im{i}.jpg"] = (w, h)
         hashes[f"im{i}.jpg"] = hashlib.sha256((www / f"im{i}.jpg").read_bytes()).hexdigest()
+    (www / "im9.jpg").write_bytes((www / "im0.jpg").read_bytes())  # the same image at a second url
+    sizes["im9.jpg"], hashes["im9.jpg"] = sizes["im0.jpg"], hashes["im0.jpg"]
     base = serve_dir(www)
-    urls = [f"{base}/im{i}.jpg" for i in range(9)] + [f"{base}/gone{i}.jpg" for i in range(3)]  # 3 answer 404
+    urls = [f"{base}/im{i}.jpg" for i in range(10)] + [f"{base}/gone{i}.jpg" for i in range(3)]  # 3 answer 404
     with open(tmp_path / "urls.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "caption"])
@@ -138,7 +141,7 @@ def test_img2dataset_shards_carry_url_size_and_hash_and_the_failed_downloads_add
     for spec in (str(out), url):
         shards = expand_shards(spec)
         rows = [r for s in shards for r in _rows(s) if r["key"] is not None and r["error"] is None]
-        assert len(rows) == 9, spec  # every image the server had
+        assert len(rows) == 10, spec  # every image the server had
         for r in rows:
             name = r["url"].rsplit("/", 1)[1]
             assert r["url"] == f"{base}/{name}" and r["caption"] == f"caption of {name}"
@@ -149,3 +152,14 @@ def test_img2dataset_shards_carry_url_size_and_hash_and_the_failed_downloads_add
         assert stats["shards_with_stats"] == stats["shards"] == len(shards) == 3, stats
         assert stats["count"] == len(urls) and stats["failed_to_download"] == 3 and stats["failed_to_resize"] == 0
         assert len(rows) + stats["failed"] == len(urls)  # seen + failed = urls
+
+    # memscan dedup, as a user runs it, over the bucket: the removal list names the second url's copy by its url,
+    # and the summary's downloads add up with the rows seen
+    proc = subprocess.run([sys.executable, "-m", "scanner", "dedup", "--shards", url, "--out", str(tmp_path / "scan"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    removal = pd.read_parquet(tmp_path / "scan" / "removal_list.parquet")
+    assert len(removal) == 1 and removal["url"][0] in (f"{base}/im0.jpg", f"{base}/im9.jpg"), removal
+    summary = json.loads((tmp_path / "scan" / "summary.json").read_text())
+    assert summary["counts"]["seen"] + summary["downloads"]["failed"] == len(urls), summary["downloads"]
+    assert summary["shards"] == {"listed": 3, "missing": 0, "missing_first": []}
