@@ -3,8 +3,8 @@
     python benchmarks/bench_storage.py                       # builds the demo corpus in a temporary folder
     python benchmarks/bench_storage.py --corpus runs/demo/corpus --rounds 7
 
-Starts moto's S3 server (`python -m moto.server`, its own process on 127.0.0.1, so serving does not share this
-process's interpreter lock), uploads corpus/shards/ to it, and reads every shard with the read stage
+Starts moto's S3 server (local_s3.py: `python -m moto.server`, its own process on 127.0.0.1, so serving does not
+share this process's interpreter lock), uploads corpus/shards/ to it, and reads every shard with the read stage
 (scanner.stages.read.read_shard: tar streaming, sha256, one decode to the demo config's model, embedder and preview
 sides) from local disk and from s3:// through s3fs, alternating local and S3 round by round, best of N each. The
 same for the tar stream alone (iter_tar_samples: bytes, no decode), where any storage overhead shows undiluted.
@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -33,44 +30,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from local_s3 import UNSET, LocalS3
 from results_file import write_results
 
 BUCKET = "memscan-bench"
-
-
-def start_s3() -> tuple[subprocess.Popen, str]:
-    """moto's server on a free 127.0.0.1 port; the AWS_* environment pointed at it (s3fs and boto3 read it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                sys.exit(f"moto's S3 server did not start on {endpoint}")
-            time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    return proc, endpoint
-
-
-def upload(shards: list[Path]) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=BUCKET)
-    for p in shards:
-        s3.upload_file(str(p), BUCKET, f"shards/{p.name}")
-    return [f"s3://{BUCKET}/shards/{p.name}" for p in shards]
 
 
 def read_stage(paths: list[str], spec) -> tuple[float, list]:
@@ -143,9 +106,13 @@ def main() -> None:
         local_paths = sorted((corpus / "shards").glob("*.tar"))
         local = [str(p.resolve()) for p in local_paths]
         nbytes = sum(p.stat().st_size for p in local_paths)
-        server, _ = start_s3()
+        server = LocalS3().start()
+        os.environ.update(server.env)  # s3fs (count_requests, the read stage) finds it as a user's store
+        for k in UNSET:
+            os.environ.pop(k, None)
         try:
-            s3 = upload(local_paths)
+            url = server.upload(corpus / "shards", BUCKET, "shards")
+            s3 = [f"{url}/{p.name}" for p in local_paths]
             requests = count_requests(s3)
             times: dict[str, dict[str, list[float]]] = {"read_stage": {"local": [], "s3": []},
                                                         "tar_stream": {"local": [], "s3": []}}
@@ -163,8 +130,7 @@ def main() -> None:
                     times["tar_stream"][store].append(seconds)
             assert s3_rows == local_rows, "S3 and local disk gave different rows"
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
     load_after = os.getloadavg()
     import fsspec
     import s3fs

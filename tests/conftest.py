@@ -122,71 +122,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class S3Server:
-    """A moto S3 server on 127.0.0.1 (its own process): `endpoint`, and upload() to put a local folder in a bucket."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint)
-
-    def upload(self, folder, bucket: str, prefix: str = "") -> str:
-        """Every file under `folder` (recursively) to s3://bucket/prefix/RELATIVE_PATH (the bucket is created when
-        absent); returns the URL of the prefix, without a trailing slash."""
-        s3 = self.client()
-        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
-            s3.create_bucket(Bucket=bucket)
-        root = Path(folder)
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
-            s3.upload_file(str(f), bucket, "/".join(x for x in (prefix.strip("/"), f.relative_to(root).as_posix()) if x))
-        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A local S3 (moto's server mode) for the session, found by s3fs / boto3 / the aws CLI through their standard
-    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID=testing, ...), which is set for this process and every
-    subprocess it starts (Ray workers started after it, `memscan` runs). Stopped at the end of the session."""
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+    """A local S3 (moto's server mode, benchmarks/local_s3.py) for the session: `endpoint`, `client()`,
+    `upload(folder, bucket, prefix)`. Found by s3fs / boto3 / the aws CLI through their standard environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID=testing, ...), which is set for this process and every subprocess it starts
+    (Ray workers started after it, `memscan` runs). Stopped at the end of the session."""
+    from local_s3 import UNSET, LocalS3
 
-    with socket.socket() as s:  # a free port: moto's server prints the one it got only in its log
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                log.close()
-                pytest.fail(f"the moto S3 server did not start on {endpoint}: see {log.name}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    server = LocalS3(log=tmp_path_factory.mktemp("moto") / "server.log")
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
+        for k, v in server.env.items():
             mp.setenv(k, v)
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):  # a developer's own would win
+        for k in UNSET:  # a developer's own would win
             mp.delenv(k, raising=False)
         try:
-            yield S3Server(endpoint)
+            yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+            server.stop()

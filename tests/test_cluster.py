@@ -50,3 +50,22 @@ def test_score_actors_go_to_the_node_that_declares_the_gpu_and_ask_for_it(cluste
     assert set(score["devices"]) == {"cpu"}
     assert any("Ray placed this actor on GPU" in w and "running on the CPU" in w for w in score["warnings"])
     assert summary["counts"]["scored"] > 0
+
+
+def test_ray_client_is_refused_at_once_with_what_to_do_instead(cluster, tiny_corpus, tiny_model_dir, tmp_path):
+    """RAY_ADDRESS=ray://: Ray 2.60's Ray Data cannot execute a pipeline from a Ray Client driver ('Worker' object
+    has no attribute 'core_worker', plain Ray Data too: benchmarks/results/cluster.md). memscan says so right after
+    connecting, exit 2, and names the forms that work, instead of a Ray Data stack trace after loading the model.
+    A Ray whose Ray Data runs under Ray Client fails this test: then the client form works and this goes."""
+    out = tmp_path / "scan"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scanner", "scan", "--config", "demo", "--shards", str(tiny_corpus.shards[0].parent),
+         "--set", f"model.path={tiny_model_dir}", "--set", "data.resolution=8", "--set", "neighbours.enabled=false",
+         "--no-progress", "--out", str(out)],
+        env={**cluster.env, "RAY_ADDRESS": cluster.client_address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "Ray Client (ray://) cannot run Ray Data pipelines" in proc.stdout, proc.stdout[-3000:]
+    assert "'Worker' object has no attribute 'core_worker'" in proc.stdout
+    assert "ray job submit" in proc.stdout and "Traceback" not in proc.stdout
+    assert not (out / "summary.json").exists()

@@ -27,6 +27,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         log.info("connected to the Ray cluster at %s", address)
+        if address.startswith("ray://"):
+            _refuse_ray_client_without_ray_data(address)
     else:
         _loopback_only()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
@@ -36,6 +38,37 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     ray.data.DataContext.get_current().enable_progress_bars = False  # memscan prints its own progress line
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines would break that line; -v keeps them
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _refuse_ray_client_without_ray_data(address: str) -> None:
+    """Under Ray Client (RAY_ADDRESS=ray://HEAD:10001) stop at once, with what to do instead, when this Ray's Ray
+    Data cannot execute a pipeline from a client driver, rather than after the model and embedder are loaded.
+
+    Ray Data's streaming executor runs in the driver process. In Ray 2.60 it needs the driver's core worker
+    (BlockRefCounter: global_worker.core_worker.add_object_out_of_scope_callback), which a Ray Client driver does
+    not have: every pipeline fails with AttributeError: 'Worker' object has no attribute 'core_worker', memscan or
+    not (benchmarks/results/cluster.md: four lines of plain Ray Data). Ray's maintainers: Ray Data does not
+    support Ray Client; submit a job or run the driver on the head node (ray-project/ray#48682). Probed with a
+    one-row dataset, not a version check, so a Ray whose Ray Data does run under Ray Client is let through.
+    """
+    import ray
+
+    from scanner.errors import ConfigError
+
+    logging.disable(logging.CRITICAL)  # Ray Data logs the probe's plan, and its failure with a full stack trace
+    try:
+        ray.data.range(1).take_all()
+        return
+    except Exception as e:  # noqa: BLE001 - whatever this Ray raises, the pipeline would raise it too
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        logging.disable(logging.NOTSET)
+    ray.shutdown()
+    raise ConfigError(
+        f"RAY_ADDRESS={address}: Ray Client (ray://) cannot run Ray Data pipelines with Ray {ray.__version__} "
+        f"({error}), and memscan's stages are one. Submit the scan as a job instead: ray job submit --address "
+        "http://HEAD:8265 --working-dir . -- python jobs/scan.py --config ... --shards ... --out ... (README, "
+        "On a Ray cluster), or run memscan on a node of the cluster with RAY_ADDRESS=HEAD:6379")
 
 
 def _loopback_only() -> None:
