@@ -23,10 +23,13 @@ examples:
       file, or the name of one shipped with memscan (demo, demo-latent, laion-sd15; copies to edit in
       configs/); --set overrides any config key (section.key=value, e.g. --set geometry.probes=8); the
       held-out shard calibrates the detector's cut to a 1 % false-positive rate
-  memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup --threshold 0.93
+  memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup
       duplicate groups and a removal list before training, no diffusion model needed
-  RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x
-      run on an existing Ray cluster (or: ray job submit --working-dir . -- python jobs/scan.py --config ...)
+  memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup
+      shards and outputs in object storage (s3://, gs://, http(s)://; credentials from AWS_*, ~/.aws, a role)
+  RAY_ADDRESS=HEAD:6379 memscan scan --config laion-sd15 --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/sd15
+      the driver on a node of an existing Ray cluster; from elsewhere submit a job: ray job submit --address
+      http://HEAD:8265 --working-dir . -- python jobs/scan.py --config ... (Ray Client, ray://, cannot run Ray Data)
 
 outputs (under --out): scores/*.parquet, duplicates.parquet, removal_list.parquet/.txt, errors.parquet,
 summary.json; read them with pandas.read_parquet or duckdb "select * from 'runs/x/scores/*.parquet'".

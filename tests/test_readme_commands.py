@@ -50,8 +50,6 @@ def shown_commands() -> list[str]:
 # Shown commands that cannot run here, each with where else it is checked.
 NOT_RUN_HERE = {
     "pytest -q": ".ci/run runs it (this file is part of it)",
-    "RAY_ADDRESS=ray://head:10001 memscan scan --config configs/x.yaml --out /shared/runs/x":
-        "needs a cluster: benchmarks/cluster_check.py attaches to a real two-node cluster (ray start)",
 }
 
 
@@ -68,17 +66,43 @@ def demo(tmp_path_factory) -> Path:
     return out
 
 
+def path_map(demo: Path, tmp: Path, sd: str, embedder: str) -> dict[str, str]:
+    """README path -> the path a test uses (longest prefixes first)."""
+    return {"runs/demo": str(demo), "runs/": f"{tmp}/runs/", "/data/laion/{00000..00099}.tar":
+            f"{demo}/corpus/shards/{{00000..00002}}.tar", "/models/stable-diffusion-v1-5": sd,
+            # the demo's scan uses the embedder memscan ships (it trains none): it stands in for a CLIP checkpoint
+            "/models/open_clip/ViT-L-14/open_clip_model.safetensors": embedder,
+            "/scans/": f"{tmp}/scans/", "/shared/scans/": f"{tmp}/shared/",
+            # object storage: local folders here, the real bucket (the s3_server fixture) in the S3 cases
+            S3_SHARDS: f"{demo}/corpus/shards/{{00000..00002}}.tar", "s3://my-bucket/scans/": f"{tmp}/s3scans/"}
+
+
 @pytest.fixture(scope="module")
 def paths(demo, tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
-    """README path -> the path this test uses (longest prefixes first)."""
     from scanner.neighbours.run import shipped_embedder
 
-    tmp = tmp_path_factory.mktemp("readme_out")
-    return {"runs/demo": str(demo), "runs/": f"{tmp}/runs/", "/data/laion/{00000..00099}.tar":
-            f"{demo}/corpus/shards/{{00000..00002}}.tar", "/models/stable-diffusion-v1-5": str(tiny_sd_dir),
-            # the demo's scan uses the embedder memscan ships (it trains none): it stands in for a CLIP checkpoint
-            "/models/open_clip/ViT-L-14/open_clip_model.safetensors": shipped_embedder(),
-            "/scans/": f"{tmp}/scans/", "/shared/scans/": f"{tmp}/shared/"}
+    return path_map(demo, tmp_path_factory.mktemp("readme_out"), str(tiny_sd_dir), shipped_embedder())
+
+
+S3_SHARDS = "s3://my-bucket/laion/{00000..00099}.tar"
+
+
+def s3_paths(paths: dict[str, str], demo: Path, s3_server) -> dict[str, str]:
+    """The README's bucket on the local S3 server: the quick demo's shards uploaded under laion/, a fresh scans/."""
+    import uuid
+
+    url = s3_server.upload(demo / "corpus" / "shards", "my-bucket", "laion")
+    return {**paths, S3_SHARDS: url + "/{00000..00002}.tar", "s3://my-bucket/scans/":
+            f"s3://my-bucket/scans-{uuid.uuid4().hex[:8]}/"}
+
+
+def fetch(url: str, local: Path) -> Path:
+    """An --out in the bucket, copied to a local folder for the checks (read as any user's pandas would)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.get(root.rstrip("/") + "/", str(local), recursive=True)
+    return local
 
 
 def run(argv: list[str], cwd: Path = ROOT, ray_address: str | None = None) -> subprocess.CompletedProcess:
@@ -140,8 +164,9 @@ def test_every_shown_command_is_run():
         handled - shown)}
 
 
-def test_flags_as_written(paths):
+def test_flags_as_written():
     """Every flag and config key a shown command uses is in what the test runs."""
+    paths = path_map(Path("/DEMO"), Path("/TMP"), "/SD", "/EMBEDDER")
     for cmd in CASES:
         argv = sized(localize(cmd, paths), paths)
         typed = shlex.split(cmd)
@@ -289,7 +314,10 @@ CASES = {
     "memscan scan --config laion-sd15 --shards '/data/laion/{00000..00099}.tar' "
     "--set model.path=/models/stable-diffusion-v1-5 --set neighbours.clip_checkpoint=/models/open_clip/ViT-L-14/"
     "open_clip_model.safetensors --out /scans/sd15": "scan-sd",
-    "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup --threshold 0.93": "dedup",
+    "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup": "dedup",
+    "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup": "dedup-s3",
+    "RAY_ADDRESS=HEAD:6379 memscan scan --config laion-sd15 --shards 's3://my-bucket/laion/{00000..00099}.tar' "
+    "--out s3://my-bucket/scans/sd15": "scan-sd",
     "ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/scan.py "
     "--config configs/laion-sd15.yaml --out /shared/scans/sd15": "scan-sd",
 }
@@ -298,11 +326,27 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("cmd", sorted(CASES))
 def test_shown_command_runs_as_typed(cmd, demo, paths, request):
-    kind = CASES[cmd]
+    kind, case = CASES[cmd], cmd
+    address = None
+    if cmd.startswith("RAY_ADDRESS="):  # the driver on a node of the cluster: this test's Ray session
+        address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
+        cmd = cmd.split(" ", 1)[1]
+    if kind == "dedup-s3":  # the README's bucket, on the local S3 server
+        paths = s3_paths(paths, demo, request.getfixturevalue("s3_server"))
     argv = sized(localize(cmd, paths), paths)
+    if kind == "dedup-s3":
+        url = argv[argv.index("--out") + 1]
+        proc = run(argv)
+        assert proc.returncode == 0, (argv, proc.stdout[-4000:])
+        assert f"results in {url.rstrip('/')}" in proc.stdout, proc.stdout[-2000:]
+        local = fetch(url, Path(paths["runs/"]) / "s3-dedup")
+        check_dedup(local)
+        assert json.loads((local / "summary.json").read_text())["shards"]["listed"] == 3
+        assert not Path(url).exists() and not Path(url.replace("s3://", "s3:/")).exists()  # nothing local
+        return
     out = Path(argv[argv.index("--out") + 1])
     if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
-        out = out.parent / f"{out.name}-{sorted(CASES).index(cmd)}"
+        out = out.parent / f"{out.name}-{sorted(CASES).index(case)}"
         argv[argv.index("--out") + 1] = str(out)
     if kind == "demo-latent":  # its own corpus and model: the quick sizes (SIZES["demo"]) from scratch
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +365,6 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         (copy / "metrics.json").unlink(missing_ok=True)
         (copy / "report.html").unlink(missing_ok=True)
         out = copy
-    address = None
     if cmd.startswith("ray job submit"):  # the job server runs the entry point with RAY_ADDRESS set to its cluster
         address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
     proc = run(argv, ray_address=address)

@@ -58,6 +58,7 @@ def test_scan_writes_one_row_per_readable_sample_and_every_error(ray_session, sc
     assert set(removal["key"]) == set(good.loc[good["mem_class"] != "none", "key"])
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_shards_and_is_deterministic(ray_session, scan_config, tmp_path):
     out = tmp_path / "scan"
     run_scan(scan_config(), out, progress=False)
@@ -128,6 +129,7 @@ def _assert_same_rows(out: Path, clean: pd.DataFrame) -> None:
     pd.testing.assert_series_equal(a["score_norm"], b["score_norm"], check_exact=False, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_and_inside_the_corpus_steps_then_resume_loses_and_doubles_nothing(
         kill_corpus, tiny_model_dir, clean_kill_scan, tmp_path):
     """One output folder, the driver SIGKILLed twice: first between shards, then (the resumed run) after every
@@ -174,6 +176,7 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds Ray's worker processes through /proc")
+@pytest.mark.slow
 def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled_rows(kill_corpus, tiny_model_dir,
                                                                                       clean_kill_scan, tmp_path):
     """SIGKILL the Ray worker process of the scoring actor (not the driver): Ray restarts the actor and retries
@@ -193,6 +196,7 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
     _assert_same_rows(out, clean_kill_scan)
 
 
+@pytest.mark.slow
 def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session, scan_config, tiny_corpus,
                                                                       tmp_path, monkeypatch):
     from scanner.errors import ScanIncomplete
@@ -221,6 +225,7 @@ def test_a_failed_shard_write_is_an_error_and_the_rerun_completes_it(ray_session
     assert set(truth.loc[truth["readable"], "key"]) <= set(scores["key"]) and not scores["key"].duplicated().any()
 
 
+@pytest.mark.slow
 def test_same_key_in_two_shards_is_reported_and_an_empty_shard_is_fine(ray_session, scan_config, tiny_corpus,
                                                                        tmp_path):
     """A shard copied under a second name repeats every key: each copy becomes an error row, none is merged."""
@@ -250,6 +255,7 @@ def test_same_key_in_two_shards_is_reported_and_an_empty_shard_is_fine(ray_sessi
     assert summary["counts"]["scored"] == int(scores["error"].isna().sum())
 
 
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_with_dashboard_off(tmp_path):
     """memscan's own local Ray (not the test session's): loopback node address, no dashboard."""
     code = ("import ray, json; from scanner.config import load_config; from scanner.pipeline import init_ray; "
@@ -306,6 +312,7 @@ def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(sc
     assert rows["error"].isna().all() and rows["caption"].isna().all() and rows["score_norm"].notna().all()
 
 
+@pytest.mark.slow
 def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, tiny_model_dir, tmp_path):
     """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less)."""
     from scanner.stages.cluster import plan

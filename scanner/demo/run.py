@@ -150,9 +150,9 @@ def run_demo(out: Path, minutes: float | None = None, overrides: list[str] | Non
                  "config's fixed cut", out / "corpus")
     cfg = load_config(shipped_config(DEMO_MODELS[kind][1]), base + (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     scan_dir = out / "scan"
-    if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint:
-        # The shipped embedder, or with neighbours.train_embedder one trained here, before the scan starts Ray, so it
-        # has the CPU to itself (measured: about 2 min alone, about 4 min beside an idle local Ray); the scan then
+    if cfg.neighbours.enabled and not cfg.neighbours.clip_checkpoint and cfg.neighbours.train_embedder:
+        # With neighbours.train_embedder, the embedder is trained here before the scan starts Ray, so it has the CPU
+        # to itself (without it the scan takes the shipped one and says so) (measured: about 2 min alone, about 4 min beside an idle local Ray); the scan then
         # finds it cached in scan/embedder.
         from scanner.data.shards import expand_shards
         from scanner.neighbours.run import ensure_embedder

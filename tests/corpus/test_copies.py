@@ -34,7 +34,7 @@ def _links(ctx, kind):
     return e
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_repeated_keys_name_every_copy_and_its_shards(tmp_path, executor, request):
     if executor == "ray":
         request.getfixturevalue("ray_session")
@@ -64,7 +64,8 @@ def test_byte_copies_link_each_copy_to_the_first_row(tmp_path):
 
 
 @pytest.mark.parametrize(("r", "small_bucket", "executor"), [(0, 64, "local"), (1, 64, "local"), (2, 64, "local"),
-                                                             (3, 64, "local"), (2, 1, "local"), (2, 64, "ray")])
+                                                             (3, 64, "local"), (2, 1, "local"),
+                                                             pytest.param(2, 64, "ray", marks=pytest.mark.slow)])
 def test_phash_multi_index_hashing_finds_every_pair_brute_force_finds(tmp_path, monkeypatch, r, small_bucket,
                                                                       executor, request):
     from scanner.corpus import copies

@@ -51,6 +51,7 @@ def _copy_parts(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_a_run_killed_inside_any_step_resumes_at_that_step_with_identical_tables(scanned, tmp_path, caplog):
     from scanner.corpus.run import build_steps, corpus_steps
     from scanner.corpus.store import PartStore
@@ -82,6 +83,7 @@ def test_a_run_killed_inside_any_step_resumes_at_that_step_with_identical_tables
             pd.testing.assert_frame_equal(got[name], clean[name], obj=f"{name} after a kill inside {step}")
 
 
+@pytest.mark.slow
 def test_a_config_change_redoes_only_the_steps_that_read_it(scanned, tmp_path, caplog):
     from scanner.corpus.run import corpus_steps
 

@@ -119,7 +119,7 @@ def _by_kept(df: pd.DataFrame) -> pd.DataFrame:
                         ).sort_values("key", ignore_index=True)
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_the_corpus_steps_link_the_same_pairs_out_of_core(tmp_path, executor, request):
     """The corpus steps over part files (two shards, thumbs/ beside embeddings/) give the in-memory reference's
     groups and link names, in this process and as Ray tasks; with a shard's thumbs missing, its candidates are not

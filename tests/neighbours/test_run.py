@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 import pandas as pd
+import pytest
 
 from scanner.config import NeighboursConfig
 from scanner.demo.corpus import build_demo_corpus
@@ -25,6 +26,7 @@ def run_dedup(shards, out, cfg: NeighboursConfig, progress: bool = False) -> dic
     return run_scan(scan.validate(), out, progress=progress, label="dedup")
 
 
+@pytest.mark.slow
 def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_checkpoint, tmp_path, capsys):
     corpus = build_demo_corpus(tmp_path / "demo", n_unique=40, n_repeated=2, repeat_copies=4, n_oversampled=2,
                                n_exact_dup_groups=3, n_near_dup_groups=3, n_corrupt=3, n_no_caption=2,
@@ -74,6 +76,7 @@ def test_run_dedup_writes_groups_removals_errors_and_summary(ray_session, tiny_c
                                                                                  train_steps=2))
 
 
+@pytest.mark.slow
 def test_scan_with_model_writes_replications(ray_session, scan_config, tiny_checkpoint, tmp_path):
     """Generations from the model are matched against the corpus; a match enters the removal list as 'replicated'.
 
@@ -131,6 +134,7 @@ def test_embed_stage_is_the_embedder_on_the_read_stage_images(tiny_checkpoint, t
     assert (out["embedding"][~ok] == 0).all() and all(e is None for e in out["embed_error"])
 
 
+@pytest.mark.slow
 def test_a_key_repeated_across_shards_is_an_error_row_not_a_crash(ray_session, tiny_checkpoint, tmp_path):
     """A shard copied under a second name repeats every key: dedup still writes every table, each copy of a
     repeated key is an error row naming both shards, and the other shards' rows are grouped as usual."""
