@@ -25,7 +25,15 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # unreachable, refused, a client server that died
+            from scanner.errors import ConfigError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"RAY_ADDRESS={address}: could not connect to the Ray cluster ({type(e).__name__}: "
+                              f"{first}); check the address, the cluster's auth token (RAY_AUTH_MODE=token, "
+                              "~/.ray/auth_token), or unset RAY_ADDRESS for a local Ray") from None
         log.info("connected to the Ray cluster at %s", address)
         if address.startswith("ray://"):
             _refuse_ray_client_without_ray_data(address)
