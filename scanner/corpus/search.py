@@ -5,8 +5,9 @@ Two plans, chosen by size (`make_plan`):
   large as the budget allows; every block streams the array shard by shard through `faiss.knn` and keeps a
   running top-k. O(N^2 d) work, O(block) memory.
 - ivf: an inverted file built as tasks. k-means (faiss, on a GPU where this node has one) on a seeded sample gives
-  `nlist` lists; a coarse quantizer over the centroids (an HNSW graph, so a row's assignment costs about
-  log(nlist) distances instead of nlist) puts every row in the lists of its `spill` nearest centroids (a task per
+  `nlist` lists; a coarse quantizer over the centroids (exact up to EXACT_MAX_LISTS centroids, where one BLAS
+  product per batch of rows is the cheapest, then an HNSW graph, whose cost per row stops growing with nlist)
+  puts every row in the lists of its `spill` nearest centroids (a task per
   shard); the records are shuffled by list (scanner.corpus.executor), and each partition's lists are searched
   exactly, a query in its nearest list only. A neighbour is missed only when the query's nearest centroid is not
   among the neighbour's `spill` nearest (or the quantizer missed it).
@@ -35,7 +36,11 @@ TRAIN_PER_LIST = 40  # k-means training vectors per list (faiss warns below 39)
 TRAIN_MAX = 131072  # and at most this many (64 MiB at d = 128), but never under 8 per list: the lists only
 # partition the space
 KMEANS_ITER = 10
-HNSW_M = 32  # the coarse quantizer's graph degree
+# The coarse quantizer: exact (a flat index, one BLAS product per batch of rows) up to this many lists, an HNSW graph
+# above. The crossover where the graph walk gets cheaper than the product: `bench_corpus.py --assignment`
+# (benchmarks/results/corpus_ray.md).
+EXACT_MAX_LISTS = 50_000  # 128-d, one core: exact 143 µs a row, HNSW 139 µs at 50,000 lists; 498 vs 126 µs at 200,000
+HNSW_M = 32  # the graph's degree
 HNSW_EF = 64  # its search breadth (raised to 4 x spill when that is larger)
 
 Select = Callable[[int], np.ndarray]  # shard index -> bool mask over its rows: the rows taking part
@@ -236,16 +241,31 @@ def train_kmeans(x: np.ndarray, nlist: int, metric: str, seed: int) -> np.ndarra
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def coarse_quantizer(centroids: np.ndarray, metric: str, spill: int):
-    """An HNSW graph over the centroids: a row's nearest lists in about log(nlist) distance computations."""
+def coarse_quantizer(centroids: np.ndarray, metric: str, spill: int, exact_max: int | None = None):
+    """The index that finds a row's nearest lists: every centroid compared (exact) up to `exact_max` centroids
+    (EXACT_MAX_LISTS), an HNSW graph over them above, whose walk costs about the same per row at any number of
+    lists but may miss the nearest."""
     import faiss
 
     m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    q = faiss.IndexHNSWFlat(centroids.shape[1], HNSW_M, m)
+    d = centroids.shape[1]
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if len(centroids) <= (EXACT_MAX_LISTS if exact_max is None else exact_max):
+        q = faiss.IndexFlat(d, m)
+        q.add(centroids)
+        return q
+    q = faiss.IndexHNSWFlat(d, HNSW_M, m)
     q.hnsw.efConstruction = 80
     q.add(centroids)
     q.hnsw.efSearch = max(HNSW_EF, 4 * spill)
     return q
+
+
+def quantizer_name(q) -> str:
+    """How coarse_quantizer's index finds the lists, for summary.json."""
+    if hasattr(q, "hnsw"):
+        return f"HNSW over the centroids (M={HNSW_M}, efSearch={q.hnsw.efSearch})"
+    return "exact over the centroids"
 
 
 def _assign_map(store, folder: str, select: Select, queries: Select | None, quantizer: np.ndarray, spill: int,
@@ -363,7 +383,10 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     del train
     import faiss
 
-    quantizer = faiss.serialize_index(coarse_quantizer(centroids, plan.metric, plan.spill))
+    coarse = coarse_quantizer(centroids, plan.metric, plan.spill)
+    quantizer_kind = quantizer_name(coarse)
+    quantizer = faiss.serialize_index(coarse)
+    del coarse
     t_train = time.time() - t0
 
     held_pos = _sample_positions(counts, recall_sample, seed + 1)  # another seed than the k-means sample
@@ -406,7 +429,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
         recall = round(float(hits.mean()), 5)
     info.update(recall_at_k=recall, recall_k=kk, recall_sample=len(held_g),
                 recall_queries="held out (not the k-means sample)", lists_as_tasks=ex.kind,
-                quantizer=f"HNSW (M={HNSW_M}) over the centroids",
+                quantizer=quantizer_kind,
                 seconds={"train": round(t_train, 2), "lists": round(t_lists, 2),
                          "recall": round(time.time() - t0 - t_train - t_lists, 2)})
     if log:

@@ -74,7 +74,13 @@ def test_exact_plan_is_brute_force_in_any_block_size(tmp_path, block):
     assert all(got[g][0][0] == g or got[g][1][0] >= 1 - 1e-5 for g in range(500))  # itself first (or a tie)
 
 
-def test_ivf_plan_answers_every_row_once_and_measures_its_recall(tmp_path):
+@pytest.mark.parametrize("quantizer", ["exact", "hnsw"])
+def test_ivf_plan_answers_every_row_once_and_measures_its_recall(tmp_path, quantizer, monkeypatch):
+    """Either coarse quantizer (exact at this size; the HNSW graph that larger corpora get, forced here)."""
+    import scanner.corpus.search as search_module
+
+    if quantizer == "hnsw":
+        monkeypatch.setattr(search_module, "EXACT_MAX_LISTS", 0)
     x = _clustered(n=3000)
     store = _store(tmp_path, x, [1000, 1000, 1000])
     plan = make_plan(3000, x.shape[1], 11, "ip", KNOBS, 1 << 30)
@@ -86,7 +92,26 @@ def test_ivf_plan_answers_every_row_once_and_measures_its_recall(tmp_path):
     recall = float((mine >= truth[:, -1:] - 1e-4).mean())
     assert recall >= 0.9, recall
     assert abs(info["recall_at_k"] - recall) < 0.05  # the held-out estimate agrees with the full truth
-    assert "HNSW" in info["quantizer"] and not (tmp_path / "side").exists()  # the side answers are cleaned up
+    assert info["quantizer"].startswith({"exact": "exact", "hnsw": "HNSW"}[quantizer]), info["quantizer"]
+    assert not (tmp_path / "side").exists()  # the side answers are cleaned up
+
+
+def test_the_coarse_quantizer_is_exact_up_to_its_limit_and_a_graph_above():
+    """At most exact_max centroids: a flat index, the true nearest lists of every row; above, an HNSW graph, which
+    on 200 well-separated centroids (its search breadth 64) finds the same first list for nearly every row."""
+    from scanner.corpus.search import coarse_quantizer, quantizer_name
+
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((200, 16)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = (c[rng.integers(0, 200, 2000)] + 0.05 * rng.standard_normal((2000, 16))).astype(np.float32)
+    truth = np.argsort(-(x @ c.T), axis=1)[:, :2]
+    flat = coarse_quantizer(c, "ip", 2, exact_max=200)
+    assert quantizer_name(flat) == "exact over the centroids"
+    np.testing.assert_array_equal(flat.search(x, 2)[1], truth)
+    graph = coarse_quantizer(c, "ip", 2, exact_max=199)
+    assert quantizer_name(graph).startswith("HNSW")
+    assert (graph.search(x, 2)[1][:, 0] == truth[:, 0]).mean() >= 0.99
 
 
 def test_selection_leaves_rows_out_as_queries_and_as_neighbours(tmp_path):
