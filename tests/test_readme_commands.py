@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from out_tables import assert_same_out
 
 from scanner.cli import EPILOG
 
@@ -85,6 +86,21 @@ def paths(demo, tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
 
 
 S3_SHARDS = "s3://my-bucket/laion/{00000..00099}.tar"
+
+
+DEDUP = "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup"
+DEDUP_S3 = "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup"
+
+
+@pytest.fixture(scope="module")
+def local_dedup(paths) -> Path:
+    """The README's local dedup, run once as typed: its own case checks its files, and the S3 case compares the
+    bucket's --out with it (the same shards, read from the bucket, must give the same files and tables)."""
+    argv = sized(localize(DEDUP, paths), paths)
+    proc = run(argv)
+    assert proc.returncode == 0, (argv, proc.stdout[-4000:])
+    assert "Traceback" not in proc.stdout and "connected to the Ray cluster" not in proc.stdout, proc.stdout[-4000:]
+    return Path(argv[argv.index("--out") + 1])
 
 
 def s3_paths(paths: dict[str, str], demo: Path, s3_server) -> dict[str, str]:
@@ -314,8 +330,8 @@ CASES = {
     "memscan scan --config laion-sd15 --shards '/data/laion/{00000..00099}.tar' "
     "--set model.path=/models/stable-diffusion-v1-5 --set neighbours.clip_checkpoint=/models/open_clip/ViT-L-14/"
     "open_clip_model.safetensors --out /scans/sd15": "scan-sd",
-    "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup": "dedup",
-    "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup": "dedup-s3",
+    DEDUP: "dedup",
+    DEDUP_S3: "dedup-s3",
     "RAY_ADDRESS=HEAD:6379 memscan scan --config laion-sd15 --shards 's3://my-bucket/laion/{00000..00099}.tar' "
     "--out s3://my-bucket/scans/sd15": "scan-sd",
     "ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/scan.py "
@@ -343,7 +359,12 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         check_dedup(local)
         assert json.loads((local / "summary.json").read_text())["shards"]["listed"] == 3
         assert not Path(url).exists() and not Path(url.replace("s3://", "s3:/")).exists()  # nothing local
+        # everything the local dedup's --out holds (parts and their completion markers, arrays, previews, summary,
+        # report), with the same tables
+        assert_same_out(str(request.getfixturevalue("local_dedup")), url)
         return
+    if kind == "dedup":  # run once by the local_dedup fixture (the S3 case compares with it)
+        return check_dedup(request.getfixturevalue("local_dedup"))
     out = Path(argv[argv.index("--out") + 1])
     if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
         out = out.parent / f"{out.name}-{sorted(CASES).index(case)}"

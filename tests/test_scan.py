@@ -103,12 +103,20 @@ def _kill_args(corpus, model_dir, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clean_kill_scan(kill_corpus, tiny_model_dir, tmp_path_factory):
+def clean_kill_run(kill_corpus, tiny_model_dir, tmp_path_factory) -> tuple[pd.DataFrame, str]:
+    """(scores, log) of the uninterrupted scan the killed ones must match, run with two scoring actors on the 2-CPU
+    Ray (the killed runs have one): its rows must not depend on how many actors scored them, and two actors must
+    leave a CPU share for the read task (test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage)."""
     out = tmp_path_factory.mktemp("clean_scan")
-    full = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
+    full = _cli(_kill_args(kill_corpus, tiny_model_dir, out) + ["--set", "ray.actors=2"])
     log = full.communicate(timeout=300)[0]
     assert full.returncode == 0, log[-3000:]
-    return _scores(out)
+    return _scores(out), log
+
+
+@pytest.fixture(scope="module")
+def clean_kill_scan(clean_kill_run) -> pd.DataFrame:
+    return clean_kill_run[0]
 
 
 def _wait_for_parts(proc, out: Path, at_least: int = 1, timeout: float = 240) -> int:
@@ -121,8 +129,8 @@ def _wait_for_parts(proc, out: Path, at_least: int = 1, timeout: float = 240) ->
     raise AssertionError(f"the scan ended before it could be killed:\n{proc.stdout.read()[-2000:]}")
 
 
-def _assert_same_rows(out: Path, clean: pd.DataFrame) -> None:
-    a = _scores(out)
+def _assert_same_rows(out: Path | pd.DataFrame, clean: pd.DataFrame) -> None:
+    a = out if isinstance(out, pd.DataFrame) else _scores(out)
     assert len(a) == len(clean) and not a["key"].duplicated().any()
     assert set(a["key"]) == set(clean["key"])
     a, b = a.set_index("key").sort_index(), clean.set_index("key").sort_index()
@@ -166,6 +174,40 @@ def test_sigkill_mid_run_and_inside_the_corpus_steps_then_resume_loses_and_doubl
     pd.testing.assert_series_equal(a["lid_lpca"], b["lid_lpca"])
     pd.testing.assert_series_equal(a["mem_class"], b["mem_class"])
     assert not (out / "corpus-work").exists()
+
+
+@pytest.mark.slow
+def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpus, tiny_model_dir, clean_kill_scan):
+    """SIGKILL while shards are being written to a bucket on the local S3 server (moto, 127.0.0.1; memscan finds it
+    through the standard AWS_* environment); the rerun of the same command reads only the shards whose part file is
+    not in the bucket and ends with the uninterrupted local scan's rows, none lost or doubled."""
+    import s3fs
+    from out_tables import tables
+
+    client = s3_server.client()
+    if "memscan-kill" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket="memscan-kill")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    args = _kill_args(kill_corpus, tiny_model_dir, "s3://memscan-kill/scan")
+    proc = _cli(args)
+    deadline, done = time.time() + 240, set()
+    while time.time() < deadline and proc.poll() is None and not done:
+        fs.invalidate_cache()
+        done = {p.rsplit("/", 1)[-1] for p in fs.glob("memscan-kill/scan/parts/*.parquet")}
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    done = {p.rsplit("/", 1)[-1] for p in fs.glob("memscan-kill/scan/parts/*.parquet")}
+    assert 1 <= len(done) < len(kill_corpus.shards), done
+    again = _cli(args)
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log[-3000:]
+    assert f"resuming: {len(done)} of" in log, log[-3000:]
+    scores = tables("s3://memscan-kill/scan")["scores"]
+    _assert_same_rows(scores, clean_kill_scan)
+    b = clean_kill_scan.set_index("key").sort_index()
+    pd.testing.assert_series_equal(scores.set_index("key").sort_index()["mem_class"], b["mem_class"])
 
 
 def _cmdline(pid: int) -> str:
@@ -313,15 +355,13 @@ def test_text_columns_are_typed_where_they_are_made_and_stay_none_through_ray(sc
 
 
 @pytest.mark.slow
-def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, tiny_model_dir, tmp_path):
-    """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less)."""
+def test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage(kill_corpus, clean_kill_run):
+    """2 actors x 1 CPU on a 2-CPU Ray left no CPU for reading: the scan waited forever (now each asks for less).
+    The scan is the kill tests' clean reference, which runs with two actors."""
     from scanner.stages.cluster import plan
 
     assert plan(2, 0, 2, 1.0, embed=False, use_gpu=False)["score"].cpus == 0.75
     assert plan(8, 0, 2, 1.0, embed=True, use_gpu=False)["score"].cpus == 1.0
-    args = _kill_args(kill_corpus, tiny_model_dir, tmp_path / "two_actors") + ["--set", "ray.actors=2",
-                                                                              "--set", "geometry.probes=2"]
-    proc = _cli(args)
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "score: 2 actor(s) x (0.75 CPU, 0 GPU)" in log, log[-3000:]
-    assert len(list((tmp_path / "two_actors" / "scores").glob("*.parquet"))) == len(kill_corpus.shards)
+    scores, log = clean_kill_run
+    assert "score: 2 actor(s) x (0.75 CPU, 0 GPU)" in log, log[-3000:]
+    assert scores["shard"].nunique() == len(kill_corpus.shards)

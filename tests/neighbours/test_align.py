@@ -123,7 +123,7 @@ def _by_kept(df: pd.DataFrame) -> pd.DataFrame:
 def test_the_corpus_steps_link_the_same_pairs_out_of_core(tmp_path, executor, request):
     """The corpus steps over part files (two shards, thumbs/ beside embeddings/) give the in-memory reference's
     groups and link names, in this process and as Ray tasks; with a shard's thumbs missing, its candidates are not
-    checked (and the run says so)."""
+    checked (and the run says so; checked in this process only)."""
     from corpus_parts import context, run, split, write_parts
 
     from scanner.config import ScanConfig
@@ -162,5 +162,6 @@ def test_the_corpus_steps_link_the_same_pairs_out_of_core(tmp_path, executor, re
     assert info["aligned"]["linked"] == (ref.link == "aligned").sum() // 2  # here every aligned group is a pair
     assert info["aligned"]["checked"] >= info["aligned"]["linked"]
 
-    info, dups = steps("no_thumbs", {"embeddings": split(v, sizes)})
-    assert info["aligned"]["linked"] == 0 and "aligned" not in set(dups.link)
+    if executor == "local":  # where the thumbs are read does not depend on the executor: once is enough (CI time)
+        info, dups = steps("no_thumbs", {"embeddings": split(v, sizes)})
+        assert info["aligned"]["linked"] == 0 and "aligned" not in set(dups.link)
