@@ -200,13 +200,20 @@ def _status(pid: int) -> dict:
     return out
 
 
-def _role(pid: int) -> str:
+def _cmdline(pid: int) -> str:
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
+        return ""
+
+
+def _role(cmd: str) -> str:
+    """What a process is, from its command line (a Ray worker's names its task or actor: `ray::NAME`; its
+    arguments name the raylet it belongs to, so `ray::` is tested first)."""
+    if not cmd:
         return "?"
-    for key, role in (("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard"),
-                      ("ray::", "worker"), ("default_worker", "worker"), ("-c", "driver")):
+    for key, role in (("ray::", "worker"), ("default_worker", "worker"), ("gcs_server", "gcs"),
+                      ("dashboard", "dashboard"), ("raylet", "raylet"), ("-c", "driver")):
         if key in cmd:
             return role
     return "other"
@@ -229,9 +236,11 @@ class Sampler(threading.Thread):
                     st = _status(pid)
                     if not st:
                         continue
-                    p = self.peak.setdefault(pid, {"role": _role(pid), "rss": 0.0, "anon": 0.0, "shmem": 0.0})
+                    p = self.peak.setdefault(pid, {"role": "?", "rss": 0.0, "anon": 0.0, "shmem": 0.0})
                     p["rss"] = max(p["rss"], st.get("VmRSS", 0.0))
-                    p["anon"] = max(p["anon"], st.get("RssAnon", 0.0))
+                    if st.get("RssAnon", 0.0) > p["anon"]:  # when, and as what, this process held the most
+                        cmd = _cmdline(pid)
+                        p.update(anon=st["RssAnon"], at=time.time(), title=cmd[:60], role=_role(cmd))
                     p["shmem"] = max(p["shmem"], st.get("RssShmem", 0.0))
             time.sleep(self.every)
 
@@ -259,7 +268,12 @@ def run_corpus_steps(out: Path, names: list[str], memory_gb: float, store_gb: fl
         r["processes"] += 1
         r["peak_rss_mb"] = round(max(r["peak_rss_mb"], p["rss"]), 1)
         r["peak_private_mb"] = round(max(r["peak_private_mb"], p["anon"]), 1)
+    top = sorted(procs, key=lambda p: -p["anon"])[:5]  # the largest private peaks, each with the step it fell in
+    for p in top:
+        p["step"] = next((w[0] for w in summary.get("windows", []) if w[1] <= p.get("at", 0) <= w[2]), None)
     return {"summary": summary, "wall_s": round(time.time() - t0, 1), "memory": by_role,
+            "largest": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items() if k != "at"}
+                        for p in top],
             "peak_private_mb": round(max((p["anon"] for p in procs), default=0.0), 1),
             "peak_rss_mb": round(max((p["rss"] for p in procs), default=0.0), 1)}
 
@@ -396,6 +410,7 @@ def main(argv=None) -> int:
             row = {"n": s["corpus"]["rows"], "dim": args.dim, "shards": len(names), "memory_gb": args.memory_gb,
                    "object_store_gb": args.object_store_gb, "nodes": 2 if args.cluster else 1,
                    "peak_private_mb": r["peak_private_mb"], "peak_rss_mb": r["peak_rss_mb"], "memory": r["memory"],
+                   "largest": r["largest"],
                    "wall_s": r["wall_s"], "s_per_million": round(r["wall_s"] / (s["corpus"]["rows"] / 1e6), 1),
                    "write_corpus_s": round(t_write, 1), "steps_s": s["timings_s"],
                    "steps_per_node_s": per_node(s), "index": (s.get("neighbours") or {}).get("index"),
@@ -438,6 +453,9 @@ def render(results: dict, path: Path) -> None:
         if r["nodes"] > 1:
             lines.append("Task seconds per step per node: " + json.dumps(r["steps_per_node_s"]))
         lines.append("Peak memory by process role (MB): " + json.dumps(r["memory"]))
+        if r.get("largest"):
+            lines.append("Largest private peaks (MB), with the process's title and the step running then: " + "; ".join(
+                f"{p['anon']:.0f} in `{p.get('title', '?')}` during {p.get('step')}" for p in r["largest"]))
     one = [r for r in runs if r["nodes"] == 1 and r["dim"] == 128]
     if len(one) >= 2:
         a, b = one[0], one[-1]
