@@ -65,10 +65,11 @@ SIZES = {
 def build_sd(root: Path, size: str) -> Path:
     """A Stable Diffusion checkout's layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/, model_index.json)
     with random weights at `size`, saved with save_pretrained (safetensors), as memscan loads a real one."""
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from scanner.demo.latent import model_index
 
     s = SIZES[size]
     torch.manual_seed(0)
@@ -82,12 +83,7 @@ def build_sd(root: Path, size: str) -> Path:
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   skip_prk_steps=True, steps_offset=1).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}))
+    (root / "model_index.json").write_text(json.dumps(model_index("PNDMScheduler")))
     return root
 
 

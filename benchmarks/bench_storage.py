@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,22 +57,14 @@ def tar_stream(paths: list[str]) -> tuple[float, list]:
 
 def count_requests(paths: list[str]) -> dict:
     """S3 API calls per shard read (botocore's before-call event on s3fs's client)."""
-    import fsspec
+    from local_s3 import counted_s3_calls
 
     from scanner.data.shards import iter_tar_samples
 
-    fs = fsspec.filesystem("s3")
-    fs.connect()
-    calls: Counter = Counter()
-
-    def count(model=None, **_):
-        calls[model.name] += 1
-
-    fs.s3.meta.events.register("before-call.s3", count)
-    for p in paths:
-        for _ in iter_tar_samples(p):
-            pass
-    fs.s3.meta.events.unregister("before-call.s3", count)
+    with counted_s3_calls() as calls:
+        for p in paths:
+            for _ in iter_tar_samples(p):
+                pass
     return {k: round(v / len(paths), 2) for k, v in sorted(calls.items())}
 
 

@@ -13,11 +13,13 @@ Used by tests/conftest.py (the `s3_server` fixture), benchmarks/bench_storage.py
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 # a developer's profile or session token would be used instead of the test credentials
@@ -93,3 +95,23 @@ class LocalS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def counted_s3_calls():
+    """Counts the S3 API calls s3fs makes inside the block, by operation name (botocore's before-call event on the
+    client fsspec's cached s3 filesystem uses, the one memscan's reads get): `with counted_s3_calls() as calls:`."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.connect()
+    calls: Counter = Counter()
+
+    def count(model=None, **_):
+        calls[model.name] += 1
+
+    fs.s3.meta.events.register("before-call.s3", count)
+    try:
+        yield calls
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3", count)

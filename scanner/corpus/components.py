@@ -67,13 +67,18 @@ def _tag_labels(b: dict) -> dict:
     return {"key": n, "other": n, "label": np.asarray(b["label"]), "kind": np.ones(len(n), np.int8)}
 
 
+def _by_node(key: np.ndarray, label: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that carry a node's own label, sorted by node: (nodes, labels), for searchsorted lookups."""
+    keys, lab = key[rows], label[rows]
+    order = np.argsort(keys)
+    return keys[order], lab[order]
+
+
 def _send(b: dict) -> dict:
     """Per key: its label goes to every neighbour (and to itself, marked as its current label)."""
     key, other, label, kind = (np.asarray(b[c]) for c in ("key", "other", "label", "kind"))
     lab_rows = kind == 1
-    keys, lab = key[lab_rows], label[lab_rows]
-    order = np.argsort(keys)
-    keys, lab = keys[order], lab[order]
+    keys, lab = _by_node(key, label, lab_rows)
     e = ~lab_rows
     pos = np.searchsorted(keys, key[e])
     return {"node": np.r_[other[e], keys], "cand": np.r_[lab[pos], lab],
@@ -100,9 +105,7 @@ def _ask(b: dict) -> dict:
 def _answer(b: dict) -> dict:
     key, asker, label, kind = (np.asarray(b[c]) for c in ("key", "asker", "label", "kind"))
     own = kind == 1
-    keys, lab = key[own], label[own]
-    order = np.argsort(keys)
-    keys, lab = keys[order], lab[order]
+    keys, lab = _by_node(key, label, own)
     q = ~own
     pos = np.minimum(np.searchsorted(keys, key[q]), max(len(keys) - 1, 0))
     found = keys[pos] == key[q] if len(keys) else np.zeros(int(q.sum()), bool)

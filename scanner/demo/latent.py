@@ -248,12 +248,13 @@ def train_latent_demo(corpus_dir: str | Path, out_dir: str | Path, steps: int = 
     return out_dir
 
 
-def model_index() -> dict:
-    """What an SD v1.5 checkout's model_index.json says (no safety checker), for this layout."""
+def model_index(scheduler: str = "DDIMScheduler") -> dict:
+    """What an SD v1.5 checkout's model_index.json says (no safety checker), for this layout; `scheduler` names the
+    diffusers class saved in scheduler/ (SD v1.5's own is PNDMScheduler)."""
     import diffusers
 
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
             "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "scheduler": ["diffusers", scheduler], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}

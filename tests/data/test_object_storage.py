@@ -133,23 +133,13 @@ def test_missing_members_of_a_brace_range_are_error_rows_unless_strict(s3_server
 
 def test_a_brace_range_lists_its_prefix_once_instead_of_probing_each_object(s3_server, tmp_path):
     """Counted on the S3 client itself (botocore's before-call event): 40 members, 30 of them present."""
-    import fsspec
+    from local_s3 import counted_s3_calls
 
     for i in range(30):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"")
     url = s3_server.upload(tmp_path, "memscan-listing", "p")
-    fs = fsspec.filesystem("s3")
-    fs.connect()
-    calls: Counter = Counter()
-
-    def count(model=None, **_):
-        calls[model.name] += 1
-
-    fs.s3.meta.events.register("before-call.s3", count)
-    try:
+    with counted_s3_calls() as calls:
         shards = expand_shards(f"{url}/{{00000..00039}}.tar")
-    finally:
-        fs.s3.meta.events.unregister("before-call.s3", count)
     assert len(shards) == 40 and len(shards.missing) == 10
     assert calls == {"ListObjectsV2": 1}, calls
 

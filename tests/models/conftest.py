@@ -62,14 +62,9 @@ def save_tiny_sd(root: Path) -> Path:
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   skip_prk_steps=True, steps_offset=1).save_pretrained(root / "scheduler")
     # what an SD v1.5 checkout's model_index.json says, so StableDiffusionPipeline.from_pretrained loads it too
-    import diffusers
+    from scanner.demo.latent import model_index
 
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}))
+    (root / "model_index.json").write_text(json.dumps(model_index("PNDMScheduler")))
     return root
 
 
