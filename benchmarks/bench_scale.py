@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-from scanner.procfs import descendants
+from scanner.procfs import cmdline, descendants
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -79,8 +79,10 @@ def _cpu_and_role(pid: int) -> tuple[float, str]:
     """CPU seconds used so far by `pid` and what it is now (Ray retitles a worker with the task it runs)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmd = cmdline(pid)
     except (OSError, IndexError):
+        return 0.0, "other"
+    if not cmd:  # gone since its stat was read
         return 0.0, "other"
     role = next((name for pat, name in ROLES if pat in cmd), "other Ray processes")
     return (int(fields[11]) + int(fields[12])) / TICK, role

@@ -25,6 +25,15 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line as one string ("" when it is gone); Ray retitles a worker with what it runs
+    (`ray::ScoreStage...`, `ray::IDLE`)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def memory_mb() -> dict:
     """This process's resident memory now and its high-water mark (MB, /proc/self/status VmRSS and VmHWM),
     for the log and summary.json. (getrusage's ru_maxrss is not used: Linux carries it over from the
