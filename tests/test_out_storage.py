@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 
 
-def _memscan(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.Popen:
+def _memscan(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "scanner", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env,
-                                 "PYTHONUNBUFFERED": "1"}, **kw)
+                            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                                 "PYTHONUNBUFFERED": "1"})
 
 
 def test_an_unwritable_scheme_is_refused_at_once_and_never_becomes_a_folder(tmp_path):
     for out in ("http://127.0.0.1:9/out", "pipe:cat", "s3:bucket/out", "ftp://host/out"):
-        proc = _memscan(["dedup", "--shards", str(tmp_path), "--out", out], {}, cwd=tmp_path)
+        proc = _memscan(["dedup", "--shards", str(tmp_path), "--out", out], cwd=tmp_path)
         text = proc.communicate(timeout=60)[0]
         assert proc.returncode == 2, (out, text)
         assert "memscan cannot write to" in text or "write a URL as" in text, text

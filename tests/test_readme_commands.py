@@ -97,9 +97,7 @@ def local_dedup(paths) -> Path:
     """The README's local dedup, run once as typed: its own case checks its files, and the S3 case compares the
     bucket's --out with it (the same shards, read from the bucket, must give the same files and tables)."""
     argv = sized(localize(DEDUP, paths), paths)
-    proc = run(argv)
-    assert proc.returncode == 0, (argv, proc.stdout[-4000:])
-    assert "Traceback" not in proc.stdout and "connected to the Ray cluster" not in proc.stdout, proc.stdout[-4000:]
+    run_ok(argv)
     return Path(argv[argv.index("--out") + 1])
 
 
@@ -131,6 +129,15 @@ def run(argv: list[str], cwd: Path = ROOT, ray_address: str | None = None) -> su
     return subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
                           timeout=900, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
                                             "PYTHONUNBUFFERED": "1", **({"RAY_ADDRESS": ray_address} if ray_address else {})})
+
+
+def run_ok(argv: list[str], ray_address: str | None = None) -> subprocess.CompletedProcess:
+    """run(), which must exit 0 without a traceback, on the given cluster (and say so) or on a local Ray."""
+    proc = run(argv, ray_address=ray_address)
+    assert proc.returncode == 0, (argv, proc.stdout[-4000:])
+    assert ("connected to the Ray cluster at" in proc.stdout) == bool(ray_address), proc.stdout[-4000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    return proc
 
 
 def localize(cmd: str, paths: dict[str, str]) -> list[str]:
@@ -352,8 +359,7 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
     argv = sized(localize(cmd, paths), paths)
     if kind == "dedup-s3":
         url = argv[argv.index("--out") + 1]
-        proc = run(argv)
-        assert proc.returncode == 0, (argv, proc.stdout[-4000:])
+        proc = run_ok(argv)
         assert f"results in {url.rstrip('/')}" in proc.stdout, proc.stdout[-2000:]
         local = fetch(url, Path(paths["runs/"]) / "s3-dedup")
         check_dedup(local)
@@ -388,10 +394,7 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         out = copy
     if cmd.startswith("ray job submit"):  # the job server runs the entry point with RAY_ADDRESS set to its cluster
         address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
-    proc = run(argv, ray_address=address)
-    assert proc.returncode == 0, (argv, proc.stdout[-4000:])
-    assert ("connected to the Ray cluster at" in proc.stdout) == bool(address), proc.stdout[-4000:]
-    assert "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    run_ok(argv, ray_address=address)
     {"corpus": check_corpus, "train-demo": check_train_demo, "embedder": check_embedder, "scan": check_scan,
      "metrics": check_metrics, "report": check_report, "dedup": check_dedup, "demo-latent": check_demo_latent,
      "scan-sd": lambda o: check_scan(o, conditional=True)}[kind](out)

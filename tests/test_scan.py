@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from scanner.pipeline import run_scan
-from scanner.procfs import descendants
+from scanner.procfs import cmdline, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,10 +119,15 @@ def clean_kill_scan(clean_kill_run) -> pd.DataFrame:
     return clean_kill_run[0]
 
 
-def _wait_for_parts(proc, out: Path, at_least: int = 1, timeout: float = 240) -> int:
+def _local_parts(out: Path) -> set[str]:
+    return {p.name for p in (out / "parts").glob("*.parquet")}
+
+
+def _wait_for_parts(proc, out: Path | str, at_least: int = 1, timeout: float = 240, parts=_local_parts) -> int:
+    """Polls until `parts(out)` (the part files written so far) has at_least names; fails if the scan ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        done = len(list((out / "parts").glob("*.parquet"))) if (out / "parts").exists() else 0
+        done = len(parts(out))
         if done >= at_least:
             return done
         time.sleep(0.02)
@@ -188,33 +193,27 @@ def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpu
     if "memscan-kill" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket="memscan-kill")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
-    args = _kill_args(kill_corpus, tiny_model_dir, "s3://memscan-kill/scan")
-    proc = _cli(args)
-    deadline, done = time.time() + 240, set()
-    while time.time() < deadline and proc.poll() is None and not done:
+
+    def bucket_parts(out: str) -> set[str]:
         fs.invalidate_cache()
-        done = {p.rsplit("/", 1)[-1] for p in fs.glob("memscan-kill/scan/parts/*.parquet")}
-        time.sleep(0.05)
+        return {p.rsplit("/", 1)[-1] for p in fs.glob(f"{out.removeprefix('s3://')}/parts/*.parquet")}
+
+    out = "s3://memscan-kill/scan"
+    args = _kill_args(kill_corpus, tiny_model_dir, out)
+    proc = _cli(args)
+    _wait_for_parts(proc, out, parts=bucket_parts)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    fs.invalidate_cache()
-    done = {p.rsplit("/", 1)[-1] for p in fs.glob("memscan-kill/scan/parts/*.parquet")}
+    done = bucket_parts(out)
     assert 1 <= len(done) < len(kill_corpus.shards), done
     again = _cli(args)
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, log[-3000:]
     assert f"resuming: {len(done)} of" in log, log[-3000:]
-    scores = tables("s3://memscan-kill/scan")["scores"]
+    scores = tables(out)["scores"]
     _assert_same_rows(scores, clean_kill_scan)
     b = clean_kill_scan.set_index("key").sort_index()
     pd.testing.assert_series_equal(scores.set_index("key").sort_index()["mem_class"], b["mem_class"])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds Ray's worker processes through /proc")
@@ -226,7 +225,7 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
     out = tmp_path / "worker_killed"
     proc = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
     _wait_for_parts(proc, out)
-    workers = [p for p in descendants(proc.pid) if "ScoreStage" in _cmdline(p)]
+    workers = [p for p in descendants(proc.pid) if "ScoreStage" in cmdline(p)]
     assert workers, "no scoring actor process found below the scan"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
@@ -234,7 +233,7 @@ def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-3000:]
     assert done_at_kill < len(kill_corpus.shards), "the kill came after the last shard: nothing was retried"
-    assert all(not Path(f"/proc/{p}").exists() or "ScoreStage" not in _cmdline(p) for p in workers)
+    assert all(not Path(f"/proc/{p}").exists() or "ScoreStage" not in cmdline(p) for p in workers)
     _assert_same_rows(out, clean_kill_scan)
 
 
