@@ -57,6 +57,31 @@ SHARDS_HELP = ("directory, glob or brace pattern of .tar shards, local or s3:// 
                "AWS_* / ~/.aws), an fsspec chain (simplecache::s3://...) or 'pipe:CMD'")
 
 
+def _add_prior(p: argparse.ArgumentParser, reference: bool = False) -> None:
+    p.add_argument("--against", action="append", default=[], metavar="OLD_OUT",
+                   help="a finished scan's --out (repeatable): only the new --shards are read, embedded and scored; "
+                        "their duplicate groups take in the old images (kept over new ones), LID* its neighbours, "
+                        "the cut is the old scan's; the removal list names new images only (incremental.against)")
+    p.add_argument("--remove-old", action="store_true",
+                   help="with --against: also list old images that the new groups drop "
+                        "(needs --set incremental.keep_old=false)")
+    if reference:
+        p.add_argument("--reference", action="append", default=[], metavar="SHARDS_OR_OUT",
+                       help="a reference set (repeatable): shards, or a finished scan's --out (an evaluation set, an "
+                            "opt-out list); every image in a duplicate group with one of its images is removed with "
+                            "reason `reference`; reference images are never removed nor scored")
+
+
+def _prior_args(cfg, args) -> None:
+    """--against / --reference / --remove-old onto incremental.*."""
+    inc = cfg.incremental
+    inc.against = list(inc.against) + list(getattr(args, "against", []) or [])
+    inc.reference = list(inc.reference) + list(getattr(args, "reference", []) or [])
+    if getattr(args, "remove_old", False):
+        inc.remove_old = True
+    inc.validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memscan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -79,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set geometry.t0=0.2 (repeatable)")
     p.add_argument("--out", help="output directory (overrides `out` in the config)")
+    _add_prior(p)
     _add_common(p, progress=True)
 
     p = sub.add_parser("dedup", help="duplicate groups and removal list only (no diffusion model)",
@@ -98,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int,
                    help="copy-detection embedder training steps with --train-embedder (default 600)")
     p.add_argument("--config", help="optional YAML config; its neighbours section is used")
+    _add_prior(p, reference=True)
     _add_common(p, progress=True)
 
     p = sub.add_parser("train-embedder", help="train the self-supervised copy-detection embedder on a corpus")
@@ -215,6 +242,7 @@ def cmd_scan(args) -> int:
     cfg = load_config(args.config, overrides)
     if args.shards:
         cfg.data.shards = list(args.shards)
+    _prior_args(cfg, args)
     out = args.out or cfg.out
     if not out:
         from scanner.config import ConfigError
@@ -251,6 +279,7 @@ def _neighbours_scan_cfg(args):
     cfg.model.kind, cfg.model.path = "none", None
     cfg.neighbours.enabled = True
     cfg.data.shards = list(args.shards)
+    _prior_args(cfg, args)
     return cfg
 
 

@@ -330,6 +330,29 @@ class RayConfig:
 
 
 @dataclass
+class IncrementalConfig:
+    """Scans read with this one (scanner/prior.py): `memscan scan|dedup --against OLD_OUT` and `memscan dedup
+    --reference SHARDS_OR_OUT` set the two lists."""
+
+    # finished scans' --out: their images are searched and grouped with the new shards, never read again from
+    # shards; their cut is used; the new --out lists the first one's shards first (corpus/shards.json)
+    against: list[str] = field(default_factory=list)
+    # reference sets (an evaluation set, an opt-out list): shards, or a finished scan's --out. A corpus image in a
+    # duplicate group with a reference image is removed (reason `reference`); reference images never are
+    reference: list[str] = field(default_factory=list)
+    keep_old: bool = True  # in a group of old and new images, an old one is kept (false: the keep rule alone)
+    remove_old: bool = False  # also list old images this scan's groups drop (only possible with keep_old false)
+
+    def validate(self, p: str = "incremental") -> None:
+        _check(isinstance(self.keep_old, bool), f"{p}.keep_old", self.keep_old, "true or false")
+        _check(isinstance(self.remove_old, bool), f"{p}.remove_old", self.remove_old, "true or false")
+        _check(all(isinstance(x, str) and x for x in self.against), f"{p}.against", self.against,
+               "a list of finished scans' --out folders or URLs")
+        _check(all(isinstance(x, str) and x for x in self.reference), f"{p}.reference", self.reference,
+               "a list of shards (directory, glob, braces) or finished scans' --out")
+
+
+@dataclass
 class ScanConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -338,6 +361,7 @@ class ScanConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     out: str | None = None
     seed: int = 0
 
@@ -522,7 +546,17 @@ def load_yaml(path: str | Path) -> dict:
     return raw
 
 
-NEIGHBOUR_SECTIONS = ("data", "neighbours", "corpus", "ray")  # memscan dedup / train-embedder: no diffusion model
+# geometry keys only the corpus steps read (LID_* by local PCA): the part files do not depend on them, so a rerun
+# with other values redoes the corpus steps on the same parts
+CORPUS_STEP_GEOMETRY = ("lpca_k", "lpca_alpha", "lpca_space", "lpca_scale")
+
+
+def stage_geometry(geometry: dict | None) -> dict | None:
+    """The geometry keys the part files depend on (parts/_run.json compares these)."""
+    return None if geometry is None else {k: v for k, v in geometry.items() if k not in CORPUS_STEP_GEOMETRY}
+
+
+NEIGHBOUR_SECTIONS = ("data", "neighbours", "corpus", "ray", "incremental")  # memscan dedup / train-embedder: no diffusion model
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

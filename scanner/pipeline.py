@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from scanner.config import ScanConfig
+from scanner.config import stage_geometry as _stage_geometry
 from scanner.data.shards import expand_shards, shard_name
 from scanner.errors import ConfigError, ScanIncomplete
 from scanner.procfs import machine
@@ -39,13 +40,6 @@ def init_ray(cfg: ScanConfig) -> None:
     start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
 
 
-# geometry keys only the corpus steps read (LID_* by local PCA): the part files do not depend on them, so a rerun
-# with other values redoes the corpus steps on the same parts
-CORPUS_STEP_GEOMETRY = ("lpca_k", "lpca_alpha", "lpca_space", "lpca_scale")
-
-
-def _stage_geometry(geometry: dict | None) -> dict | None:
-    return None if geometry is None else {k: v for k, v in geometry.items() if k not in CORPUS_STEP_GEOMETRY}
 
 
 def run_manifest(cfg: ScanConfig, embedder: str | None) -> dict:
@@ -235,6 +229,73 @@ def run_generations(cfg: ScanConfig, out: Out, shards: list[str], embedder: str 
     return {"generations": len(rows), "seconds": round(time.time() - t0, 1)}
 
 
+def _use_prior_embedder(cfg: ScanConfig) -> None:
+    """--against / --reference without neighbours.clip_checkpoint: the embedder the first --against scan (else
+    reference scan) embedded with, so that old and new embeddings compare (check_prior checks its digest)."""
+    from scanner.prior import is_scan, peek_embedder
+
+    if cfg.neighbours.clip_checkpoint:
+        return
+    for uri in list(cfg.incremental.against) + [r for r in cfg.incremental.reference if is_scan(r)]:
+        emb = peek_embedder(uri)
+        if emb:
+            log.info("neighbours: embedding with %s's embedder (%s)", uri, emb)
+            cfg.neighbours.clip_checkpoint = emb
+            return
+
+
+def check_prior(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None) -> dict | None:
+    """The finished scans (--against) and reference sets (--reference) this run reads, checked before any work:
+    {"olds", "refs" (finished scans), "ref_shards" (reference shards still to embed, per set)}; None without any."""
+    from scanner.prior import is_scan, open_against, open_scan, shard_order
+
+    inc = cfg.incremental
+    if not (inc.against or inc.reference):
+        return None
+    manifest = run_manifest(cfg, embedder)
+    olds = open_against(list(inc.against), manifest)
+    for o in olds:
+        if Out(o.uri).uri() == out.uri():
+            raise ConfigError(f"--against {o.uri} is this run's --out: scan new shards into a new --out")
+    refs: list = []
+    for j, r in enumerate(inc.reference):
+        if is_scan(r):
+            refs.append(open_scan(r, "reference", manifest, "--reference"))
+            continue
+        try:
+            ref_shards = expand_shards(r, strict=True)
+        except Exception as e:
+            raise ConfigError(f"--reference {r} cannot be read: it is neither a finished scan's --out nor shards "
+                              f"({e})") from e
+        if not len(ref_shards):
+            raise ConfigError(f"--reference {r} cannot be read: no shard there, and it is not a finished scan")
+        refs.append({"spec": r, "shards": list(ref_shards), "index": j})
+    shard_order(olds, [shard_name(p) for p in shards], out.uri(), [r for r in refs if not isinstance(r, dict)])
+    return {"olds": olds, "refs": refs}
+
+
+def stage_references(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None, prior: dict,
+                     progress: bool) -> dict:
+    """Reference shards read and embedded (no score) into OUT/reference/J/ (resumable like any scan), then every
+    reference as a finished scan's shards; the shard order of the corpus steps."""
+    from scanner.prior import Prior, shard_order
+
+    refs = []
+    for r in prior["refs"]:
+        if not isinstance(r, dict):
+            refs.append(r)
+            continue
+        rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="none", path=None),
+                                   classify=dataclasses.replace(cfg.classify, calibration_shards=None))
+        rout = Out(out.uri(f"reference/{r['index']}"))
+        rout.makedirs()
+        run_stages(rcfg, rout, r["shards"], embedder, progress, label=f"reference {r['index']}")
+        refs.append(Prior(uri=rout.uri(), role="reference",
+                          shards=[{"name": shard_name(p), "out": rout.uri()} for p in r["shards"]]))
+    order = shard_order(prior["olds"], [shard_name(p) for p in shards], out.uri(), refs)
+    return {"olds": prior["olds"], "refs": refs, "order": order}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -263,20 +324,30 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
     out.makedirs()
     t0 = time.time()
     embedder, trained = None, False
+    inc = cfg.incremental
+    if inc.against or inc.reference:
+        if not cfg.neighbours.enabled:
+            raise ConfigError("incremental.against / reference group images by their embeddings: set "
+                              "neighbours.enabled: true")
+        _use_prior_embedder(cfg)
     if cfg.neighbours.enabled:
         from scanner.neighbours.run import ensure_embedder
 
         # trained (when no checkpoint is given) before Ray starts, so it has the CPUs to itself
         embedder, trained = ensure_embedder(shards, out, cfg.neighbours, log=log.info)
+    prior = check_prior(cfg, out, shards, embedder)  # every --against / --reference checked before any work
     t_embedder = time.time() - t0
     stages = run_stages(cfg, out, shards, embedder, progress, label)
+    if prior is not None:
+        prior = stage_references(cfg, out, shards, embedder, prior, progress)
     init_ray(cfg)  # the corpus steps' tasks (and the generate stage) run on the same Ray
     gens = run_generations(cfg, out, shards, embedder, _placements(cfg, embedder))
     if cfg.model.kind != "none" and cfg.classify.calibration_shards:
         from scanner.storage import HELDOUT_LIST
 
         out.write_json(HELDOUT_LIST, [shard_name(p) for p in cfg.classify.calibration_shards])
-    summary = corpus_steps(cfg, out, [shard_name(p) for p in shards], embedder=embedder, embedder_trained=trained)
+    summary = corpus_steps(cfg, out, [shard_name(p) for p in shards], embedder=embedder, embedder_trained=trained,
+                           prior=prior)
     if gens:
         summary["timings_s"]["generations"] = gens.get("seconds", 0.0)
     for name, rec in stages["stages"].items():  # the shards done in this run: actor seconds, devices, nodes

@@ -69,10 +69,11 @@ SCORES_META = frozenset({"key", "shard", "caption", "width", "height", "mem_clas
 #     calibration applies (another embedder or other settings than the calibrated ones) and on the kept member;
 #   url: img2dataset's url of the member.
 DUPLICATES = pa.schema([("key", STR), ("group_id", I64), ("similarity", F32), ("keep", BOOL), ("link", STR),
-                        ("score", F32), ("precision", F32), ("url", STR)])
+                        ("score", F32), ("precision", F32), ("url", STR), ("role", STR), ("scan", STR)])
 REPLICATIONS = pa.schema([("gen_id", I64), ("caption", STR), ("seed", I64), ("matched_key", STR),
                           ("similarity", F32), ("replicated", BOOL)])
-REMOVAL = pa.schema([("key", STR), ("shard", STR), ("url", STR), ("reason", STR)])
+REMOVAL = pa.schema([("key", STR), ("shard", STR), ("url", STR), ("reason", STR), ("matched_key", STR),
+                     ("matched_url", STR)])
 ERRORS = pa.schema([("key", STR), ("shard", STR), ("stage", STR), ("error", STR)])
 
 
@@ -150,7 +151,10 @@ TABLE_COLUMNS = {
         "precision": "the pair precision measured at that link kind and score on held-out demo seeds "
                      "(scanner/neighbours/shipped/calibration.json); 1 for bytes; null where no calibration applies "
                      "(another embedder or settings) and on the kept member",
-        "url": "img2dataset's url of the member (null without one)"},
+        "url": "img2dataset's url of the member (null without one)",
+        "role": "`new` (a sample of this scan), `old` (of a finished scan it was made --against: a group that links "
+                "new images to old ones lists both) or `reference` (of a --reference set)",
+        "scan": "the --out holding an old or reference member's part file (null for this scan's own samples)"},
     "replications.parquet": {
         "gen_id": "the generation's number (0..neighbours.generations - 1)",
         "caption": "the prompt it was generated from (a training caption; null for an unconditional model)",
@@ -163,8 +167,11 @@ TABLE_COLUMNS = {
         "shard": "its shard",
         "url": "img2dataset's url (null without one): what a url list is filtered by",
         "reason": "the first that applies: `duplicate` (a group member not kept), `dd_mem` (DD-Mem outside any "
-                  "group), `od_mem`, `replicated` (a generation reproduces it); `reference` is reserved for "
-                  "reference-set dedup"},
+                  "group), `od_mem`, `replicated` (a generation reproduces it); `reference` (in a duplicate group "
+                  "with an image of a --reference set: an evaluation set's, an opt-out list's) comes first",
+        "matched_key": "reason reference: the reference image it copies; reason duplicate: the kept image of its "
+                       "group (null otherwise)",
+        "matched_url": "that image's img2dataset url (null without one)"},
     "errors.parquet": {
         "key": "the failed sample (null for a shard-level error: a missing, truncated or corrupt shard)",
         "shard": "its shard",

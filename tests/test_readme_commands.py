@@ -75,20 +75,44 @@ def path_map(demo: Path, tmp: Path, sd: str, embedder: str) -> dict[str, str]:
             "/models/open_clip/ViT-L-14/open_clip_model.safetensors": embedder,
             "/scans/": f"{tmp}/scans/", "/shared/scans/": f"{tmp}/shared/",
             # object storage: local folders here, the real bucket (the s3_server fixture) in the S3 cases
-            S3_SHARDS: f"{demo}/corpus/shards/{{00000..00002}}.tar", "s3://my-bucket/scans/": f"{tmp}/s3scans/"}
+            S3_SHARDS: f"{demo}/corpus/shards/{{00000..00002}}.tar", "s3://my-bucket/scans/": f"{tmp}/s3scans/",
+            # new shards for --against (week2_shard: the held-out images under keys of their own), and a reference
+            # set (the held-out images as they are)
+            "/data/laion/{00100..00109}.tar": f"{tmp}/week2/{{00100..00100}}.tar",
+            "/data/eval/*.tar": f"{demo}/corpus/heldout/*.tar"}
 
 
 @pytest.fixture(scope="module")
 def paths(demo, tmp_path_factory, tiny_sd_dir) -> dict[str, str]:
     from scanner.neighbours.run import shipped_embedder
 
-    return path_map(demo, tmp_path_factory.mktemp("readme_out"), str(tiny_sd_dir), shipped_embedder())
+    tmp = tmp_path_factory.mktemp("readme_out")
+    week2_shard(demo / "corpus" / "heldout" / "00000.tar", tmp / "week2" / "00100.tar")
+    return path_map(demo, tmp, str(tiny_sd_dir), shipped_embedder())
+
+
+def week2_shard(src: Path, dst: Path) -> None:
+    """A shard of new images for the README's --against command: the quick demo's held-out images (never in its
+    corpus) under keys of their own (the demo numbers both sets from 0)."""
+    import io
+    import tarfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tf, tarfile.open(dst, "w") as out:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read()
+            info = tarfile.TarInfo("w2-" + m.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
 
 
 S3_SHARDS = "s3://my-bucket/laion/{00000..00099}.tar"
 
 
 DEDUP = "memscan dedup --shards '/data/laion/{00000..00099}.tar' --out /scans/dedup"
+AGAINST = "memscan dedup --shards '/data/laion/{00100..00109}.tar' --against /scans/dedup --out /scans/dedup-week2"
+REFERENCE = ("memscan dedup --shards '/data/laion/{00000..00099}.tar' --reference '/data/eval/*.tar' "
+             "--out /scans/dedup-clean")
 DEDUP_S3 = "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup"
 
 
@@ -229,12 +253,38 @@ def check_dedup(out: Path) -> None:
     assert {"key", "group_id", "similarity", "keep"} <= set(dups.columns)
     assert dups.groupby("group_id")["keep"].sum().eq(1).all()
     removal = pd.read_parquet(out / "removal_list.parquet")
-    assert list(removal.columns) == ["key", "shard", "url", "reason"]
-    assert set(removal["reason"]) <= {"duplicate", "od_mem", "dd_mem", "replicated"}
+    assert list(removal.columns) == ["key", "shard", "url", "reason", "matched_key", "matched_url"]
+    assert set(removal["reason"]) <= {"reference", "duplicate", "od_mem", "dd_mem", "replicated"}
+    grouped = removal["reason"].isin(["reference", "duplicate"])
+    assert removal.loc[grouped, "matched_key"].notna().all() and removal.loc[~grouped, "matched_key"].isna().all()
     assert (out / "removal_list.txt").read_text().split() == removal["key"].tolist()
     errors = pd.read_parquet(out / "errors.parquet")
     assert list(errors.columns) == ["key", "shard", "stage", "error"] and errors["error"].notna().all()
     assert json.loads((out / "summary.json").read_text())["counts"]["removed"] == len(removal)
+
+
+def check_against(out: Path, old: Path) -> None:
+    """Week 2 against the README's dedup: only its shard scored and listed, the chain recorded."""
+    check_dedup(out)
+    s = json.loads((out / "summary.json").read_text())
+    assert [a["out"] for a in s["against"]] == [str(old)]
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["00100.parquet"]
+    assert s["corpus"]["rows_by_role"]["old"] == json.loads((old / "summary.json").read_text())["corpus"]["rows"]
+    rem = pd.read_parquet(out / "removal_list.parquet")
+    assert set(rem["shard"]) <= {"00100"}
+    assert not (out / "parts" / "00000.parquet").exists()
+
+
+def check_reference(out: Path) -> None:
+    """The README's dedup with the held-out images as a reference set: they are embedded under --out/reference/,
+    never scored nor listed."""
+    check_dedup(out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["reference"] and s["reference"][0]["shards"] == 1
+    assert (out / "reference" / "0" / "parts" / "00000.parquet").exists()
+    rem = pd.read_parquet(out / "removal_list.parquet")
+    assert "matched_key" in rem and set(rem["shard"]) <= {"00000", "00001", "00002"}
+    assert sorted(p.name for p in (out / "scores").iterdir()) == [f"0000{i}.parquet" for i in range(3)]
 
 
 def check_demo(demo: Path, out: Path, proc) -> None:
@@ -339,6 +389,8 @@ CASES = {
     "open_clip_model.safetensors --out /scans/sd15": "scan-sd",
     DEDUP: "dedup",
     DEDUP_S3: "dedup-s3",
+    AGAINST: "against",
+    REFERENCE: "reference",
     "RAY_ADDRESS=HEAD:6379 memscan scan --config laion-sd15 --shards 's3://my-bucket/laion/{00000..00099}.tar' "
     "--out s3://my-bucket/scans/sd15": "scan-sd",
     "ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/scan.py "
@@ -371,6 +423,11 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         return
     if kind == "dedup":  # run once by the local_dedup fixture (the S3 case compares with it)
         return check_dedup(request.getfixturevalue("local_dedup"))
+    if kind in ("against", "reference"):
+        old = request.getfixturevalue("local_dedup")  # the finished scan the week-2 shards are scanned against
+        out = Path(argv[argv.index("--out") + 1])
+        run_ok(argv)
+        return check_against(out, old) if kind == "against" else check_reference(out)
     out = Path(argv[argv.index("--out") + 1])
     if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
         out = out.parent / f"{out.name}-{sorted(CASES).index(case)}"

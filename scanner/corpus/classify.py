@@ -17,7 +17,7 @@ from scanner.corpus.calibrate import flagged_at
 
 log = logging.getLogger("memscan")
 
-REMOVAL_ORDER = ["duplicate", "dd_mem", "od_mem", "replicated"]
+REMOVAL_ORDER = ["reference", "duplicate", "dd_mem", "od_mem", "replicated"]
 TYPICAL_MIN_ROWS = 30  # rows behind each LID_* value's typical lid_flipd (typical_flipd)
 
 
@@ -140,14 +140,17 @@ def verdicts(df: pd.DataFrame, in_group: np.ndarray, dropped: np.ndarray, replic
         [None, "confirmed", "suspected", "duplicate"], "clear")
 
 
-def removal_reasons(df: pd.DataFrame, in_group: np.ndarray, dropped: np.ndarray, replicated: np.ndarray) -> pd.Series:
+def removal_reasons(df: pd.DataFrame, in_group: np.ndarray, dropped: np.ndarray, replicated: np.ndarray,
+                    reference: np.ndarray | None = None) -> pd.Series:
     """The first applicable reason of REMOVAL_ORDER per row (None: kept).
 
-    Duplicates: every group member but the kept one. DD-Mem: only when not in a duplicate group
-    (deduplication already fixes the others; the kept copy stays). OD-Mem and replicated: always.
+    Reference: in a group with a reference set's image. Duplicates: every group member but the kept one. DD-Mem:
+    only when not in a duplicate group (deduplication already fixes the others; the kept copy stays). OD-Mem and
+    replicated: always.
     """
     mc = df["mem_class"].to_numpy()
-    reason = np.select([dropped, (mc == "dd") & ~in_group, mc == "od", replicated],
+    ref = np.zeros(len(df), bool) if reference is None else reference
+    reason = np.select([ref, dropped, (mc == "dd") & ~in_group, mc == "od", replicated],
                        REMOVAL_ORDER, None)
     return pd.Series(reason, index=df.index, dtype=object)
 
@@ -282,6 +285,10 @@ def run_cut(ctx) -> dict:
 
     cfg, store, ex = ctx.cfg, ctx.store, ctx.executor
     col = cfg.classify.detector
+    if ctx.prior.get("cut") is not None:  # --against: the old scan's cut, so that old and new rows mean the same
+        t = {**ctx.prior["cut"], "from_scan": ctx.prior["cut_from"]}
+        ctx.out.write_json(f"{ctx.step_dir('cut')}/thresholds.json", t)
+        return {"threshold": t.get("threshold"), "detector": t.get("detector"), "from_scan": ctx.prior["cut_from"]}
     if cfg.model.kind == "none" or col not in store.columns:
         t = {"detector": col, "note": "detector column absent: no model scores", "threshold": None}
     else:

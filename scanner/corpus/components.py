@@ -191,7 +191,8 @@ def _edge_rows(b: dict) -> dict:
             "x": np.asarray(b["a"], np.int64), "y": np.asarray(b["b"], np.int64),
             "s": np.asarray(b["sim"], np.float32), "k": np.asarray(b["kind"], np.int8),
             "v": np.asarray(b["score"], np.float32) if "score" in b else np.asarray(b["sim"], np.float32),
-            "h": np.zeros(n, np.int64), "key": np.full(n, "", dtype=object)}
+            "h": np.zeros(n, np.int64), "key": np.full(n, "", dtype=object), "r": np.zeros(n, np.int8),
+            "u": np.full(n, "", dtype=object)}
 
 
 def _node_rows(b: dict) -> dict:
@@ -200,7 +201,11 @@ def _node_rows(b: dict) -> dict:
             "x": np.asarray(b["gid"], np.int64), "y": np.asarray(b["pixels"], np.int64),
             "s": np.zeros(n, np.float32), "k": np.zeros(n, np.int8), "v": np.zeros(n, np.float32),
             "h": np.asarray(b["phash"], np.int64) if "phash" in b else np.zeros(n, np.int64),
-            "key": np.asarray(b["key"], dtype=object)}
+            "key": np.asarray(b["key"], dtype=object),
+            "r": np.asarray(b["role"], np.int8) if "role" in b else np.zeros(n, np.int8),
+            # url as a string column throughout ("" for none): a Ray block of all-null objects would not unify
+            "u": np.array(["" if not isinstance(u, str) else u for u in b["url"]], dtype=object) if "url" in b
+            else np.full(n, "", dtype=object)}
 
 
 def _solve_rows(solve, b: dict):
@@ -210,13 +215,14 @@ def _solve_rows(solve, b: dict):
     edges = {"a": x[e], "b": y[e], "sim": np.asarray(b["s"])[e], "kind": np.asarray(b["k"])[e],
              "score": np.asarray(b["v"])[e], "comp": comp[e]}
     nodes = {"gid": x[n], "pixels": y[n], "key": np.asarray(b["key"], dtype=object)[n], "phash": np.asarray(b["h"])[n],
-             "comp": comp[n]}
+             "comp": comp[n], "role": np.asarray(b["r"], np.int8)[n],
+             "url": np.array([u or None for u in np.asarray(b["u"], dtype=object)[n]], dtype=object)}
     return solve(edges, nodes)
 
 
 def per_component(ex, edges_c, nodes_c, parts: int, solve):
     """solve(edges, nodes) -> batch, called with every edge and node of whole components (a call may hold
-    several). edges_c: (a, b, sim, kind, score, comp); nodes_c: (gid, pixels, key, phash, comp)."""
+    several). edges_c: (a, b, sim, kind, score, comp); nodes_c: (gid, pixels, key, phash, comp[, role, url])."""
     if ex.kind == "local":
         if nodes_c is None:
             return None

@@ -29,6 +29,10 @@ def hash64(values, key: int = 0) -> np.ndarray:
 
 
 def keys_map(store, i: int) -> dict:
+    from scanner.corpus.store import REFERENCE
+
+    if store.roles[i] == REFERENCE:  # another data set: its keys may be anything
+        return {"h": np.zeros(0, np.uint64), "gid": np.zeros(0, np.int64)}
     keys = store.read(i, ["key"])["key"].to_numpy(dtype=object)
     have = np.flatnonzero(pd_notna(keys))
     return {"h": hash64(keys[have]), "gid": (store.offsets[i] + have).astype(np.int64)}
@@ -85,6 +89,15 @@ def run_keys(ctx) -> dict:
     cand = np.sort(found["gid"]) if found else np.zeros(0, np.int64)
     rows = store.gather_columns(cand, ["key", "shard"]) if len(cand) else pd.DataFrame(columns=["key", "shard"])
     msgs = repeated_key_errors(rows["key"].tolist(), rows["shard"].tolist())
+    if len(cand) and store.incremental:
+        from scanner.corpus.store import OLD
+
+        # --against: an old scan's sample keeps its key (it was scanned, grouped and listed already); the new copy
+        # is the error row. Old rows are errors only where the old scan repeated the key itself.
+        old = store.role_of(cand) == OLD
+        old_msgs = repeated_key_errors([k if o else None for k, o in zip(rows["key"].tolist(), old)],
+                                       rows["shard"].tolist())
+        msgs = [om if o else m for m, om, o in zip(msgs, old_msgs, old)]
     rep = pd.DataFrame({"gid": cand, "error": msgs}).dropna(subset=["error"])
     ctx.out.write_parquet(f"{ctx.step_dir('keys')}/repeated.parquet", rep.astype({"gid": "int64", "error": "string"}))
     from scanner.corpus.rows import _repeated

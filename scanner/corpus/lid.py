@@ -32,6 +32,13 @@ def select_ok_searched(store, i: int) -> np.ndarray:
     return m["ok"] & m["searched"]
 
 
+def select_ok_asking(store, space: str, i: int) -> np.ndarray:
+    """The rows whose LID_* is computed: ok rows of the shards that ask (--against: not the old scan's)."""
+    if not store.asks[i]:
+        return np.zeros(int(store.sizes[i]), bool)
+    return select_ok(store, i) if space == "vectors" else select_ok_searched(store, i)
+
+
 def _spectra_consumer(store, space: str, qg, nbr, _sims, rows):
     """(gid, spec) of the queries: local_spectra of their neighbours' model-space vectors (from the list's rows when
     the search ran in model space, else read by gid)."""
@@ -77,9 +84,11 @@ def run_lid(ctx) -> dict:
         return {"n": n, "space": "clip" if space == "embeddings" else "model"}
     k = min(g.lpca_k + 1, n)
     plan = make_plan(n, store.dim(space), k, "l2", search_knobs(cfg), cfg.corpus.budget_bytes)
+    queries = functools.partial(select_ok_asking, store, space) if not store.asks.all() else None
     t, info = search(store, space, select, plan, functools.partial(_spectra_consumer, store, space), ex,
                      seed=cfg.seed, recall_sample=cfg.neighbours.recall_sample, log=log.info,
-                     budget_bytes=cfg.corpus.budget_bytes, side=(ctx.out, f"{ctx.step_dir('lid')}/_recall"))
+                     budget_bytes=cfg.corpus.budget_bytes, side=(ctx.out, f"{ctx.step_dir('lid')}/_recall"),
+                     queries=queries)
     info["rows"] = write_by_shard(ex, t, store, "lid", n * (8 + 4 * k), cfg.corpus.budget_bytes)
     info["space"] = "clip" if space == "embeddings" else "model"
     return info

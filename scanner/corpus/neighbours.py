@@ -25,6 +25,7 @@ import logging
 import numpy as np
 
 from scanner.corpus.copies import BYTES, PHASH
+from scanner.corpus.store import NEW
 
 LOG = logging.getLogger("memscan")
 EMBEDDING, CANDIDATE, ALIGNED = 2, 3, 4
@@ -56,7 +57,9 @@ def select_index(store, i: int) -> np.ndarray:
 
 
 def select_askers(store, i: int) -> np.ndarray:
-    """Searched rows minus byte copies (they have their original's embedding)."""
+    """Searched rows minus byte copies (they have their original's embedding), of the shards that ask."""
+    if not store.asks[i]:
+        return np.zeros(int(store.sizes[i]), bool)
     m = select_searched(store, i)
     u = _units_of(store, i)
     if u is not None:
@@ -73,18 +76,20 @@ def _attrs(store, b: dict) -> dict:
     g = cols["gid"]
     sh = store.shard_of(g)
     keys = np.empty(len(g), object)
+    urls = np.empty(len(g), object)
     pixels = np.zeros(len(g), np.int64)
     phash = np.zeros(len(g), np.int64)
     for s in np.unique(sh):
         m = sh == s
-        df = store.read(int(s), ["key", "width", "height", "phash"])
+        df = store.read(int(s), ["key", "width", "height", "phash", "url"])
         rows = g[m] - store.offsets[s]
         keys[m] = df["key"].to_numpy(dtype=object)[rows]
+        urls[m] = df["url"].to_numpy(dtype=object)[rows]
         w, h = (df[c].fillna(0).to_numpy(np.int64)[rows] for c in ("width", "height"))
         pixels[m] = np.maximum(w, 0) * np.maximum(h, 0)
         phash[m] = pd_int(df["phash"])[rows]
     return {**{k: v for k, v in cols.items() if k not in ("shard", "node")}, "gid": g, "pixels": pixels, "key": keys,
-            "phash": phash}
+            "phash": phash, "url": urls, "role": store.role_of(g).astype(np.int8)}
 
 
 def pd_int(col) -> np.ndarray:
@@ -291,10 +296,14 @@ def _drop_checked(b: dict) -> dict:
 
 # ---- step `groups`
 
-def _solve_groups(rest: str, table, edges: dict, nodes: dict) -> dict:
+def _solve_groups(rest: str, table, keep_old: bool, edges: dict, nodes: dict) -> dict:
     """Units and one-per-ball groups of whole components: (gid, key, group_id, kept, keep, link, score, precision,
-    copy_group) per member. rest: what a checked candidate's link is called (verified, aligned); table: the
-    calibration table that applies (scanner.neighbours.calibrated; None: no precision)."""
+    copy_group, kept_key, kept_url) per member. rest: what a checked candidate's link is called (verified, aligned);
+    table: the calibration table that applies (scanner.neighbours.calibrated; None: no precision).
+
+    The groups are the same whatever the scans' order (scan A then B --against A, or A and B at once): they depend
+    on the links and the keep rank (pixels, key) alone. Only which member is kept may differ: a reference image
+    always, else (keep_old) an old scan's image, is kept over this scan's (the best of them by the keep rule)."""
     from scanner.neighbours.calibrated import precision_of
     from scanner.neighbours.dedup import copy_units, leader_groups, link_names, member_links
     from scanner.neighbours.phash import _popcount
@@ -303,6 +312,8 @@ def _solve_groups(rest: str, table, edges: dict, nodes: dict) -> dict:
     order = np.argsort(g)
     g, pixels, keys = g[order], np.asarray(nodes["pixels"])[order], np.asarray(nodes["key"], dtype=object)[order]
     phash = np.asarray(nodes["phash"], np.int64)[order]
+    role = np.asarray(nodes["role"], np.int8)[order]
+    urls = np.asarray(nodes["url"], dtype=object)[order]
     a, b = np.searchsorted(g, np.asarray(edges["a"], np.int64)), np.searchsorted(g, np.asarray(edges["b"], np.int64))
     kind, sims = np.asarray(edges["kind"]), np.asarray(edges["sim"], np.float32)
     escore = np.asarray(edges["score"], np.float32)
@@ -330,11 +341,21 @@ def _solve_groups(rest: str, table, edges: dict, nodes: dict) -> dict:
     precision = precision_of(table, lkind, score)
     members = np.flatnonzero(group >= 0)
     kept_node = kept[group[members]]
+    if (role != NEW).any():  # priority: reference, then old (keep_old), then the keep rule
+        from scanner.corpus.store import OLD, REFERENCE
+
+        prio = np.where(role == REFERENCE, 0, np.where((role == OLD) & keep_old, 1, 2))
+        o = np.lexsort((rank[members], prio[members], group[members]))
+        gm = group[members][o]
+        first = np.r_[True, gm[1:] != gm[:-1]]
+        best = dict(zip(gm[first].tolist(), members[o][first].tolist()))
+        kept_node = np.array([best[x] for x in group[members].tolist()], np.int64)
     # a group that holds byte-identical images is a group of copies for certain (DD-Mem at any scale)
     byte_groups = np.unique(group[np.flatnonzero(link == "bytes")])
     copy_group = np.isin(group[members], byte_groups[byte_groups >= 0])
     keep = kept_node == members
     return {"gid": g[members], "key": keys[members], "group_id": g[kept_node], "kept": g[kept_node], "keep": keep,
+            "kept_key": keys[kept_node], "kept_url": urls[kept_node], "kept_role": role[kept_node],
             "link": link[members].astype(object), "copy_group": copy_group,
             "score": np.where(keep, np.nan, score[members]).astype(np.float32),
             "precision": np.where(keep, np.nan, precision[members]).astype(np.float32)}
@@ -369,6 +390,12 @@ def run_groups(ctx) -> dict:
                 if ctx.has(s)]
     n_edges = (int(ctx.info.get("copies", {}).get("links", 0)) + int(ctx.info.get("links", {}).get("embedding", 0))
                + int(ctx.info.get("aligned", {}).get("linked", 0)))
+    # --against: the old scan's embedding and checked links, where it wrote them (its gids are the first of ours)
+    for e in ctx.prior.get("edges", []):
+        from scanner.storage import Out
+
+        parts_in.append(ex.map(ex.read(Out(e["out"]), e["folder"]), functools.partial(_below, int(e["rows"]))))
+        n_edges += int(e.get("links", 0))
     if not n_edges:
         return {"groups": 0, "members": 0}
     edges = ex.materialize(ex.map(ex.union(*[p for p in parts_in if p is not None]), _no_candidates))
@@ -381,7 +408,8 @@ def run_groups(ctx) -> dict:
     n_cfg = ctx.cfg.neighbours
     rest = "verified" if n_cfg.verifier == "affine" else "aligned"
     table, why = load_table(ctx.embedder, n_cfg)
-    members = per_component(ex, edges_c, nodes, parts, functools.partial(_solve_groups, rest, table))
+    keep_old = ctx.cfg.incremental.keep_old
+    members = per_component(ex, edges_c, nodes, parts, functools.partial(_solve_groups, rest, table, keep_old))
     # each member's cosine to its kept image: both embeddings read where their shards are
     dim = store.dim("embeddings") or 1
     sp = min(len(store), parts_for(n_edges * 8 * dim, budget))
@@ -415,6 +443,13 @@ def run_groups(ctx) -> dict:
     return {**stats, "members": written}
 
 
+def _below(rows: int, b: dict) -> dict | None:
+    """An old scan's links among its own corpus rows (gid < rows: not its reference set's), as _with_sim's."""
+    b = _with_sim(b)
+    m = (b["a"] < rows) & (b["b"] < rows)
+    return {k: v[m] for k, v in b.items()} if m.any() else None
+
+
 def _no_candidates(b: dict) -> dict | None:
     m = np.asarray(b["kind"]) != CANDIDATE
     return {k: np.asarray(v)[m] for k, v in b.items()} if m.any() else None
@@ -422,4 +457,4 @@ def _no_candidates(b: dict) -> dict | None:
 
 def _group_cols(b: dict) -> dict:
     return {c: np.asarray(b[c]) for c in ("gid", "key", "group_id", "similarity", "keep", "link", "copy_group", "score",
-                                          "precision")}
+                                          "precision", "kept_key", "kept_url", "kept_role")}

@@ -15,6 +15,8 @@ import functools
 
 import numpy as np
 
+from scanner.corpus.store import REFERENCE
+
 LIGHT = ["key", "error", "error_stage", "embed_error"]
 REPEATED = "corpus/keys/repeated.parquet"
 
@@ -51,7 +53,8 @@ def masks(store, i: int, df=None) -> dict[str, np.ndarray]:
     gids = store.offsets[i] + np.arange(len(df))
     has_key = df["key"].notna().to_numpy()
     rep = member(repeated(store)[0], gids)
-    ok = has_key & df["error"].isna().to_numpy() & ~rep
+    # a reference set's rows are searched and grouped, never scored, classed or in LID_*
+    ok = has_key & df["error"].isna().to_numpy() & ~rep & (store.roles[i] != REFERENCE)
     searched = (has_key & df["embed_error"].isna().to_numpy() & ~rep
                 & ~df["error_stage"].isin(["read", "decode"]).to_numpy() & store.has_array("embeddings", i))
     return {"has_key": has_key, "ok": ok, "searched": searched}

@@ -15,9 +15,15 @@ step that did not finish. Each runs in this process for a small corpus and as Ra
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
+
+from scanner.corpus.store import REFERENCE, ROLES
+
+SHARDS_JSON = "corpus/shards.json"  # the shards the steps read, in gid order: {name, out, role[, file]}
+EDGES_JSON = "corpus/edges.json"  # the links the groups were made of (_edges_record)
 
 log = logging.getLogger("memscan")
 
@@ -81,9 +87,11 @@ def build_steps(cfg, store, embedder: str | None, has_generations: bool) -> list
 
 
 def corpus_steps(cfg, out, shards: list[str], embedder: str | None = None, embedder_trained: bool = False,
-                 inside_step=None) -> dict:
+                 inside_step=None, prior: dict | None = None) -> dict:
     """Run the corpus steps into `out` (a scanner.storage.Out, path or URL) over the part files of `shards` (their
-    names, or local paths). Returns the summary's corpus part. inside_step: see workflow.run_workflow."""
+    names, or local paths). Returns the summary's corpus part. inside_step: see workflow.run_workflow.
+    prior: {"order": scanner.prior.shard_order(...), "olds": [Prior], "refs": [Prior]} for a scan --against finished
+    scans or with --reference sets (None: this run's shards alone)."""
     from scanner.corpus.executor import choose
     from scanner.corpus.replications import GENERATIONS
     from scanner.corpus.store import PartStore
@@ -97,16 +105,65 @@ def corpus_steps(cfg, out, shards: list[str], embedder: str | None = None, embed
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     start_mem = memory_mb()
-    store = PartStore(out, shards, cache=work / "cache")
+    order = (prior or {}).get("order") or [{"name": os.path.basename(str(n)).removesuffix(".tar"), "out": out.uri(),
+                                            "role": "new"} for n in shards]
+    store = PartStore(out, [o["name"] for o in order], cache=work / "cache", sources=[o["out"] for o in order],
+                      roles=[o["role"] for o in order], files=[o.get("file", o["name"]) for o in order])
+    out.write_json(SHARDS_JSON, order)
+    ctx_prior = _prior_context(store, prior or {})
     ex = choose(store.n, cfg.corpus.ray_min_rows, cfg.corpus.executor, cfg.corpus.budget_bytes)
     log.info(f"corpus steps: {store.n:,} rows in {len(store):,} shards within corpus.memory_gb = "
              f"{cfg.corpus.memory_gb:g} per task, {'in this process' if ex.kind == 'local' else 'as Ray tasks'}")
     ctx = Context(cfg=cfg, out=out, store=store, work=work, executor=ex, embedder=embedder,
-                  embedder_trained=embedder_trained)
+                  embedder_trained=embedder_trained, prior=ctx_prior)
     steps = build_steps(cfg, store, embedder, out.exists(GENERATIONS))
     info = run_workflow(ctx, steps, inside_step=inside_step)
+    out.write_json(EDGES_JSON, _edges_record(out, store, ctx_prior, info))
     shutil.rmtree(work, ignore_errors=True)
-    return summarize(cfg, out, store, info, embedder, embedder_trained, start_mem, t0)
+    summary = summarize(cfg, out, store, info, embedder, embedder_trained, start_mem, t0)
+    if prior and (prior.get("olds") or prior.get("refs")):
+        summary["against"] = [p.record() for p in prior.get("olds", [])]
+        summary["reference"] = [p.record() for p in prior.get("refs", [])]
+        summary["corpus"]["rows_by_role"] = {r: int(sum(store.sizes[i] for i in store.shards_of(c)))
+                                             for r, c in ROLES.items()}
+        summary["corpus"]["asking_rows"] = int(store.sizes[store.asks].sum())
+        summary["counts"]["removed_old"] = info["tables"].get("removed_old", 0)
+    return summary
+
+
+def _prior_context(store, prior: dict) -> dict:
+    """What the steps take from the scans read with this one: which shards ask the neighbour searches, the first
+    --against scan's links (its gids are the first of ours) and cut."""
+    from scanner.corpus.store import OLD
+
+    olds = prior.get("olds") or []
+    ctx: dict = {}
+    if not olds:
+        store.asks[:] = store.roles != REFERENCE
+        return ctx
+    first = olds[0]
+    reused = {(s["out"], s["name"]) for s in first.shards}
+    store.asks[:] = [(r != REFERENCE) and not (r == OLD and (src, f) in reused)
+                     for src, f, r in zip(store.source, store.files, store.roles)]
+    from scanner.storage import Out
+
+    o = Out(first.uri)
+    ctx["edges"] = o.read_json(EDGES_JSON)
+    if first.cut is not None:
+        ctx["cut"], ctx["cut_from"] = first.cut, first.uri
+    return ctx
+
+
+def _edges_record(out, store, ctx_prior: dict, info: dict) -> list[dict]:
+    """corpus/edges.json: the embedding and checked links this scan's groups were made of, where they are (this
+    scan's corpus/links and corpus/aligned, and those its --against scan reused), each valid below `rows` (the
+    corpus rows, not a reference set's, of the scan that wrote it). A scan --against this one reuses them."""
+    rows = int(store.sizes[store.roles != REFERENCE].sum())
+    mine = [{"out": out.uri(), "folder": "corpus/links", "rows": rows,
+             "links": int(info.get("links", {}).get("embedding", 0))} if "links" in info else None,
+            {"out": out.uri(), "folder": "corpus/aligned", "rows": rows,
+             "links": int(info.get("aligned", {}).get("linked", 0))} if "aligned" in info else None]
+    return list(ctx_prior.get("edges", [])) + [e for e in mine if e is not None]
 
 
 def summarize(cfg, out, store, info: dict, embedder, embedder_trained, start_mem, t0) -> dict:

@@ -6,6 +6,11 @@ shard whose array is missing or misaligned simply has none (its rows are not sea
 
 The --out may be in object storage (scanner.storage.Out): tables are read through its filesystem; an array is
 memory-mapped from disk, so one in object storage is copied once to the local `cache` folder on first use.
+
+A scan `--against` finished scans (scanner.corpus.prior) reads their part files where they are: each shard has a
+source (the --out holding its part file and arrays) and a role, `old` (a shard of a finished scan: its shards come
+first, in that scan's order, so their gids are that scan's), `new` (this run's) or `reference` (a reference set's,
+last). Every step writes its own output into this run's --out (`out`).
 """
 
 from __future__ import annotations
@@ -15,31 +20,65 @@ from pathlib import Path
 
 import numpy as np
 
+NEW, OLD, REFERENCE = 0, 1, 2
+ROLES = {"new": NEW, "old": OLD, "reference": REFERENCE}
+
 
 class PartStore:
-    def __init__(self, out, shards: list[str], cache: Path | None = None):
+    def __init__(self, out, shards: list[str], cache: Path | None = None, sources: list[str | None] | None = None,
+                 roles: list[str] | None = None, files: list[str] | None = None):
         """out: the scan's --out (a scanner.storage.Out, or a local path); cache: a local folder for arrays copied
-        from object storage (None: out is local)."""
+        from object storage (None: every source is local). sources: per shard, the --out (URI) holding its part
+        file (None: `out`); roles: per shard, new / old / reference (None: all new); files: per shard, its part
+        file's name at its source when that is not its name here (a reference set's shards are renamed, refN-NAME,
+        so that they never clash with the corpus's)."""
         from scanner.storage import Out
 
         self.out = out if isinstance(out, Out) else Out(out)
         self.cache = Path(cache) if cache is not None else None
-        if not self.out.local and self.cache is None:
-            raise ValueError(f"{self.out} is in object storage: PartStore needs a local cache folder for its arrays")
         # a shard's name: what the pipeline passes (scanner.data.shards.shard_name), or a local path's base name
         self.names = [os.path.basename(str(s)).removesuffix(".tar") for s in shards]
-        self.sizes = np.array([self.out.parquet_file(self.part_rel(n)).metadata.num_rows for n in self.names],
-                              np.int64)
+        if len(set(self.names)) != len(self.names):
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ValueError(f"shard names must be unique across the scans read together; repeated: {dup[:5]}")
+        uris = [self.out.uri() if s is None else str(s) for s in (sources or [None] * len(self.names))]
+        self._outs = {u: (self.out if u == self.out.uri() else Out(u)) for u in dict.fromkeys(uris)}
+        self.source = uris
+        self.roles = np.array([ROLES[r] for r in (roles or ["new"] * len(self.names))], np.int8)
+        if self.cache is None and not all(o.local for o in self._outs.values()):
+            raise ValueError(f"{self.out} reads part files in object storage: PartStore needs a local cache folder "
+                             "for their arrays")
+        self.files = list(files) if files is not None else list(self.names)
+        # the shards whose rows ask the neighbour searches (links, LID_*): all, except an --against scan's whose
+        # own links are reused (their pairs were found when it ran) and a reference set's (found by the corpus)
+        self.asks = np.ones(len(self.names), bool)
+        self.sizes = np.array([self.src(i).parquet_file(self.part_rel(self.files[i])).metadata.num_rows
+                               for i in range(len(self.names))], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self._columns: set[str] | None = None
         self._local: dict[tuple[str, int], Path | None] = {}
 
+    def src(self, i: int):
+        """The Out holding shard i's part file and arrays."""
+        return self._outs[self.source[i]]
+
+    def role_of(self, gids: np.ndarray) -> np.ndarray:
+        """NEW / OLD / REFERENCE of each row."""
+        return self.roles[self.shard_of(np.asarray(gids, np.int64))]
+
+    def shards_of(self, *roles: int) -> list[int]:
+        return [i for i in range(len(self)) if self.roles[i] in roles]
+
+    @property
+    def incremental(self) -> bool:
+        return bool((self.roles != NEW).any())
+
     def __getstate__(self) -> dict:
         """Shipped to Ray tasks: the array cache is each machine's own (a folder in its temp directory)."""
         state = dict(self.__dict__)
         state["_local"] = {}
-        if not self.out.local:
+        if not all(o.local for o in self._outs.values()):
             import hashlib
             import tempfile
 
@@ -59,18 +98,19 @@ class PartStore:
         """Columns present in any part (parts of a dedup run have no score columns)."""
         if self._columns is None:
             self._columns = set()
-            for n in self.names:
-                self._columns.update(self.out.parquet_file(self.part_rel(n)).schema_arrow.names)
+            for i, n in enumerate(self.files):
+                self._columns.update(self.src(i).parquet_file(self.part_rel(n)).schema_arrow.names)
         return self._columns
 
     def read(self, i: int, columns: list[str] | None = None):
         """Shard i's part rows as a DataFrame; `columns` it lacks come back as nulls."""
         import pandas as pd
 
-        rel = self.part_rel(self.names[i])
-        have = self.out.parquet_file(rel).schema_arrow.names
+        rel = self.part_rel(self.files[i])
+        src = self.src(i)
+        have = src.parquet_file(rel).schema_arrow.names
         want = have if columns is None else [c for c in columns if c in have]
-        df = self.out.read_parquet(rel, columns=want) if want else pd.DataFrame(index=range(int(self.sizes[i])))
+        df = src.read_parquet(rel, columns=want) if want else pd.DataFrame(index=range(int(self.sizes[i])))
         for c in columns or ():
             if c not in df:
                 df[c] = None
@@ -80,14 +120,15 @@ class PartStore:
         """The local path of shard i's array in `folder` (copied from object storage on first use), None if none."""
         key = (folder, i)
         if key not in self._local:
-            rel = f"{folder}/{self.names[i]}.npy"
-            if self.out.local:
-                p = self.out.local_path(rel)
+            rel = f"{folder}/{self.files[i]}.npy"
+            src = self.src(i)
+            if src.local:
+                p = src.local_path(rel)
                 self._local[key] = p if p.is_file() else None
-            elif self.out.exists(rel):
+            elif src.exists(rel):
                 from scanner.storage import local_copy
 
-                self._local[key] = Path(local_copy(self.out.uri(rel), self.cache))
+                self._local[key] = Path(local_copy(src.uri(rel), self.cache))
             else:
                 self._local[key] = None
         return self._local[key]
@@ -163,7 +204,7 @@ class PartStore:
         keys, pixels = [], []
         for i in np.unique(shard):
             rows = pa.array(gids[shard == i] - self.offsets[i])
-            t = self.out.parquet_file(self.part_rel(self.names[int(i)])).read(columns=["key", "width", "height"]
+            t = self.src(int(i)).parquet_file(self.part_rel(self.files[int(i)])).read(columns=["key", "width", "height"]
                                                                                  ).take(rows)
             keys.append(t.column("key").combine_chunks().cast(pa.string()))
             px = pc.multiply(pc.fill_null(t.column("width"), 0), pc.fill_null(t.column("height"), 0))

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scanner.corpus.classify import REMOVAL_ORDER, classify, lpca_count, removal_reasons, verdicts
+from scanner.corpus.store import NEW, OLD, REFERENCE
 from scanner.schema import DUPLICATES, ERRORS, P_LAPLACE_PREFIX, REMOVAL, REPLICATIONS, SOURCE, scores_schema
 
 SCORE_COLUMNS = ("lid_flipd", "lid_nb", "score_norm", "score_norm_cal", "loss_cal", "cfg_norm")
@@ -52,13 +53,18 @@ def _tables_map(store, cfg, thresholds: dict, replicated: frozenset, p_cols: tup
     df["lid_lpca"] = lid
     df["lid_gap"] = df["lid_lpca"] - df["lid_flipd"] if "lid_flipd" in df else np.nan
     grp = read_shard_file(store, "groups", i)
-    in_group = dropped = copies = np.zeros(len(df), bool)
+    in_group = dropped = copies = reference = np.zeros(len(df), bool)
+    matched_key, matched_url = np.full(len(df), None, object), np.full(len(df), None, object)
     if grp is not None and len(grp):
         pos = np.searchsorted(gids, grp["gid"].to_numpy())
-        in_group, dropped, copies = (np.zeros(len(df), bool) for _ in range(3))
+        in_group, dropped, copies, reference = (np.zeros(len(df), bool) for _ in range(4))
         in_group[pos] = True
-        dropped[pos[~grp["keep"].to_numpy(bool)]] = True
+        drop = ~grp["keep"].to_numpy(bool)
+        dropped[pos[drop]] = True
         copies[pos[grp["copy_group"].to_numpy(bool)]] = True
+        reference[pos[drop & (grp["kept_role"].to_numpy() == REFERENCE)]] = True
+        matched_key[pos[drop]] = grp["kept_key"].to_numpy(dtype=object)[drop]
+        matched_url[pos[drop]] = grp["kept_url"].to_numpy(dtype=object)[drop]
     classify(df, cfg, thresholds, copies=copies)
     rep = df["key"].isin(replicated).to_numpy()
     verdicts(df, in_group, dropped, rep)
@@ -72,8 +78,11 @@ def _tables_map(store, cfg, thresholds: dict, replicated: frozenset, p_cols: tup
         bad, emb.rename(columns={"embed_error": "error"}).assign(stage="embed")], ignore_index=True)
     if len(errors):
         store.out.write_parquet(f"corpus/tables/errors/{name}.parquet", errors, ERRORS)
-    reason = removal_reasons(df, in_group, dropped, rep)
-    rem = pd.DataFrame({"key": df["key"], "shard": df["shard"], "url": df["url"], "reason": reason}
+    reason = removal_reasons(df, in_group, dropped, rep, reference)
+    grouped = reason.isin(["reference", "duplicate"]).to_numpy()
+    rem = pd.DataFrame({"key": df["key"], "shard": df["shard"], "url": df["url"], "reason": reason,
+                        "matched_key": np.where(grouped, matched_key, None),
+                        "matched_url": np.where(grouped, matched_url, None)}
                        )[reason.notna().to_numpy()].sort_values("key")
     if len(rem):
         store.out.write_parquet(f"corpus/tables/removal/{name}.parquet", rem, REMOVAL)
@@ -89,6 +98,31 @@ def _tables_map(store, cfg, thresholds: dict, replicated: frozenset, p_cols: tup
             **{f"removed_{k}": np.array([int(rr.get(k, 0))], np.int64) for k in REMOVAL_ORDER}}
 
 
+def _old_removal_map(store, i: int) -> dict:
+    """--against with incremental.remove_old: an old scan's shard's rows that this scan's groups drop (a new image
+    kept over them, or a reference image matched): removal rows only (the old scan's tables are its own)."""
+    from scanner.corpus.rows import read_shard_file
+
+    grp = read_shard_file(store, "groups", i)
+    n = 0
+    if grp is not None and len(grp):
+        drop = ~grp["keep"].to_numpy(bool) & (grp["kept_role"].to_numpy() != OLD)
+        g = grp[drop]
+        if len(g):
+            df = store.read(i, ["key", "shard", "url"])
+            rows = g["gid"].to_numpy() - store.offsets[i]
+            ref = g["kept_role"].to_numpy() == REFERENCE
+            rem = pd.DataFrame({"key": df["key"].to_numpy(dtype=object)[rows],
+                                "shard": df["shard"].to_numpy(dtype=object)[rows],
+                                "url": df["url"].to_numpy(dtype=object)[rows],
+                                "reason": np.where(ref, "reference", "duplicate"),
+                                "matched_key": g["kept_key"].to_numpy(dtype=object),
+                                "matched_url": g["kept_url"].to_numpy(dtype=object)}).sort_values("key")
+            store.out.write_parquet(f"corpus/tables/removal/{store.names[i]}.parquet", rem, REMOVAL)
+            n = len(rem)
+    return {"shard": np.array([i], np.int64), "removed_old": np.array([n], np.int64)}
+
+
 def run_tables(ctx) -> dict:
     from scanner.corpus.executor import concat
 
@@ -101,9 +135,14 @@ def run_tables(ctx) -> dict:
         replicated = frozenset(reps.loc[reps["replicated"], "matched_key"].dropna())
     p_cols = tuple(sorted(c for c in store.columns if c.startswith(P_LAPLACE_PREFIX)))
     ctx.out.remove("corpus/tables", recursive=True)
+    # the tables of this scan's shards only: an --against scan's rows have their tables there, a reference set's none
     c = concat(ex.batches(ex.from_items(functools.partial(_tables_map, store, cfg, thresholds, replicated, p_cols),
-                                        range(len(store)))))
+                                        store.shards_of(NEW))))
     tot = {k: int(np.sum(v)) for k, v in c.items() if k != "shard"} if c else {}
+    removed_old = 0
+    if cfg.incremental.remove_old and store.shards_of(OLD):
+        o = concat(ex.batches(ex.from_items(functools.partial(_old_removal_map, store), store.shards_of(OLD))))
+        removed_old = int(np.sum(o["removed_old"])) if o else 0
     return {"counts": {
         "seen": tot.get("seen", 0), "embedded": tot.get("embedded", 0), "scored": tot.get("scored", 0) if cfg.model.kind != "none" else 0,
         "errors": tot.get("errors", 0), "shard_errors": tot.get("stage_shard_errors", 0),
@@ -112,6 +151,7 @@ def run_tables(ctx) -> dict:
         "verdict": {k: tot[f"verdict_{k}"] for k in ("confirmed", "suspected", "duplicate", "clear")
                     if tot.get(f"verdict_{k}")}},
         "stage_errors": {k: tot.get(f"stage_{k}", 0) for k in ("read", "embed", "score")},
+        "removed_old": removed_old,
         "thresholds": thresholds}
 
 
@@ -169,15 +209,28 @@ def run_outputs(ctx) -> dict:
     txt.commit()
     info = {"errors": errors.rows, "removed": removal.rows}
     if ctx.has("groups"):
-        dups = TableWriter(out, "duplicates.parquet", DUPLICATES)
-        for i, n in enumerate(names):
-            from scanner.corpus.rows import read_shard_file
+        from scanner.corpus.rows import read_shard_file
 
-            g = read_shard_file(ctx.store, "groups", i)
+        store = ctx.store
+        dups = TableWriter(out, "duplicates.parquet", DUPLICATES)
+        with_new = None  # --against / --reference: the groups that hold a sample of this scan, with all members
+        if store.incremental:
+            with_new = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
+                g["group_id"].to_numpy(np.int64) for i in store.shards_of(NEW)
+                if (g := read_shard_file(store, "groups", i, ["group_id"])) is not None]))
+        role_names = {NEW: "new", OLD: "old", REFERENCE: "reference"}
+        for i, n in enumerate(names):
+            g = read_shard_file(store, "groups", i)
             if g is None or not len(g):
                 continue
-            url = ctx.store.read(i, ["url"])["url"].to_numpy(dtype=object)[g["gid"].to_numpy() - ctx.store.offsets[i]]
-            g = g.assign(url=url)
+            if with_new is not None:
+                g = g[np.isin(g["group_id"].to_numpy(np.int64), with_new)]
+                if not len(g):
+                    continue
+            url = store.read(i, ["url"])["url"].to_numpy(dtype=object)[g["gid"].to_numpy() - store.offsets[i]]
+            # scan: where an old or reference member's part file is (null for this scan's own)
+            g = g.assign(url=url, role=role_names[int(store.roles[i])],
+                         scan=None if store.roles[i] == NEW else store.source[i])
             dups.write_table(pa.Table.from_pandas(g[DUPLICATES.names], schema=DUPLICATES, preserve_index=False))
         dups.close()
         info["duplicate_rows"] = dups.rows

@@ -1,0 +1,158 @@
+"""Scans read together with this one: finished scans (`--against OLD_OUT`) and reference sets (`--reference`).
+
+    olds = open_against(["/scans/week1"], manifest)        # checked before any work starts
+    refs = open_reference(["/eval/out"], manifest)          # a finished scan or dedup as a reference set
+    order = shard_order(olds, new_names, refs)              # (name, source URI, role) of every shard, gid order
+
+A finished scan is read only through its part files (and its arrays and recorded cut), never through its shards.
+Every scan records the shards its corpus steps read, in gid order, in OUT/corpus/shards.json; a scan made against
+another lists that one's shards first (role `old`), so a chain of scans (week 1, week 2 against week 1, week 3
+against week 2) reads every earlier week's part files where they were written. A reference set's shards are last
+(role `reference`): they are searched and grouped, never scored, never removed.
+
+Refused at once (exit 2), naming what differs: an --against folder that is not a finished scan or whose corpus
+steps did not complete, one made with another embedder, model, geometry or image size, a reference that cannot be
+read or was embedded with another embedder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scanner.errors import ConfigError
+
+SHARDS_JSON = "corpus/shards.json"
+EDGES_JSON = "corpus/edges.json"
+DONE = "corpus/outputs/_done.json"
+
+
+@dataclass
+class Prior:
+    uri: str
+    role: str  # old | reference
+    shards: list[dict] = field(default_factory=list)  # {"name", "out"} in the scan's gid order
+    cut: dict | None = None  # the scan's corpus/cut/thresholds.json (old scans)
+    embedder: str | None = None  # the checkpoint the scan embedded with (its summary)
+
+    def record(self) -> dict:
+        return {"out": self.uri, "role": self.role, "shards": len(self.shards),
+                "cut": (self.cut or {}).get("threshold") if self.cut is not None else None}
+
+
+def _differs(before: dict | None, now: dict | None) -> bool:
+    return json.dumps(before, sort_keys=True, default=str) != json.dumps(now, sort_keys=True, default=str)
+
+
+def _open(uri: str, what: str):
+    from scanner.storage import Out
+
+    try:
+        out = Out(uri)
+        ok = out.exists("summary.json") and out.exists("parts/_run.json")
+    except Exception as e:
+        raise ConfigError(f"{what} {uri}: cannot be read ({type(e).__name__}: {e})") from e
+    return out, ok
+
+
+def open_scan(uri: str, role: str, manifest: dict, what: str) -> Prior:
+    """A finished scan's shards, cut and embedder, after checking it can be read with this run's parts."""
+    from scanner.config import stage_geometry
+
+    out, ok = _open(uri, what)
+    if not ok:
+        raise ConfigError(f"{what} {uri} is not a finished memscan scan (no summary.json and parts/_run.json there)")
+    missing = [f for f in (DONE, SHARDS_JSON, EDGES_JSON) if not out.exists(f)]
+    if missing:
+        raise ConfigError(f"{what} {uri}: its corpus steps did not complete (no {', '.join(missing)}); rerun the "
+                          "command that made it (it resumes where it stopped) and try again")
+    before = out.read_json("parts/_run.json")
+    keys = ("embedder",) if role == "reference" else ("embedder", "data", "model", "geometry")
+    for k in keys:
+        b, n = before.get(k), manifest.get(k)
+        if k == "geometry":
+            b, n = stage_geometry(b), stage_geometry(n)
+        if _differs(b, n):
+            if isinstance(b, dict) and isinstance(n, dict):
+                detail = "; ".join(f"{kk} {b.get(kk)!r} there, {n.get(kk)!r} here" for kk in sorted(set(b) | set(n))
+                                   if _differs(b.get(kk), n.get(kk)))
+            else:
+                detail = f"{b!r} there, {n!r} here"
+            raise ConfigError(f"{what} {uri} was made with another {k} ({detail}): its part files cannot be read "
+                              f"with this run's; scan with the same {k}, or without {what.split()[0]}")
+    listed = out.read_json(SHARDS_JSON)
+    shards = [{"name": s.get("file", s["name"]), "out": s["out"]} for s in listed
+              if s.get("role") in ("new", "old")]
+    cut = out.read_json("corpus/cut/thresholds.json") if out.exists("corpus/cut/thresholds.json") else None
+    summary = out.read_json("summary.json")
+    emb = ((summary.get("neighbours") or {}).get("embedder") or {}).get("checkpoint")
+    return Prior(uri=out.uri(), role=role, shards=shards, cut=cut, embedder=emb)
+
+
+def open_against(uris: list[str], manifest: dict) -> list[Prior]:
+    return [open_scan(u, "old", manifest, "--against") for u in uris]
+
+
+def is_scan(uri: str) -> bool:
+    """A finished scan's --out (summary.json and parts/_run.json), as opposed to shards."""
+    from scanner.storage import Out
+
+    try:
+        out = Out(uri)
+        return out.exists("summary.json") and out.exists("parts/_run.json")
+    except Exception:  # noqa: BLE001 - not an --out we can read: the caller treats it as shards
+        return False
+
+
+def shard_order(olds: list[Prior], new: list[str], new_out: str, refs: list[Prior]) -> list[dict]:
+    """{name, out, role[, file]} of every shard in gid order: the old scans' (each in its own order, a chain's shards
+    once), this run's, the reference sets'. `name` is the shard's name in this run's corpus steps, `file` its part
+    file's name in `out` where they differ: this run's shards keep theirs; an old shard named as a new one (another
+    folder's 00000.tar) becomes oldJ-NAME, a reference set's refJ-NAME. A key both hold is an error row for the new
+    copy (step `keys`), not a refusal."""
+    order, seen, taken = [], set(), set(new)
+
+    def label(prefix: str, name: str) -> str:
+        if name not in taken:
+            return name
+        k = 0
+        while f"{prefix}{k}-{name}" in taken:
+            k += 1
+        return f"{prefix}{k}-{name}"
+
+    for p in olds:
+        for s in p.shards:
+            if (s["out"], s["name"]) in seen:
+                continue
+            seen.add((s["out"], s["name"]))
+            n = label("old", s["name"])
+            taken.add(n)
+            order.append({"name": n, "file": s["name"], "out": s["out"], "role": "old"})
+    if len(set(new)) != len(new):
+        raise ConfigError(f"--shards lists a shard name twice: {sorted({n for n in new if new.count(n) > 1})[:5]}")
+    order += [{"name": n, "file": n, "out": new_out, "role": "new"} for n in new]
+    for p in refs:  # a reference set's shards are often named 00000.tar too
+        for s in p.shards:
+            n = label("ref", s["name"])
+            taken.add(n)
+            order.append({"name": n, "file": s["name"], "out": s["out"], "role": "reference"})
+    return order
+
+
+def peek_embedder(uri: str) -> str | None:
+    """The embedder checkpoint a finished scan recorded (None: none, or not readable: open_scan will say why)."""
+    from scanner.storage import Out
+
+    try:
+        out = Out(uri)
+        if not out.exists("summary.json"):
+            return None
+        emb = ((out.read_json("summary.json").get("neighbours") or {}).get("embedder") or {}).get("checkpoint")
+        if emb is None:
+            return None
+        from scanner.storage import is_url
+
+        return emb if is_url(emb) or Path(emb).exists() else None
+    except Exception:  # noqa: BLE001 - open_scan reports an unreadable scan with its reason
+        return None
