@@ -171,8 +171,16 @@ windows, last = [], [time.time()]
 def mark(step):
     windows.append((step, last[0], time.time()))
     last[0] = time.time()
+prior = None
+if len(sys.argv) > 7 and sys.argv[7]:  # --incremental: these shards against a finished run of the corpus steps
+    from scanner.prior import Prior, shard_order
+    against = sys.argv[7]
+    listed = json.load(open(os.path.join(against, "corpus", "shards.json")))
+    old = Prior(uri=against, role="old", shards=[{"name": x.get("file", x["name"]), "out": x["out"]} for x in listed
+                                                 if x["role"] in ("old", "new")])
+    prior = {"olds": [old], "refs": [], "order": shard_order([old], names, out, [])}
 t = time.time()
-s = corpus_steps(cfg, out, names, embedder="synthetic", inside_step=mark)
+s = corpus_steps(cfg, out, names, embedder="synthetic", inside_step=mark, prior=prior)
 s["wall_s"] = round(time.time() - t, 1)
 s["windows"] = windows
 tasks = []
@@ -239,13 +247,13 @@ class Sampler(threading.Thread):
 
 
 def run_corpus_steps(out: Path, names: list[str], memory_gb: float, store_gb: float, env: dict,
-                     roots: list[int]) -> dict:
+                     roots: list[int], against: Path | None = None) -> dict:
     (out / "shards.json").write_text(json.dumps(names))
     shutil.rmtree(out / "corpus", ignore_errors=True)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", RUN, str(out), str(out / "shards.json"), str(memory_gb),
-                             str(store_gb), str(THRESHOLD), str(out / "bench_summary.json")], cwd=ROOT,
-                            env={**env, "PYTHONPATH": str(ROOT)})
+                             str(store_gb), str(THRESHOLD), str(out / "bench_summary.json"),
+                             str(against) if against else ""], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})
     sampler = Sampler([proc.pid, *roots])
     sampler.start()
     rc = proc.wait()
@@ -363,6 +371,55 @@ def assignment(lists: list[int], n: int = 100_000, dim: int = 128, spill: int = 
     return rows
 
 
+def _linked(src: Path, dst: Path, names: list[str]) -> None:
+    """dst as a scan's --out holding `names`' part files and embeddings of src (symbolic links: no copy)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    for folder, ext in (("parts", "parquet"), ("embeddings", "npy")):
+        (dst / folder).mkdir(parents=True)
+        for n in names:
+            (dst / folder / f"{n}.{ext}").symlink_to(src / folder / f"{n}.{ext}")
+
+
+def incremental(n: int, dim: int, new_share: float, work: Path, memory_gb: float, store_gb: float) -> dict:
+    """The corpus steps of new shards (new_share of n, the last shards: they hold copies of the old shards'
+    planted images) --against a finished run over the rest, and a full rerun over all of them: wall time, peak
+    memory, each step's seconds, and whether the two give the same duplicate groups (issue #36)."""
+    out = work / f"{n}-{dim}"
+    names, truth = write_corpus(out, n, dim)
+    k = max(1, round(len(names) * new_share))
+    old_names, new_names = names[:-k], names[-k:]
+    env = {k_: v for k_, v in os.environ.items() if k_ != "RAY_ADDRESS"}
+    old_out, new_out = work / f"inc-old-{n}", work / f"inc-new-{n}"
+    _linked(out, old_out, old_names)
+    _linked(out, new_out, new_names)
+    row = {"n": n, "dim": dim, "old_shards": len(old_names), "new_shards": k, "memory_gb": memory_gb,
+           "load_before": load_average()}
+    runs = {}
+    for name, target, shard_names, against in (("old", old_out, old_names, None),
+                                               ("incremental", new_out, new_names, old_out),
+                                               ("full", out, names, None)):
+        r = run_corpus_steps(target, shard_names, memory_gb, store_gb, env, [], against)
+        s = r["summary"]
+        runs[name] = {"rows": s["corpus"]["rows"], "asking_rows": s["corpus"].get("asking_rows", s["corpus"]["rows"]),
+                      "wall_s": r["wall_s"], "peak_private_mb": r["peak_private_mb"], "peak_rss_mb": r["peak_rss_mb"],
+                      "steps_s": {k_: v for k_, v in s["timings_s"].items()}, "index": (s.get("neighbours") or {}).get("index"),
+                      "largest": r["largest"][:3]}
+        print(json.dumps({name: runs[name]}), flush=True)
+    from scanner.corpus.store import PartStore  # noqa: F401 - the package is importable here (sys.path)
+
+    def groups(d: Path) -> set:
+        g = pd.concat([pd.read_parquet(f, columns=["gid", "group_id"]) for f in (d / "corpus" / "groups").glob("*.parquet")])
+        return {frozenset(x["gid"]) for _, x in g.groupby("group_id")}
+
+    full_g, inc_g = groups(out), groups(new_out)
+    row.update(runs=runs, wall_ratio=round(runs["incremental"]["wall_s"] / runs["full"]["wall_s"], 4),
+               new_share=round(runs["incremental"]["asking_rows"] / runs["full"]["rows"], 4),
+               groups_full=len(full_g), groups_incremental=len(inc_g), groups_same=len(full_g & inc_g),
+               groups_identical=full_g == inc_g, **{f"full_{k_}": v for k_, v in evaluate(out, truth).items()},
+               load_after=load_average(), date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count())
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000_000])
@@ -376,9 +433,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lists", type=int, nargs="+", default=[500, 5_000, 50_000, 200_000])
     ap.add_argument("--keep", action="store_true", help="keep the synthetic corpora")
     ap.add_argument("--render", action="store_true", help="only rewrite results/corpus.md from the JSON files")
+    ap.add_argument("--incremental", type=float, metavar="SHARE",
+                    help="the last SHARE of the shards --against a run over the rest, and a full rerun (issue #36)")
     args = ap.parse_args(argv)
     results_path = HERE / "results" / f"{args.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.incremental:
+        for n in args.sizes:
+            row = incremental(n, args.dim, args.incremental, Path(args.work), args.memory_gb, args.object_store_gb)
+            results[f"incremental-{n}-{args.dim}"] = row
+            results_path.write_text(json.dumps(results, indent=1))
+            print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+        return 0
     if args.assignment:
         before = load_average()
         results["assignment"] = {"rows": assignment(args.lists), "load_before": before, "load": load_average(),

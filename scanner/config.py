@@ -252,6 +252,9 @@ class CorpusConfig:
     # step exceeds the work: scanner/corpus/executor.py)
     executor: Literal["auto", "local", "ray"] = "auto"
     ray_min_rows: int = 200_000
+    # keep the links step's inverted lists under OUT/corpus/index (about spill x the embeddings on disk), so that a
+    # later scan --against this one assigns and searches only its new images (an exact search keeps nothing)
+    keep_index: bool = True
 
     def validate(self, p: str = "corpus") -> None:
         _check(self.memory_gb >= 0.25, f"{p}.memory_gb", self.memory_gb, "a number of GiB >= 0.25")
@@ -260,6 +263,7 @@ class CorpusConfig:
         _check(self.detector_sample >= 1000, f"{p}.detector_sample", self.detector_sample, "an int >= 1000")
         _check(self.executor in ("auto", "local", "ray"), f"{p}.executor", self.executor, "auto, local or ray")
         _check(self.ray_min_rows >= 0, f"{p}.ray_min_rows", self.ray_min_rows, "an int >= 0")
+        _check(isinstance(self.keep_index, bool), f"{p}.keep_index", self.keep_index, "true or false")
 
     @property
     def budget_bytes(self) -> int:

@@ -336,6 +336,9 @@ def run_scan(cfg: ScanConfig, out_dir: str | Path, progress: bool = True, label:
         # trained (when no checkpoint is given) before Ray starts, so it has the CPUs to itself
         embedder, trained = ensure_embedder(shards, out, cfg.neighbours, log=log.info)
     prior = check_prior(cfg, out, shards, embedder)  # every --against / --reference checked before any work
+    if inc.against and cfg.classify.calibration_shards:  # the cut is the old scan's: no held-out image to score
+        log.info("--against: the cut is %s's; classify.calibration_shards are not scored again", inc.against[0])
+        cfg = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, calibration_shards=None))
     t_embedder = time.time() - t0
     stages = run_stages(cfg, out, shards, embedder, progress, label)
     if prior is not None:

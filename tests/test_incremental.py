@@ -31,9 +31,9 @@ from scanner.pipeline import run_scan
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dedup(shards: list[Path], out: Path, against: list[Path] = (), reference: list[str] = ()) -> dict:
+def dedup(shards: list[Path], out: Path, against: list[Path] = (), reference: list[str] = (), *sets: str) -> dict:
     """`memscan dedup` in this process (the session's Ray): the CLI's config with the shipped embedder."""
-    cfg = load_config(None, sections=NEIGHBOUR_SECTIONS)
+    cfg = load_config(None, list(sets), sections=NEIGHBOUR_SECTIONS)
     cfg.model.kind, cfg.model.path = "none", None
     cfg.data.shards = [str(s) for s in shards]
     cfg.incremental.against = [str(a) for a in against]
@@ -56,12 +56,14 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chain(corpus, ray_session, tmp_path_factory) -> dict:
-    """Week 1 (shard 0), week 2 (shard 1) against week 1, week 3 (shard 2) against week 2, and all at once."""
+    """Week 1 (shard 0), week 2 (shard 1) against week 1, week 3 (shard 2) against week 2, and all at once. The
+    inverted-file search (one list at this size: exact), so that weeks 2 and 3 search the lists week 1 kept."""
     root = tmp_path_factory.mktemp("chain")
     s = [corpus / "shards" / f"0000{i}.tar" for i in range(3)]
     out = {"a": root / "a", "b": root / "b", "c": root / "c", "whole": root / "whole"}
-    summaries = {"a": dedup(s[:1], out["a"]), "b": dedup(s[1:2], out["b"], against=[out["a"]]),
-                 "c": dedup(s[2:], out["c"], against=[out["b"]]), "whole": dedup(s, out["whole"])}
+    ivf = "neighbours.index=ivf"
+    summaries = {"a": dedup(s[:1], out["a"], (), (), ivf), "b": dedup(s[1:2], out["b"], [out["a"]], (), ivf),
+                 "c": dedup(s[2:], out["c"], [out["b"]], (), ivf), "whole": dedup(s, out["whole"], (), (), ivf)}
     return {"out": out, "summary": summaries}
 
 
@@ -96,6 +98,10 @@ def test_incremental_chain_gives_the_groups_of_one_scan(chain):
     assert [(x["name"], x["out"], x["role"]) for x in listed] == [
         ("00000", str(out["a"]), "old"), ("00001", str(out["b"]), "old"), ("00002", str(out["c"]), "new")]
     assert not (out["c"] / "parts" / "00000.parquet").exists()  # old shards are not read again
+    # week 3's rows were searched against the lists weeks 1 and 2 kept: only its own rows assigned and asked
+    index = s["neighbours"]["index"]
+    assert index["reused_index"]["sources"] == 2 and 0 < index["reused_index"]["new_rows"] <= s["corpus"]["asking_rows"]
+    assert index["recall_at_k"] == 1.0
     # the summary's counts are this week's (shard 2, truncated: its damaged tail is a shard error row)
     assert s["counts"]["seen"] == len(pd.read_parquet(out["c"] / "scores")) == len(new_keys)
     assert s["corpus"]["rows_by_role"]["old"] == chain["summary"]["b"]["corpus"]["rows"]

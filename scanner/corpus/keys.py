@@ -44,6 +44,17 @@ def pd_notna(a: np.ndarray) -> np.ndarray:
     return pd.notna(a)
 
 
+def keys_map_matching(store, hashes: np.ndarray, i: int) -> dict:
+    """keys_map of an old shard whose own keys were checked when it was scanned: only the rows whose hash one of
+    this scan's rows carries (hashes: sorted), so the shuffle moves this scan's keys and their matches, not the
+    old corpus's."""
+    from scanner.corpus.rows import member
+
+    b = keys_map(store, i)
+    m = member(hashes.view(np.int64), np.asarray(b["h"]).view(np.int64))
+    return {"h": b["h"][m], "gid": b["gid"][m]}
+
+
 def keys_reduce(b: dict) -> dict:
     _, inv, cnt = np.unique(b["h"], return_inverse=True, return_counts=True)
     return {"gid": np.sort(np.asarray(b["gid"], np.int64)[cnt[inv] > 1])}
@@ -83,8 +94,18 @@ def run_keys(ctx) -> dict:
     from scanner.corpus.executor import concat, parts_for
 
     store, ex = ctx.store, ctx.executor
-    t = ex.from_items(functools.partial(keys_map, store), range(len(store)))
-    t = ex.shuffle(t, "h", parts_for(store.n * 16, ctx.cfg.corpus.budget_bytes), keys_reduce)
+    asking = [i for i in range(len(store)) if store.asks[i]]
+    if len(asking) == len(store) or not ctx.prior.get("repeated"):
+        t = ex.from_items(functools.partial(keys_map, store), range(len(store)))
+        rows_in = store.n
+    else:  # --against: this scan's keys, and the old rows that carry one of them (a semi-join, not the old corpus)
+        t = ex.materialize(ex.from_items(functools.partial(keys_map, store), asking))
+        hashes = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [np.asarray(b["h"], np.uint64)
+                                                                      for b in ex.batches(t)]))
+        old = [i for i in range(len(store)) if not store.asks[i]]
+        t = ex.union(t, ex.from_items(functools.partial(keys_map_matching, store, hashes), old))
+        rows_in = int(store.sizes[asking].sum()) * 2
+    t = ex.shuffle(t, "h", parts_for(rows_in * 16, ctx.cfg.corpus.budget_bytes), keys_reduce)
     found = concat(ex.batches(t))
     cand = np.sort(found["gid"]) if found else np.zeros(0, np.int64)
     rows = store.gather_columns(cand, ["key", "shard"]) if len(cand) else pd.DataFrame(columns=["key", "shard"])
@@ -99,6 +120,15 @@ def run_keys(ctx) -> dict:
                                        rows["shard"].tolist())
         msgs = [om if o else m for m, om, o in zip(msgs, old_msgs, old)]
     rep = pd.DataFrame({"gid": cand, "error": msgs}).dropna(subset=["error"])
+    if ctx.prior.get("repeated"):  # the old scan's own repeated keys stay errors (its gids are the first of ours)
+        from scanner.storage import Out
+
+        o, rows = ctx.prior["repeated"]
+        src = Out(o)
+        if src.exists("corpus/keys/repeated.parquet"):
+            old_rep = src.read_parquet("corpus/keys/repeated.parquet")
+            old_rep = old_rep[old_rep["gid"] < rows]
+            rep = pd.concat([old_rep[~old_rep["gid"].isin(rep["gid"])], rep]).sort_values("gid")
     ctx.out.write_parquet(f"{ctx.step_dir('keys')}/repeated.parquet", rep.astype({"gid": "int64", "error": "string"}))
     from scanner.corpus.rows import _repeated
 

@@ -29,6 +29,7 @@ from scanner.corpus.store import NEW
 
 LOG = logging.getLogger("memscan")
 EMBEDDING, CANDIDATE, ALIGNED = 2, 3, 4
+INDEX_DIR = "corpus/index"  # the links step's inverted lists, kept for a later --against scan (corpus.keep_index)
 ALIGN_BATCH = 8192  # candidate pairs gathered and compared at once: 2 x 8192 x 3 KB thumbnails = 50 MB at 32 px
 
 
@@ -147,9 +148,15 @@ def run_units(ctx) -> dict:
 
     ex, store, budget = ctx.executor, ctx.store, ctx.cfg.corpus.budget_bytes
     n_edges = int(ctx.info["copies"].get("links", 0))
+    old = [e for e in ctx.prior.get("edges", []) if e["folder"].endswith("copies")]  # --against: its copy links
+    n_edges += sum(int(e.get("links", 0)) for e in old)
     if not n_edges:
         return {"units": 0, "nodes": 0}
-    edges = ex.materialize(ex.map(ex.read(ctx.out, ctx.step_dir("copies")), _with_sim))
+    from scanner.storage import Out
+
+    edges = ex.materialize(ex.union(ex.map(ex.read(ctx.out, ctx.step_dir("copies")), _with_sim),
+                                    *[ex.map(ex.read(Out(e["out"]), e["folder"]), functools.partial(_below, int(e["rows"])))
+                                      for e in old]))
     parts = parts_for(n_edges * 64, budget)
     comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
     nodes = with_attrs(ex, comp, store, min(len(store), parts))
@@ -205,10 +212,12 @@ def run_links(ctx) -> dict:
     want_align = n_cfg.align_size > 0 and n_cfg.align_min_cosine < n_cfg.dup_threshold
     consumer = functools.partial(_link_consumer, n_cfg.dup_threshold, n_cfg.align_min_cosine if want_align else None)
     plan = make_plan(n, dim or 1, min(n_cfg.k + 1, max(n, 1)), "ip", search_knobs(ctx.cfg), budget)
+    reuse = ctx.prior.get("index")  # --against a scan that kept its lists: only the new rows are assigned
+    keep = (ctx.out, INDEX_DIR) if ctx.cfg.corpus.keep_index else None
     t, info = search(store, "embeddings", index, plan, consumer, ex, seed=ctx.cfg.seed,
                      recall_sample=n_cfg.recall_sample, log=LOG.info, budget_bytes=budget,
                      queries=functools.partial(select_askers, store),
-                     side=(ctx.out, f"{ctx.step_dir('links')}/_recall"))
+                     side=(ctx.out, f"{ctx.step_dir('links')}/_recall"), keep=keep, reuse=reuse)
     t = ex.shuffle(t, "a", parts_for(n * 4 * 24, budget), _dedupe_links) if t is not None else None
     t = ex.materialize(t)
     rows = ex.write(t, ctx.out, ctx.step_dir("links"))

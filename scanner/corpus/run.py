@@ -149,17 +149,26 @@ def _prior_context(store, prior: dict) -> dict:
 
     o = Out(first.uri)
     ctx["edges"] = o.read_json(EDGES_JSON)
+    ctx["repeated"] = (first.uri, int(sum(store.sizes[i] for i in range(len(store)) if not store.asks[i]
+                                          and store.roles[i] == OLD)))
+    from scanner.corpus.neighbours import INDEX_DIR
+
+    if o.exists(f"{INDEX_DIR}/meta.json"):  # its inverted lists: the new rows are searched against them
+        ctx["index"] = o.read_json(f"{INDEX_DIR}/meta.json")
     if first.cut is not None:
         ctx["cut"], ctx["cut_from"] = first.cut, first.uri
     return ctx
 
 
 def _edges_record(out, store, ctx_prior: dict, info: dict) -> list[dict]:
-    """corpus/edges.json: the embedding and checked links this scan's groups were made of, where they are (this
-    scan's corpus/links and corpus/aligned, and those its --against scan reused), each valid below `rows` (the
-    corpus rows, not a reference set's, of the scan that wrote it). A scan --against this one reuses them."""
+    """corpus/edges.json: the copy, embedding and checked links this scan's groups were made of, where they are (this
+    scan's corpus/copies, corpus/links and corpus/aligned, and those its --against scan reused), each valid below
+    `rows` (the corpus rows, not a reference set's, of the scan that wrote it). A scan --against this one reuses
+    them."""
     rows = int(store.sizes[store.roles != REFERENCE].sum())
-    mine = [{"out": out.uri(), "folder": "corpus/links", "rows": rows,
+    mine = [{"out": out.uri(), "folder": "corpus/copies", "rows": rows,
+             "links": int(info.get("copies", {}).get("links", 0))} if "copies" in info else None,
+            {"out": out.uri(), "folder": "corpus/links", "rows": rows,
              "links": int(info.get("links", {}).get("embedding", 0))} if "links" in info else None,
             {"out": out.uri(), "folder": "corpus/aligned", "rows": rows,
              "links": int(info.get("aligned", {}).get("linked", 0))} if "aligned" in info else None]

@@ -306,15 +306,17 @@ def _quantizer(blob: bytes):
     return faiss.deserialize_index(np.frombuffer(blob, np.uint8))
 
 
-def _lists_reduce(kk: int, metric: str, consumer: Consumer, side, b: dict):
-    """Every list of this partition searched exactly: the consumer's records. The held-out queries' similarities
-    (for recall@k) go to a side file, side = (Out, folder)."""
-    lst = np.asarray(b["list"])
+INDEX_BUCKET_BYTES = 128 << 20  # a kept index's bucket files: about this many bytes of records per bucket
+
+
+def _search_lists(cols: dict, kk: int, metric: str, consumer: Consumer, held: tuple[list, list]):
+    """Every list of these records (columns list, gid, primary, indexed, held, x) searched exactly: the consumer's
+    records; the held-out queries' similarities appended to held = (gids, sims)."""
+    lst = np.asarray(cols["list"])
     order = np.argsort(lst, kind="stable")
-    cols = {c: np.asarray(b[c])[order] for c in ("list", "gid", "primary", "indexed", "held", "x")}
+    cols = {c: np.asarray(cols[c])[order] for c in ("list", "gid", "primary", "indexed", "held", "x")}
     _, starts = np.unique(cols["list"], return_index=True)
     ends = np.r_[starts[1:], len(cols["list"])]
-    held_g, held_s = [], []
     for lo, hi in zip(starts, ends):
         recs = {c: v[lo:hi] for c, v in cols.items()}
         if not recs["primary"].any():
@@ -326,16 +328,95 @@ def _lists_reduce(kk: int, metric: str, consumer: Consumer, side, b: dict):
             yield res
         h = recs["held"][recs["primary"]]
         if h.any():
-            held_g.append(qg[h])
-            held_s.append(sims[h])
-    if held_g:
+            held[0].append(qg[h])
+            held[1].append(sims[h])
+
+
+def _write_held(side, held: tuple[list, list]) -> None:
+    if held[0]:
         import uuid
 
         import pyarrow as pa
 
         out, folder = side
         out.write_parquet(f"{folder}/{uuid.uuid4().hex}.parquet", pa.table(
-            {"gid": np.concatenate(held_g), "sims": list(np.concatenate(held_s).astype(np.float32))}))
+            {"gid": np.concatenate(held[0]), "sims": list(np.concatenate(held[1]).astype(np.float32))}))
+
+
+def _keep_index(keep, b: dict) -> None:
+    """The indexed records of this partition into the kept index (keep = (Out, folder, n_buckets)): one file per
+    bucket (list % n_buckets) it holds, OUT/folder/bNNNNNN/UUID.parquet: list, gid, x."""
+    if keep is None:
+        return
+    import uuid
+
+    import pyarrow as pa
+
+    out, folder, n_buckets = keep
+    ix = np.asarray(b["indexed"], bool)
+    lst, gid, x = np.asarray(b["list"])[ix], np.asarray(b["gid"])[ix], np.asarray(b["x"])[ix]
+    bucket = lst % n_buckets
+    for bk in np.unique(bucket):
+        m = bucket == bk
+        xs = np.ascontiguousarray(x[m])
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1)), xs.shape[1])
+        out.write_parquet(f"{folder}/b{int(bk):06d}/{uuid.uuid4().hex}.parquet",
+                          pa.table({"list": lst[m].astype(np.int64), "gid": gid[m].astype(np.int64), "x": arr}))
+
+
+def _lists_reduce(kk: int, metric: str, consumer: Consumer, side, keep, b: dict):
+    """Every list of this partition searched exactly: the consumer's records. The held-out queries' similarities
+    (for recall@k) go to a side file, side = (Out, folder); keep: see _keep_index (None: the lists are not kept)."""
+    held: tuple[list, list] = ([], [])
+    yield from _search_lists(b, kk, metric, consumer, held)
+    _write_held(side, held)
+    _keep_index(keep, b)
+
+
+def _read_bucket(sources: list[dict], bucket: int, dtype) -> dict | None:
+    """A kept index's records of one bucket, from every scan of the chain (each below its `rows`: not a reference
+    set's rows)."""
+    import pyarrow as pa
+
+    from scanner.storage import Out
+
+    parts = []
+    for src in sources:
+        o = Out(src["out"])
+        rel = f"{src['folder']}/b{bucket:06d}"
+        for f in o.names(rel, ".parquet"):
+            t = o.parquet_file(f"{rel}/{f}").read()
+            g = t.column("gid").to_numpy()
+            m = g < int(src["rows"])
+            x = t.column("x").combine_chunks()
+            xs = np.asarray(x.values.to_numpy(zero_copy_only=False)).reshape(len(x), -1)
+            parts.append((t.column("list").to_numpy()[m], g[m], xs[m].astype(dtype, copy=False)))
+    if not parts:
+        return None
+    del pa
+    return {"list": np.concatenate([p[0] for p in parts]), "gid": np.concatenate([p[1] for p in parts]),
+            "x": np.concatenate([p[2] for p in parts])}
+
+
+def _reuse_reduce(kk: int, metric: str, consumer: Consumer, side, sources: list[dict], n_buckets: int, keep,
+                  b: dict):
+    """An --against scan's partition: its new records with the kept index's old records of the same buckets, every
+    list searched for the new queries; the new indexed records kept in this scan's index."""
+    bucket = np.asarray(b["list"]) % n_buckets
+    held: tuple[list, list] = ([], [])
+    for bk in np.unique(bucket):
+        m = bucket == bk
+        new = {c: np.asarray(b[c])[m] for c in ("list", "gid", "primary", "indexed", "held", "x")}
+        old = _read_bucket(sources, int(bk), new["x"].dtype)
+        if old is not None:
+            n = len(old["gid"])
+            new = {"list": np.r_[old["list"], new["list"]], "gid": np.r_[old["gid"], new["gid"]],
+                   "primary": np.r_[np.zeros(n, bool), new["primary"]],
+                   "indexed": np.r_[np.ones(n, bool), new["indexed"]],
+                   "held": np.r_[np.zeros(n, bool), new["held"]], "x": np.concatenate([old["x"], new["x"]])}
+        yield from _search_lists(new, kk, metric, consumer, held)
+    _write_held(side, held)
+    _keep_index(keep, {c: np.asarray(b[c]) for c in ("list", "gid", "indexed", "x")})
 
 
 def _exact_held_map(store, folder: str, select: Select, qx: np.ndarray, kk: int, metric: str, i: int) -> dict | None:
@@ -350,14 +431,19 @@ def _exact_held_map(store, folder: str, select: Select, qx: np.ndarray, kk: int,
 
 def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: Consumer, ex, seed: int = 0,
            recall_sample: int = 1000, log=None, budget_bytes: int = 4 << 30, queries: Select | None = None,
-           side=None):
+           side=None, keep=None, reuse: dict | None = None):
     """Runs `plan` over the selected rows of `folder`: every query row's kk = plan.k neighbours go to `consumer`
     (each query row is answered exactly once), whose records make the returned table (the executor's: a batch, or
     a Ray Dataset). Returns (table, info: the plan, timings and, for ivf, recall@k on held-out queries).
     side: (Out, folder) where the list tasks leave the held-out queries' answers (ivf; the folder is removed after).
     select / queries / consumer must be picklable (module-level functions, functools.partial) for a Ray executor.
     queries: the rows that ask (None: the selected rows); neighbours are always selected rows, so a query row
-    outside `select` finds them without being found."""
+    outside `select` finds them without being found.
+    keep: (Out, folder): an ivf search keeps its lists there (folder/meta.json, centroids.npy, bucket files), so
+    that a later scan --against this one searches its new rows without building them again. reuse: such a kept
+    index's meta.json (its "sources": every scan of a chain): the old rows are not assigned, shuffled nor asked;
+    only the rows of shards that ask (store.asks) are assigned to the kept centroids and searched against the kept
+    lists of the buckets they fall in."""
     from scanner.corpus.executor import concat
 
     t0 = time.time()
@@ -373,6 +459,9 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
         info.update(recall_at_k=1.0, seconds=round(time.time() - t0, 2))
         return ex.from_batch(concat(out)), info
 
+    if reuse is not None:
+        return _search_reuse(store, folder, select, plan, consumer, ex, seed, recall_sample, log, budget_bytes,
+                             queries, side, keep, reuse, t0)
     counts_t = concat(ex.batches(ex.from_items(functools.partial(_count_map, store, folder, select), range(len(store)))))
     counts = np.zeros(len(store), np.int64)
     counts[counts_t["shard"]] = counts_t["n"]
@@ -402,11 +491,114 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
         raise ValueError("an ivf search needs side=(Out, folder) for its held-out answers")
     side_out, side_dir = side
     side_out.remove(side_dir, recursive=True)
+    kept = None
+    if keep is not None:
+        n_buckets = max(1, -(-rec_bytes // INDEX_BUCKET_BYTES))
+        keep_out, keep_dir = keep
+        keep_out.remove(keep_dir, recursive=True)
+        kept = (keep_out, keep_dir, n_buckets)
     t = ex.shuffle(t, "list", parts_for(rec_bytes, budget_bytes, share=4),
-                   functools.partial(_lists_reduce, kk, plan.metric, consumer, side))
+                   functools.partial(_lists_reduce, kk, plan.metric, consumer, side, kept))
     t = ex.materialize(t)
     t_lists = time.time() - t0 - t_train
+    if kept is not None:
+        _write_meta(kept, centroids, plan, store, [])
 
+    return t, _recall(store, folder, select, plan, ex, held, held_g, side, info, t0, t_train, t_lists,
+                      quantizer_kind, log)
+
+
+def _write_meta(kept, centroids: np.ndarray, plan: Plan, store, sources: list[dict], centroids_at: str | None = None):
+    """A kept index's meta.json: what a later scan needs to add to it (its own centroids file, or the first scan's)."""
+    import io
+
+    out, folder, n_buckets = kept
+    if centroids_at is None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(centroids, np.float32))
+        out.write_bytes(f"{folder}/centroids.npy", buf.getvalue())
+        centroids_at = out.uri(f"{folder}/centroids.npy")
+    from scanner.corpus.store import REFERENCE
+
+    rows = int(store.sizes[store.roles != REFERENCE].sum())
+    out.write_json(f"{folder}/meta.json", {
+        "nlist": plan.nlist, "spill": plan.spill, "metric": plan.metric, "dim": plan.dim, "n_buckets": n_buckets,
+        "centroids": centroids_at, "sources": [*sources, {"out": out.uri(), "folder": folder, "rows": rows}]})
+
+
+def _search_reuse(store, folder, select, plan, consumer, ex, seed, recall_sample, log, budget_bytes, queries, side,
+                  keep, reuse: dict, t0: float):
+    """search() against a kept index (see search's `reuse`)."""
+    import io
+
+    import faiss
+
+    from scanner.corpus.executor import concat, parts_for
+    from scanner.storage import Out
+
+    kk = plan.k
+    plan = Plan("ivf", plan.n, plan.dim, kk, plan.metric, nlist=int(reuse["nlist"]), spill=int(reuse["spill"]),
+                block=plan.block)
+    info = plan.info()
+    cu = reuse["centroids"]
+    src = Out(cu.rsplit("/", 1)[0])
+    centroids = np.load(io.BytesIO(src.read_bytes(cu.rsplit("/", 1)[1])))
+    coarse = coarse_quantizer(centroids, plan.metric, plan.spill)
+    quantizer_kind = quantizer_name(coarse)
+    quantizer = faiss.serialize_index(coarse)
+    del coarse
+    t_train = time.time() - t0
+    asking = [i for i in range(len(store)) if store.asks[i]]
+    sel_new = functools.partial(_asking_only, store, select)
+    counts_t = concat(ex.batches(ex.from_items(functools.partial(_count_map, store, folder, sel_new), asking)))
+    counts = np.zeros(len(store), np.int64)
+    if counts_t:
+        counts[counts_t["shard"]] = counts_t["n"]
+    n_new = int(counts.sum())
+    # recall@k on a sample of the new rows in proportion to them (at least 50): the exact side reads every row
+    sample = min(recall_sample, max(50, int(recall_sample * n_new / max(plan.n, 1))))
+    held_pos = _sample_positions(counts, sample, seed + 1)
+    held = concat(ex.batches(ex.from_items(functools.partial(_sample_map, store, folder, sel_new, held_pos), asking)))
+    held_g = np.sort(held["gid"]) if held else np.zeros(0, np.int64)
+    n_buckets = int(reuse["n_buckets"])
+    side_out, side_dir = side
+    side_out.remove(side_dir, recursive=True)
+    kept = None
+    if keep is not None:
+        keep_out, keep_dir = keep
+        keep_out.remove(keep_dir, recursive=True)
+        kept = (keep_out, keep_dir, n_buckets)
+    t = ex.from_items(functools.partial(_assign_map, store, folder, sel_new, queries, quantizer, plan.spill, held_g),
+                      asking)
+    t = ex.map(t, functools.partial(_add_bucket, n_buckets))
+    rec_bytes = n_new * (plan.spill + 1) * (plan.dim * 4 + 24)
+    parts = max(1, min(n_buckets, parts_for(rec_bytes + n_buckets * INDEX_BUCKET_BYTES, budget_bytes, share=4)))
+    t = ex.shuffle(t, "bucket", parts, functools.partial(_reuse_reduce, kk, plan.metric, consumer, side,
+                                                        list(reuse["sources"]), n_buckets, kept))
+    t = ex.materialize(t)
+    t_lists = time.time() - t0 - t_train
+    if kept is not None:
+        _write_meta(kept, centroids, plan, store, list(reuse["sources"]), centroids_at=cu)
+    info["reused_index"] = {"sources": len(reuse["sources"]), "new_rows": n_new}
+    return t, _recall(store, folder, select, plan, ex, held, held_g, side, info, t0, t_train, t_lists,
+                      quantizer_kind, log)
+
+
+def _asking_only(store, select: Select, i: int) -> np.ndarray:
+    if not store.asks[i]:
+        return np.zeros(int(store.sizes[i]), bool)
+    return np.asarray(select(i), bool)
+
+
+def _add_bucket(n_buckets: int, b: dict) -> dict:
+    return {**b, "bucket": np.asarray(b["list"], np.int64) % n_buckets}
+
+
+def _recall(store, folder, select, plan, ex, held, held_g, side, info, t0, t_train, t_lists, quantizer_kind, log):
+    """recall@k of the held-out queries' answers (the list tasks' side files) against exact search over every
+    selected row (a task per shard); the search's info completed."""
+    kk = plan.k
+    side_out, side_dir = side
     got = {}
     for f in side_out.names(side_dir, ".parquet"):
         df = side_out.read_parquet(f"{side_dir}/{f}")
@@ -435,7 +627,7 @@ def search(store: PartStore, folder: str, select: Select, plan: Plan, consumer: 
     if log:
         log(f"neighbours: ivf over {plan.n} vectors, {plan.nlist} lists (spill {plan.spill}), recall@{kk} "
             f"{recall} on {len(held_g)} held-out queries")
-    return t, info
+    return info
 
 
 def _top_rows(a: np.ndarray, b: np.ndarray, kk: int, metric: str) -> np.ndarray:
