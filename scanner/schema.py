@@ -171,7 +171,8 @@ TABLE_COLUMNS = {
                   "with an image of a --reference set: an evaluation set's, an opt-out list's) comes first",
         "matched_key": "reason reference: the reference image it copies; reason duplicate: the kept image of its "
                        "group (null otherwise)",
-        "matched_url": "that image's img2dataset url (null without one)"},
+        "matched_url": "reason reference: the reference image's img2dataset url (null without one, and for other "
+                       "reasons)"},
     "errors.parquet": {
         "key": "the failed sample (null for a shard-level error: a missing, truncated or corrupt shard)",
         "shard": "its shard",

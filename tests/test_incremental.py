@@ -208,3 +208,65 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_scan_against_keeps_the_old_cut_and_scores_only_new_shards(ray_session, scan_config, tiny_corpus, tmp_path):
+    """`memscan scan --against`: the new shards are scored, their LID* counted among old and new rows, at the old
+    scan's cut; nothing of the old shards is scored again."""
+    shards = [str(p) for p in tiny_corpus.shards]
+    on = ("neighbours.enabled=true", "neighbours.generations=0")
+    a = run_scan(scan_config(*on, f"data.shards={shards[:1]}".replace("'", "")), tmp_path / "a", progress=False)
+    cfg = scan_config(*on, f"data.shards={shards[1:]}".replace("'", ""))
+    cfg.incremental.against = [str(tmp_path / "a")]
+    b = run_scan(cfg, tmp_path / "b", progress=False)
+    assert b["thresholds"]["from_scan"] == str(tmp_path / "a")
+    assert b["thresholds"]["threshold"] == a["thresholds"]["threshold"] is not None
+    assert sorted(p.stem for p in (tmp_path / "b" / "scores").glob("*.parquet")) == \
+        [p.stem for p in tiny_corpus.shards[1:]]
+    scores = pd.concat([pd.read_parquet(f) for f in (tmp_path / "b" / "scores").glob("*.parquet")])
+    assert scores["lid_lpca"].notna().mean() > 0.9  # LID* of the new rows, from neighbours old and new
+    assert b["against"][0]["out"] == str(tmp_path / "a") and b["counts"]["seen"] == len(scores)
+
+
+@pytest.mark.slow
+def test_a_key_the_old_scan_holds_is_an_error_row_of_the_new_copy(chain, corpus, tmp_path):
+    """Samples re-downloaded under keys week 1 scanned: each new copy is an error row; week 1's rows stay."""
+    unique = set(pd.read_parquet(corpus / "truth.parquet").query("planted == 'unique'")["key"])  # readable ones
+    with tarfile.open(corpus / "shards" / "00000.tar") as tf:
+        members = [m for m in tf.getmembers() if m.name.endswith(".jpg") and m.name[:-4] in unique][:5]
+        again = [(m.name[:-4], tf.extractfile(m).read()) for m in members]
+    _shard(tmp_path / "00009.tar", again + [("fresh-key", _jpeg())])
+    out = tmp_path / "out"
+    s = dedup([tmp_path / "00009.tar"], out, [chain["out"]["a"]], (), "neighbours.index=ivf")
+    errors = pd.read_parquet(out / "errors.parquet")
+    rep = errors[errors["error"].str.contains("is repeated")]
+    assert sorted(rep["key"]) == sorted(k for k, _ in again) and set(rep["shard"]) == {"00009"}
+    assert s["counts"]["repeated_key_rows"] == 5
+    assert set(pd.read_parquet(out / "removal_list.parquet")["key"]) <= {"fresh-key"}
+
+
+@pytest.mark.slow
+def test_remove_old_lists_the_old_images_a_new_group_drops(chain, corpus, tmp_path):
+    """keep_old false and --remove-old: a new, larger copy of an old image is kept by the keep rule (largest first),
+    and the old image is listed for removal, matched to it."""
+    from PIL import Image
+
+    unique = set(pd.read_parquet(corpus / "truth.parquet").query("planted == 'unique'")["key"])
+    with tarfile.open(corpus / "shards" / "00000.tar") as tf:
+        members = [m for m in tf.getmembers() if m.name.endswith(".jpg") and m.name[:-4] in unique][:6]
+        larger = []
+        for m in members:
+            img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
+            buf = io.BytesIO()
+            img.resize((img.width * 2, img.height * 2), Image.BICUBIC).save(buf, "JPEG", quality=95)
+            larger.append((f"big-{m.name[:-4]}", buf.getvalue()))
+    _shard(tmp_path / "00008.tar", larger)
+    out = tmp_path / "out"
+    dedup([tmp_path / "00008.tar"], out, [chain["out"]["a"]], (), "neighbours.index=ivf",
+          "incremental.keep_old=false", "incremental.remove_old=true")
+    rem = pd.read_parquet(out / "removal_list.parquet")
+    old = rem[rem["shard"] == "00000"]
+    assert len(old) >= 4 and set(old["reason"]) == {"duplicate"}
+    assert all(f"big-{k}" == m for k, m in zip(old["key"], old["matched_key"]))  # each for its larger new copy
+    assert not (rem["shard"] == "00008").any()  # the new copies are kept

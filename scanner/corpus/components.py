@@ -156,13 +156,19 @@ def _comp_of(b: dict) -> dict:
 
 # ---- a solve per component
 
-def _edge_ask(b: dict) -> dict:
-    return {**{k: np.asarray(v) for k, v in b.items()}, "key": np.asarray(b["a"]), "_row": np.zeros(len(b["a"]), np.int8)}
+# edges and component labels in one schema (a Ray shuffle of a union of tables with other columns fails to concatenate
+# them once a side is itself a union): the edge columns, key, comp and _row (0 an edge, 1 a label)
+
+def _edge_ask(edge_cols: tuple, b: dict) -> dict:
+    n = len(b["a"])
+    return {**{c: np.asarray(b[c]) for c in edge_cols}, "key": np.asarray(b["a"], np.int64),
+            "comp": np.full(n, -1, np.int64), "_row": np.zeros(n, np.int8)}
 
 
-def _comp_tag(b: dict) -> dict:
-    n = np.asarray(b["node"])
-    return {"key": n, "comp": np.asarray(b["comp"]), "_row": np.ones(len(n), np.int8)}
+def _comp_tag(edge_cols: tuple, dtypes: dict, b: dict) -> dict:
+    n = np.asarray(b["node"], np.int64)
+    return {**{c: np.zeros(len(n), dtypes[c]) for c in edge_cols}, "key": n, "comp": np.asarray(b["comp"], np.int64),
+            "_row": np.ones(len(n), np.int8)}
 
 
 def _edge_comp(edge_cols: tuple, b: dict) -> dict:
@@ -181,7 +187,9 @@ def edges_with_component(ex, edges, comp, parts: int, edge_cols: tuple[str, ...]
     if ex.kind == "local":
         pos = np.searchsorted(comp["node"], np.asarray(edges["a"], np.int64))
         return {**{c: np.asarray(edges[c]) for c in edge_cols}, "comp": comp["comp"][pos]}
-    t = ex.union(ex.map(edges, _edge_ask), ex.map(comp, _comp_tag))
+    dtypes = {"a": np.int64, "b": np.int64, "sim": np.float32, "kind": np.int8, "score": np.float32}
+    t = ex.union(ex.map(edges, functools.partial(_edge_ask, edge_cols)),
+                 ex.map(comp, functools.partial(_comp_tag, edge_cols, dtypes)))
     return ex.shuffle(t, "key", parts, functools.partial(_edge_comp, edge_cols))
 
 
@@ -191,8 +199,7 @@ def _edge_rows(b: dict) -> dict:
             "x": np.asarray(b["a"], np.int64), "y": np.asarray(b["b"], np.int64),
             "s": np.asarray(b["sim"], np.float32), "k": np.asarray(b["kind"], np.int8),
             "v": np.asarray(b["score"], np.float32) if "score" in b else np.asarray(b["sim"], np.float32),
-            "h": np.zeros(n, np.int64), "key": np.full(n, "", dtype=object), "r": np.zeros(n, np.int8),
-            "u": np.full(n, "", dtype=object)}
+            "h": np.zeros(n, np.int64), "key": np.full(n, "", dtype=object), "r": np.zeros(n, np.int8)}
 
 
 def _node_rows(b: dict) -> dict:
@@ -202,10 +209,7 @@ def _node_rows(b: dict) -> dict:
             "s": np.zeros(n, np.float32), "k": np.zeros(n, np.int8), "v": np.zeros(n, np.float32),
             "h": np.asarray(b["phash"], np.int64) if "phash" in b else np.zeros(n, np.int64),
             "key": np.asarray(b["key"], dtype=object),
-            "r": np.asarray(b["role"], np.int8) if "role" in b else np.zeros(n, np.int8),
-            # url as a string column throughout ("" for none): a Ray block of all-null objects would not unify
-            "u": np.array(["" if not isinstance(u, str) else u for u in b["url"]], dtype=object) if "url" in b
-            else np.full(n, "", dtype=object)}
+            "r": np.asarray(b["role"], np.int8) if "role" in b else np.zeros(n, np.int8)}
 
 
 def _solve_rows(solve, b: dict):
@@ -215,14 +219,13 @@ def _solve_rows(solve, b: dict):
     edges = {"a": x[e], "b": y[e], "sim": np.asarray(b["s"])[e], "kind": np.asarray(b["k"])[e],
              "score": np.asarray(b["v"])[e], "comp": comp[e]}
     nodes = {"gid": x[n], "pixels": y[n], "key": np.asarray(b["key"], dtype=object)[n], "phash": np.asarray(b["h"])[n],
-             "comp": comp[n], "role": np.asarray(b["r"], np.int8)[n],
-             "url": np.array([u or None for u in np.asarray(b["u"], dtype=object)[n]], dtype=object)}
+             "comp": comp[n], "role": np.asarray(b["r"], np.int8)[n]}
     return solve(edges, nodes)
 
 
 def per_component(ex, edges_c, nodes_c, parts: int, solve):
     """solve(edges, nodes) -> batch, called with every edge and node of whole components (a call may hold
-    several). edges_c: (a, b, sim, kind, score, comp); nodes_c: (gid, pixels, key, phash, comp[, role, url])."""
+    several). edges_c: (a, b, sim, kind, score, comp); nodes_c: (gid, pixels, key, phash, comp[, role])."""
     if ex.kind == "local":
         if nodes_c is None:
             return None

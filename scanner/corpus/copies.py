@@ -70,8 +70,8 @@ def copies_map_matching(store, phash_max_dist: int, keys: np.ndarray, i: int) ->
     b = copies_map(store, phash_max_dist, i)
     if b is None:
         return None
-    m = member(keys.view(np.int64), np.asarray(b["key"]).view(np.int64))
-    return {k: np.asarray(v)[m] for k, v in b.items()} if m.any() else None
+    m = member(np.sort(keys.view(np.int64)), np.asarray(b["key"]).view(np.int64))  # member: sorted as int64
+    return {k: np.asarray(v)[m] for k, v in b.items()}  # no rows: still its columns (executor._map_items)
 
 
 def copies_reduce(phash_max_dist: int, b: dict) -> dict:

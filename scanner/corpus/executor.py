@@ -186,10 +186,18 @@ def _const(b: Batch, _batch: Batch) -> Batch:
 
 
 def _map_items(map_fn: Callable, batch: Batch) -> Iterator[Batch]:
+    """map_fn of every item; a task whose items gave only empty batches yields one of them (its columns, no rows):
+    a task that yields nothing leaves a block without a schema, which a later shuffle cannot concatenate."""
+    empty, yielded = None, False
     for it in batch["item"]:
         for b in _as_batches(map_fn(it.item() if hasattr(it, "item") else it)):
             if size(b):
+                yielded = True
                 yield b
+            elif b:
+                empty = b
+    if not yielded and empty is not None:
+        yield empty
 
 
 def _apply(fn: Callable, batch: Batch) -> Iterator[Batch]:

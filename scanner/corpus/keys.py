@@ -51,7 +51,7 @@ def keys_map_matching(store, hashes: np.ndarray, i: int) -> dict:
     from scanner.corpus.rows import member
 
     b = keys_map(store, i)
-    m = member(hashes.view(np.int64), np.asarray(b["h"]).view(np.int64))
+    m = member(np.sort(hashes.view(np.int64)), np.asarray(b["h"]).view(np.int64))  # member: sorted as int64
     return {"h": b["h"][m], "gid": b["gid"][m]}
 
 

@@ -26,6 +26,8 @@ import numpy as np
 
 from scanner.corpus.copies import BYTES, PHASH
 from scanner.corpus.store import NEW
+from scanner.corpus.store import OLD as OLD_ROLE
+from scanner.corpus.store import REFERENCE as REFERENCE_ROLE
 
 LOG = logging.getLogger("memscan")
 EMBEDDING, CANDIDATE, ALIGNED = 2, 3, 4
@@ -77,20 +79,18 @@ def _attrs(store, b: dict) -> dict:
     g = cols["gid"]
     sh = store.shard_of(g)
     keys = np.empty(len(g), object)
-    urls = np.empty(len(g), object)
     pixels = np.zeros(len(g), np.int64)
     phash = np.zeros(len(g), np.int64)
     for s in np.unique(sh):
         m = sh == s
-        df = store.read(int(s), ["key", "width", "height", "phash", "url"])
+        df = store.read(int(s), ["key", "width", "height", "phash"])
         rows = g[m] - store.offsets[s]
         keys[m] = df["key"].to_numpy(dtype=object)[rows]
-        urls[m] = df["url"].to_numpy(dtype=object)[rows]
         w, h = (df[c].fillna(0).to_numpy(np.int64)[rows] for c in ("width", "height"))
         pixels[m] = np.maximum(w, 0) * np.maximum(h, 0)
         phash[m] = pd_int(df["phash"])[rows]
     return {**{k: v for k, v in cols.items() if k not in ("shard", "node")}, "gid": g, "pixels": pixels, "key": keys,
-            "phash": phash, "url": urls, "role": store.role_of(g).astype(np.int8)}
+            "phash": phash, "role": store.role_of(g).astype(np.int8)}
 
 
 def pd_int(col) -> np.ndarray:
@@ -159,8 +159,9 @@ def run_units(ctx) -> dict:
                                       for e in old]))
     parts = parts_for(n_edges * 64, budget)
     comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
-    nodes = with_attrs(ex, comp, store, min(len(store), parts))
     edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind", "score"))
+    # every component, old ones too: which rows are in the index (select_index) is what recall@k is measured against
+    nodes = with_attrs(ex, comp, store, min(len(store), parts))
     units = ex.materialize(per_component(ex, edges_c, nodes, parts, _solve_units))
     written = write_by_shard(ex, units, store, "units", n_edges * 40, budget)
     n_units = sum(int(b["n"].sum()) for b in ex.batches(ex.map(units, _count_kept)))
@@ -307,7 +308,7 @@ def _drop_checked(b: dict) -> dict:
 
 def _solve_groups(rest: str, table, keep_old: bool, edges: dict, nodes: dict) -> dict:
     """Units and one-per-ball groups of whole components: (gid, key, group_id, kept, keep, link, score, precision,
-    copy_group, kept_key, kept_url) per member. rest: what a checked candidate's link is called (verified, aligned);
+    copy_group, kept_key, kept_role) per member. rest: what a checked candidate's link is called (verified, aligned);
     table: the calibration table that applies (scanner.neighbours.calibrated; None: no precision).
 
     The groups are the same whatever the scans' order (scan A then B --against A, or A and B at once): they depend
@@ -322,7 +323,6 @@ def _solve_groups(rest: str, table, keep_old: bool, edges: dict, nodes: dict) ->
     g, pixels, keys = g[order], np.asarray(nodes["pixels"])[order], np.asarray(nodes["key"], dtype=object)[order]
     phash = np.asarray(nodes["phash"], np.int64)[order]
     role = np.asarray(nodes["role"], np.int8)[order]
-    urls = np.asarray(nodes["url"], dtype=object)[order]
     a, b = np.searchsorted(g, np.asarray(edges["a"], np.int64)), np.searchsorted(g, np.asarray(edges["b"], np.int64))
     kind, sims = np.asarray(edges["kind"]), np.asarray(edges["sim"], np.float32)
     escore = np.asarray(edges["score"], np.float32)
@@ -364,7 +364,7 @@ def _solve_groups(rest: str, table, keep_old: bool, edges: dict, nodes: dict) ->
     copy_group = np.isin(group[members], byte_groups[byte_groups >= 0])
     keep = kept_node == members
     return {"gid": g[members], "key": keys[members], "group_id": g[kept_node], "kept": g[kept_node], "keep": keep,
-            "kept_key": keys[kept_node], "kept_url": urls[kept_node], "kept_role": role[kept_node],
+            "kept_key": keys[kept_node], "kept_role": role[kept_node],
             "link": link[members].astype(object), "copy_group": copy_group,
             "score": np.where(keep, np.nan, score[members]).astype(np.float32),
             "precision": np.where(keep, np.nan, precision[members]).astype(np.float32)}
@@ -410,8 +410,13 @@ def run_groups(ctx) -> dict:
     edges = ex.materialize(ex.map(ex.union(*[p for p in parts_in if p is not None]), _no_candidates))
     parts = parts_for(n_edges * 64, budget)
     comp = ex.materialize(components(ex, edges, parts, n_edges, budget))
-    nodes = with_attrs(ex, comp, store, min(len(store), parts))
     edges_c = edges_with_component(ex, edges, comp, parts, ("a", "b", "sim", "kind", "score"))
+    old_rows = None
+    if ctx.prior.get("old_groups"):  # --against: only the components with a new row are solved again; the others
+        comp, edges_c, nodes_in = _touched_only(ex, store, comp, edges_c)  # are the old scan's groups as it wrote them
+        old_rows = ex.from_items(functools.partial(_old_groups, store, ctx.prior["old_groups"], nodes_in),
+                                 [i for i in range(len(store)) if not store.asks[i] and store.roles[i] != REFERENCE_ROLE])
+    nodes = with_attrs(ex, comp, store, min(len(store), parts))
     from scanner.neighbours.calibrated import load_table
 
     n_cfg = ctx.cfg.neighbours
@@ -426,7 +431,7 @@ def run_groups(ctx) -> dict:
                          functools.partial(_emb_map, store, "kept"))
     members = ex.shuffle(ex.map(members, functools.partial(_shard_key, store, "gid")), "shard", sp,
                          functools.partial(_emb_map, store, "gid"))
-    members = ex.materialize(ex.map(members, _similarity))
+    members = ex.materialize(ex.union(ex.map(ex.map(members, _similarity), _group_cols), old_rows))
     written = write_by_shard(ex, ex.map(members, _group_cols), store, "groups", n_edges * 80, budget)
     stats = {"groups": 0, "largest": 0, "min_similarity_to_kept": None,
              "min_similarity_to_kept_embedding_links": None, "by_link": {}}
@@ -459,11 +464,65 @@ def _below(rows: int, b: dict) -> dict | None:
     return {k: v[m] for k, v in b.items()} if m.any() else None
 
 
+def _touched_only(ex, store, comp, edges_c):
+    """The components that hold a row of a shard that asks (this scan's): (their nodes, their edges, the sorted gids
+    of those nodes)."""
+    from scanner.corpus.executor import concat
+
+    got = concat(ex.batches(ex.map(comp, functools.partial(_asking_comps, store))))
+    touched = np.unique(np.asarray(got["comp"], np.int64)) if got else np.zeros(0, np.int64)
+    comp = ex.materialize(ex.map(comp, functools.partial(_in_comps, touched, "comp")))
+    edges_c = ex.map(edges_c, functools.partial(_in_comps, touched, "comp"))
+    got = concat(ex.batches(ex.map(comp, _node_col)))
+    nodes = np.unique(np.asarray(got["node"], np.int64)) if got else np.zeros(0, np.int64)
+    return comp, edges_c, nodes
+
+
+def _asking_comps(store, b: dict) -> dict:
+    g = np.asarray(b["node"], np.int64)
+    return {"comp": np.unique(np.asarray(b["comp"], np.int64)[store.asks[store.shard_of(g)]])}
+
+
+def _in_comps(comps: np.ndarray, col: str, b: dict) -> dict:
+    from scanner.corpus.rows import member
+
+    m = member(comps, np.asarray(b[col], np.int64))
+    return {k: np.asarray(v)[m] for k, v in b.items()}
+
+
+def _node_col(b: dict) -> dict:
+    return {"node": np.asarray(b["node"], np.int64)}
+
+
+def _old_groups(store, old: dict, touched_nodes: np.ndarray, i: int) -> dict | None:
+    """The old scan's group rows of shard i (its corpus/groups file), but for the rows of components this scan
+    solved again, and for groups kept by one of its reference images (not read here)."""
+    from scanner.corpus.rows import member
+    from scanner.storage import Out
+
+    label = old["labels"].get(f"{store.source[i]}|{store.files[i]}")
+    src = Out(old["out"])
+    rel = f"corpus/groups/{label}.parquet"
+    if label is None or not src.exists(rel):
+        return None
+    df = src.read_parquet(rel)
+    g = df["gid"].to_numpy(np.int64)
+    keep = ~member(touched_nodes, g) & (df["group_id"].to_numpy(np.int64) < int(old["rows"]))
+    df = df[keep].assign(kept_role=OLD_ROLE)  # its kept rows are old ones here, whatever they were there
+    if not len(df):
+        return None
+    return {c: df[c].to_numpy(dtype=t) for c, t in GROUP_COLS.items()}
+
+
 def _no_candidates(b: dict) -> dict | None:
     m = np.asarray(b["kind"]) != CANDIDATE
     return {k: np.asarray(v)[m] for k, v in b.items()} if m.any() else None
 
 
+GROUP_COLS = {"gid": np.int64, "key": object, "group_id": np.int64, "similarity": np.float32, "keep": bool,
+              "link": object, "copy_group": bool, "score": np.float32, "precision": np.float32, "kept_key": object,
+              "kept_role": np.int8}  # corpus/groups/NAME.parquet
+
+
 def _group_cols(b: dict) -> dict:
-    return {c: np.asarray(b[c]) for c in ("gid", "key", "group_id", "similarity", "keep", "link", "copy_group", "score",
-                                          "precision", "kept_key", "kept_url", "kept_role")}
+    return {c: np.asarray(b[c], dtype=t) for c, t in GROUP_COLS.items()}

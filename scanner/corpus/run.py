@@ -155,6 +155,10 @@ def _prior_context(store, prior: dict) -> dict:
 
     if o.exists(f"{INDEX_DIR}/meta.json"):  # its inverted lists: the new rows are searched against them
         ctx["index"] = o.read_json(f"{INDEX_DIR}/meta.json")
+        # and its groups: a component without a new row keeps them (by shard: its label there)
+        listed = o.read_json(SHARDS_JSON)
+        ctx["old_groups"] = {"out": first.uri, "rows": ctx["repeated"][1],
+                             "labels": {f"{x['out']}|{x.get('file', x['name'])}": x["name"] for x in listed}}
     if first.cut is not None:
         ctx["cut"], ctx["cut_from"] = first.cut, first.uri
     return ctx

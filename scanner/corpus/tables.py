@@ -62,9 +62,14 @@ def _tables_map(store, cfg, thresholds: dict, replicated: frozenset, p_cols: tup
         drop = ~grp["keep"].to_numpy(bool)
         dropped[pos[drop]] = True
         copies[pos[grp["copy_group"].to_numpy(bool)]] = True
-        reference[pos[drop & (grp["kept_role"].to_numpy() == REFERENCE)]] = True
+        ref = drop & (grp["kept_role"].to_numpy() == REFERENCE)
+        reference[pos[ref]] = True
         matched_key[pos[drop]] = grp["kept_key"].to_numpy(dtype=object)[drop]
-        matched_url[pos[drop]] = grp["kept_url"].to_numpy(dtype=object)[drop]
+        if ref.any():  # a reference image's url, read from its part file (the few matched)
+            kept = grp["group_id"].to_numpy(np.int64)[ref]  # a group is named by its kept row
+            u = np.unique(kept)
+            urls = store.gather_columns(u, ["url"])["url"].to_numpy(dtype=object)
+            matched_url[pos[ref]] = urls[np.searchsorted(u, kept)]
     classify(df, cfg, thresholds, copies=copies)
     rep = df["key"].isin(replicated).to_numpy()
     verdicts(df, in_group, dropped, rep)
@@ -117,7 +122,7 @@ def _old_removal_map(store, i: int) -> dict:
                                 "url": df["url"].to_numpy(dtype=object)[rows],
                                 "reason": np.where(ref, "reference", "duplicate"),
                                 "matched_key": g["kept_key"].to_numpy(dtype=object),
-                                "matched_url": g["kept_url"].to_numpy(dtype=object)}).sort_values("key")
+                                "matched_url": None}).sort_values("key")
             store.out.write_parquet(f"corpus/tables/removal/{store.names[i]}.parquet", rem, REMOVAL)
             n = len(rem)
     return {"shard": np.array([i], np.int64), "removed_old": np.array([n], np.int64)}
