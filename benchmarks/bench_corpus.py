@@ -5,6 +5,7 @@
     python benchmarks/bench_corpus.py --sizes 10000000 --cluster --name corpus_2node # a local two-node Ray cluster
     python benchmarks/bench_corpus.py --assignment                                  # list assignment per row
     python benchmarks/bench_corpus.py --render                                      # results/corpus.md from the JSON
+    python benchmarks/bench_corpus.py --sizes 1010000 --incremental 0.0099 --name corpus_incremental  # --against
 
 For every size it writes a synthetic corpus as a scan's part files (parts/NAME.parquet with key, sha256, phash,
 width, height; embeddings/NAME.npy, float16, 10,000 rows a shard), then runs the corpus steps of `memscan dedup`
@@ -420,6 +421,76 @@ def incremental(n: int, dim: int, new_share: float, work: Path, memory_gb: float
     return row
 
 
+def partition_quality(d: Path, truth_path: Path) -> dict:
+    """Pair precision / recall of every group a run's corpus steps formed (corpus/groups/: old rows too) against the
+    planted copies, chain images apart (as evaluate)."""
+    from scanner.neighbours.dedup import pair_precision_recall
+
+    truth = pd.read_parquet(truth_path)
+    g = pd.concat([pd.read_parquet(f, columns=["key", "group_id"]) for f in (d / "corpus" / "groups").glob("*.parquet")])
+    kind = dict(zip(truth.key, truth.kind))
+    g = g[g.key.map(kind) != "chain"]
+    t = truth[truth.truth_group >= 0]
+    return pair_precision_recall(dict(zip(g.key, g.group_id)), dict(zip(t.key, t.truth_group)))
+
+
+def incremental_eval(results: dict, work: Path, dim: int) -> None:
+    """Both partitions of every incremental row (the runs' folders under --work) against the planted truth."""
+    for key, row in results.items():
+        if not key.startswith("incremental-"):
+            continue
+        n = row["n"]
+        truth = work / f"{n}-{dim}" / "truth.parquet"
+        row["quality"] = {"full": partition_quality(work / f"{n}-{dim}", truth),
+                          "incremental": partition_quality(work / f"inc-new-{n}", truth)}
+
+
+def render_incremental(results: dict, path: Path) -> None:
+    lines = ["# New shards against a finished scan (`benchmarks/bench_corpus.py --incremental`)", "",
+             ("bench_corpus's synthetic corpus (float16 128-d embeddings as a scan's part files, 10,000 rows a shard, "
+              "planted copies of each shard's images in the next one): the corpus steps of `memscan dedup` "
+              "(corpus.executor ray, corpus.memory_gb 2, 2 CPUs) over all shards but the last ones (`old`), then "
+              "the last shards `--against` that run (`incremental`), then all shards at once (`full`, a rescan), "
+              "one after another on an otherwise idle machine. Peak memory: the largest private (RssAnon) peak of "
+              "any process. `groups identical`: the incremental run's groups over every row (old ones too) against "
+              "the full run's."), ""]
+    for key, r in sorted(results.items()):
+        if not key.startswith("incremental-"):
+            continue
+        runs = r["runs"]
+        lines += [f"## {r['n']:,} images, {r['new_shards']} new shard(s) of {r['old_shards'] + r['new_shards']}", "",
+                  "| run | rows | rows asking | wall (s) | peak private MB | " + " | ".join(runs["full"]["steps_s"]) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(runs["full"]["steps_s"])]
+        for name in ("old", "incremental", "full"):
+            x = runs[name]
+            lines.append(f"| {name} | {x['rows']:,} | {x['asking_rows']:,} | {x['wall_s']:.0f} | "
+                         f"{x['peak_private_mb']:.0f} | " + " | ".join(
+                             f"{x['steps_s'].get(k, 0) or 0:.1f}" for k in runs["full"]["steps_s"]) + " |")
+        inc, full = runs["incremental"], runs["full"]
+        q = r.get("quality") or {}
+        ix_i, ix_f = inc.get("index") or {}, full.get("index") or {}
+        lines += ["", (f"- new rows: {r['new_share']:.2%} of the corpus; incremental / full wall time: "
+                       f"**{r['wall_ratio']:.2f}**; corpus-step seconds: {inc['steps_s'].get('corpus_steps')} / "
+                       f"{full['steps_s'].get('corpus_steps')}; peak private memory: {inc['peak_private_mb']:.0f} / "
+                       f"{full['peak_private_mb']:.0f} MB."),
+                  (f"- links: the incremental run assigned and searched "
+                   f"{(ix_i.get('reused_index') or {}).get('new_rows')} rows against the kept lists (list search "
+                   f"{(ix_i.get('seconds') or {}).get('lists')} s, recall@{ix_i.get('recall_k')} "
+                   f"{ix_i.get('recall_at_k')} on {ix_i.get('recall_sample')} new queries) against the full run's "
+                   f"{ix_f.get('n')} (list search {(ix_f.get('seconds') or {}).get('lists')} s, recall "
+                   f"{ix_f.get('recall_at_k')})."),
+                  (f"- groups: {r['groups_same']:,} of {r['groups_full']:,} identical "
+                   f"({'all' if r['groups_identical'] else 'not all'}); incremental {r['groups_incremental']:,}.")]
+        if q:
+            lines.append("- pair precision / recall against the planted copies (chains apart), every row: full "
+                         f"{q['full']['pair_precision']:.4f} / {q['full']['pair_recall']:.4f}, incremental "
+                         f"{q['incremental']['pair_precision']:.4f} / {q['incremental']['pair_recall']:.4f}.")
+        lines.append(f"- load average before / after: {r['load_before']} / {r['load_after']}; {r['date']}, "
+                     f"{r['cpus']} CPUs.")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000_000])
@@ -435,15 +506,22 @@ def main(argv=None) -> int:
     ap.add_argument("--render", action="store_true", help="only rewrite results/corpus.md from the JSON files")
     ap.add_argument("--incremental", type=float, metavar="SHARE",
                     help="the last SHARE of the shards --against a run over the rest, and a full rerun (issue #36)")
+    ap.add_argument("--incremental-eval", action="store_true",
+                    help="add both partitions' pair precision / recall to the incremental rows (the runs' folders)")
     args = ap.parse_args(argv)
     results_path = HERE / "results" / f"{args.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if args.incremental:
-        for n in args.sizes:
+    if args.incremental or args.incremental_eval or (args.render and any(k.startswith("incremental-")
+                                                                          for k in results)):
+        for n in (args.sizes if args.incremental else []):
             row = incremental(n, args.dim, args.incremental, Path(args.work), args.memory_gb, args.object_store_gb)
             results[f"incremental-{n}-{args.dim}"] = row
-            results_path.write_text(json.dumps(results, indent=1))
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+        if args.incremental or args.incremental_eval:
+            incremental_eval(results, Path(args.work), args.dim)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+        render_incremental(results, HERE / "results" / f"{args.name}.md")
         return 0
     if args.assignment:
         before = load_average()
