@@ -246,7 +246,8 @@ def _use_prior_embedder(cfg: ScanConfig) -> None:
 
 def check_prior(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | None) -> dict | None:
     """The finished scans (--against) and reference sets (--reference) this run reads, checked before any work:
-    {"olds", "refs" (finished scans), "ref_shards" (reference shards still to embed, per set)}; None without any."""
+    {"olds": [Prior], "refs": a Prior per finished reference scan, {"spec", "shards", "index"} per reference given as
+    shards (embedded by stage_references)}; None without any."""
     from scanner.prior import is_scan, open_against, open_scan, shard_order
 
     inc = cfg.incremental

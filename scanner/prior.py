@@ -1,8 +1,8 @@
 """Scans read together with this one: finished scans (`--against OLD_OUT`) and reference sets (`--reference`).
 
-    olds = open_against(["/scans/week1"], manifest)        # checked before any work starts
-    refs = open_reference(["/eval/out"], manifest)          # a finished scan or dedup as a reference set
-    order = shard_order(olds, new_names, refs)              # (name, source URI, role) of every shard, gid order
+    olds = open_against(["/scans/week1"], manifest)                # checked before any work starts
+    ref = open_scan("/eval/out", "reference", manifest, "--reference")  # a finished scan as a reference set
+    order = shard_order(olds, new_names, new_out, [ref])           # {name, out, role[, file]} of every shard
 
 A finished scan is read only through its part files (and its arrays and recorded cut), never through its shards.
 Every scan records the shards its corpus steps read, in gid order, in OUT/corpus/shards.json; a scan made against
@@ -21,10 +21,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scanner.corpus.run import EDGES_JSON, SHARDS_JSON
 from scanner.errors import ConfigError
 
-SHARDS_JSON = "corpus/shards.json"
-EDGES_JSON = "corpus/edges.json"
 DONE = "corpus/outputs/_done.json"
 
 
@@ -34,11 +33,10 @@ class Prior:
     role: str  # old | reference
     shards: list[dict] = field(default_factory=list)  # {"name", "out"} in the scan's gid order
     cut: dict | None = None  # the scan's corpus/cut/thresholds.json (old scans)
-    embedder: str | None = None  # the checkpoint the scan embedded with (its summary)
 
     def record(self) -> dict:
         return {"out": self.uri, "role": self.role, "shards": len(self.shards),
-                "cut": (self.cut or {}).get("threshold") if self.cut is not None else None}
+                "cut": (self.cut or {}).get("threshold")}
 
 
 def _differs(before: dict | None, now: dict | None) -> bool:
@@ -57,7 +55,7 @@ def _open(uri: str, what: str):
 
 
 def open_scan(uri: str, role: str, manifest: dict, what: str) -> Prior:
-    """A finished scan's shards, cut and embedder, after checking it can be read with this run's parts."""
+    """A finished scan's shards and cut, after checking it can be read with this run's parts."""
     from scanner.config import stage_geometry
 
     out, ok = _open(uri, what)
@@ -85,9 +83,7 @@ def open_scan(uri: str, role: str, manifest: dict, what: str) -> Prior:
     shards = [{"name": s.get("file", s["name"]), "out": s["out"]} for s in listed
               if s.get("role") in ("new", "old")]
     cut = out.read_json("corpus/cut/thresholds.json") if out.exists("corpus/cut/thresholds.json") else None
-    summary = out.read_json("summary.json")
-    emb = ((summary.get("neighbours") or {}).get("embedder") or {}).get("checkpoint")
-    return Prior(uri=out.uri(), role=role, shards=shards, cut=cut, embedder=emb)
+    return Prior(uri=out.uri(), role=role, shards=shards, cut=cut)
 
 
 def open_against(uris: list[str], manifest: dict) -> list[Prior]:
