@@ -174,7 +174,7 @@ def mark(step):
     last[0] = time.time()
 prior = None
 if len(sys.argv) > 7 and sys.argv[7]:  # --incremental: these shards against a finished run of the corpus steps
-    from scanner.prior import Prior, shard_order
+    from scanner.preflight import Prior, shard_order
     against = sys.argv[7]
     listed = json.load(open(os.path.join(against, "corpus", "shards.json")))
     old = Prior(uri=against, role="old", shards=[{"name": x.get("file", x["name"]), "out": x["out"]} for x in listed

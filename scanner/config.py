@@ -335,7 +335,7 @@ class RayConfig:
 
 @dataclass
 class IncrementalConfig:
-    """Scans read with this one (scanner/prior.py): `memscan scan|dedup --against OLD_OUT` and `memscan dedup
+    """Scans read with this one (scanner/preflight.py): `memscan scan|dedup --against OLD_OUT` and `memscan dedup
     --reference SHARDS_OR_OUT` set the two lists."""
 
     # finished scans' --out: their images are searched and grouped with the new shards, never read again from

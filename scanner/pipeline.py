@@ -232,7 +232,7 @@ def run_generations(cfg: ScanConfig, out: Out, shards: list[str], embedder: str 
 def _use_prior_embedder(cfg: ScanConfig) -> None:
     """--against / --reference without neighbours.clip_checkpoint: the embedder the first --against scan (else
     reference scan) embedded with, so that old and new embeddings compare (check_prior checks its digest)."""
-    from scanner.prior import is_scan, peek_embedder
+    from scanner.preflight import is_scan, peek_embedder
 
     if cfg.neighbours.clip_checkpoint:
         return
@@ -248,7 +248,7 @@ def check_prior(cfg: ScanConfig, out: Out, shards: list[str], embedder: str | No
     """The finished scans (--against) and reference sets (--reference) this run reads, checked before any work:
     {"olds": [Prior], "refs": a Prior per finished reference scan, {"spec", "shards", "index"} per reference given as
     shards (embedded by stage_references)}; None without any."""
-    from scanner.prior import is_scan, open_against, open_scan, shard_order
+    from scanner.preflight import is_scan, open_against, open_scan, shard_order
 
     inc = cfg.incremental
     if not (inc.against or inc.reference):
@@ -279,7 +279,7 @@ def stage_references(cfg: ScanConfig, out: Out, shards: list[str], embedder: str
                      progress: bool) -> dict:
     """Reference shards read and embedded (no score) into OUT/reference/J/ (resumable like any scan), then every
     reference as a finished scan's shards; the shard order of the corpus steps."""
-    from scanner.prior import Prior, shard_order
+    from scanner.preflight import Prior, shard_order
 
     refs = []
     for r in prior["refs"]:

@@ -90,7 +90,7 @@ def corpus_steps(cfg, out, shards: list[str], embedder: str | None = None, embed
                  inside_step=None, prior: dict | None = None) -> dict:
     """Run the corpus steps into `out` (a scanner.storage.Out, path or URL) over the part files of `shards` (their
     names, or local paths). Returns the summary's corpus part. inside_step: see workflow.run_workflow.
-    prior: {"order": scanner.prior.shard_order(...), "olds": [Prior], "refs": [Prior]} for a scan --against finished
+    prior: {"order": scanner.preflight.shard_order(...), "olds": [Prior], "refs": [Prior]} for a scan --against finished
     scans or with --reference sets (None: this run's shards alone)."""
     from scanner.corpus.executor import choose
     from scanner.corpus.replications import GENERATIONS

@@ -44,7 +44,7 @@ class Context:
     executor: object
     embedder: str | None = None
     embedder_trained: bool = False
-    # scans read together with this one (scanner.prior): "edges" (an --against scan's links, reused), "cut" (its
+    # scans read together with this one (scanner.preflight): "edges" (an --against scan's links, reused), "cut" (its
     # thresholds), "against" / "reference" (their records for summary.json)
     prior: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # step name -> its info (this run's, or the recorded one)
