@@ -23,9 +23,11 @@ def ray_session():
 
     import ray
 
+    from scanner.stages.cluster import LOCAL_RAY_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

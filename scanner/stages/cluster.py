@@ -16,6 +16,12 @@ from scanner.stages.base import READ_CPUS, Placement
 
 log = logging.getLogger("memscan")
 
+# What a local Ray (the one memscan starts, and the tests' session Ray) is started with. Ray kills an idle worker
+# beyond its soft limit (one a CPU) after 1 s, and Ray Data's hash-shuffle map tasks run in a worker pool of their
+# own (a runtime env of their own), so every corpus-step shuffle started that pool again from cold: about 4 s each,
+# whatever the data size, on 2 cores. Idle workers kept for a minute reuse it (benchmarks/bench_ray_workers.py).
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Attach to `address` (or $RAY_ADDRESS), else start a local Ray on loopback; no-op when Ray is up."""
@@ -40,7 +46,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     else:
         _loopback_only()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
         log.info("started a local Ray on %s (loopback only, dashboard %s)", ray.nodes()[0]["NodeManagerAddress"],
                  "on" if dashboard else "off")
     ray.data.DataContext.get_current().enable_progress_bars = False  # memscan prints its own progress line
