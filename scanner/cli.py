@@ -40,9 +40,11 @@ exit status: 0 done (bad images are error rows, not failures); 2 bad config, arg
 
 
 def _setup_logging(verbose: bool) -> None:
-    """memscan's own log lines at INFO; other libraries (open_clip, faiss, diffusers) only at WARNING unless -v."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s memscan: %(message)s", datefmt="%H:%M:%S")
+    """memscan's own log lines at INFO (DEBUG with -v); other libraries' (open_clip, faiss, diffusers, Ray Data) at
+    WARNING (INFO with -v: their DEBUG, PIL's chunk lists and matplotlib's font scoring, would bury memscan's),
+    each line named by its logger."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("memscan").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
