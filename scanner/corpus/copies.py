@@ -62,18 +62,6 @@ def copies_map(store, phash_max_dist: int, i: int) -> dict | None:
             "bucket": np.concatenate(bks), "gid": np.concatenate(gs).astype(np.int64)}
 
 
-def copies_map_matching(store, phash_max_dist: int, keys: np.ndarray, i: int) -> dict | None:
-    """copies_map of an old shard: only the records whose shuffle key (a byte hash, a pHash chunk's bucket) one of
-    this scan's rows has (keys: sorted), so the shuffle moves this scan's records and their matches."""
-    from scanner.corpus.rows import member
-
-    b = copies_map(store, phash_max_dist, i)
-    if b is None:
-        return None
-    m = member(np.sort(keys.view(np.int64)), np.asarray(b["key"]).view(np.int64))  # member: sorted as int64
-    return {k: np.asarray(v)[m] for k, v in b.items()}  # no rows: still its columns (executor._map_items)
-
-
 def copies_reduce(phash_max_dist: int, b: dict) -> dict:
     kind = np.asarray(b["kind"])
     out = [_byte_links(np.asarray(b["key"])[kind == BYTES], np.asarray(b["h"])[kind == BYTES],
@@ -135,6 +123,7 @@ def _bucket_links(part: np.ndarray, h: np.ndarray, gid: np.ndarray, max_dist: in
 def run_copies(ctx) -> dict:
     """The `copies` step (see the module docstring)."""
     from scanner.corpus.executor import parts_for
+    from scanner.corpus.rows import semi_join
 
     store, ex, n = ctx.store, ctx.executor, ctx.cfg.neighbours
     r = n.phash_max_dist if "phash" in store.columns else -1
@@ -143,12 +132,7 @@ def run_copies(ctx) -> dict:
         t = ex.from_items(functools.partial(copies_map, store, r), range(len(store)))
         rows_in = store.n
     else:  # --against: this scan's records and the old ones sharing a bucket (the old scan's links are reused)
-        t = ex.materialize(ex.from_items(functools.partial(copies_map, store, r), asking))
-        keys = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [np.asarray(b["key"], np.uint64)
-                                                                    for b in ex.batches(t)]))
-        old = [i for i in range(len(store)) if not store.asks[i]]
-        t = ex.union(t, ex.from_items(functools.partial(copies_map_matching, store, r, keys), old))
-        rows_in = int(store.sizes[asking].sum()) * 2
+        t, rows_in = semi_join(ex, store, functools.partial(copies_map, store, r), "key")
     t = ex.shuffle(t, "key", parts_for(rows_in * 33 * (2 + max(r, 0)), ctx.cfg.corpus.budget_bytes),
                    functools.partial(copies_reduce, r))
     t = ex.materialize(t)

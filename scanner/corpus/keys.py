@@ -44,17 +44,6 @@ def pd_notna(a: np.ndarray) -> np.ndarray:
     return pd.notna(a)
 
 
-def keys_map_matching(store, hashes: np.ndarray, i: int) -> dict:
-    """keys_map of an old shard whose own keys were checked when it was scanned: only the rows whose hash one of
-    this scan's rows carries (hashes: sorted), so the shuffle moves this scan's keys and their matches, not the
-    old corpus's."""
-    from scanner.corpus.rows import member
-
-    b = keys_map(store, i)
-    m = member(np.sort(hashes.view(np.int64)), np.asarray(b["h"]).view(np.int64))  # member: sorted as int64
-    return {"h": b["h"][m], "gid": b["gid"][m]}
-
-
 def keys_reduce(b: dict) -> dict:
     _, inv, cnt = np.unique(b["h"], return_inverse=True, return_counts=True)
     return {"gid": np.sort(np.asarray(b["gid"], np.int64)[cnt[inv] > 1])}
@@ -92,6 +81,7 @@ def run_keys(ctx) -> dict:
     import pandas as pd
 
     from scanner.corpus.executor import concat, parts_for
+    from scanner.corpus.rows import semi_join
 
     store, ex = ctx.store, ctx.executor
     asking = [i for i in range(len(store)) if store.asks[i]]
@@ -99,12 +89,7 @@ def run_keys(ctx) -> dict:
         t = ex.from_items(functools.partial(keys_map, store), range(len(store)))
         rows_in = store.n
     else:  # --against: this scan's keys, and the old rows that carry one of them (a semi-join, not the old corpus)
-        t = ex.materialize(ex.from_items(functools.partial(keys_map, store), asking))
-        hashes = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [np.asarray(b["h"], np.uint64)
-                                                                      for b in ex.batches(t)]))
-        old = [i for i in range(len(store)) if not store.asks[i]]
-        t = ex.union(t, ex.from_items(functools.partial(keys_map_matching, store, hashes), old))
-        rows_in = int(store.sizes[asking].sum()) * 2
+        t, rows_in = semi_join(ex, store, functools.partial(keys_map, store), "h")
     t = ex.shuffle(t, "h", parts_for(rows_in * 16, ctx.cfg.corpus.budget_bytes), keys_reduce)
     found = concat(ex.batches(t))
     cand = np.sort(found["gid"]) if found else np.zeros(0, np.int64)

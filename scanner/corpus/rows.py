@@ -29,6 +29,27 @@ def member(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_ids[j] == x
 
 
+def semi_join(ex, store, map_fn, column: str):
+    """--against: map_fn(i) of this scan's shards, and of each old shard only the records whose `column` (a uint64
+    hash) one of this scan's records carries: a semi-join, so the step's shuffle moves this scan's records and their
+    matches, not the old corpus. Returns (the table, the rows it is sized for)."""
+    asking = [i for i in range(len(store)) if store.asks[i]]
+    t = ex.materialize(ex.from_items(map_fn, asking))
+    wanted = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [np.asarray(b[column], np.uint64)
+                                                                  for b in ex.batches(t)]))
+    old = [i for i in range(len(store)) if not store.asks[i]]
+    t = ex.union(t, ex.from_items(functools.partial(_matching, map_fn, column, np.sort(wanted.view(np.int64))), old))
+    return t, int(store.sizes[asking].sum()) * 2
+
+
+def _matching(map_fn, column: str, sorted_ids: np.ndarray, i: int) -> dict | None:
+    b = map_fn(i)
+    if b is None:
+        return None
+    m = member(sorted_ids, np.asarray(b[column]).view(np.int64))  # member: sorted as int64
+    return {k: np.asarray(v)[m] for k, v in b.items()}  # no rows: still its columns (executor._map_items)
+
+
 @functools.lru_cache(maxsize=4)
 def _repeated(uri: str) -> tuple[np.ndarray, dict]:
     from scanner.storage import Out

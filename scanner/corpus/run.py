@@ -170,13 +170,10 @@ def _edges_record(out, store, ctx_prior: dict, info: dict) -> list[dict]:
     `rows` (the corpus rows, not a reference set's, of the scan that wrote it). A scan --against this one reuses
     them."""
     rows = int(store.sizes[store.roles != REFERENCE].sum())
-    mine = [{"out": out.uri(), "folder": "corpus/copies", "rows": rows,
-             "links": int(info.get("copies", {}).get("links", 0))} if "copies" in info else None,
-            {"out": out.uri(), "folder": "corpus/links", "rows": rows,
-             "links": int(info.get("links", {}).get("embedding", 0))} if "links" in info else None,
-            {"out": out.uri(), "folder": "corpus/aligned", "rows": rows,
-             "links": int(info.get("aligned", {}).get("linked", 0))} if "aligned" in info else None]
-    return list(ctx_prior.get("edges", [])) + [e for e in mine if e is not None]
+    counted = (("copies", "links"), ("links", "embedding"), ("aligned", "linked"))  # step, its count of links
+    mine = [{"out": out.uri(), "folder": f"corpus/{step}", "rows": rows, "links": int(info[step].get(n, 0))}
+            for step, n in counted if step in info]
+    return list(ctx_prior.get("edges", [])) + mine
 
 
 def summarize(cfg, out, store, info: dict, embedder, embedder_trained, start_mem, t0) -> dict:
