@@ -162,8 +162,10 @@ logging.getLogger("ray").setLevel(logging.WARNING)
 if os.environ.get("RAY_ADDRESS"):
     ray.init(logging_level=logging.WARNING, log_to_driver=False)
 else:
+    from scanner.stages.cluster import LOCAL_RAY_SYSTEM_CONFIG  # as memscan starts its local Ray
     ray.init(num_cpus=2, object_store_memory=int(store_gb * (1 << 30)), include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+             dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 ray.data.DataContext.get_current().enable_progress_bars = False
 cfg = load_config(None, ["model.kind=none", f"corpus.memory_gb={gb}", "neighbours.generations=0",
                          "corpus.executor=ray", "neighbours.align_size=0",
@@ -222,17 +224,20 @@ def _role(cmd: str) -> str:
 
 
 class Sampler(threading.Thread):
-    """Every process below the given roots: its peak VmRSS and RssAnon (MB) while the run lasts."""
+    """Every process below the given roots: its peak VmRSS and RssAnon (MB) while the run lasts; and the peak of
+    their RssAnon summed over one sample (`peak_total`: idle workers Ray keeps hold their private memory too)."""
 
     def __init__(self, roots: list[int], every: float = 0.5):
         super().__init__(daemon=True)
         self.roots, self.every, self.stop = roots, every, threading.Event()
         self.peak: dict[int, dict] = {}
+        self.peak_total = 0.0
 
     def run(self) -> None:
         from scanner.procfs import cmdline, descendants
 
         while not self.stop.is_set():
+            total = 0.0
             for root in self.roots:
                 for pid in [root, *descendants(root)]:
                     st = _status(pid)
@@ -244,6 +249,8 @@ class Sampler(threading.Thread):
                         cmd = cmdline(pid)
                         p.update(anon=st["RssAnon"], at=time.time(), title=cmd[:60], role=_role(cmd))
                     p["shmem"] = max(p["shmem"], st.get("RssShmem", 0.0))
+                    total += st.get("RssAnon", 0.0)
+            self.peak_total = max(self.peak_total, total)
             time.sleep(self.every)
 
 
@@ -277,6 +284,7 @@ def run_corpus_steps(out: Path, names: list[str], memory_gb: float, store_gb: fl
             "largest": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items() if k != "at"}
                         for p in top],
             "peak_private_mb": round(max((p["anon"] for p in procs), default=0.0), 1),
+            "peak_total_private_mb": round(sampler.peak_total, 1),
             "peak_rss_mb": round(max((p["rss"] for p in procs), default=0.0), 1)}
 
 
@@ -393,8 +401,10 @@ def incremental(n: int, dim: int, new_share: float, work: Path, memory_gb: float
     old_out, new_out = work / f"inc-old-{n}", work / f"inc-new-{n}"
     _linked(out, old_out, old_names)
     _linked(out, new_out, new_names)
+    from scanner.stages.cluster import LOCAL_RAY_SYSTEM_CONFIG
+
     row = {"n": n, "dim": dim, "old_shards": len(old_names), "new_shards": k, "memory_gb": memory_gb,
-           "load_before": load_average()}
+           "ray_system_config": LOCAL_RAY_SYSTEM_CONFIG, "load_before": load_average()}
     runs = {}
     for name, target, shard_names, against in (("old", old_out, old_names, None),
                                                ("incremental", new_out, new_names, old_out),
@@ -403,6 +413,7 @@ def incremental(n: int, dim: int, new_share: float, work: Path, memory_gb: float
         s = r["summary"]
         runs[name] = {"rows": s["corpus"]["rows"], "asking_rows": s["corpus"].get("asking_rows", s["corpus"]["rows"]),
                       "wall_s": r["wall_s"], "peak_private_mb": r["peak_private_mb"], "peak_rss_mb": r["peak_rss_mb"],
+                      "peak_total_private_mb": r["peak_total_private_mb"],
                       "steps_s": {k_: v for k_, v in s["timings_s"].items()}, "index": (s.get("neighbours") or {}).get("index"),
                       "largest": r["largest"][:3]}
         print(json.dumps({name: runs[name]}), flush=True)
@@ -452,19 +463,21 @@ def render_incremental(results: dict, path: Path) -> None:
               "(corpus.executor ray, corpus.memory_gb 2, 2 CPUs) over all shards but the last ones (`old`), then "
               "the last shards `--against` that run (`incremental`), then all shards at once (`full`, a rescan), "
               "one after another on an otherwise idle machine. Peak memory: the largest private (RssAnon) peak of "
-              "any process. `groups identical`: the incremental run's groups over every row (old ones too) against "
+              "any process; all processes: the peak of their private memory summed (n/a: not measured then). `groups identical`: the incremental run's groups over every row (old ones too) against "
               "the full run's."), ""]
     for key, r in sorted(results.items()):
         if not key.startswith("incremental-"):
             continue
         runs = r["runs"]
         lines += [f"## {r['n']:,} images, {r['new_shards']} new shard(s) of {r['old_shards'] + r['new_shards']}", "",
-                  "| run | rows | rows asking | wall (s) | peak private MB | " + " | ".join(runs["full"]["steps_s"]) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(runs["full"]["steps_s"])]
+                  "| run | rows | rows asking | wall (s) | peak private MB | all processes MB | " + " | ".join(
+                      runs["full"]["steps_s"]) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(runs["full"]["steps_s"])]
         for name in ("old", "incremental", "full"):
             x = runs[name]
+            total = x.get("peak_total_private_mb")
             lines.append(f"| {name} | {x['rows']:,} | {x['asking_rows']:,} | {x['wall_s']:.0f} | "
-                         f"{x['peak_private_mb']:.0f} | " + " | ".join(
+                         f"{x['peak_private_mb']:.0f} | {f'{total:.0f}' if total else 'n/a'} | " + " | ".join(
                              f"{x['steps_s'].get(k, 0) or 0:.1f}" for k in runs["full"]["steps_s"]) + " |")
         inc, full = runs["incremental"], runs["full"]
         q = r.get("quality") or {}
@@ -485,6 +498,10 @@ def render_incremental(results: dict, path: Path) -> None:
             lines.append("- pair precision / recall against the planted copies (chains apart), every row: full "
                          f"{q['full']['pair_precision']:.4f} / {q['full']['pair_recall']:.4f}, incremental "
                          f"{q['incremental']['pair_precision']:.4f} / {q['incremental']['pair_recall']:.4f}.")
+        ms = (r.get("ray_system_config") or {}).get("idle_worker_killing_time_threshold_ms")
+        lines.append(f"- local Ray: idle workers kept {ms:,} ms (memscan's LOCAL_RAY_SYSTEM_CONFIG)" if ms else
+                     "- local Ray: Ray's default, idle workers killed after 1 s (measured before memscan kept them "
+                     "a minute: benchmarks/results/ray_workers.md)")
         lines.append(f"- load average before / after: {r['load_before']} / {r['load_after']}; {r['date']}, "
                      f"{r['cpus']} CPUs.")
         lines.append("")

@@ -19,8 +19,10 @@ log = logging.getLogger("memscan")
 # What a local Ray (the one memscan starts, and the tests' session Ray) is started with. Ray kills an idle worker
 # beyond its soft limit (one a CPU) after 1 s, and Ray Data's hash-shuffle map tasks run in a worker pool of their
 # own (a runtime env of their own), so every corpus-step shuffle started that pool again from cold: about 4 s each,
-# whatever the data size, on 2 cores. Idle workers kept for a minute reuse it (benchmarks/bench_ray_workers.py).
-LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+# whatever the data size, on 2 cores. Kept 10 s, they are reused across a step's shuffles: the corpus steps over
+# 20,000 rows on Ray take 0.27 of the time, as fast as keeping them a minute, for the same memory
+# (benchmarks/results/ray_workers.md).
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 10_000}
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
