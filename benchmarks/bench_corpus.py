@@ -452,6 +452,8 @@ def incremental_eval(results: dict, work: Path, dim: int) -> None:
             continue
         n = row["n"]
         truth = work / f"{n}-{dim}" / "truth.parquet"
+        if not any((work / f"inc-new-{n}" / "corpus" / "groups").glob("*.parquet")):
+            continue  # its runs' folders are gone: the quality recorded with it stays
         row["quality"] = {"full": partition_quality(work / f"{n}-{dim}", truth),
                           "incremental": partition_quality(work / f"inc-new-{n}", truth)}
 
