@@ -3,7 +3,8 @@
 Every step is written once, as plain functions over numpy batches (dicts of equal-length columns), against a
 table the executor holds: a batch here (LocalExecutor), a Ray Dataset there (RayExecutor).
 
-    t = ex.from_items(map_fn, items)          # one task per item (a shard index): map_fn(item) -> batch(es)
+    t = ex.from_items(map_fn, items)          # map_fn(item) -> batch(es) for every item (a shard index); on Ray one
+                                              # task an item, or several a task past four a cluster CPU
     t = ex.shuffle(t, key, parts, reduce_fn)  # hash shuffle by `key`; every record of a key meets in one
                                               # reduce_fn(batch) call (a call may hold several keys)
     t = ex.map(t, fn); t = ex.union(a, b)
@@ -114,6 +115,18 @@ class RayExecutor:
         """task_memory_bytes: what each task tells Ray's scheduler it needs (Ray places no more tasks on a node
         than its memory holds)."""
         self.memory = task_memory_bytes
+        self._max_tasks: int | None = None
+
+    def _tasks(self, n_items: int) -> int:
+        """How many tasks from_items spreads n_items over: one an item up to four a cluster CPU, then several items
+        a task, one after another. Each Ray Data task costs tens of milliseconds to schedule and start, so a
+        thousand shards as a thousand tasks on a small node cost more than the work of a step that reads a few
+        columns of each (an --against scan's old shards); four a CPU still balance the load."""
+        import ray
+
+        if self._max_tasks is None:
+            self._max_tasks = max(1, 4 * int(ray.cluster_resources().get("CPU", 1)))
+        return max(1, min(n_items, self._max_tasks))
 
     def _opts(self) -> dict:
         return {"num_cpus": 1, **({"memory": self.memory} if self.memory else {})}
@@ -122,8 +135,8 @@ class RayExecutor:
         import ray
 
         items = list(items)
-        ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, len(items)))
-        return ds.map_batches(functools.partial(_map_items, map_fn), batch_size=1, **self._opts())
+        ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=self._tasks(len(items)))
+        return ds.map_batches(functools.partial(_map_items, map_fn), batch_size=None, **self._opts())
 
     def from_batch(self, b: Batch | None):
         """A table of one batch made here (a small result: an exact search's links)."""
