@@ -465,8 +465,9 @@ def render_incremental(results: dict, path: Path) -> None:
               "(corpus.executor ray, corpus.memory_gb 2, 2 CPUs) over all shards but the last ones (`old`), then "
               "the last shards `--against` that run (`incremental`), then all shards at once (`full`, a rescan), "
               "one after another on an otherwise idle machine. Peak memory: the largest private (RssAnon) peak of "
-              "any process; all processes: the peak of their private memory summed (n/a: not measured then). `groups identical`: the incremental run's groups over every row (old ones too) against "
-              "the full run's."), ""]
+              "any process; all processes: the peak of their private memory summed (n/a: not measured then). "
+              "`groups identical`: the incremental run's groups over every row (old ones too) against the full "
+              "run's."), ""]
     for key, r in sorted(results.items()):
         if not key.startswith("incremental-"):
             continue
@@ -503,7 +504,7 @@ def render_incremental(results: dict, path: Path) -> None:
         ms = (r.get("ray_system_config") or {}).get("idle_worker_killing_time_threshold_ms")
         lines.append(f"- local Ray: idle workers kept {ms:,} ms (memscan's LOCAL_RAY_SYSTEM_CONFIG)" if ms else
                      "- local Ray: Ray's default, idle workers killed after 1 s (measured before memscan kept them "
-                     "a minute: benchmarks/results/ray_workers.md)")
+                     "longer: benchmarks/results/ray_workers.md)")
         lines.append(f"- load average before / after: {r['load_before']} / {r['load_after']}; {r['date']}, "
                      f"{r['cpus']} CPUs.")
         lines.append("")

@@ -11,10 +11,10 @@ actor, against a working directory (a cluster job's unpacked --working-dir) wher
 Each failure is a MemscanError subclass naming the key, so the CLI exits 2 with one sentence.
 
 Scans read together with this one, finished scans (--against OLD_OUT) and reference sets (--reference), are checked
-here too. A finished scan is read only through its part files (and its arrays and recorded cut), never through its shards.
-Every scan records the shards its corpus steps read, in gid order, in OUT/corpus/shards.json; a scan made against
-another lists that one's shards first (role `old`), so a chain of scans (week 1, week 2 against week 1, week 3
-against week 2) reads every earlier week's part files where they were written. A reference set's shards are last
+here too. A finished scan is read only through its part files (and its arrays and recorded cut), never through its
+shards. Every scan records the shards its corpus steps read, in gid order, in OUT/corpus/shards.json; a scan made
+against another lists that one's shards first (role `old`), so a chain of scans (week 1, week 2 against week 1, week
+3 against week 2) reads every earlier week's part files where they were written. A reference set's shards are last
 (role `reference`): they are searched and grouped, never scored, never removed.
 
 Refused at once (exit 2), naming what differs: an --against folder that is not a finished scan or whose corpus
