@@ -34,6 +34,20 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def session_ray_env(ray_session):
+    """env() for a `memscan` subprocess whose subject is not how memscan starts Ray: the environment (read when
+    called) with RAY_ADDRESS at this session's Ray, as a driver on a node of a cluster runs. Starting and stopping
+    a Ray of its own costs each subprocess about 10 s on 2 cores (a 105-image `memscan dedup`: 21-24 s alone,
+    11-13 s on the running Ray). The README's commands, the local-Ray tests and the scans whose Ray workers must
+    read a bucket (their environment is the Ray's, not the driver's) start their own."""
+    address = ray_session.get_runtime_context().gcs_address
+
+    def env(**extra: str) -> dict[str, str]:
+        return {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", **extra}
+    return env
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random 8x8 RGB UNet2DModel + DDPMScheduler saved with save_pretrained (loads like a real model)."""
     import torch

@@ -24,10 +24,10 @@ def corpus(tmp_path_factory):
     return build_fault_corpus(tmp_path_factory.mktemp("faults"))
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`memscan ARGS` as a user on a node of a cluster runs it: on the session's Ray (conftest.session_ray_env)."""
     return subprocess.run([sys.executable, "-m", "scanner", *args], cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, check=False, timeout=600,
-                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"})
+                          stderr=subprocess.STDOUT, text=True, check=False, timeout=600, env=env)
 
 
 def tree(root: Path) -> set[str]:
@@ -68,7 +68,7 @@ def check_errors(corpus, out: Path) -> pd.DataFrame:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["scan", "dedup"])
 def test_every_bad_input_is_an_error_row_and_every_good_row_is_kept(command, corpus, tiny_model_dir,
-                                                                     tiny_embedder_dir, tmp_path):
+                                                                     tiny_embedder_dir, tmp_path, session_ray_env):
     work = tmp_path / "cwd" / "deeper"
     work.mkdir(parents=True)
     out = work / "out"
@@ -81,7 +81,7 @@ def test_every_bad_input_is_an_error_row_and_every_good_row_is_kept(command, cor
         args = ["dedup", "--shards", str(corpus.dir), "--clip-checkpoint", str(tiny_embedder_dir)]
     watched = [tmp_path, corpus.root]
     before = {r: tree(r) for r in watched}
-    proc = run([*args, "--no-progress", "--out", str(out)], cwd=work)
+    proc = run([*args, "--no-progress", "--out", str(out)], cwd=work, env=session_ray_env())
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "Traceback" not in proc.stdout, proc.stdout[-4000:]
     errors = check_errors(corpus, out)

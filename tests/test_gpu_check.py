@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_gpu_check_tiny_runs_every_part(tmp_path):
+def test_gpu_check_tiny_runs_every_part(tmp_path, session_ray_env):
+    # its scan on the session's Ray (RAY_ADDRESS): a GPU day's run starts a local one, which the README's tests cover
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny", str(tmp_path)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, check=False,
+                          env=session_ray_env())
     assert proc.returncode == 0, proc.stdout[-4000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
     scan = res["scan"]["float16"]

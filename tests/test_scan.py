@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from scanner.pipeline import run_scan
-from scanner.procfs import cmdline, descendants
+from scanner.procfs import cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,8 +77,9 @@ def test_missing_shard_path_fails_at_once(scan_config, tmp_path):
         run_scan(scan_config(f"data.shards={tmp_path}/nothing/{{00000..00003}}.tar"), tmp_path / "o")
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _cli(args, env, **kw):
+    """`memscan ARGS` in a process group of its own (a kill takes the driver and whatever it started); env from
+    session_ray_env: the kill tests' drivers run on the session's Ray, as on a node of a cluster."""
     return subprocess.Popen([sys.executable, "-m", "scanner", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -103,12 +104,12 @@ def _kill_args(corpus, model_dir, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clean_kill_run(kill_corpus, tiny_model_dir, tmp_path_factory) -> tuple[pd.DataFrame, str]:
+def clean_kill_run(kill_corpus, tiny_model_dir, tmp_path_factory, session_ray_env) -> tuple[pd.DataFrame, str]:
     """(scores, log) of the uninterrupted scan the killed ones must match, run with two scoring actors on the 2-CPU
     Ray (the killed runs have one): its rows must not depend on how many actors scored them, and two actors must
     leave a CPU share for the read task (test_as_many_scoring_actors_as_cpus_does_not_starve_the_read_stage)."""
     out = tmp_path_factory.mktemp("clean_scan")
-    full = _cli(_kill_args(kill_corpus, tiny_model_dir, out) + ["--set", "ray.actors=2"])
+    full = _cli(_kill_args(kill_corpus, tiny_model_dir, out) + ["--set", "ray.actors=2"], session_ray_env())
     log = full.communicate(timeout=300)[0]
     assert full.returncode == 0, log[-3000:]
     return _scores(out), log
@@ -117,6 +118,10 @@ def clean_kill_run(kill_corpus, tiny_model_dir, tmp_path_factory) -> tuple[pd.Da
 @pytest.fixture(scope="module")
 def clean_kill_scan(clean_kill_run) -> pd.DataFrame:
     return clean_kill_run[0]
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*")]
 
 
 def _local_parts(out: Path) -> set[str]:
@@ -144,21 +149,21 @@ def _assert_same_rows(out: Path | pd.DataFrame, clean: pd.DataFrame) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_and_inside_the_corpus_steps_then_resume_loses_and_doubles_nothing(
-        kill_corpus, tiny_model_dir, clean_kill_scan, tmp_path):
+        kill_corpus, tiny_model_dir, clean_kill_scan, tmp_path, session_ray_env):
     """One output folder, the driver SIGKILLed twice: first between shards, then (the resumed run) after every
     shard is scored, while finalize streams the parts (LID_*, classes, tables). The resumed run scores only the
     missing shards; the last run scores nothing again, redoes the corpus steps and writes exactly the clean run's
     tables: no row lost or doubled. (One chain rather than two scans from scratch: CI time.)"""
     out = tmp_path / "killed"
     args = _kill_args(kill_corpus, tiny_model_dir, out)
-    proc = _cli(args)
+    proc = _cli(args, session_ray_env())
     _wait_for_parts(proc, out)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(list((out / "parts").glob("*.parquet")))
     assert 0 < done_at_kill < len(kill_corpus.shards)
     # resumed: it must say so, score the rest, and be killed inside the corpus steps
-    proc = _cli(args)
+    proc = _cli(args, session_ray_env())
     deadline, log = time.time() + 240, []
     for line in proc.stdout:
         log.append(line)
@@ -170,7 +175,7 @@ def test_sigkill_mid_run_and_inside_the_corpus_steps_then_resume_loses_and_doubl
     assert any("resuming" in ln for ln in log), "".join(log)[-3000:]
     assert not (out / "summary.json").exists(), "the kill came after the corpus steps"
     assert len(list((out / "parts").glob("*.parquet"))) == len(kill_corpus.shards)
-    rerun = _cli(args)
+    rerun = _cli(args, session_ray_env())
     log = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, log[-3000:]
     _assert_same_rows(out, clean_kill_scan)
@@ -182,7 +187,8 @@ def test_sigkill_mid_run_and_inside_the_corpus_steps_then_resume_loses_and_doubl
 
 
 @pytest.mark.slow
-def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpus, tiny_model_dir, clean_kill_scan):
+def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpus, tiny_model_dir, clean_kill_scan,
+                                                           session_ray_env):
     """SIGKILL while shards are being written to a bucket on the local S3 server (moto, 127.0.0.1; memscan finds it
     through the standard AWS_* environment); the rerun of the same command reads only the shards whose part file is
     not in the bucket and ends with the uninterrupted local scan's rows, none lost or doubled."""
@@ -200,13 +206,13 @@ def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpu
 
     out = "s3://memscan-kill/scan"
     args = _kill_args(kill_corpus, tiny_model_dir, out)
-    proc = _cli(args)
+    proc = _cli(args, session_ray_env())
     _wait_for_parts(proc, out, parts=bucket_parts)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = bucket_parts(out)
     assert 1 <= len(done) < len(kill_corpus.shards), done
-    again = _cli(args)
+    again = _cli(args, session_ray_env())
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, log[-3000:]
     assert f"resuming: {len(done)} of" in log, log[-3000:]
@@ -219,14 +225,17 @@ def test_a_scan_into_a_bucket_killed_mid_way_resumes_there(s3_server, kill_corpu
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds Ray's worker processes through /proc")
 @pytest.mark.slow
 def test_scoring_worker_killed_mid_run_is_retried_by_ray_without_lost_or_doubled_rows(kill_corpus, tiny_model_dir,
-                                                                                      clean_kill_scan, tmp_path):
+                                                                                      clean_kill_scan, tmp_path,
+                                                                                      session_ray_env):
     """SIGKILL the Ray worker process of the scoring actor (not the driver): Ray restarts the actor and retries
     its task, the job exits 0, and the driver's per-shard row numbers drop anything a retry sends twice."""
     out = tmp_path / "worker_killed"
-    proc = _cli(_kill_args(kill_corpus, tiny_model_dir, out))
+    before = set(_pids())
+    proc = _cli(_kill_args(kill_corpus, tiny_model_dir, out), session_ray_env())
     _wait_for_parts(proc, out)
-    workers = [p for p in descendants(proc.pid) if "ScoreStage" in cmdline(p)]
-    assert workers, "no scoring actor process found below the scan"
+    # the session's raylet started the actor: its process is new since the scan began, and retitled by Ray
+    workers = [p for p in _pids() if p not in before and "ScoreStage" in cmdline(p)]
+    assert workers, "no scoring actor process found on the session's Ray"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     done_at_kill = len(list((out / "parts").glob("*.parquet")))
