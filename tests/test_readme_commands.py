@@ -4,8 +4,8 @@ the files docs/outputs.md promises.
 The commands are read out of README.md's code blocks and the --help epilog, so a command added there
 without a test here fails `test_every_shown_command_is_run`. Each is run as written, apart from paths
 (runs/demo -> the quick demo this module builds, /data/laion -> its shards, /models/... -> tiny local
-models) and sizes (`--quick`, fewer steps, smaller images): `sized` appends the size flags, and
-`test_flags_as_written` checks that every flag the README uses is passed.
+models), sizes (`--quick`, fewer steps, smaller images) and, for some, the Ray they run on (ON_SESSION_RAY):
+`sized` appends the size flags, and `test_flags_as_written` checks that every flag the README uses is passed.
 """
 
 from __future__ import annotations
@@ -116,12 +116,19 @@ REFERENCE = ("memscan dedup --shards '/data/laion/{00000..00099}.tar' --referenc
 DEDUP_S3 = "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --out s3://my-bucket/scans/dedup"
 
 
+# Commands run on the session's Ray (RAY_ADDRESS, as on a node of a cluster) rather than a Ray of their own: the
+# command is the one typed, and a local Ray's start and stop (about 10 s each on 2 cores) is exercised by the
+# commands a user runs first (demo, demo --model latent), the local laion-sd15 scan and the bucket dedup (whose
+# Ray workers read the bucket with the driver's AWS_* environment).
+ON_SESSION_RAY = {"scan", "dedup", "against", "reference"}
+
+
 @pytest.fixture(scope="module")
-def local_dedup(paths) -> Path:
+def local_dedup(paths, ray_session) -> Path:
     """The README's local dedup, run once as typed: its own case checks its files, and the S3 case compares the
     bucket's --out with it (the same shards, read from the bucket, must give the same files and tables)."""
     argv = sized(localize(DEDUP, paths), paths)
-    run_ok(argv)
+    run_ok(argv, ray_address=ray_session.get_runtime_context().gcs_address)
     return Path(argv[argv.index("--out") + 1])
 
 
@@ -423,10 +430,12 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         return
     if kind == "dedup":  # run once by the local_dedup fixture (the S3 case compares with it)
         return check_dedup(request.getfixturevalue("local_dedup"))
+    if kind in ON_SESSION_RAY:
+        address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
     if kind in ("against", "reference"):
         old = request.getfixturevalue("local_dedup")  # the finished scan the week-2 shards are scanned against
         out = Path(argv[argv.index("--out") + 1])
-        run_ok(argv)
+        run_ok(argv, ray_address=address)
         return check_against(out, old) if kind == "against" else check_reference(out)
     out = Path(argv[argv.index("--out") + 1])
     if kind in ("scan", "scan-sd", "dedup", "embedder", "corpus"):  # commands that share an --out get one each
