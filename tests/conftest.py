@@ -18,7 +18,10 @@ TINY_CORPUS = {"n_unique": 60, "n_repeated": 2, "repeat_copies": 20, "n_oversamp
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
+    """One Ray for the session, started after the local S3 server so that its workers inherit the AWS_* environment
+    (a Ray worker's environment is its raylet's, not the driver's): a `memscan` subprocess on this Ray
+    (session_ray_env) can read shards from the bucket, as on a cluster whose nodes hold the credentials."""
     import logging
 
     import ray
@@ -38,8 +41,8 @@ def session_ray_env(ray_session):
     """env() for a `memscan` subprocess whose subject is not how memscan starts Ray: the environment (read when
     called) with RAY_ADDRESS at this session's Ray, as a driver on a node of a cluster runs. Starting and stopping
     a Ray of its own costs each subprocess about 10 s on 2 cores (a 105-image `memscan dedup`: 21-24 s alone,
-    11-13 s on the running Ray). The README's commands, the local-Ray tests and the scans whose Ray workers must
-    read a bucket (their environment is the Ray's, not the driver's) start their own."""
+    11-13 s on the running Ray). The README's first commands, its bucket dedup (whose own Ray's workers must get the
+    driver's AWS_* environment) and the local-Ray tests start their own."""
     address = ray_session.get_runtime_context().gcs_address
 
     def env(**extra: str) -> dict[str, str]:

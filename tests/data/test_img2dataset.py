@@ -99,7 +99,7 @@ def test_download_stats_sums_the_shards_that_have_them(tmp_path):
 
 @pytest.mark.slow
 def test_img2dataset_shards_carry_url_size_and_hash_and_the_failed_downloads_add_up(tmp_path, serve_dir, s3_server,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, session_ray_env):
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would look for updates on the network
     try:
         with warnings.catch_warnings():
@@ -153,10 +153,11 @@ def test_img2dataset_shards_carry_url_size_and_hash_and_the_failed_downloads_add
         assert stats["count"] == len(urls) and stats["failed_to_download"] == 3 and stats["failed_to_resize"] == 0
         assert len(rows) + stats["failed"] == len(urls)  # seen + failed = urls
 
-    # memscan dedup, as a user runs it, over the bucket: the removal list names the second url's copy by its url,
-    # and the summary's downloads add up with the rows seen
+    # memscan dedup, as a user on a node of a cluster runs it (the session's Ray), over the bucket: the removal list
+    # names the second url's copy by its url, and the summary's downloads add up with the rows seen
     proc = subprocess.run([sys.executable, "-m", "scanner", "dedup", "--shards", url, "--out", str(tmp_path / "scan"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600, check=False)
+                           "--no-progress"], capture_output=True, text=True, timeout=600, check=False,
+                          env=session_ray_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     removal = pd.read_parquet(tmp_path / "scan" / "removal_list.parquet")
     assert len(removal) == 1 and removal["url"][0] in (f"{base}/im0.jpg", f"{base}/im9.jpg"), removal

@@ -285,11 +285,12 @@ def test_an_unreadable_member_stream_is_data_not_a_crash(tmp_path):
 
 
 @pytest.mark.slow
-def test_memscan_scan_over_s3_with_a_missing_shard(s3_server, tiny_corpus, tiny_model_dir, tmp_path):
-    """`memscan scan` as a user types it (a subprocess: its own Ray, whose workers get the AWS_* environment) over
+def test_memscan_scan_over_s3_with_a_missing_shard(s3_server, tiny_corpus, tiny_model_dir, tmp_path,
+                                                    session_ray_env):
+    """`memscan scan` as a user on a node of a cluster types it (a subprocess on the session's Ray, whose workers
+    hold the AWS_* environment; a Ray of memscan's own gets the driver's: the README's bucket dedup) over
     an S3 brace range one past the last shard: the scan completes, the missing shard is one row of errors.parquet,
     and the parts carry the metadata columns (null here: the demo corpus's KEY.json has no url)."""
-    import os
     import subprocess
     import sys
 
@@ -304,7 +305,7 @@ def test_memscan_scan_over_s3_with_a_missing_shard(s3_server, tiny_corpus, tiny_
            "--set", "data.resolution=8", "--set", "neighbours.enabled=false", "--set", "geometry.probes=2",
            "--set", "geometry.lpca_k=5", "--set", "ray.num_cpus=2", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env=session_ray_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"1 of the {n + 1} shards of" in proc.stderr  # the driver says which shard is missing, once
     errors = pd.read_parquet(out / "errors.parquet")
