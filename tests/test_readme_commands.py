@@ -118,9 +118,10 @@ DEDUP_S3 = "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --o
 
 # Commands run on the session's Ray (RAY_ADDRESS, as on a node of a cluster) rather than a Ray of their own: the
 # command is the one typed, and a local Ray's start and stop (about 10 s each on 2 cores) is exercised by the
-# commands a user runs first (demo, demo --model latent), the local laion-sd15 scan and the bucket dedup (whose
-# Ray workers read the bucket with the driver's AWS_* environment).
-ON_SESSION_RAY = {"scan", "dedup", "against", "reference"}
+# commands a user runs first (demo, demo --model latent) and the bucket dedup (whose Ray workers read the bucket
+# with the driver's AWS_* environment). The laion-sd15 scan's three forms (plain, with RAY_ADDRESS typed, and as a
+# submitted job) all run on the session's Ray.
+ON_SESSION_RAY = {"scan", "scan-sd", "dedup", "against", "reference"}
 
 
 @pytest.fixture(scope="module")
