@@ -56,23 +56,11 @@ def _as_batches(result) -> Iterator[Batch]:
 
 
 class LocalExecutor:
-    """Every task in this process; a table is one batch (or None when empty). io_threads > 1: the items of a
-    from_items are mapped by that many threads, results in item order, for part files in object storage, where each
-    read waits on requests (16 shards in a local S3 server: the corpus steps 8.6 s one by one, benchmarks/
-    results/corpus_io.md); the maps read and compute on their own item only."""
+    """Every task in this process; a table is one batch (or None when empty)."""
 
     kind = "local"
 
-    def __init__(self, io_threads: int = 1):
-        self.io_threads = max(int(io_threads), 1)
-
     def from_items(self, map_fn: Callable, items: Iterable) -> Batch | None:
-        items = list(items)
-        if self.io_threads > 1 and len(items) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(self.io_threads, len(items)), thread_name_prefix="memscan-io") as pool:
-                return concat(b for bs in pool.map(lambda it: list(_as_batches(map_fn(it))), items) for b in bs)
         return concat(b for it in items for b in _as_batches(map_fn(it)))
 
     def from_batch(self, b: Batch | None) -> Batch | None:
@@ -243,9 +231,9 @@ def _write_block(out, rel: str, batch: Batch) -> Batch:
     return {"rows": np.array([n], np.int64)}
 
 
-def choose(n_rows: int, ray_min_rows: int, executor: str, task_memory_bytes: int | None = None, io_threads: int = 1):
+def choose(n_rows: int, ray_min_rows: int, executor: str, task_memory_bytes: int | None = None):
     """The executor for a corpus of n_rows: corpus.executor (local, ray) or auto (ray from ray_min_rows rows, when a
-    Ray is up: the scan's, or a cluster's); io_threads for a local one (LocalExecutor)."""
+    Ray is up: the scan's, or a cluster's)."""
     kind = executor
     if kind == "auto":
         import ray
@@ -253,7 +241,7 @@ def choose(n_rows: int, ray_min_rows: int, executor: str, task_memory_bytes: int
         kind = "ray" if n_rows >= ray_min_rows and ray.is_initialized() else "local"
     if kind == "ray":
         return RayExecutor(task_memory_bytes)
-    return LocalExecutor(io_threads)
+    return LocalExecutor()
 
 
 def parts_for(total_bytes: int, budget_bytes: int, share: int = 8, minimum: int = 1) -> int:

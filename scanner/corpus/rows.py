@@ -107,9 +107,7 @@ def _add_shard(store, b: dict) -> dict:
 def _write_shards(store, step: str, b: dict) -> dict:
     import pyarrow as pa
 
-    from scanner.corpus.store import IO_THREADS
-
-    rows, files = [], []
+    rows = []
     order = np.lexsort((b["gid"], b["shard"]))
     b = {k: np.asarray(v)[order] for k, v in b.items()}
     shards, starts = np.unique(b["shard"], return_index=True)
@@ -119,16 +117,8 @@ def _write_shards(store, step: str, b: dict) -> dict:
         if any(np.asarray(b[k]).ndim > 1 for k in cols):
             cols = {k: (pa.array(list(np.asarray(b[k][lo:hi]))) if np.asarray(b[k]).ndim > 1 else b[k][lo:hi])
                     for k in cols}
-        files.append((shard_rel(step, store.names[int(s)]), pa.table(cols)))
+        store.out.write_parquet(shard_rel(step, store.names[int(s)]), pa.table(cols))
         rows.append(hi - lo)
-    if store.out.local or len(files) < 2:
-        for rel, table in files:
-            store.out.write_parquet(rel, table)
-    else:  # each upload waits on requests: IO_THREADS at a time
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(IO_THREADS, len(files))) as pool:
-            list(pool.map(lambda f: store.out.write_parquet(*f), files))
     return {"rows": np.array(rows or [0], np.int64)}
 
 

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from scanner.corpus.store import IO_THREADS, REFERENCE, ROLES
+from scanner.corpus.store import REFERENCE, ROLES
 
 SHARDS_JSON = "corpus/shards.json"  # the shards the steps read, in gid order: {name, out, role[, file]}
 EDGES_JSON = "corpus/edges.json"  # the links the groups were made of (_edges_record)
@@ -111,8 +111,7 @@ def corpus_steps(cfg, out, shards: list[str], embedder: str | None = None, embed
                       roles=[o["role"] for o in order], files=[o.get("file", o["name"]) for o in order])
     out.write_json(SHARDS_JSON, order)
     ctx_prior = _prior_context(store, prior or {})
-    ex = choose(store.n, cfg.corpus.ray_min_rows, cfg.corpus.executor, cfg.corpus.budget_bytes,
-                io_threads=IO_THREADS if store.remote else 1)
+    ex = choose(store.n, cfg.corpus.ray_min_rows, cfg.corpus.executor, cfg.corpus.budget_bytes)
     log.info(f"corpus steps: {store.n:,} rows in {len(store):,} shards within corpus.memory_gb = "
              f"{cfg.corpus.memory_gb:g} per task, {'in this process' if ex.kind == 'local' else 'as Ray tasks'}")
     ctx = Context(cfg=cfg, out=out, store=store, work=work, executor=ex, embedder=embedder,
@@ -187,8 +186,7 @@ def summarize(cfg, out, store, info: dict, embedder, embedder_trained, start_mem
     links = info.get("links", {})
     summary: dict = {
         "corpus": {"memory_gb": cfg.corpus.memory_gb, "rows": store.n, "shards": len(store),
-                   "executor": info["keys"].get("executor"), "io_threads": IO_THREADS if store.remote else 1,
-                   "memory_mb": {"start": start_mem, "end": memory_mb()},
+                   "executor": info["keys"].get("executor"), "memory_mb": {"start": start_mem, "end": memory_mb()},
                    "steps": {k: {kk: vv for kk, vv in v.items() if kk in ("seconds", "executor", "resumed")}
                              for k, v in info.items()}},
         "timings_s": {k: v.get("seconds") for k, v in info.items()},

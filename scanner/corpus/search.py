@@ -184,19 +184,9 @@ def exact_neighbours(store: PartStore, folder: str, select: Select, queries: tup
 
 
 def count_rows(store: PartStore, folder: str, select: Select) -> np.ndarray:
-    """Selected rows with an aligned array, per shard (in this process: exact plans and tests; part files in object
-    storage read IO_THREADS at a time)."""
-    from scanner.corpus.store import IO_THREADS
-
-    def one(i: int) -> int:
-        return int(np.asarray(select(i), bool).sum()) if store.has_array(folder, i) else 0
-
-    if store.remote and len(store) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(IO_THREADS, len(store))) as pool:
-            return np.array(list(pool.map(one, range(len(store)))), np.int64)
-    return np.array([one(i) for i in range(len(store))], np.int64)
+    """Selected rows with an aligned array, per shard (in this process: exact plans and tests)."""
+    return np.array([int(np.asarray(select(i), bool).sum()) if store.has_array(folder, i) else 0
+                     for i in range(len(store))], np.int64)
 
 
 def search_list(recs: dict, kk: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

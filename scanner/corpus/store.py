@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 NEW, OLD, REFERENCE = 0, 1, 2
-IO_THREADS = 8  # part files read at once where they are in object storage (a local corpus step's maps)
 ROLES = {"new": NEW, "old": OLD, "reference": REFERENCE}
 
 
@@ -53,25 +52,12 @@ class PartStore:
         # the shards whose rows ask the neighbour searches (links, LID_*): all, except an --against scan's whose
         # own links are reused (their pairs were found when it ran) and a reference set's (found by the corpus)
         self.asks = np.ones(len(self.names), bool)
-        def rows(i: int) -> int:
-            return self.src(i).parquet_file(self.part_rel(self.files[i])).metadata.num_rows
-
-        if self.remote and len(self.names) > 1:  # a footer read waits on requests: IO_THREADS at a time
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(IO_THREADS, len(self.names))) as pool:
-                self.sizes = np.array(list(pool.map(rows, range(len(self.names)))), np.int64)
-        else:
-            self.sizes = np.array([rows(i) for i in range(len(self.names))], np.int64)
+        self.sizes = np.array([self.src(i).parquet_file(self.part_rel(self.files[i])).metadata.num_rows
+                               for i in range(len(self.names))], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self._columns: set[str] | None = None
         self._local: dict[tuple[str, int], Path | None] = {}
-
-    @property
-    def remote(self) -> bool:
-        """Whether some part file is in object storage (its reads wait on requests)."""
-        return not all(o.local for o in self._outs.values())
 
     def src(self, i: int):
         """The Out holding shard i's part file and arrays."""

@@ -182,22 +182,3 @@ def test_query_only_rows_find_neighbours_and_are_never_found(tmp_path, kind):
     mine = np.stack([got[g][1] for g in range(3000)])
     hit = (mine >= truth[:, -1:] - 1e-4).mean()
     assert hit == 1.0 if kind == "exact" else hit >= 0.9, hit
-
-
-def test_local_executor_threads_map_every_item_once_in_item_order():
-    """LocalExecutor(io_threads): the part-file reads of a scan in object storage overlap, and the table is the
-    serial one (items finishing out of order still come back in item order; an empty item adds nothing)."""
-    import time
-
-    def map_fn(i: int):
-        time.sleep(0.002 * ((7 * i) % 5))  # later items often finish first
-        return {"gid": np.arange(i, dtype=np.int64) + 100 * i, "item": np.full(i, i, np.int64)}
-
-    serial = LocalExecutor().from_items(map_fn, range(12))
-    threaded = LocalExecutor(io_threads=8).from_items(map_fn, range(12))
-    assert set(threaded) == {"gid", "item"} and len(threaded["gid"]) == sum(range(12))
-    for c in serial:
-        np.testing.assert_array_equal(threaded[c], serial[c])
-    from scanner.corpus.executor import size
-
-    assert size(LocalExecutor(io_threads=8).from_items(map_fn, [0, 0])) == 0
