@@ -45,8 +45,8 @@ def session_ray_env(ray_session):
     driver's AWS_* environment) and the local-Ray tests start their own."""
     address = ray_session.get_runtime_context().gcs_address
 
-    def env(**extra: str) -> dict[str, str]:
-        return {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", **extra}
+    def env() -> dict[str, str]:
+        return {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     return env
 
 

@@ -120,7 +120,7 @@ DEDUP_S3 = "memscan dedup --shards 's3://my-bucket/laion/{00000..00099}.tar' --o
 # command is the one typed, and a local Ray's start and stop (about 10 s each on 2 cores) is exercised by the
 # commands a user runs first (demo, demo --model latent) and the bucket dedup (whose Ray workers read the bucket
 # with the driver's AWS_* environment). The laion-sd15 scan's three forms (plain, with RAY_ADDRESS typed, and as a
-# submitted job) all run on the session's Ray.
+# submitted job, whose entry point the job server runs with RAY_ADDRESS set to its cluster) all run on it.
 ON_SESSION_RAY = {"scan", "scan-sd", "dedup", "against", "reference"}
 
 
@@ -410,9 +410,7 @@ CASES = {
 @pytest.mark.parametrize("cmd", sorted(CASES))
 def test_shown_command_runs_as_typed(cmd, demo, paths, request):
     kind, case = CASES[cmd], cmd
-    address = None
-    if cmd.startswith("RAY_ADDRESS="):  # the driver on a node of the cluster: this test's Ray session
-        address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
+    if cmd.startswith("RAY_ADDRESS="):  # the driver on a node of the cluster (ON_SESSION_RAY gives the address)
         cmd = cmd.split(" ", 1)[1]
     if kind == "dedup-s3":  # the README's bucket, on the local S3 server
         paths = s3_paths(paths, demo, request.getfixturevalue("s3_server"))
@@ -431,8 +429,8 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         return
     if kind == "dedup":  # run once by the local_dedup fixture (the S3 case compares with it)
         return check_dedup(request.getfixturevalue("local_dedup"))
-    if kind in ON_SESSION_RAY:
-        address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
+    address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address if kind in ON_SESSION_RAY \
+        else None
     if kind in ("against", "reference"):
         old = request.getfixturevalue("local_dedup")  # the finished scan the week-2 shards are scanned against
         out = Path(argv[argv.index("--out") + 1])
@@ -459,8 +457,6 @@ def test_shown_command_runs_as_typed(cmd, demo, paths, request):
         (copy / "metrics.json").unlink(missing_ok=True)
         (copy / "report.html").unlink(missing_ok=True)
         out = copy
-    if cmd.startswith("ray job submit"):  # the job server runs the entry point with RAY_ADDRESS set to its cluster
-        address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address
     run_ok(argv, ray_address=address)
     {"corpus": check_corpus, "train-demo": check_train_demo, "embedder": check_embedder, "scan": check_scan,
      "metrics": check_metrics, "report": check_report, "dedup": check_dedup, "demo-latent": check_demo_latent,
